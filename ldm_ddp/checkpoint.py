@@ -1,0 +1,342 @@
+"""The training-state checkpoint: one safetensors file per save, verified on load, no pickle.
+
+Tensors: `unet.<name>`, `ema.<name>`, `optim.<param name>.<state>`. Metadata values are JSON strings;
+`integrity` holds a sha256 per tensor (over dtype, shape and raw bytes) and one over every other
+metadata entry, so a flipped, missing or extra byte anywhere in the file is refused on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import re
+import subprocess
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import safe_open, save_file
+
+from . import __version__
+
+FORMAT = "ldm_ddp/1"
+_NAME = re.compile(r"step_(\d{7,})\.safetensors")
+_TEMP = re.compile(r"\.step_\d{7,}\.safetensors\.tmp-\d+")
+_RESERVED = ("format", "step", "integrity")
+# How the optimizer runs on this machine, not training state: kept from the live optimizer on load.
+_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+class CheckpointError(Exception):
+    """A checkpoint refused: one line naming the file and the failing part."""
+
+
+def checkpoint_path(ckpt_dir, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:07d}.safetensors"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}|".encode())
+    # A uint8 view of the (contiguous CPU) tensor exposes its bytes to hashlib without a copy.
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    if sum(t.nbytes for t in tensors.values()) < 2**24:  # starting threads costs more than hashing this
+        return {k: _tensor_digest(t) for k, t in tensors.items()}
+    # hashlib releases the GIL on large buffers, so threads hash tensors in parallel.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(tensors, pool.map(_tensor_digest, tensors.values())))
+
+
+def _metadata_digest(raw: dict[str, str]) -> str:
+    covered = {k: v for k, v in raw.items() if k != "integrity"}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems cannot fsync a directory; the rename is then as durable as they allow.
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write `tensors` and JSON `meta` atomically to <ckpt_dir>/step_<step>.safetensors. -> its path."""
+    clash = [k for k in _RESERVED if k in meta]
+    if clash:
+        raise ValueError(f"metadata key {clash[0]!r} is reserved for the checkpoint format")
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    raw = {"format": json.dumps(FORMAT), "step": json.dumps(step), **{k: json.dumps(v) for k, v in meta.items()}}
+    # A private snapshot: training may mutate the live tensors, and safetensors refuses shared storage.
+    cpu = {k: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for k, t in tensors.items()}
+    raw["integrity"] = json.dumps({"algorithm": "sha256", "metadata": _metadata_digest(raw),
+                                   "tensors": _tensor_digests(cpu)})
+    path = checkpoint_path(ckpt_dir, step)
+    tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        save_file(cpu, tmp, metadata=raw)
+        _fsync(tmp)
+        os.replace(tmp, path)  # the file counts only once it has its final name
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync(ckpt_dir)  # make the rename itself durable
+    return path
+
+
+def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            raise CheckpointError(f"{path.name}: metadata {key} is not JSON") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path.name}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{path.name}: metadata step is missing or not an integer")
+    return meta
+
+
+def _verify(path: Path, raw: dict[str, str], meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    with open(path, "rb") as f:
+        header = f.read(int.from_bytes(f.read(8), "little"))
+    # The JSON parser accepts any whitespace after the header; safetensors pads with spaces only.
+    if not header.rstrip(b" ").endswith(b"}"):
+        raise CheckpointError(f"{path.name}: header padding altered")
+    integrity = meta.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("tensors"), dict):
+        raise CheckpointError(f"{path.name}: integrity record missing or malformed")
+    if integrity.get("algorithm") != "sha256":
+        raise CheckpointError(f"{path.name}: integrity algorithm {integrity.get('algorithm')!r} is not 'sha256'")
+    if integrity.get("metadata") != _metadata_digest(raw):
+        raise CheckpointError(f"{path.name}: metadata digest mismatch")
+    expected = integrity["tensors"]
+    if missing := sorted(expected.keys() - tensors.keys()):
+        raise CheckpointError(f"{path.name}: tensor {missing[0]} missing")
+    if extra := sorted(tensors.keys() - expected.keys()):
+        raise CheckpointError(f"{path.name}: tensor {extra[0]} not covered by the integrity record")
+    actual = _tensor_digests(tensors)
+    if bad := sorted(n for n in tensors if actual[n] != expected[n]):
+        raise CheckpointError(f"{path.name}: tensor {bad[0]} digest mismatch")
+    named = _NAME.fullmatch(path.name)
+    if named and int(named[1]) != meta["step"]:
+        raise CheckpointError(f"{path.name}: metadata step {meta['step']} does not match the file name")
+
+
+def _read(path: Path, with_tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        # Tensors are copy-on-write maps of the file: hashing them reads the page cache, no copy.
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+    except Exception as e:  # safetensors' own error type, OSError, ...: all mean "unreadable"
+        raise CheckpointError(f"{path.name}: unreadable ({_one_line(e)})") from e
+
+
+def load_checkpoint(path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """-> (CPU tensors, decoded metadata); CheckpointError if unreadable, foreign or (verify) corrupt."""
+    path = Path(path)
+    raw, tensors = _read(path, with_tensors=True)
+    meta = _decode(path, raw)
+    if verify:
+        _verify(path, raw, meta, tensors)
+    return tensors, meta
+
+
+def read_metadata(path) -> dict[str, Any]:
+    """Decoded metadata from the header alone (no digest check)."""
+    return _decode(Path(path), _read(Path(path), with_tensors=False)[0])
+
+
+def list_checkpoints(ckpt_dir) -> list[Path]:
+    """Committed step_*.safetensors files, oldest step first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    found = [(int(m[1]), p) for p in Path(ckpt_dir).iterdir() if (m := _NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_latest_valid(ckpt_dir, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint that verifies; logs each newer one refused and the fallback."""
+    refused = 0
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as e:
+            log(f"checkpoint refused: {e}")
+            refused += 1
+            continue
+        if refused:
+            log(f"falling back to {path.name} ({refused} newer checkpoint(s) refused)")
+        return path
+    if refused:
+        log(f"no valid checkpoint in {ckpt_dir} ({refused} refused)")
+    return None
+
+
+def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print) -> None:
+    """Delete all but the newest `keep` checkpoints, never the newest valid one; delete failures only warn."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    doomed = list_checkpoints(ckpt_dir)[:-keep]
+    if not doomed:
+        return
+    # Verifying costs one read of the newest file, usually still in the page cache after the save.
+    spared = find_latest_valid(ckpt_dir, log)
+    for path in doomed:
+        if path == spared:
+            log(f"keeping {path.name}: newest valid checkpoint")
+            continue
+        try:
+            path.unlink()
+        except OSError as e:
+            log(f"warning: could not delete {path}: {_one_line(e)}")
+
+
+def remove_stale_temp_files(ckpt_dir, log: Callable[[str], None] = print) -> int:
+    """Delete temp files left by interrupted saves (call before any save starts). -> how many."""
+    removed = 0
+    for path in Path(ckpt_dir).iterdir() if Path(ckpt_dir).is_dir() else []:
+        if _TEMP.fullmatch(path.name):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as e:
+                log(f"warning: could not delete {path}: {_one_line(e)}")
+    return removed
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer,
+                      param_names: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """-> ({"optim.<name>.<state>": tensor}, groups with "params" as names); param_names: {id(p) or p: name}."""
+    by_id = {(k if isinstance(k, int) else id(k)): n for k, n in param_names.items()}
+    tensors, groups = {}, []
+    for group in optimizer.param_groups:
+        names = []
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise ValueError(f"optimizer parameter of shape {tuple(p.shape)} has no name in param_names")
+            names.append(name := by_id[id(p)])
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}, not a tensor")
+                tensors[f"optim.{name}.{key}"] = value
+        hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()
+                 if k not in ("params", "param_names")}
+        groups.append({**hyper, "params": names})
+    return tensors, groups
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter],
+                           tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Restore state and hyperparameters saved by optimizer_tensors, matching parameters by name."""
+    name_of = {id(p): n for n, p in named_params.items()}
+    live = []
+    for group in optimizer.param_groups:
+        unnamed = [tuple(p.shape) for p in group["params"] if id(p) not in name_of]
+        if unnamed:
+            raise CheckpointError(f"optimizer: parameter of shape {unnamed[0]} has no name in named_params")
+        live.append([name_of[id(p)] for p in group["params"]])
+    if len(groups) != len(live):
+        raise CheckpointError(f"optimizer: {len(groups)} param groups in the checkpoint, {len(live)} now")
+    for saved, names in zip(groups, live):
+        if missing := sorted(set(names) - set(saved["params"])):
+            raise CheckpointError(f"optimizer: parameter {missing[0]} missing from the checkpoint")
+        if extra := sorted(set(saved["params"]) - set(names)):
+            raise CheckpointError(f"optimizer: checkpoint parameter {extra[0]} is not in the model")
+    # torch's load_state_dict matches parameters by position in the live groups: hand it those indices,
+    # and let it apply its own dtype/device rules (e.g. where state["step"] lives for fused/capturable).
+    index = {name: i for i, name in enumerate(n for names in live for n in names)}
+    state = defaultdict(dict)
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            name, field = key[len("optim."):].rsplit(".", 1)
+            if name not in index:
+                raise CheckpointError(f"optimizer: state for {name}, which is not an optimized parameter")
+            state[index[name]][field] = value
+    param_groups = []
+    for group, saved, names in zip(optimizer.param_groups, groups, live):
+        hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                 if k not in (*_IMPL_KEYS, "params")}  # JSON turned tuples (betas) into lists
+        param_groups.append({**group, **hyper, "params": [index[n] for n in names]})
+    optimizer.load_state_dict({"state": dict(state), "param_groups": param_groups})
+
+
+def versions() -> dict[str, str]:
+    """Library versions and the package's git commit; "unknown"/"not installed" instead of failing."""
+    found = {"torch": torch.__version__, "ldm_ddp": __version__}
+    for lib in ("diffusers", "transformers", "safetensors"):
+        try:
+            found[lib] = importlib.metadata.version(lib)
+        except Exception:
+            found[lib] = "not installed"
+    try:
+        found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, timeout=10,
+                                             capture_output=True, text=True, check=True).stdout.strip() or "unknown"
+    except Exception:  # no git, not a checkout, timeout: the version strings still identify the code
+        found["git_commit"] = "unknown"
+    return found
+
+
+def _block(name: str) -> str:
+    """'unet.down_blocks.0.resnets.1.conv1.weight' -> 'unet.down_blocks.0.*'; optim keeps its state name."""
+    group, *parts = name.split(".")
+    state = f".{parts.pop()}" if group == "optim" and len(parts) > 1 else ""
+    top = parts[:2] if len(parts) > 2 and parts[1].isdigit() else parts[:1]
+    return ".".join([group, *top]) + (".*" if len(parts) > len(top) else "") + state
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _row(label: str, ts: list[torch.Tensor], one_tensor: bool) -> dict[str, Any]:
+    """One line of the tensor table: a tensor, or a block of tensors with their joint norm."""
+    size = {"shape": list(ts[0].shape)} if one_tensor else {"tensors": len(ts), "params": sum(t.numel() for t in ts)}
+    norm = math.sqrt(sum(t.to(torch.float64).square().sum().item() for t in ts))
+    return {"name": label, **size, "dtype": ",".join(sorted({_dtype(t) for t in ts})),
+            "norm": norm if math.isfinite(norm) else str(norm)}  # strict JSON has no NaN/inf
+
+
+def describe_checkpoint(path, verify: bool = True, max_rows_per_group: int = 24) -> dict[str, Any]:
+    """Everything a person or a program wants to know about one checkpoint, as JSON-able data."""
+    path = Path(path)
+    tensors, meta = load_checkpoint(path, verify=verify)
+    by_group = {group: [] for group in ("unet", "ema", "optim", "other")}
+    for name in sorted(tensors):
+        by_group.get(name.split(".", 1)[0], by_group["other"]).append(name)
+    groups, rows = {}, []
+    for group, names in ((g, names) for g, names in by_group.items() if names):
+        groups[group] = {"tensors": len(names), "params": sum(tensors[n].numel() for n in names),
+                         "dtypes": sorted({_dtype(tensors[n]) for n in names})}
+        per_tensor = len(names) <= max_rows_per_group  # else one row per top-level block, to stay readable
+        blocks = defaultdict(list)
+        for n in names:
+            blocks[n if per_tensor else _block(n)].append(tensors[n])
+        rows += [_row(label, ts, per_tensor) for label, ts in blocks.items()]
+    shown = ("format", "step", "samples_seen", "versions", "config", "integrity")
+    return {"file": str(path), "size_bytes": path.stat().st_size, "format": meta["format"], "step": meta["step"],
+            "samples_seen": meta.get("samples_seen"), "versions": meta.get("versions"),
+            "integrity": f"verified: sha256 of {len(tensors)} tensors and the metadata" if verify else "not checked",
+            "groups": groups, "tensors": rows, "config": meta.get("config"),
+            "metadata": {k: v for k, v in meta.items() if k not in shown}}

@@ -1,0 +1,290 @@
+"""Run configuration: dataclasses by section, TOML presets, `--section.key=value` overrides.
+
+Defaults are the reference recipe of the `demo` preset; every field names its unit.
+A bad config fails in `load_config`/`validate` before any work, with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    unet: str = "demo"  # builtin UNet config name (presets/unet_<name>.json), a config.json, or a UNet folder
+    unet_init: str = ""  # UNet folder (diffusers layout) to start from; "" = random init from `unet`
+    pretrained: str = "builtin:demo"  # folder or hub id with vae/, text_encoder/, tokenizer/ subfolders
+    frozen_dtype: str = "bf16"  # dtype of the frozen VAE and text encoder: bf16 | fp32
+    attention: str = "sdpa"  # sdpa | xformers (falls back to sdpa with one warning if its kernels do not load)
+    gradient_checkpointing: bool = False
+    vae_config: str = "demo"  # stage 1 (scripts/train_autoencoder.py): builtin presets/vae_<name>.json or a config.json
+    vae_kl_weight: float = 1e-6  # stage 1: weight of the KL term against the L1 + L2 reconstruction loss
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes (built-in synthetic set); more sources plug into ldm_ddp/data/sources.py
+    resolution: int = 64  # px, square
+    batch_per_gpu: int = 32  # images per micro-batch per process
+    num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
+    seed: int = 0  # seeds the global sample order
+    shapes_seed: int = 0  # seeds the synthetic shapes images themselves
+    shapes_num_samples: int = 100_000  # size of the synthetic set (samples per epoch)
+    prefetch_batches: int = 4  # micro-batches prefetched per worker
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | cosine
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = True  # Lin et al. 2024: rescale betas so the last timestep has SNR 0
+    min_snr_gamma: float = 5.0  # Hang et al. 2023 loss weight; 0 = off (plain v-prediction MSE)
+    offset_noise: float = 0.0  # std of the per-channel noise offset; 0 = off
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    warmup_steps: int = 100  # linear warmup, in optimizer steps
+    schedule: str = "cosine"  # constant | cosine (after warmup, down to min_lr_ratio * lr at train.max_steps)
+    min_lr_ratio: float = 0.1
+    fused: bool = True  # fused AdamW kernel on GPU (ignored on CPU)
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999  # target decay per update
+    warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) for update n, so early EMA tracks the weights
+    update_every: int = 1  # optimizer steps between EMA updates
+    start_step: int = 0  # first step that updates the EMA (before it the EMA copies the weights)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/demo"  # run folder: checkpoints/, samples/, metrics.jsonl
+    max_steps: int = 2000  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step per process
+    global_batch: int = 0  # images per optimizer step; 0 = batch_per_gpu * world_size * grad_accum
+    seed: int = 0  # seeds init and the per-step draws (noise, timesteps, caption dropout)
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile the UNet
+    num_threads: int = 0  # torch CPU threads per process; 0 = torch default
+
+
+@dataclass
+class CkptConfig:
+    every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep: int = 3  # checkpoints kept; the newest valid one is never deleted
+    resume: str = "auto"  # auto (newest valid in out_dir) | none | path to a checkpoint
+
+
+@dataclass
+class LogConfig:
+    every: int = 25  # optimizer steps between metric lines
+    wandb: str = "disabled"  # online | offline | disabled (online falls back to offline, never blocks)
+    wandb_project: str = "ldm_ddp"
+    run_name: str = ""  # "" = out_dir's name
+    progress: str = "auto"  # auto (bar on a terminal) | bar | lines
+
+
+@dataclass
+class SampleConfig:
+    every: int = 500  # optimizer steps between live sample grids (and one at the end); 0 = off
+    prompts: list = field(default_factory=lambda: [
+        "a large red circle in the center", "a small blue square in the top left",
+        "a large green triangle in the bottom right", "a small yellow circle in the top right",
+        "a large purple square in the bottom left", "a small orange triangle in the center",
+        "a large blue triangle in the top left", "a small green square in the bottom right"])
+    seed: int = 1234  # sample i uses seed + i
+    steps: int = 25  # DDIM steps
+    cfg_scale: float = 3.0
+    guidance_rescale: float = 0.7
+    spacing: str = "trailing"  # leading | trailing
+    use_ema: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+CHOICES = {
+    "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
+    "data.source": ("shapes",), "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
+    "optim.schedule": ("constant", "cosine"), "train.precision": ("bf16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
+    "log.progress": ("auto", "bar", "lines"), "sample.spacing": ("leading", "trailing"),
+}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` as the field's type or raise ConfigError naming `key`."""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # list
+        ok = isinstance(value, list)
+    if not ok:
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(cfg: Config, tree: dict, origin: str) -> None:
+    """Set values from a {section: {key: value}} tree, checking names and types."""
+    for section, values in tree.items():
+        if section not in cfg.__dataclass_fields__ or not isinstance(values, dict):
+            raise ConfigError(f"{section}: unknown config section in {origin}")
+        sub = getattr(cfg, section)
+        hints = get_type_hints(type(sub))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{section}.{key}: unknown config key in {origin}")
+            setattr(sub, key, _check_type(f"{section}.{key}", value, hints[key]))
+
+
+def _parse_override(arg: str) -> tuple[str, str, Any]:
+    """`--section.key=value` -> (section, key, value); the value is read as TOML, else as a string."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise ConfigError(f"{arg}: expected --section.key=value")
+    path, raw = body.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+        raise ConfigError(f"--preset {name}: no such preset (known: {known})")
+    return path
+
+
+def load_config(config_file: str | None = None, overrides: list[str] = (), preset: str = "demo") -> Config:
+    """Defaults <- preset <- --config file <- overrides, then validate()."""
+    cfg = Config()
+    files = [preset_path(preset)] + ([Path(config_file)] if config_file else [])
+    for path in files:
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"--config {path}: cannot read TOML ({err})") from None
+        _merge(cfg, tree, str(path))
+    for arg in overrides:
+        section, key, value = _parse_override(arg)
+        hints = get_type_hints(type(getattr(cfg, section))) if section in cfg.__dataclass_fields__ else {}
+        if hints.get(key) is str and not isinstance(value, str):
+            value = arg.split("=", 1)[1]  # e.g. --train.out_dir=123 stays a string
+        _merge(cfg, {section: {key: value}}, "the command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. a checkpoint's metadata)."""
+    cfg = Config()
+    _merge(cfg, tree, "the checkpoint")
+    return cfg
+
+
+def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int]:
+    """-> (grad_accum, global_batch) for this world size; ConfigError when the batch does not divide."""
+    per_step = cfg.data.batch_per_gpu * world_size
+    if cfg.train.global_batch == 0:
+        return cfg.train.grad_accum, per_step * cfg.train.grad_accum
+    if cfg.train.global_batch % per_step:
+        raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not divisible by "
+                          f"data.batch_per_gpu * world_size = {per_step}")
+    accum = cfg.train.global_batch // per_step
+    if cfg.train.grad_accum not in (1, accum):
+        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} contradicts train.global_batch "
+                          f"{cfg.train.global_batch} (which implies {accum} at world size {world_size})")
+    return accum, cfg.train.global_batch
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (one line, naming the key) for any value that cannot run."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in allowed, key, " | ".join(allowed), value)
+    positive = ["data.resolution", "data.batch_per_gpu", "train.max_steps", "train.grad_accum",
+                "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps",
+                "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches"]
+    for key in positive:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value > 0, key, "a positive integer", value)
+    non_negative = ["data.num_workers", "train.global_batch", "optim.warmup_steps", "sample.every",
+                    "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
+                    "diffusion.offset_noise", "ema.start_step", "train.num_threads"]
+    for key in non_negative:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value >= 0, key, "a value >= 0", value)
+    _require(cfg.optim.lr > 0, "optim.lr", "a positive learning rate", cfg.optim.lr)
+    _require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+             "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
+    _require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "a ratio in [0, 1]", cfg.optim.min_lr_ratio)
+    _require(0 <= cfg.ema.decay < 1, "ema.decay", "a decay in [0, 1)", cfg.ema.decay)
+    _require(0 <= cfg.train.caption_dropout <= 1, "train.caption_dropout", "a probability", cfg.train.caption_dropout)
+    _require(0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1, "diffusion.beta_end",
+             "0 < beta_start < beta_end < 1", (cfg.diffusion.beta_start, cfg.diffusion.beta_end))
+    _require(all(isinstance(p, str) for p in cfg.sample.prompts), "sample.prompts", "a list of strings",
+             cfg.sample.prompts)
+    _require(cfg.data.resolution % 8 == 0, "data.resolution", "a multiple of 8 px", cfg.data.resolution)
+    resolve_batch(cfg, 1)

@@ -1,0 +1,15 @@
+"""Data sources by name. A source is a sized, random-access collection:
+`len(source)`, `source[i] -> {"image": PIL image, "caption": str, "key": str}`, `source.key(i)`
+and `source.fingerprint()`. The sharded stream (stream.py) does ordering, splitting and batching.
+"""
+from __future__ import annotations
+
+from ..config import DataConfig
+from .shapes import ShapesSource
+
+
+def build_source(cfg: DataConfig):
+    """The configured source (data.source)."""
+    if cfg.source == "shapes":
+        return ShapesSource(seed=cfg.shapes_seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
+    raise ValueError(f"data.source: unknown source {cfg.source!r}")

@@ -1,0 +1,180 @@
+"""Build or load the UNet, VAE, text encoder and tokenizer; freeze; encode images and prompts.
+
+diffusers supplies the model classes, transformers the text encoder and tokenizer; nothing
+else of theirs (no pipelines, no schedulers) is used in training.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel
+
+from .config import ConfigError, ModelConfig
+
+# Library chatter (the accelerate hint, weight-loading progress bars) is not the user's business;
+# real errors still raise.
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+PRESET_DIR = Path(__file__).parent / "presets"
+ASSET_DIR = Path(__file__).parent / "assets"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_pretrained(name: str) -> str:
+    """`builtin:<name>` -> the folder shipped in ldm_ddp/assets; anything else is a folder or hub id."""
+    if name.startswith("builtin:"):
+        path = ASSET_DIR / name.split(":", 1)[1]
+        if not path.is_dir():
+            raise ConfigError(f"model.pretrained: no built-in model bundle {name!r} ({path} missing)")
+        return str(path)
+    return name
+
+
+def unet_config(name: str) -> dict:
+    """A builtin UNet config name, a config.json path, or a folder holding config.json -> dict."""
+    builtin = PRESET_DIR / f"unet_{name}.json"
+    path = builtin if builtin.exists() else Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.unet: {name!r} is neither a builtin UNet config nor a config.json")
+    return json.loads(path.read_text())
+
+
+def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    """Random-init UNet from `cfg.unet` (or load `cfg.unet_init`), in fp32, train mode."""
+    if cfg.unet_init:
+        unet = UNet2DConditionModel.from_pretrained(cfg.unet_init, torch_dtype=torch.float32)
+    else:
+        config = unet_config(cfg.unet)
+        config["sample_size"] = latent_size
+        unet = UNet2DConditionModel.from_config(config)
+    if unet.config.cross_attention_dim != cross_attention_dim:
+        raise ConfigError(f"model.unet: cross_attention_dim {unet.config.cross_attention_dim} does not match "
+                          f"the text encoder's hidden size {cross_attention_dim}")
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    set_attention(unet, cfg.attention)
+    return unet.train()
+
+
+def set_attention(unet: UNet2DConditionModel, backend: str) -> str:
+    """Use xformers if asked and its kernels really run (probed once); otherwise PyTorch SDPA."""
+    if backend == "xformers":
+        try:
+            import xformers.ops
+            q = torch.zeros(1, 8, 1, 64, device=unet.device, dtype=torch.float16)
+            xformers.ops.memory_efficient_attention(q, q, q)  # raises if the kernels did not load
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as err:  # ImportError, NotImplementedError, RuntimeError from missing kernels
+            print(f"warning: xformers unavailable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                  "using PyTorch SDPA")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+@dataclass
+class FrozenModels:
+    """The frozen parts of an LDM: VAE, text encoder and tokenizer, in eval mode without grads."""
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: object
+    scaling_factor: float
+    dtype: torch.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """[B] captions -> input_ids [B, L], padded to the tokenizer's model_max_length."""
+        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] -> text embeddings [B, L, D] in fp32 (the UNet's cross-attention context)."""
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0].float()
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] in fp32.
+
+        Draws from the posterior with our own generator (not the VAE's global-RNG `.sample()`)
+        so the draw is a function of (seed, step, rank) like every other per-step draw.
+        """
+        posterior = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+        if generator is None:
+            return mean * self.scaling_factor
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + std * noise) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], fp32."""
+        images = self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
+        return images.float().clamp(-1, 1)
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def load_frozen(pretrained: str, frozen_dtype: str, device: torch.device) -> FrozenModels:
+    """Load vae/, text_encoder/ and tokenizer/ from a folder or hub id (no download in tests)."""
+    root = resolve_pretrained(pretrained)
+    dtype = DTYPES[frozen_dtype]
+    try:
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.pretrained: cannot load vae/text_encoder/tokenizer from {root!r} "
+                          f"({str(err).splitlines()[0][:160]})") from None
+    scaling = float(vae.config.scaling_factor)
+    return FrozenModels(_freeze(vae, device, dtype), _freeze(text_encoder, device, dtype), tokenizer,
+                        scaling, dtype)
+
+
+def write_demo_text_encoder(root: Path, words: list[str], seed: int = 0, width: int = 64,
+                            max_length: int = 16) -> None:
+    """Write <root>/tokenizer (word level) and <root>/text_encoder (a small random, frozen CLIP text model).
+
+    The demo's captions come from a closed vocabulary, so a word-level tokenizer is exact and needs
+    no download; a frozen random transformer still maps each token and position to a distinct
+    context vector, which is all the UNet's cross-attention needs to learn the prompts.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<bos>", eos_token="<eos>", model_max_length=max_length)
+    tokenizer.save_pretrained(root / "tokenizer")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
+                            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"])
+    torch.manual_seed(seed)
+    CLIPTextModel(config).save_pretrained(root / "text_encoder")

@@ -1,0 +1,134 @@
+"""DDIM sampling (Song et al. 2021) for v-prediction models, with classifier-free guidance; image grids."""
+
+import math
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .schedule import NoiseSchedule
+
+SPACINGS = ("leading", "trailing")
+
+
+def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing") -> torch.Tensor:
+    """-> [num_steps] long, descending: the training timesteps DDIM visits (Lin et al. 2024, Table 2)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps: expected an int in [1, {num_train_timesteps}], got {num_steps!r}")
+    T, n = num_train_timesteps, num_steps
+    i = torch.arange(n, dtype=torch.long)
+    if spacing == "leading":
+        # Stable Diffusion's original spacing: starts at (n - 1) * (T // n), so it never sees the last (noisiest) t.
+        return (n - 1 - i) * (T // n)
+    # "trailing": round(T - i * T / n) - 1, starting at T - 1. Integer arithmetic with round-half-to-even, where
+    # diffusers uses np.arange on floats; that agrees except at exact halves and for counts (e.g. 61 of 1000) where
+    # float error makes diffusers return n + 1 timesteps ending at -1.
+    q, r = torch.div(T * (n - i), n, rounding_mode="floor"), (T * (n - i)) % n
+    round_up = (2 * r > n) | ((2 * r == n) & (q % 2 == 1))
+    return q + round_up.long() - 1
+
+
+def ddim_step(
+    schedule: NoiseSchedule, v_pred: torch.Tensor, t: int, x_t: torch.Tensor, num_steps: int
+) -> torch.Tensor:
+    """v_pred, x_t [B, C, h, w] -> x_prev [B, C, h, w]: deterministic DDIM step (eta = 0; Song et al. 2021, eq. 12)."""
+    # The previous timestep is t - T // num_steps, as in diffusers' DDIMScheduler.step, for both spacings: with
+    # "trailing" and num_steps not dividing T it can differ by one from the next timestep actually visited, and the
+    # last step can stop at t = 0 (alphas_cumprod[0]) instead of the clean image.
+    prev_t = t - schedule.num_train_timesteps // num_steps
+    # set_alpha_to_one: past t = 0 the chain lands on the clean image (alpha-bar = 1).
+    alpha_prev = schedule.alphas_cumprod[prev_t].item() if prev_t >= 0 else 1.0  # CPU float64 table: no device sync
+    t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+    x0_pred = schedule.x0_from_v(x_t, v_pred, t_batch)
+    eps_pred = schedule.eps_from_v(x_t, v_pred, t_batch)
+    return math.sqrt(alpha_prev) * x0_pred + math.sqrt(1 - alpha_prev) * eps_pred
+
+
+def rescale_guidance(v_cfg: torch.Tensor, v_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """v_cfg, v_cond [B, ...] -> [B, ...]: Lin et al. 2024, sec. 3.4 (diffusers' rescale_noise_cfg)."""
+    # Strong guidance inflates the prediction's per-sample std past the conditional one (overexposed images);
+    # rescale it back to the conditional std, then blend with the unrescaled result to avoid flat images.
+    dims = list(range(1, v_cfg.ndim))
+    v_rescaled = v_cfg * (v_cond.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True))
+    return guidance_rescale * v_rescaled + (1 - guidance_rescale) * v_cfg
+
+
+@torch.no_grad()
+def ddim_sample(
+    model,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    num_steps: int = 50,
+    cfg_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    spacing: str = "trailing",
+) -> torch.Tensor:
+    """noise [B, C, h, w], cond [B, L, D], uncond [B or 1, L, D] or None if cfg_scale == 1 -> latents [B, C, h, w]."""
+    # model(x_t [B, C, h, w], t [B] long, cond [B, L, D]) -> v [B, C, h, w]. The chain runs in float32 whatever
+    # autocast the caller wraps the model in: bf16 rounding would otherwise compound over the steps.
+    x_t = noise.to(torch.float32)
+    B = x_t.shape[0]
+    guided = cfg_scale != 1
+    if guided:
+        if uncond is None:
+            raise ValueError(f"uncond: required when cfg_scale != 1 (got cfg_scale={cfg_scale!r})")
+        # Ho & Salimans 2022: one forward of 2B, unconditional half first (as diffusers' pipelines order it).
+        cond_in = torch.cat([uncond.expand(B, -1, -1), cond])
+    for t in ddim_timesteps(schedule.num_train_timesteps, num_steps, spacing).tolist():
+        if guided:
+            t_in = torch.full((2 * B,), t, dtype=torch.long, device=x_t.device)
+            v_uncond, v_cond = model(torch.cat([x_t, x_t]), t_in, cond_in).float().chunk(2)
+            v_pred = v_uncond + cfg_scale * (v_cond - v_uncond)
+            if guidance_rescale > 0:
+                v_pred = rescale_guidance(v_pred, v_cond, guidance_rescale)
+        else:
+            t_in = torch.full((B,), t, dtype=torch.long, device=x_t.device)
+            v_pred = model(x_t, t_in, cond).float()
+        x_t = ddim_step(schedule, v_pred, t, x_t, num_steps)
+    return x_t
+
+
+def make_grid(images: torch.Tensor, nrow: int) -> PIL.Image.Image:
+    """images [N, 3, H, W] in [-1, 1] -> one RGB image: rows of nrow images, 2 px black padding around each."""
+    pad = 2
+    N, _, H, W = images.shape
+    ncol = min(nrow, N)
+    nrows = math.ceil(N / ncol)
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    grid = torch.zeros(3, nrows * (H + pad) + pad, ncol * (W + pad) + pad, dtype=torch.uint8)
+    for k in range(N):
+        y, x = pad + (k // ncol) * (H + pad), pad + (k % ncol) * (W + pad)
+        grid[:, y : y + H, x : x + W] = pixels[k]
+    return PIL.Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy()))
+
+
+@torch.no_grad()
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """-> [N, C, h, w]: one CPU generator per seed, so an image depends on its seed alone (any batch, any rank)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def generate(unet, frozen, schedule: NoiseSchedule, prompts: list[str], seeds: list[int], num_steps: int,
+             cfg_scale: float, guidance_rescale: float, spacing: str, autocast: bool,
+             batch_size: int = 32) -> torch.Tensor:
+    """Text -> images [N, 3, H, W] in [-1, 1] with DDIM + CFG; `frozen` is models.FrozenModels."""
+    device = next(unet.parameters()).device
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    uncond = frozen.encode_prompts(frozen.tokenize([""]))
+
+    def model(x_t, t, context):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return unet(x_t, t, context).sample
+
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        noise = initial_noise(seeds[i:i + batch_size], shape).to(device)
+        cond = frozen.encode_prompts(frozen.tokenize(prompts[i:i + batch_size]))
+        latents = ddim_sample(model, schedule, noise, cond, uncond, num_steps, cfg_scale, guidance_rescale, spacing)
+        images.append(frozen.decode_latents(latents).cpu())
+    return torch.cat(images)

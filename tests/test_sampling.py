@@ -1,0 +1,166 @@
+"""DDIM sampling with classifier-free guidance, checked against diffusers' DDIMScheduler and rescale_noise_cfg."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from ldm_ddp.sampling import ddim_sample, ddim_step, ddim_timesteps, make_grid, rescale_guidance
+from ldm_ddp.schedule import NoiseSchedule
+
+T = 1000
+
+
+def diffusers_ddim(spacing: str, zero_snr: bool, float64_tables: bool = False) -> DDIMScheduler:
+    scheduler = DDIMScheduler(
+        num_train_timesteps=T,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing=spacing,
+        rescale_betas_zero_snr=zero_snr,
+    )
+    if float64_tables:
+        # diffusers keeps alphas_cumprod in float32 and takes sqrt there (~1e-6 drift over a trajectory); the
+        # table values equal ours (test_schedule), so upcasting them compares the step formulas alone.
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+        scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.double()
+    return scheduler
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 7, 10, 20, 25, 50, 100, 999, 1000])
+def test_ddim_timesteps_equal_diffusers(spacing, num_steps):
+    scheduler = diffusers_ddim(spacing, zero_snr=False)
+    scheduler.set_timesteps(num_steps)
+    ours = ddim_timesteps(T, num_steps, spacing)
+    assert ours.dtype == torch.long
+    assert torch.equal(ours, scheduler.timesteps)
+
+
+def test_trailing_timesteps_all_counts():
+    # Every count gives num_steps distinct descending timesteps in [0, T), from T - 1. diffusers agrees wherever
+    # its float np.arange gives num_steps values (for 62 counts of 1000, e.g. 61, it gives one more, ending at -1),
+    # except by one at exact halves, where its rounding follows float error and ours rounds half to even.
+    scheduler = diffusers_ddim("trailing", zero_snr=False)
+    for n in range(1, T + 1):
+        ours = ddim_timesteps(T, n, "trailing")
+        assert len(ours) == n and ours[0] == T - 1 and ours[-1] >= 0
+        assert (ours[:-1] > ours[1:]).all()
+        scheduler.set_timesteps(n)
+        if len(scheduler.timesteps) == n:
+            at_half = (2 * T * (n - torch.arange(n))) % (2 * n) == n
+            differs = ours != scheduler.timesteps
+            assert not (differs & ~at_half).any(), n
+            assert ((ours - scheduler.timesteps).abs() <= 1).all(), n
+
+
+@pytest.mark.parametrize(
+    "num_steps,spacing,name", [(0, "trailing", "num_steps"), (T + 1, "leading", "num_steps"), (10, "linspace", "spacing")]
+)
+def test_ddim_timesteps_bad_args(num_steps, spacing, name):
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        ddim_timesteps(T, num_steps, spacing)
+
+
+@pytest.mark.parametrize("num_steps", [50, 7])
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_step_trajectory_matches_diffusers(spacing, zero_snr, num_steps):
+    schedule = NoiseSchedule(T, "scaled_linear", zero_terminal_snr=zero_snr)
+    scheduler = diffusers_ddim(spacing, zero_snr, float64_tables=True)
+    scheduler.set_timesteps(num_steps)
+    g = torch.Generator().manual_seed(0)
+    x_ours = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    x_theirs = x_ours.clone()
+    for t in scheduler.timesteps:
+        v_pred = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+        x_ours = ddim_step(schedule, v_pred, int(t), x_ours, num_steps)
+        x_theirs = scheduler.step(v_pred, t, x_theirs).prev_sample
+        assert x_ours.dtype == torch.float64
+        assert (x_ours - x_theirs).abs().max() < 1e-6, int(t)
+
+
+@pytest.mark.parametrize("guidance_rescale", [0.0, 0.7, 1.0])
+def test_rescale_guidance_matches_diffusers(guidance_rescale):
+    g = torch.Generator().manual_seed(0)
+    v_cfg, v_cond = torch.randn(3, 4, 8, 8, generator=g) * 3, torch.randn(3, 4, 8, 8, generator=g)
+    torch.testing.assert_close(
+        rescale_guidance(v_cfg, v_cond, guidance_rescale), rescale_noise_cfg(v_cfg, v_cond, guidance_rescale)
+    )
+
+
+class LinearModel:
+    """A fixed map (x_t [B, C, h, w], t [B], cond [B, L, D]) -> v [B, C, h, w] that records each batch size."""
+
+    def __init__(self, out_dtype=torch.float32):
+        self.batch_sizes, self.out_dtype = [], out_dtype
+
+    def __call__(self, x_t, t, cond):
+        self.batch_sizes.append(x_t.shape[0])
+        scale = 0.5 + t.to(x_t.dtype)[:, None, None, None] / (2 * T)
+        shift = cond.mean(dim=(1, 2))[:, None, None, None]
+        return (scale * x_t + shift).to(self.out_dtype)
+
+
+def reference_sample(model, scheduler, noise, cond, uncond, num_steps, cfg_scale, guidance_rescale):
+    """The diffusers pipeline loop: one forward per branch, DDIMScheduler.step."""
+    scheduler.set_timesteps(num_steps)
+    x_t = noise.clone()
+    B = x_t.shape[0]
+    for t in scheduler.timesteps:
+        v_cond = model(x_t, t.expand(B), cond)
+        if cfg_scale == 1:
+            v_pred = v_cond
+        else:
+            v_uncond = model(x_t, t.expand(B), uncond.expand(B, -1, -1))
+            v_pred = v_uncond + cfg_scale * (v_cond - v_uncond)
+            if guidance_rescale > 0:
+                v_pred = rescale_noise_cfg(v_pred, v_cond, guidance_rescale)
+        x_t = scheduler.step(v_pred, t, x_t).prev_sample
+    return x_t
+
+
+@pytest.mark.parametrize(
+    "spacing,zero_snr,num_steps,cfg_scale,guidance_rescale",
+    [("trailing", True, 10, 7.5, 0.7), ("trailing", False, 7, 4.0, 0.0), ("leading", False, 25, 1.0, 0.0)],
+)
+def test_ddim_sample_matches_manual_diffusers_loop(spacing, zero_snr, num_steps, cfg_scale, guidance_rescale):
+    schedule = NoiseSchedule(T, "scaled_linear", zero_terminal_snr=zero_snr)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    cond, uncond = torch.randn(2, 5, 6, generator=g), torch.randn(1, 5, 6, generator=g)
+    model = LinearModel()
+    ours = ddim_sample(model, schedule, noise, cond, uncond if cfg_scale != 1 else None, num_steps, cfg_scale,
+                       guidance_rescale, spacing)
+    assert model.batch_sizes == [4 if cfg_scale != 1 else 2] * num_steps  # cond and uncond in one forward
+    expected = reference_sample(LinearModel(), diffusers_ddim(spacing, zero_snr), noise, cond, uncond, num_steps,
+                                cfg_scale, guidance_rescale)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_sample_runs_in_float32_for_low_precision_models():
+    g = torch.Generator().manual_seed(0)
+    noise, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 6, generator=g)
+    latents = ddim_sample(LinearModel(torch.bfloat16), NoiseSchedule(), noise, cond, torch.zeros(1, 5, 6), 5)
+    assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+
+
+def test_ddim_sample_needs_uncond_for_guidance():
+    with pytest.raises(ValueError, match="^uncond: "):
+        ddim_sample(LinearModel(), NoiseSchedule(), torch.zeros(1, 4, 8, 8), torch.zeros(1, 5, 6), None, 5, 7.5)
+
+
+def test_make_grid():
+    images = torch.cat([torch.ones(3, 3, 8, 6), -torch.ones(2, 3, 8, 6)])
+    grid = make_grid(images, nrow=3)
+    assert grid.mode == "RGB" and grid.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)  # PIL size is (width, height)
+    assert grid.getpixel((0, 0)) == (0, 0, 0)  # padding
+    assert grid.getpixel((2, 2)) == (255, 255, 255)  # first image, value 1
+    assert grid.getpixel((2, 2 + 8 + 2)) == (0, 0, 0)  # fourth image (second row), value -1
+    assert make_grid(images[:2], nrow=4).size == (2 * (6 + 2) + 2, 8 + 2 + 2)
