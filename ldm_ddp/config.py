@@ -50,7 +50,7 @@ class DiffusionConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     zero_terminal_snr: bool = True  # Lin et al. 2024: rescale betas so the last timestep has SNR 0
-    min_snr_gamma: float = 5.0  # Hang et al. 2023 loss weight; 0 = off (plain v-prediction MSE)
+    min_snr_gamma: float = 0.0  # Hang et al. 2023 loss weight; 0 = off (plain v-prediction MSE)
     offset_noise: float = 0.0  # std of the per-channel noise offset; 0 = off
 
 
@@ -112,7 +112,7 @@ class SampleConfig:
     prompts: list = field(default_factory=lambda: [
         "a large red circle in the center", "a small blue square in the top left",
         "a large green triangle in the bottom right", "a small yellow circle in the top right",
-        "a large purple square in the bottom left", "a small orange triangle in the center",
+        "a large purple square in the bottom left", "a small black triangle in the center",
         "a large blue triangle in the top left", "a small green square in the bottom right"])
     seed: int = 1234  # sample i uses seed + i
     steps: int = 25  # DDIM steps
@@ -277,8 +277,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         _require(value >= 0, key, "a value >= 0", value)
     _require(cfg.optim.lr > 0, "optim.lr", "a positive learning rate", cfg.optim.lr)
-    _require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
-             "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
+    betas_ok = all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas)
+    _require(len(cfg.optim.betas) == 2 and betas_ok, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
     _require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "a ratio in [0, 1]", cfg.optim.min_lr_ratio)
     _require(0 <= cfg.ema.decay < 1, "ema.decay", "a decay in [0, 1)", cfg.ema.decay)
     _require(0 <= cfg.train.caption_dropout <= 1, "train.caption_dropout", "a probability", cfg.train.caption_dropout)
@@ -287,4 +287,8 @@ def validate(cfg: Config) -> None:
     _require(all(isinstance(p, str) for p in cfg.sample.prompts), "sample.prompts", "a list of strings",
              cfg.sample.prompts)
     _require(cfg.data.resolution % 8 == 0, "data.resolution", "a multiple of 8 px", cfg.data.resolution)
-    resolve_batch(cfg, 1)
+    if cfg.train.global_batch:  # the exact split needs the world size: resolve_batch() at launch
+        _require(cfg.train.global_batch % cfg.data.batch_per_gpu == 0, "train.global_batch",
+                 f"a multiple of data.batch_per_gpu = {cfg.data.batch_per_gpu}", cfg.train.global_batch)
+        _require(cfg.train.global_batch % (cfg.data.batch_per_gpu * cfg.train.grad_accum) == 0, "train.grad_accum",
+                 "1 or a divisor of train.global_batch / data.batch_per_gpu", cfg.train.grad_accum)

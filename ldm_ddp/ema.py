@@ -31,7 +31,7 @@ class EMA:
     def update(self, module: torch.nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * weights, or a copy before ema.start_step."""
         params = dict(module.named_parameters())
-        current = [params[n].detach() for n in self.names]
+        current = [params[n].detach().float() for n in self.names]  # no copy for fp32; lerp needs one dtype
         # lerp_(w, 1 - d) == d * shadow + (1 - d) * w, in one foreach kernel per dtype group.
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay())
         self.num_updates += 1

@@ -132,6 +132,29 @@ class FrozenModels:
         return images.float().clamp(-1, 1)
 
 
+def load_trained(path: str, weights: str, device: torch.device):
+    """A training checkpoint -> (its Config, its UNet with `ema` or `raw` weights in eval mode, FrozenModels)."""
+    from .checkpoint import load_checkpoint
+    from .config import config_from_dict
+
+    if weights not in ("ema", "raw"):
+        raise ConfigError(f"--weights: expected ema | raw, got {weights!r}")
+    tensors, meta = load_checkpoint(path)
+    cfg = config_from_dict(meta["config"])
+    frozen = load_frozen(cfg.model.pretrained, cfg.model.frozen_dtype, device)
+    prefix = "ema." if weights == "ema" else "unet."
+    config = unet_config(cfg.model.unet) if not cfg.model.unet_init else UNet2DConditionModel.load_config(
+        cfg.model.unet_init)
+    unet = UNet2DConditionModel.from_config({**config, "sample_size": cfg.data.resolution // frozen.downsample})
+    named = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = unet.state_dict()
+    state.update(named)  # EMA holds the parameters; buffers (if any) come from the raw weights
+    state.update({k[5:]: v for k, v in tensors.items() if k.startswith("unet.") and k[5:] not in named})
+    unet.load_state_dict(state)
+    set_attention(unet, cfg.model.attention)
+    return cfg, unet.to(device).eval().requires_grad_(False), frozen
+
+
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     module.requires_grad_(False)
     return module.to(device=device, dtype=dtype).eval()

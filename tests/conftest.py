@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny UNet and VAE config, the overrides of a tiny fast run, and a subprocess runner."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough that a CPU step takes milliseconds; cross_attention_dim is the demo text encoder's width.
+TINY_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+
+TINY_VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "scaling_factor": 1.0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("configs") / "tiny_unet.json"
+    path.write_text(json.dumps(TINY_UNET))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("configs") / "tiny_vae.json"
+    path.write_text(json.dumps(TINY_VAE))
+    return path
+
+
+@pytest.fixture
+def tiny_args(tiny_unet_json):
+    """-> a function (out_dir, **changes) -> ["--section.key=value", ...] for a tiny, fast training run.
+
+    `changes` use `section__key=value` names, e.g. tiny_args(out, train__max_steps=6).
+    """
+    def build(out_dir, **changes) -> list[str]:
+        values = {
+            "model.unet": str(tiny_unet_json),
+            "train.out_dir": str(out_dir),
+            "train.max_steps": 4,
+            "train.num_threads": 1,
+            "train.precision": "fp32",
+            "data.batch_per_gpu": 2,
+            "data.num_workers": 0,
+            "data.prefetch_batches": 2,
+            "data.shapes_num_samples": 64,
+            "optim.schedule": "constant",
+            "optim.warmup_steps": 2,
+            "ckpt.every": 2,
+            "log.every": 1,
+            "log.progress": "lines",
+            "log.wandb": "disabled",
+            "sample.every": 0,
+            "sample.steps": 2,
+            "sample.prompts": ["a large red circle in the center", "a small blue square in the top left"],
+        }
+        values.update({k.replace("__", "."): v for k, v in changes.items()})
+        return [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+    return build
+
+
+def script_env() -> dict:
+    """The environment of a child run: one thread per process (2 procs share 2 cores), no launcher vars."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def run_script():
+    """-> a function (script, *args, nproc=1, timeout=...) -> CompletedProcess, run from the repo root.
+
+    nproc > 1 launches under `python -m torch.distributed.run` on a free port (gloo on CPU).
+    """
+    def run(script: str, *args, nproc: int = 1, timeout: float = 90) -> subprocess.CompletedProcess:
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        return subprocess.run(launcher + [script, *map(str, args)], cwd=REPO, env=script_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    return run

@@ -1,0 +1,171 @@
+"""Config: presets, `--section.key=value` overrides, --config files, one-line errors, --dry-run."""
+
+import tomllib
+
+import pytest
+
+from ldm_ddp.config import Config, ConfigError, config_from_dict, load_config, resolve_batch, validate
+
+
+@pytest.mark.parametrize("preset", ["demo", "sd15_256", "sd15_512", "demo_vae"])
+def test_presets_load_and_validate(preset):
+    cfg = load_config(preset=preset)
+    validate(cfg)
+    assert cfg.train.out_dir == f"runs/{preset}"
+    assert cfg.data.resolution % 8 == 0
+
+
+def test_presets_set_their_recipe():
+    assert load_config(preset="sd15_512").data.resolution == 512
+    assert load_config(preset="sd15_256").data.resolution == 256
+    assert load_config(preset="sd15_256").model.unet == "sd15"
+    assert load_config(preset="demo").train.precision == "fp32"
+    assert load_config(preset="demo_vae").data.batch_per_gpu == 64
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ConfigError, match="no_such.*demo"):
+        load_config(preset="no_such")
+
+
+def test_overrides_parse_with_the_field_types():
+    cfg = load_config(overrides=[
+        "--data.batch_per_gpu=8", "--optim.lr=2e-4", "--optim.grad_clip=2", "--train.compile=true",
+        "--train.channels_last=false", "--train.out_dir=/tmp/x y", "--optim.betas=[0.8, 0.95]",
+        '--sample.prompts=["a cat", "a dog"]', "--model.frozen_dtype=bf16", "--ckpt.resume=none",
+    ])
+    assert cfg.data.batch_per_gpu == 8 and type(cfg.data.batch_per_gpu) is int
+    assert cfg.optim.lr == 2e-4 and type(cfg.optim.lr) is float
+    assert cfg.optim.grad_clip == 2.0 and type(cfg.optim.grad_clip) is float  # an int is accepted for a float
+    assert cfg.train.compile is True and cfg.train.channels_last is False
+    assert cfg.train.out_dir == "/tmp/x y"
+    assert cfg.optim.betas == [0.8, 0.95]
+    assert cfg.sample.prompts == ["a cat", "a dog"]
+    assert cfg.model.frozen_dtype == "bf16" and cfg.ckpt.resume == "none"
+
+
+def test_a_string_field_keeps_a_value_that_looks_like_a_number():
+    cfg = load_config(overrides=["--train.out_dir=123", "--log.run_name=1.5"])
+    assert cfg.train.out_dir == "123" and cfg.log.run_name == "1.5"
+
+
+def test_config_file_applies_over_the_preset_and_overrides_over_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\nbatch_per_gpu = 5\nnum_workers = 0\n[optim]\nlr = 3e-4\n[train]\nout_dir = "from_file"\n')
+    cfg = load_config(str(path), ["--optim.lr=1e-5"], preset="sd15_256")
+    assert cfg.data.batch_per_gpu == 5 and cfg.data.num_workers == 0  # the file beats the preset
+    assert cfg.data.resolution == 256 and cfg.model.unet == "sd15"  # the rest of the preset stays
+    assert cfg.train.out_dir == "from_file"
+    assert cfg.optim.lr == 1e-5  # the command line beats the file
+
+
+def one_line_error(overrides=(), config_file=None, preset="demo") -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, list(overrides), preset=preset)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--nosection.lr=1", "nosection"),
+    ("--optim.learning_rate=1", "optim.learning_rate"),
+    ("--data.batch_per_gpu=abc", "data.batch_per_gpu"),
+    ("--data.batch_per_gpu=2.5", "data.batch_per_gpu"),
+    ("--train.precision=3", "train.precision"),
+    ("--train.compile=yes", "train.compile"),
+    ("--optim.lr=fast", "optim.lr"),
+    ("--optim.betas=0.9", "optim.betas"),
+    ('--optim.betas=["a", "b"]', "optim.betas"),
+    ("--sample.prompts=[1, 2]", "sample.prompts"),
+    ("--train.precision=fp16", "train.precision"),
+    ("--log.wandb=maybe", "log.wandb"),
+    ("--diffusion.beta_schedule=sigmoid", "diffusion.beta_schedule"),
+    ("--data.num_workers=-1", "data.num_workers"),
+    ("--train.max_steps=-5", "train.max_steps"),
+    ("--data.batch_per_gpu=0", "data.batch_per_gpu"),
+    ("--optim.lr=-1e-4", "optim.lr"),
+    ("--optim.grad_clip=-1", "optim.grad_clip"),
+    ("--ema.decay=1.0", "ema.decay"),
+    ("--train.caption_dropout=1.5", "train.caption_dropout"),
+    ("--data.resolution=60", "data.resolution"),
+    ("--train.global_batch=-8", "train.global_batch"),
+    ("--ema.start_step=-1", "ema.start_step"),
+])
+def test_bad_override_is_one_line_naming_the_key(override, key):
+    assert key in one_line_error([override])
+
+
+def test_override_without_a_section_is_refused():
+    assert "--section.key=value" in one_line_error(["--lr=1"])
+
+
+def test_bad_config_file_names_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[optim]\nlr = 1e-4\nmomentum = 0.9\n")
+    assert "optim.momentum" in one_line_error(config_file=str(path))
+    path.write_text("[data]\nbatch_per_gpu = '32'\n")
+    assert "data.batch_per_gpu" in one_line_error(config_file=str(path))
+    path.write_text("[optimizer]\nlr = 1\n")
+    assert "optimizer" in one_line_error(config_file=str(path))
+    path.write_text("[data\n")
+    assert "bad.toml" in one_line_error(config_file=str(path))
+
+
+def test_resolve_batch_derives_grad_accum_from_the_global_batch():
+    cfg = load_config(overrides=["--data.batch_per_gpu=4"])
+    assert resolve_batch(cfg, 2) == (1, 8)
+    cfg = load_config(overrides=["--data.batch_per_gpu=4", "--train.grad_accum=3"])
+    assert resolve_batch(cfg, 2) == (3, 24)
+    cfg = load_config(overrides=["--data.batch_per_gpu=4", "--train.global_batch=32"])
+    assert resolve_batch(cfg, 1) == (8, 32)
+    assert resolve_batch(cfg, 2) == (4, 32)
+    assert resolve_batch(cfg, 8) == (1, 32)
+
+
+def test_global_batch_not_divisible_is_refused():
+    cfg = load_config(overrides=["--data.batch_per_gpu=4", "--train.global_batch=32"])
+    with pytest.raises(ConfigError, match="train.global_batch") as info:
+        resolve_batch(cfg, 3)  # 32 is not a multiple of 4 * 3
+    assert "\n" not in str(info.value)
+    assert "train.global_batch" in one_line_error(["--data.batch_per_gpu=4", "--train.global_batch=30"])
+
+
+def test_contradicting_grad_accum_is_refused():
+    cfg = load_config(overrides=["--data.batch_per_gpu=4", "--train.global_batch=32", "--train.grad_accum=4"])
+    assert resolve_batch(cfg, 2) == (4, 32)  # consistent at world size 2
+    with pytest.raises(ConfigError, match="train.grad_accum") as info:
+        resolve_batch(cfg, 4)  # world size 4 implies grad_accum 2
+    assert "\n" not in str(info.value)
+    assert "train.grad_accum" in one_line_error(
+        ["--data.batch_per_gpu=4", "--train.global_batch=32", "--train.grad_accum=3"])
+
+
+def test_config_round_trips_through_its_dict():
+    cfg = load_config(overrides=["--optim.betas=[0.8, 0.9]", "--train.max_steps=7"], preset="sd15_256")
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_dry_run_prints_toml_that_round_trips(tmp_path, run_script):
+    args = ["--preset", "sd15_256", "--optim.lr=3e-5", "--train.out_dir=" + str(tmp_path / "run"),
+            '--sample.prompts=["a \\"quoted\\" cat", "a dog"]', "--ema.warmup=false"]
+    result = run_script("scripts/train.py", "--dry-run", *args, timeout=60)
+    assert result.returncode == 0, result.stderr
+    printed = config_from_dict(tomllib.loads(result.stdout))
+    validate(printed)
+    expected = load_config(None, args[2:], preset="sd15_256")
+    assert printed == expected
+    assert printed.sample.prompts[0] == 'a "quoted" cat' and printed.optim.lr == 3e-5
+    assert printed != Config()
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_value_exits_2_with_one_line_and_does_no_work(tmp_path, run_script):
+    out_dir = tmp_path / "run"
+    result = run_script("scripts/train.py", "--data.batch_per_gpu=abc", f"--train.out_dir={out_dir}", timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "data.batch_per_gpu" in lines[0]
+    assert result.stdout == ""
+    assert not out_dir.exists()

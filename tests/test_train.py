@@ -1,0 +1,142 @@
+"""Subprocess runs of the real entry points: train, resume bitwise under torchrun, accum + bf16, stage 1, fallback."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm_ddp.checkpoint import list_checkpoints, load_checkpoint
+from ldm_ddp.models import load_frozen
+
+
+def check(result) -> str:
+    """The run's stdout; fails with its output when it did not exit 0."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_bitwise_equal(path_a, path_b) -> None:
+    a, meta_a = load_checkpoint(path_a)
+    b, meta_b = load_checkpoint(path_b)
+    assert meta_a["step"] == meta_b["step"] and meta_a["samples_seen"] == meta_b["samples_seen"]
+    assert sorted(a) == sorted(b)
+    groups = {prefix: [k for k in a if k.startswith(prefix)] for prefix in ("unet.", "ema.", "optim.")}
+    assert all(groups.values()), {p: len(v) for p, v in groups.items()}
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert meta_a["ema"] == meta_b["ema"] and meta_a["optim"] == meta_b["optim"]
+
+
+def test_train_end_to_end(tmp_path, tiny_args, run_script):
+    out = tmp_path / "run"
+    stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=4, sample__every=2,
+                                                              data__num_workers=1), timeout=120))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002.safetensors",
+                                                                       "step_0000004.safetensors"]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        for key in ("loss", "lr", "grad_norm", "img_per_s"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["img_per_s"] > 0 and r["bad_samples"] == 0
+    assert [r["lr"] for r in records] == [5e-4, 1e-3, 1e-3, 1e-3]  # warmup over 2 steps, then constant
+    assert len(re.findall(r"^step +\d+ +loss", stdout, re.M)) == 4
+    grid = out / "samples" / "step_0000004.png"
+    assert grid.is_file() and (out / "samples" / "step_0000002.png").is_file()
+    assert Image.open(grid).size[0] >= 2 * 64  # two 64 px samples side by side
+    _, meta = load_checkpoint(out / "checkpoints" / "step_0000004.safetensors")
+    assert meta["step"] == 4 and meta["samples_seen"] == 8 and meta["data"]["global_batch"] == 2
+    assert meta["config"]["train"]["max_steps"] == 4 and meta["world_size"] == 1
+    report = check(run_script("scripts/inspect_checkpoint.py", out / "checkpoints" / "step_0000004.safetensors",
+                              timeout=60))
+    assert "ldm_ddp/1" in report and "integrity     verified" in report and "unet.conv_in." in report
+    described = json.loads(check(run_script("scripts/inspect_checkpoint.py", "--json",
+                                            out / "checkpoints" / "step_0000004.safetensors", timeout=60)))
+    assert described["step"] == 4 and set(described["groups"]) >= {"unet", "ema", "optim"}
+
+
+@pytest.mark.parametrize("grad_accum, steps", [(1, 6), (2, 4)])
+def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path, tiny_args, run_script):
+    """2 gloo ranks: `steps` in one go == steps/2, then the same command again with max_steps=steps."""
+    half = steps // 2
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = dict(train__grad_accum=grad_accum, ckpt__every=half, train__seed=3,
+                  ema__update_every=grad_accum, ema__start_step=1)
+    check(run_script("scripts/train.py", *tiny_args(straight, train__max_steps=steps, data__num_workers=1, **common),
+                     nproc=2, timeout=150))
+    workers = 2 if grad_accum == 2 else 0
+    first_half = tiny_args(resumed, train__max_steps=half, data__num_workers=workers, **common)
+    check(run_script("scripts/train.py", *first_half, nproc=2, timeout=150))
+    assert [p.name for p in list_checkpoints(resumed / "checkpoints")] == [f"step_{half:07d}.safetensors"]
+    stdout = check(run_script("scripts/train.py", *tiny_args(resumed, train__max_steps=steps, **common),
+                              nproc=2, timeout=150))
+    assert f"step_{half:07d}.safetensors at step {half}" in stdout
+    final = f"step_{steps:07d}.safetensors"
+    assert_bitwise_equal(straight / "checkpoints" / final, resumed / "checkpoints" / final)
+    _, meta = load_checkpoint(straight / "checkpoints" / final)
+    assert meta["world_size"] == 2 and meta["data"]["global_batch"] == 4 * grad_accum
+    assert meta["samples_seen"] == steps * 4 * grad_accum
+    assert meta["ema"]["num_updates"] == steps // grad_accum
+    # Only rank 0 writes the log, and the reduced losses of the two runs agree step by step.
+    assert [r["step"] for r in metrics(resumed)] == list(range(1, steps + 1))
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
+
+
+def test_grad_accum_with_bf16_autocast(tmp_path, tiny_args, run_script):
+    out = tmp_path / "run"
+    check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=2, train__grad_accum=2,
+                                                    train__precision="bf16", model__frozen_dtype="bf16"),
+                     timeout=120))
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and math.isfinite(r["grad_norm"]) for r in records)
+    tensors, meta = load_checkpoint(out / "checkpoints" / "step_0000002.safetensors")
+    assert meta["samples_seen"] == 8
+    assert all(t.dtype == torch.float32 for k, t in tensors.items() if k.startswith(("unet.", "ema.")))
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("unet."))
+
+
+def test_train_autoencoder_writes_a_loadable_bundle(tmp_path, tiny_vae_json, run_script):
+    out = tmp_path / "vae"
+    args = [f"--model.vae_config={tiny_vae_json}", f"--train.out_dir={out}", "--train.max_steps=2",
+            "--data.batch_per_gpu=2", "--data.resolution=32", "--data.num_workers=0", "--data.shapes_num_samples=64",
+            "--train.num_threads=1", "--log.every=1", "--log.progress=lines", "--ckpt.every=2"]
+    stdout = check(run_script("scripts/train_autoencoder.py", *args, timeout=150))
+    bundle = out / "bundle"
+    assert f"wrote {bundle}" in stdout
+    assert {p.name for p in bundle.iterdir()} >= {"vae", "text_encoder", "tokenizer"}
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "checkpoints" / "step_0000002.safetensors").is_file()
+    frozen = load_frozen(str(bundle), "fp32", torch.device("cpu"))
+    assert list(frozen.vae.config.block_out_channels) == [8, 16] and frozen.downsample == 2
+    assert frozen.scaling_factor != 1.0 and math.isfinite(frozen.scaling_factor)  # measured, not the default
+    ids = frozen.tokenize(["a large red circle in the center"])
+    context = frozen.encode_prompts(ids)
+    assert context.shape == (1, ids.shape[1], 64)
+    latents = frozen.encode_images(torch.zeros(1, 3, 32, 32), None)
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_args, run_script):
+    out = tmp_path / "run"
+    check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=2, ckpt__every=1), timeout=120))
+    newest = out / "checkpoints" / "step_0000002.safetensors"
+    original = tmp_path / "original.safetensors"
+    original.write_bytes(newest.read_bytes())
+    data = bytearray(newest.read_bytes())
+    data[-100] ^= 0x01  # one bit in the last tensor's bytes
+    newest.write_bytes(bytes(data))
+    stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=2, ckpt__every=1), timeout=120))
+    assert "checkpoint refused: step_0000002.safetensors" in stdout
+    assert "falling back to step_0000001.safetensors" in stdout
+    assert "step_0000001.safetensors at step 1" in stdout
+    assert [r["step"] for r in metrics(out)] == [1, 2, 2]  # the first run's two steps, then step 2 again
+    # Step 2 redone from step 1 is the step 2 of the uninterrupted run, bit for bit (and verifies again).
+    assert_bitwise_equal(original, newest)
