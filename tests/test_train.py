@@ -37,7 +37,7 @@ def assert_bitwise_equal(path_a, path_b) -> None:
 def test_train_end_to_end(tmp_path, tiny_args, run_script):
     out = tmp_path / "run"
     stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=4, sample__every=2,
-                                                              data__num_workers=1), timeout=120))
+                                                              data__num_workers=1, optim__lr=1e-3), timeout=120))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002.safetensors",
                                                                        "step_0000004.safetensors"]
     records = metrics(out)
