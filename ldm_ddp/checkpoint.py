@@ -273,7 +273,11 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named_params: dict[
             name, field = key[len("optim."):].rsplit(".", 1)
             if name not in index:
                 raise CheckpointError(f"optimizer: state for {name}, which is not an optimized parameter")
-            state[index[name]][field] = value
+            # Moments take the live parameter's device and memory format (channels_last on GPU): the fused
+            # AdamW kernel refuses state whose strides differ from its parameter's.
+            param = named_params[name]
+            state[index[name]][field] = value if field == "step" or value.shape != param.shape else \
+                torch.empty_like(param, dtype=value.dtype).copy_(value)
     param_groups = []
     for group, saved, names in zip(optimizer.param_groups, groups, live):
         hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()

@@ -287,6 +287,15 @@ def validate(cfg: Config) -> None:
     _require(all(isinstance(p, str) for p in cfg.sample.prompts), "sample.prompts", "a list of strings",
              cfg.sample.prompts)
     _require(cfg.data.resolution % 8 == 0, "data.resolution", "a multiple of 8 px", cfg.data.resolution)
+    if cfg.data.source == "shapes":
+        _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",
+                 cfg.data.resolution)
+    for key, name, kind in (("model.unet", cfg.model.unet, "unet"), ("model.vae_config", cfg.model.vae_config, "vae")):
+        _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
+                 f"a builtin {kind} config ({', '.join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + '_*.json'))})"
+                 " or an existing path", name)
+    _require(not cfg.model.unet_init or Path(cfg.model.unet_init).is_dir(), "model.unet_init",
+             "a UNet folder (diffusers layout)", cfg.model.unet_init)
     if cfg.train.global_batch:  # the exact split needs the world size: resolve_batch() at launch
         _require(cfg.train.global_batch % cfg.data.batch_per_gpu == 0, "train.global_batch",
                  f"a multiple of data.batch_per_gpu = {cfg.data.batch_per_gpu}", cfg.train.global_batch)

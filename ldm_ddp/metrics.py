@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -123,7 +124,7 @@ def start_wandb(mode: str, out_dir: Path, project: str, name: str, config: dict)
         print("warning: log.wandb is set but wandb is not installed; logging to metrics.jsonl only")
         return None
     id_file = out_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     for attempt_mode in ([mode, "offline"] if mode == "online" else [mode]):
         try:

@@ -155,7 +155,10 @@ def train(cfg: Config) -> dict:
 
     def sample_grid() -> None:
         if dist.is_main():
-            (ema.copy_to if cfg.sample.use_ema else lambda m: m.load_state_dict(unet.state_dict()))(sampler_unet)
+            if cfg.sample.use_ema:
+                ema.copy_to(sampler_unet)
+            else:
+                sampler_unet.load_state_dict(unet.state_dict())
             seeds = [cfg.sample.seed + i for i in range(len(cfg.sample.prompts))]
             images = generate(sampler_unet, frozen, schedule, cfg.sample.prompts, seeds, cfg.sample.steps,
                               cfg.sample.cfg_scale, cfg.sample.guidance_rescale, cfg.sample.spacing,

@@ -8,6 +8,7 @@ import sys
 
 import _path  # noqa: F401
 
+from ldm_ddp import dist
 from ldm_ddp.config import ConfigError, load_config
 
 
@@ -31,6 +32,8 @@ def main() -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        dist.shutdown()
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 
 import _path  # noqa: F401
 
+from ldm_ddp import dist
 from ldm_ddp.config import ConfigError, load_config
 
 
@@ -26,7 +27,13 @@ def main() -> int:
         print(cfg.to_toml())
         return 0
     from ldm_ddp.autoencoder import train_autoencoder
-    train_autoencoder(cfg)
+    try:
+        train_autoencoder(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
     return 0
 
 

@@ -105,13 +105,15 @@ def free_port() -> int:
 def run_script():
     """-> a function (script, *args, nproc=1, timeout=...) -> CompletedProcess, run from the repo root.
 
+    `env` adds to (or, with None values, removes from) the child's environment.
     nproc > 1 launches under `python -m torch.distributed.run` on a free port (gloo on CPU).
     """
-    def run(script: str, *args, nproc: int = 1, timeout: float = 90) -> subprocess.CompletedProcess:
+    def run(script: str, *args, nproc: int = 1, timeout: float = 90, env: dict | None = None):
         launcher = [sys.executable]
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                          "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        return subprocess.run(launcher + [script, *map(str, args)], cwd=REPO, env=script_env(),
+        child_env = {k: v for k, v in {**script_env(), **(env or {})}.items() if v is not None}
+        return subprocess.run(launcher + [script, *map(str, args)], cwd=REPO, env=child_env,
                               capture_output=True, text=True, timeout=timeout)
     return run
