@@ -1,0 +1,41 @@
+"""Inference export: a training checkpoint -> a diffusers `StableDiffusionPipeline` folder.
+
+The folder holds the chosen UNet weights (EMA or raw) in half precision by default, the run's VAE,
+text encoder and tokenizer, and a `DDIMScheduler` config equivalent to our schedule and sampler:
+v-prediction, the run's betas, zero-terminal-SNR and timestep spacing, no clipping.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from .config import Config
+from .models import DTYPES, load_trained
+
+EXPORT_DTYPES = {"fp16": torch.float16, **DTYPES}
+
+
+def scheduler_for(cfg: Config) -> DDIMScheduler:
+    """The diffusers scheduler that samples as sampling.ddim_sample does with this run's config."""
+    d = cfg.diffusion
+    beta_schedule = {"cosine": "squaredcos_cap_v2"}.get(d.beta_schedule, d.beta_schedule)
+    # steps_offset=1 is what StableDiffusionPipeline forces; it only shifts "leading" timesteps, so the
+    # exported sampler equals ours exactly for "trailing" spacing (the default) and is off by one t for "leading".
+    return DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                         beta_schedule=beta_schedule, rescale_betas_zero_snr=d.zero_terminal_snr,
+                         prediction_type="v_prediction", timestep_spacing=cfg.sample.spacing,
+                         clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+
+
+def export_diffusers(checkpoint: str, out_dir: str, dtype: str = "fp16", weights: str = "ema") -> Path:
+    """Write a StableDiffusionPipeline folder to `out_dir`; -> its path."""
+    cfg, unet, frozen = load_trained(checkpoint, weights, torch.device("cpu"))
+    torch_dtype = EXPORT_DTYPES[dtype]
+    pipe = StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer,
+                                   unet=unet, scheduler=scheduler_for(cfg), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(dtype=torch_dtype)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
