@@ -1,4 +1,5 @@
-"""The tools around training: sample.py, evaluate_demo.py (also on a damaged checkpoint), wandb offline."""
+"""The tools around training: sample.py, evaluate_demo.py (also on a damaged checkpoint), plot_metrics.py,
+wandb offline."""
 
 import json
 
@@ -31,6 +32,10 @@ def test_sample_and_evaluate_scripts(tmp_path, tiny_args, run_script):
                                          "--json", timeout=120)).splitlines()[-1])
     assert result["n"] == 64 and result["weights"] == "ema"
     assert all(0.0 <= result[k] <= 1.0 for k in ("colour", "shape", "size", "position", "all"))
+
+    stdout = check(run_script("scripts/plot_metrics.py", out, timeout=60))
+    with Image.open(out / "metrics.png") as plot:
+        assert "metrics.png" in stdout and plot.size[0] > 500
 
     # A damaged checkpoint: both tools refuse it with one line naming the file.
     damaged = tmp_path / "damaged" / ckpt.name
