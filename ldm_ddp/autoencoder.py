@@ -21,6 +21,7 @@ from .config import Config, ConfigError, resolve_batch
 from .data.shapes import vocabulary
 from .data.sources import build_source
 from .data.stream import ShardedStream, make_loader
+from .data.transforms import ImageTransform
 from .metrics import Metrics
 from .models import PRESET_DIR, write_demo_text_encoder
 from .train_loop import lr_at, resume_point, step_generator
@@ -89,7 +90,7 @@ def train_autoencoder(cfg: Config) -> Path:
 
     # --- Data and logging
     stream = ShardedStream(source, no_tokens, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,
-                           rank, world, cfg.data.seed, start_step)
+                           rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data))
     batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, device.type == "cuda"))
     model = dist.wrap_ddp(Reconstruction(vae))
     metrics = Metrics(out_dir, device, 1, cfg.train.max_steps, global_batch, cfg.log.progress)

@@ -34,7 +34,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes (built-in synthetic set); more sources plug into ldm_ddp/data/sources.py
+    source: str = "shapes"  # shapes (built-in synthetic set) | folder (images + captions in data.path)
+    path: str = ""  # folder source: image folder (captions in metadata.jsonl, metadata.csv or <image>.txt)
+    caption_column: str = "text"  # folder source: caption column of metadata.jsonl / metadata.csv
+    min_size: int = 0  # folder source: px; images whose shorter side is smaller are left out of the index
     resolution: int = 64  # px, square
     batch_per_gpu: int = 32  # images per micro-batch per process
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
@@ -42,6 +45,9 @@ class DataConfig:
     shapes_seed: int = 0  # seeds the synthetic shapes images themselves
     shapes_num_samples: int = 100_000  # size of the synthetic set (samples per epoch)
     prefetch_batches: int = 4  # micro-batches prefetched per worker
+    crop: str = "center"  # center | random (drawn from (data.seed, global position))
+    random_flip: bool = False  # horizontal flip with probability 1/2, drawn like the crop
+    max_image_pixels: int = 178_956_970  # px; larger images are refused as decompression bombs (PIL's default)
 
 
 @dataclass
@@ -149,7 +155,8 @@ class Config:
 
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
-    "data.source": ("shapes",), "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
+    "data.source": ("shapes", "folder"), "data.crop": ("center", "random"),
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "optim.schedule": ("constant", "cosine"), "train.precision": ("bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
     "log.progress": ("auto", "bar", "lines"), "sample.spacing": ("leading", "trailing"),
@@ -265,14 +272,15 @@ def validate(cfg: Config) -> None:
         _require(value in allowed, key, " | ".join(allowed), value)
     positive = ["data.resolution", "data.batch_per_gpu", "train.max_steps", "train.grad_accum",
                 "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps",
-                "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches"]
+                "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches",
+                "data.max_image_pixels"]
     for key in positive:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _require(value > 0, key, "a positive integer", value)
     non_negative = ["data.num_workers", "train.global_batch", "optim.warmup_steps", "sample.every",
                     "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
-                    "diffusion.offset_noise", "ema.start_step", "train.num_threads"]
+                    "diffusion.offset_noise", "ema.start_step", "train.num_threads", "data.min_size"]
     for key in non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -291,6 +299,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "shapes":
         _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",
                  cfg.data.resolution)
+    if cfg.data.source == "folder":
+        _require(Path(cfg.data.path).is_dir(), "data.path", "an existing folder of images", cfg.data.path)
     for key, name, kind in (("model.unet", cfg.model.unet, "unet"), ("model.vae_config", cfg.model.vae_config, "vae")):
         _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
                  f"a builtin {kind} config ({', '.join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + '_*.json'))})"

@@ -19,6 +19,7 @@ from . import checkpoint, dist
 from .config import Config, ConfigError, OptimConfig, resolve_batch
 from .data.sources import build_source
 from .data.stream import ShardedStream, make_loader
+from .data.transforms import ImageTransform
 from .ema import EMA
 from .metrics import Metrics, start_wandb
 from .models import build_unet, load_frozen
@@ -124,7 +125,7 @@ def train(cfg: Config) -> dict:
 
     # --- Data: this rank's slice of the global order, from the resumed step on ---------------------
     stream = ShardedStream(source, frozen.tokenize, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,
-                           rank, world, cfg.data.seed, start_step)
+                           rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data))
     batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, pin_memory=on_cuda))
 
     # --- Training wrapper and logging ---------------------------------------------------------------

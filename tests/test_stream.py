@@ -200,10 +200,10 @@ def test_an_unbroken_run_of_bad_samples_fails_with_a_clear_error():
 
 
 def test_images_are_resized_and_centre_cropped():
-    from ldm_ddp.data.stream import image_to_tensor
+    from ldm_ddp.data.transforms import ImageTransform
     image = Image.fromarray(np.full((12, 24, 3), 255, dtype=np.uint8))  # 24 x 12 px, white
-    tensor = image_to_tensor(image, RES)
+    tensor = ImageTransform(RES)(image)
     assert tensor.shape == (3, RES, RES) and tensor.dtype == torch.float32
     assert torch.allclose(tensor, torch.ones_like(tensor))
-    grey = image_to_tensor(Image.new("L", (RES, RES), 0), RES)
+    grey = ImageTransform(RES)(Image.new("L", (RES, RES), 0))
     assert grey.shape == (3, RES, RES) and torch.all(grey == -1)

@@ -5,6 +5,7 @@ and `source.fingerprint()`. The sharded stream (stream.py) does ordering, splitt
 from __future__ import annotations
 
 from ..config import DataConfig
+from .folder import ImageFolderSource
 from .shapes import ShapesSource
 
 
@@ -12,4 +13,6 @@ def build_source(cfg: DataConfig):
     """The configured source (data.source)."""
     if cfg.source == "shapes":
         return ShapesSource(seed=cfg.shapes_seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
+    if cfg.source == "folder":
+        return ImageFolderSource(cfg.path, cfg.caption_column, cfg.min_size)
     raise ValueError(f"data.source: unknown source {cfg.source!r}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .transforms import ImageTransform, pixel_limit
+
 MAX_SUBSTITUTIONS = 16  # a bad sample is replaced by the next good index, looking this far
+AUGMENT_STREAM = 1  # seeds crop/flip draws apart from the order's (seed, epoch) permutations
 
 
 class GlobalOrder:
@@ -33,25 +35,14 @@ class GlobalOrder:
         return int(self._perm[offset])
 
 
-def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """PIL image -> [3, R, R] float32 in [-1, 1]: shorter side resized to R, centre crop."""
-    image = image.convert("RGB")
-    if image.size != (resolution, resolution):
-        scale = resolution / min(image.size)
-        w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-        image = image.resize((w, h), Image.BICUBIC)
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
 class ShardedStream(IterableDataset):
     """Endless micro-batches of this rank's slice of the global order, from `start_step` on."""
 
     def __init__(self, source, tokenize, resolution: int, batch_per_gpu: int, grad_accum: int,
-                 rank: int, world_size: int, seed: int, start_step: int = 0):
-        self.source, self.tokenize, self.resolution = source, tokenize, resolution
+                 rank: int, world_size: int, seed: int, start_step: int = 0,
+                 transform: ImageTransform | None = None):
+        self.source, self.tokenize = source, tokenize
+        self.transform = transform or ImageTransform(resolution)  # default: centre crop, no flip
         self.batch, self.accum, self.rank, self.world = batch_per_gpu, grad_accum, rank, world_size
         self.global_batch = batch_per_gpu * world_size * grad_accum
         self.order = GlobalOrder(len(source), seed)
@@ -63,16 +54,21 @@ class ShardedStream(IterableDataset):
         start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
         return range(start, start + self.batch)
 
-    def load(self, index: int) -> tuple[dict, list[str]]:
-        """Sample at `index`, or the next good one if it fails (deterministic); -> (sample, bad keys)."""
+    def load(self, index: int, position: int = 0) -> tuple[dict, list[str]]:
+        """Sample at `index`, or the next good one if it fails (deterministic); -> (sample, bad keys).
+
+        Random crop/flip draw from (seed, position), whichever index ends up filling the position.
+        """
         bad = []
         for attempt in range(MAX_SUBSTITUTIONS):
             i = (index + attempt) % len(self.source)
             try:
-                sample = self.source[i]
-                if not sample.get("caption"):
-                    raise ValueError("empty caption")
-                return {**sample, "image": image_to_tensor(sample["image"], self.resolution)}, bad
+                with pixel_limit(self.transform.max_image_pixels):  # the source may open the image
+                    sample = self.source[i]
+                    if not sample.get("caption"):
+                        raise ValueError("empty caption")
+                    rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
+                    return {**sample, "image": self.transform(sample["image"], rng)}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
                 key = self.source.key(i) if hasattr(self.source, "key") else f"index {i}"
                 bad.append(f"{key} ({type(err).__name__}: {str(err)[:80]})")
@@ -81,7 +77,7 @@ class ShardedStream(IterableDataset):
     def micro_batch(self, k: int) -> dict:
         samples, bad = [], []
         for position in self.positions(k):
-            sample, failures = self.load(self.order.index(position))
+            sample, failures = self.load(self.order.index(position), position)
             samples.append(sample)
             bad += failures
         captions = [s["caption"] for s in samples]

@@ -1,0 +1,159 @@
+"""The image-folder source: caption layouts, index order, fingerprint, min_size, bad files through the stream."""
+
+import csv
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_ddp.config import ConfigError, DataConfig
+from ldm_ddp.data.folder import ImageFolderSource
+from ldm_ddp.data.sources import build_source
+from ldm_ddp.data.stream import ShardedStream, make_loader
+from ldm_ddp.data.transforms import ImageTransform
+
+R = 8
+
+
+def save(path, size=(12, 10), colour=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    """[B] captions -> [B, 1] caption lengths (picklable for workers)."""
+    return torch.tensor([[len(c)] for c in captions])
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "csv", "txt"])
+def test_caption_layouts_and_keys(tmp_path, layout):
+    names = {"b.png": "a red thing", "a.jpg": "another", "sub/c.png": "in a subfolder"}
+    for name in names:
+        save(tmp_path / name)
+    save(tmp_path / ".hidden" / "x.png")  # hidden folders are not indexed
+    column = "caption" if layout == "csv" else "text"
+    if layout == "jsonl":
+        (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": c}) + "\n"
+                                                         for n, c in names.items()))
+    elif layout == "csv":
+        with open(tmp_path / "metadata.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file_name", "caption"])
+            writer.writerows(names.items())
+    else:
+        for name, caption in names.items():
+            (tmp_path / name).with_suffix(".txt").write_text(caption + "\n")
+    source = build_source(DataConfig(source="folder", path=str(tmp_path), caption_column=column))
+    assert [source.key(i) for i in range(len(source))] == ["a.jpg", "b.png", "sub/c.png"]
+    for i in range(len(source)):
+        sample = source[i]
+        assert sample["key"] == source.key(i) and sample["caption"] == names[sample["key"]]
+        assert sample["image"].size == (12, 10)
+
+
+def test_metadata_problems_fail_at_construction(tmp_path):
+    save(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,hi\n")
+    with pytest.raises(ConfigError, match="data.caption_column"):
+        ImageFolderSource(str(tmp_path), caption_column="caption")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "hi"}\n')
+    with pytest.raises(ConfigError, match="both metadata.jsonl and metadata.csv"):
+        ImageFolderSource(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="data.path: no images"):
+        ImageFolderSource(str(tmp_path / "empty"))
+
+
+def test_order_is_sorted_and_the_fingerprint_tracks_files(tmp_path):
+    for name in ["z.png", "m.png", "a.png", "k/b.png"]:
+        save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("caption")
+    first, second = ImageFolderSource(str(tmp_path)), ImageFolderSource(str(tmp_path))
+    assert first.files == second.files == ["a.png", "k/b.png", "m.png", "z.png"]
+    assert first.fingerprint() == second.fingerprint()
+    save(tmp_path / "m.png", size=(30, 30), colour=(1, 2, 3))  # same name, new content
+    changed = ImageFolderSource(str(tmp_path))
+    (tmp_path / "m.txt").write_text("a longer caption")
+    recaptioned = ImageFolderSource(str(tmp_path))
+    assert len({first.fingerprint(), changed.fingerprint(), recaptioned.fingerprint()}) == 3
+
+
+def test_min_size_filters_by_the_shorter_side(tmp_path):
+    save(tmp_path / "small.png", size=(40, 10))
+    save(tmp_path / "big.png", size=(20, 32))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert ImageFolderSource(str(tmp_path)).files == ["big.png", "broken.png", "small.png"]
+    # Unreadable headers stay indexed: they fail (named) when loaded, not silently at index time.
+    assert ImageFolderSource(str(tmp_path), min_size=16).files == ["big.png", "broken.png"]
+    assert ImageFolderSource(str(tmp_path), min_size=16).fingerprint() != ImageFolderSource(str(tmp_path)).fingerprint()
+
+
+def bad_folder(root) -> set[str]:
+    """10 good images with captions and four bad files; -> the bad keys."""
+    rows = []
+    for i in range(10):
+        save(root / f"good_{i:02d}.png", size=(12 + i, 9), colour=(20 * i, 100, 7))
+        rows.append({"file_name": f"good_{i:02d}.png", "text": f"image {i}"})
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "truncated.jpg")
+    (root / "truncated.jpg").write_bytes((root / "truncated.jpg").read_bytes()[:800])
+    (root / "zero.png").write_bytes(b"")
+    (root / "notes.jpg").write_text("this is not a JPEG")
+    save(root / "uncaptioned.png")
+    rows += [{"file_name": n, "text": "bad"} for n in ("truncated.jpg", "zero.png", "notes.jpg")]
+    rows.append({"file_name": "uncaptioned.png", "text": ""})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"truncated.jpg", "zero.png", "notes.jpg", "uncaptioned.png"}
+
+
+def run(source, num_workers, world=1, batch=3, steps=6):
+    """The first `steps` micro-batches of rank 0, then of rank 1, ...; random crop and flip on."""
+    transform = ImageTransform(R, crop="random", random_flip=True)
+    batches = []
+    for rank in range(world):
+        stream = ShardedStream(source, tokenize, R, batch, 1, rank, world, seed=0, transform=transform)
+        loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
+        batches += list(itertools.islice(iter(loader), steps))
+    return batches
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_files_are_replaced_and_named_through_the_stream(tmp_path, num_workers):
+    bad = bad_folder(tmp_path)
+    source = ImageFolderSource(str(tmp_path))
+    assert len(source) == 14  # bad files are indexed, not filtered
+    batches = run(source, num_workers)  # 18 positions: every index is met at least once
+    assert all(b["images"].shape == (3, 3, R, R) and len(b["captions"]) == 3 for b in batches)
+    named = {entry.split(" ")[0] for b in batches for entry in b["bad"]}
+    assert named == bad
+    assert all(key.startswith("good_") for b in batches for key in b["keys"])
+    again = run(ImageFolderSource(str(tmp_path)), num_workers=2 - num_workers)
+    assert [b["keys"] for b in again] == [b["keys"] for b in batches]
+    assert [b["bad"] for b in again] == [b["bad"] for b in batches]
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(again, batches))
+
+
+def test_random_crops_follow_the_position_across_world_sizes(tmp_path):
+    bad_folder(tmp_path)
+    source = ImageFolderSource(str(tmp_path))
+    one = run(source, 0, world=1, batch=4, steps=2)  # positions 0..7
+    two = run(source, 0, world=2, batch=2, steps=2)  # rank 0: 0,1 and 4,5; rank 1: 2,3 and 6,7
+    by_position = torch.cat([b["images"] for b in one])
+    rank0, rank1 = two[:2], two[2:]
+    spread = torch.cat([rank0[0]["images"], rank1[0]["images"], rank0[1]["images"], rank1[1]["images"]])
+    assert torch.equal(by_position, spread)
+
+
+def test_train_dry_run_with_a_folder_and_a_missing_path(tmp_path, run_script):
+    save(tmp_path / "a.png")
+    done = run_script("scripts/train.py", "--data.source=folder", f"--data.path={tmp_path}", "--dry-run", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 'source = "folder"' in done.stdout and f'path = "{tmp_path}"' in done.stdout
+    missing = tmp_path / "nowhere"
+    done = run_script("scripts/train.py", "--data.source=folder", f"--data.path={missing}", "--dry-run", timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.path" in lines[0] and str(missing) in lines[0]

@@ -1,0 +1,111 @@
+"""Image transforms: mode conversion, EXIF orientation, JPEG draft, bomb refusal, seeded crop/flip."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_ddp.data.transforms import ImageTransform, pixel_limit
+
+R = 8
+
+
+def pixel(tensor: torch.Tensor, y: int = 0, x: int = 0) -> list[int]:
+    """[3, R, R] in [-1, 1] -> the RGB values 0..255 at (y, x)."""
+    return ((tensor[:, y, x] + 1) * 127.5).round().int().tolist()
+
+
+def palette_image(transparent: bool) -> Image.Image:
+    image = Image.new("P", (R, R), 1)
+    image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    if transparent:
+        image.info["transparency"] = 0  # palette entry 0 is transparent
+    return image
+
+
+@pytest.mark.parametrize("image, corner, centre", [
+    (Image.new("L", (R, R), 100), [100] * 3, [100] * 3),
+    (Image.new("LA", (R, R), (100, 0)), [255] * 3, [255] * 3),  # fully transparent -> white
+    (palette_image(transparent=False), [10, 20, 30], [200, 100, 50]),
+    (palette_image(transparent=True), [255] * 3, [200, 100, 50]),
+    (Image.new("CMYK", (R, R), (0, 0, 0, 0)), [255] * 3, [255] * 3),
+    (Image.new("CMYK", (R, R), (0, 255, 255, 0)), [255, 0, 0], [255, 0, 0]),
+    (Image.fromarray(np.full((R, R), 257 * 100, dtype=np.uint16)), [100] * 3, [100] * 3),  # 16-bit grey
+])
+def test_modes_convert_to_rgb(image, corner, centre):
+    out = ImageTransform(R)(image)
+    assert out.shape == (3, R, R) and out.dtype == torch.float32
+    assert pixel(out) == corner and pixel(out, 4, 4) == centre
+
+
+def test_rgba_is_composited_on_white():
+    array = np.zeros((R, R, 4), dtype=np.uint8)
+    array[..., 0] = 255  # red everywhere; alpha 0 (fully transparent) except:
+    array[4:, :, 3] = 255  # bottom half opaque
+    array[2, 2, 3] = 128  # one half-transparent pixel
+    out = ImageTransform(R)(Image.fromarray(array, "RGBA"))
+    assert pixel(out) == [255, 255, 255]
+    assert pixel(out, 6, 6) == [255, 0, 0]
+    assert pixel(out, 2, 2)[0] == 255 and abs(pixel(out, 2, 2)[1] - 127) <= 1
+
+
+def test_sixteen_bit_range_is_scaled_not_clipped():
+    ramp = np.array([[0, 65535] * (R // 2)] * R, dtype=np.uint16)
+    image = Image.fromarray(ramp)
+    assert image.mode.startswith("I")
+    out = ImageTransform(R)(image)
+    assert out.min() == -1 and out.max() == 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((8, 16, 3), dtype=np.uint8)  # stored 16 wide x 8 high: left red, right blue
+    array[:, :8, 0] = array[:, 8:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the left half ends up on top
+    Image.fromarray(array).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    transform = ImageTransform(R)
+    assert transform.decode(Image.open(tmp_path / "rotated.jpg")).size == (8, 16)
+    out = transform(Image.open(tmp_path / "rotated.jpg"))  # centre crop: rows 4..11 of the upright image
+    assert pixel(out, 0, 4)[0] > 200 and pixel(out, 0, 4)[2] < 60  # red above
+    assert pixel(out, 7, 4)[2] > 200 and pixel(out, 7, 4)[0] < 60  # blue below
+
+
+def test_large_jpegs_decode_in_draft_mode(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "big.jpg")
+    # 768 // 64 = 12: the decoder reduces by 8 (the largest of 8, 4, 2 that keeps the short side >= 64).
+    assert ImageTransform(64).decode(Image.open(tmp_path / "big.jpg")).size == (128, 96)
+    assert ImageTransform(400).decode(Image.open(tmp_path / "big.jpg")).size == (1024, 768)  # no reduction
+    assert ImageTransform(64)(Image.open(tmp_path / "big.jpg")).shape == (3, 64, 64)
+
+
+def test_decompression_bombs_are_refused(tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "bomb.png")
+    with pytest.raises(Image.DecompressionBombError):
+        ImageTransform(R, max_image_pixels=1000)(Image.new("RGB", (40, 40)))
+    default = Image.MAX_IMAGE_PIXELS
+    with pixel_limit(1000), pytest.raises(Image.DecompressionBombWarning):  # 1x-2x: PIL only warns
+        Image.open(tmp_path / "bomb.png")
+    assert Image.MAX_IMAGE_PIXELS == default  # restored
+    assert ImageTransform(R, max_image_pixels=1600)(Image.open(tmp_path / "bomb.png")).shape == (3, R, R)
+
+
+def test_random_crop_and_flip_are_a_function_of_the_generator_seed():
+    noise = np.random.default_rng(1).integers(0, 256, (13, 21, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    transform = ImageTransform(R, crop="random", random_flip=True)
+
+    def at(position):
+        return transform(image, np.random.Generator(np.random.PCG64([0, 1, position])))
+
+    outs = [at(p) for p in range(16)]
+    assert all(torch.equal(a, at(p)) for p, a in enumerate(outs))  # same (seed, position), same pixels
+    assert len({o.numpy().tobytes() for o in outs}) > 8  # positions differ
+    centre = ImageTransform(R)(image)
+    assert not all(torch.equal(o, centre) for o in outs)
+    square = Image.fromarray(noise[:R, :R])  # no crop freedom: each output is the image or its mirror
+    flips = [ImageTransform(R, random_flip=True)(square, np.random.default_rng(p)) for p in range(16)]
+    plain = ImageTransform(R)(square)
+    assert {torch.equal(f, plain) for f in flips} == {True, False}
+    assert all(torch.equal(f, plain) or torch.equal(f, plain.flip(2)) for f in flips)
