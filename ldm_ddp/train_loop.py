@@ -105,7 +105,7 @@ def train(cfg: Config) -> dict:
                                   fused=on_cuda and cfg.optim.fused)
     ema = EMA(unet, cfg.ema)
     uncond = frozen.encode_prompts(frozen.tokenize([""]))  # [1, L, D]: the dropped-caption context
-    sampler_unet = copy.deepcopy(unet).eval().requires_grad_(False) if dist.is_main() else None
+    sampler_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # live samples; the train copy stays put
 
     # --- Resume: weights, optimizer moments, EMA and the step; data and draws follow from the step --
     source = build_source(cfg.data)
@@ -155,19 +155,24 @@ def train(cfg: Config) -> dict:
         dist.barrier()  # every rank leaves only once the checkpoint is committed
 
     def sample_grid() -> None:
+        """Live samples, prompts split across ranks (seed fixed per prompt, so any world size draws the
+        same grid), gathered on rank 0. Every rank samples about len(prompts) / world, so none waits long."""
+        prompts = cfg.sample.prompts
+        per_rank = math.ceil(len(prompts) / world)
+        # This rank's prompts; the last rank pads with repeats of the final prompt so the gather is even.
+        mine = [min(i, len(prompts) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        if cfg.sample.use_ema:
+            ema.copy_to(sampler_unet)
+        else:
+            sampler_unet.load_state_dict(unet.state_dict())
+        images = generate(sampler_unet, frozen, schedule, [prompts[i] for i in mine],
+                          [cfg.sample.seed + i for i in mine], cfg.sample.steps, cfg.sample.cfg_scale,
+                          cfg.sample.guidance_rescale, cfg.sample.spacing, autocast=use_amp)
+        images = dist.all_gather_tensor(images.to(device))[:len(prompts)].cpu()
         if dist.is_main():
-            if cfg.sample.use_ema:
-                ema.copy_to(sampler_unet)
-            else:
-                sampler_unet.load_state_dict(unet.state_dict())
-            seeds = [cfg.sample.seed + i for i in range(len(cfg.sample.prompts))]
-            images = generate(sampler_unet, frozen, schedule, cfg.sample.prompts, seeds, cfg.sample.steps,
-                              cfg.sample.cfg_scale, cfg.sample.guidance_rescale, cfg.sample.spacing,
-                              autocast=use_amp)
             path = out_dir / "samples" / f"step_{step:07d}.png"
             make_grid(images, nrow=math.ceil(math.sqrt(len(images)))).save(path)
-            metrics.log_image(step, path, " | ".join(cfg.sample.prompts))
-        dist.barrier()
+            metrics.log_image(step, path, " | ".join(prompts))
 
     # --- The loop: upkeep first, then one optimizer step ----------------------------------------------
     while True:

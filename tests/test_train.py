@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -140,3 +141,21 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny
     assert [r["step"] for r in metrics(out)] == [1, 2, 2]  # the first run's two steps, then step 2 again
     # Step 2 redone from step 1 is the step 2 of the uninterrupted run, bit for bit (and verifies again).
     assert_bitwise_equal(original, newest)
+
+
+def test_live_samples_split_across_ranks_draw_the_same_grid(tmp_path, tiny_args, run_script):
+    # A learning rate far below fp32 resolution keeps the weights at their (seeded) init, so the one-process
+    # and two-process runs sample from identical weights; the grid must not depend on how prompts are split.
+    prompts = ["a large red circle in the center", "a small blue square in the top left",
+               "a large green triangle in the bottom right"]
+    common = dict(train__max_steps=1, sample__every=1, sample__prompts=prompts, optim__lr=1e-20,
+                  optim__weight_decay=0.0, ckpt__every=1)
+    grids = []
+    for nproc in (1, 2):
+        out = tmp_path / f"world{nproc}"
+        check(run_script("scripts/train.py", *tiny_args(out, data__batch_per_gpu=4 // nproc, **common),
+                         nproc=nproc, timeout=120))
+        grids.append(np.asarray(Image.open(out / "samples" / "step_0000001.png"), dtype=np.int16))
+    assert grids[0].shape == grids[1].shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 3 images in a 2 x 2 grid
+    assert np.abs(grids[0] - grids[1]).max() <= 2  # batch composition may change float rounding, not images
+    assert np.abs(grids[0][2:66, 2:66] - grids[0][2:66, 68:132]).max() > 20  # different prompts and seeds
