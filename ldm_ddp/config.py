@@ -34,9 +34,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes (built-in synthetic set) | folder (images + captions in data.path)
+    source: str = "shapes"  # shapes (built-in synthetic set) | folder | parquet | webdataset (read from data.path)
     path: str = ""  # folder source: image folder (captions in metadata.jsonl, metadata.csv or <image>.txt)
-    caption_column: str = "text"  # folder source: caption column of metadata.jsonl / metadata.csv
+    # parquet: folder of *.parquet, glob or comma-separated files; webdataset: shards-{000..009}.tar or a folder
+    caption_column: str = "text"  # caption column (folder: metadata.jsonl/.csv; parquet; webdataset: .json field)
+    image_column: str = "image"  # parquet source: column of encoded image bytes (or a struct with a bytes field)
     min_size: int = 0  # folder source: px; images whose shorter side is smaller are left out of the index
     resolution: int = 64  # px, square
     batch_per_gpu: int = 32  # images per micro-batch per process
@@ -155,7 +157,7 @@ class Config:
 
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
-    "data.source": ("shapes", "folder"), "data.crop": ("center", "random"),
+    "data.source": ("shapes", "folder", "parquet", "webdataset"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "optim.schedule": ("constant", "cosine"), "train.precision": ("bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
@@ -301,6 +303,10 @@ def validate(cfg: Config) -> None:
                  cfg.data.resolution)
     if cfg.data.source == "folder":
         _require(Path(cfg.data.path).is_dir(), "data.path", "an existing folder of images", cfg.data.path)
+    if cfg.data.source in ("parquet", "webdataset"):  # patterns ({..}, *, a,b) are resolved by the source
+        plain = not any(c in cfg.data.path for c in "{*?[,")
+        _require(cfg.data.path and (not plain or Path(cfg.data.path).exists()), "data.path",
+                 f"existing {cfg.data.source} files (a folder, file or pattern)", cfg.data.path)
     for key, name, kind in (("model.unet", cfg.model.unet, "unet"), ("model.vae_config", cfg.model.vae_config, "vae")):
         _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
                  f"a builtin {kind} config ({', '.join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + '_*.json'))})"

@@ -55,7 +55,7 @@ def tiny_vae_json(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_args(tiny_unet_json):
     """-> a function (out_dir, **changes) -> ["--section.key=value", ...] for a tiny, fast training run.
 
@@ -101,7 +101,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_script():
     """-> a function (script, *args, nproc=1, timeout=...) -> CompletedProcess, run from the repo root.
 
@@ -117,3 +117,12 @@ def run_script():
         return subprocess.run(launcher + [script, *map(str, args)], cwd=REPO, env=child_env,
                               capture_output=True, text=True, timeout=timeout)
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_args, run_script) -> Path:
+    """A tiny 2-step run shared by the tool tests (read it, do not change its checkpoints)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run_script("scripts/train.py", *tiny_args(out, train__max_steps=2), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -10,7 +10,7 @@ from test_train import check
 diffusers = pytest.importorskip("diffusers")
 
 
-def test_exported_pipeline_matches_our_sampler(tmp_path, tiny_args, run_script, caplog):
+def test_exported_pipeline_matches_our_sampler(tmp_path, trained_run, run_script, caplog):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -18,9 +18,7 @@ def test_exported_pipeline_matches_our_sampler(tmp_path, tiny_args, run_script, 
     from ldm_ddp.sampling import generate, initial_noise
     from ldm_ddp.schedule import NoiseSchedule
 
-    run = tmp_path / "run"
-    check(run_script("scripts/train.py", *tiny_args(run, train__max_steps=2), timeout=120))
-    ckpt = run / "checkpoints" / "step_0000002.safetensors"
+    ckpt = trained_run / "checkpoints" / "step_0000002.safetensors"
     half, full = tmp_path / "half", tmp_path / "full"
     check(run_script("scripts/export_diffusers.py", ckpt, half, timeout=120))
     check(run_script("scripts/export_diffusers.py", ckpt, full, "--dtype", "fp32", timeout=120))

@@ -9,9 +9,8 @@ from PIL import Image
 from test_train import check, metrics
 
 
-def test_sample_and_evaluate_scripts(tmp_path, tiny_args, run_script):
-    out = tmp_path / "run"
-    check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=2), timeout=120))
+def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script):
+    out = trained_run
     ckpt = out / "checkpoints" / "step_0000002.safetensors"
     prompts = ["--prompt", "a large red circle in the center", "--prompt", "a small blue square in the top left"]
     grids = []
@@ -33,8 +32,8 @@ def test_sample_and_evaluate_scripts(tmp_path, tiny_args, run_script):
     assert result["n"] == 64 and result["weights"] == "ema"
     assert all(0.0 <= result[k] <= 1.0 for k in ("colour", "shape", "size", "position", "all"))
 
-    stdout = check(run_script("scripts/plot_metrics.py", out, timeout=60))
-    with Image.open(out / "metrics.png") as plot:
+    stdout = check(run_script("scripts/plot_metrics.py", out, "--out", tmp_path / "metrics.png", timeout=60))
+    with Image.open(tmp_path / "metrics.png") as plot:
         assert "metrics.png" in stdout and plot.size[0] > 500
 
     # A damaged checkpoint: both tools refuse it with one line naming the file.

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from ..config import DataConfig
 from .folder import ImageFolderSource
+from .parquet import ParquetSource
 from .shapes import ShapesSource
+from .webdataset import WebDatasetSource
 
 
 def build_source(cfg: DataConfig):
@@ -15,4 +17,8 @@ def build_source(cfg: DataConfig):
         return ShapesSource(seed=cfg.shapes_seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
     if cfg.source == "folder":
         return ImageFolderSource(cfg.path, cfg.caption_column, cfg.min_size)
+    if cfg.source == "parquet":
+        return ParquetSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed)
+    if cfg.source == "webdataset":
+        return WebDatasetSource(cfg.path, cfg.caption_column, cfg.seed)
     raise ValueError(f"data.source: unknown source {cfg.source!r}")
