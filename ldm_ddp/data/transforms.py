@@ -47,6 +47,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 class ImageTransform:
     """PIL image (+ numpy Generator for random crop/flip) -> [3, R, R] float32 in [-1, 1]."""
 
@@ -66,20 +69,26 @@ class ImageTransform:
         # JPEG only (a no-op elsewhere and once loaded): decode at 1/2, 1/4 or 1/8 scale while the
         # shorter side stays >= R, so a large photo never decodes at full size.
         image.draft("RGB", (self.resolution, self.resolution))
-        return to_rgb(ImageOps.exif_transpose(image))
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+            image = ImageOps.exif_transpose(image)
+        return image if image.mode == "RGB" else to_rgb(image)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         image, res = self.decode(image), self.resolution
         if image.size != (res, res):
-            # Pillow's resize widens the bicubic kernel by the downscale factor: antialiased.
             scale = res / min(image.size)
             w, h = max(res, round(image.width * scale)), max(res, round(image.height * scale))
-            image = image.resize((w, h), Image.BICUBIC)
             if self.crop == "random":
                 left, top = int(rng.integers(w - res + 1)), int(rng.integers(h - res + 1))
             else:
                 left, top = (w - res) // 2, (h - res) // 2
-            image = image.crop((left, top, left + res, top + res))
+            # Resample only the crop window, straight to R x R (the crop chosen on the resized grid, mapped
+            # back to source pixels): no full-size intermediate. Pillow widens the bicubic kernel by the
+            # downscale factor (antialiased); reducing_gap first box-reduces by whole factors when the
+            # downscale is large, at no visible cost.
+            box = (left / scale, top / scale, min(image.width, (left + res) / scale),
+                   min(image.height, (top + res) / scale))  # min: w, h were rounded
+            image = image.resize((res, res), Image.BICUBIC, box=box, reducing_gap=3.0)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
