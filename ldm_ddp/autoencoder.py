@@ -103,8 +103,8 @@ def train_autoencoder(cfg: Config) -> Path:
                     "world_size": world, "versions": checkpoint.versions(),
                     "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed,
                              "global_batch": global_batch, "fingerprint": source.fingerprint()}}
-            checkpoint.save_checkpoint(ckpt_dir, step, {**tensors, **optim_tensors}, meta)
-            checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep)
+            path = checkpoint.save_checkpoint(ckpt_dir, step, {**tensors, **optim_tensors}, meta)
+            checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep, just_saved=path)
         dist.barrier()
 
     # --- The loop: upkeep first, then one optimizer step

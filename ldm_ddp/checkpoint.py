@@ -1,4 +1,4 @@
-"""The training-state checkpoint: one safetensors file per save, verified on load, no pickle.
+"""The training-state checkpoint: one safetensors file per save, verified on load, JSON metadata only.
 
 Tensors: `unet.<name>`, `ema.<name>`, `optim.<param name>.<state>`. Metadata values are JSON strings;
 `integrity` holds a sha256 per tensor (over dtype, shape and raw bytes) and one over every other
@@ -194,15 +194,21 @@ def find_latest_valid(ckpt_dir, log: Callable[[str], None] = print) -> Path | No
     return None
 
 
-def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print) -> None:
-    """Delete all but the newest `keep` checkpoints, never the newest valid one; delete failures only warn."""
+def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
+                      just_saved: Path | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints, never the newest valid one; delete failures only warn.
+
+    `just_saved`: a checkpoint this process has just committed, known valid (skips re-reading it).
+    """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     doomed = list_checkpoints(ckpt_dir)[:-keep]
     if not doomed:
         return
-    # Verifying costs one read of the newest file, usually still in the page cache after the save.
-    spared = find_latest_valid(ckpt_dir, log)
+    # Verifying costs one read of the newest file (seconds for an SD-size training state): skipped when the
+    # caller has just written it.
+    newest = list_checkpoints(ckpt_dir)[-1]
+    spared = just_saved if just_saved is not None and Path(just_saved) == newest else find_latest_valid(ckpt_dir, log)
     for path in doomed:
         if path == spared:
             log(f"keeping {path.name}: newest valid checkpoint")

@@ -150,8 +150,8 @@ def train(cfg: Config) -> dict:
                     "ema": ema.state_meta(), "world_size": world, "versions": checkpoint.versions(),
                     "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed, "global_batch": global_batch,
                              "fingerprint": source.fingerprint(), "source": cfg.data.source}}
-            checkpoint.save_checkpoint(ckpt_dir, step, tensors, meta)
-            checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep)
+            path = checkpoint.save_checkpoint(ckpt_dir, step, tensors, meta)
+            checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep, just_saved=path)
         dist.barrier()  # every rank leaves only once the checkpoint is committed
 
     def sample_grid() -> None:

@@ -228,6 +228,16 @@ def test_prune_keeps_last_k(tmp_path, trained):
                                                                   "step_0000500.safetensors"]
 
 
+def test_prune_trusts_a_just_saved_newest_file_without_rereading(tmp_path, trained, monkeypatch):
+    paths = saved_steps(tmp_path, trained, [100, 200, 300])
+    calls, real = [], ckpt.find_latest_valid
+    monkeypatch.setattr(ckpt, "find_latest_valid", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ckpt.prune_checkpoints(tmp_path, keep=2, log=lambda line: None, just_saved=paths[2])
+    assert calls == [] and ckpt.list_checkpoints(tmp_path) == paths[1:]
+    ckpt.prune_checkpoints(tmp_path, keep=1, log=lambda line: None, just_saved=paths[1])  # not the newest file
+    assert calls == [1] and ckpt.list_checkpoints(tmp_path) == paths[2:]
+
+
 def test_prune_never_deletes_newest_valid(tmp_path, trained):
     paths = saved_steps(tmp_path, trained, [100, 200, 300, 400, 500])
     corrupt_data_byte(paths[3])
