@@ -38,8 +38,10 @@ class DataConfig:
     path: str = ""  # folder source: image folder (captions in metadata.jsonl, metadata.csv or <image>.txt)
     # parquet: folder of *.parquet, glob or comma-separated files; webdataset: shards-{000..009}.tar or a folder
     caption_column: str = "text"  # caption column (folder: metadata.jsonl/.csv; parquet; webdataset: .json field)
-    image_column: str = "image"  # parquet source: column of encoded image bytes (or a struct with a bytes field)
+    image_column: str = "image"  # parquet/hf source: column of encoded image bytes (or a struct with a bytes field)
     min_size: int = 0  # folder source: px; images whose shorter side is smaller are left out of the index
+    hf_split: str = "train"  # hf source: split of the `datasets` dataset at data.path (name, file or folder)
+    hf_streaming: bool = False  # hf source: stream instead of random access (refused for now: no exact resume)
     resolution: int = 64  # px, square
     batch_per_gpu: int = 32  # images per micro-batch per process
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
@@ -157,7 +159,7 @@ class Config:
 
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
-    "data.source": ("shapes", "folder", "parquet", "webdataset"), "data.crop": ("center", "random"),
+    "data.source": ("shapes", "folder", "parquet", "webdataset", "hf"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "optim.schedule": ("constant", "cosine"), "train.precision": ("bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
@@ -307,6 +309,9 @@ def validate(cfg: Config) -> None:
         plain = not any(c in cfg.data.path for c in "{*?[,")
         _require(cfg.data.path and (not plain or Path(cfg.data.path).exists()), "data.path",
                  f"existing {cfg.data.source} files (a folder, file or pattern)", cfg.data.path)
+    if cfg.data.source == "hf":  # a hub name or a local path: resolved by `datasets` when the source is built
+        _require(bool(cfg.data.path.strip()), "data.path", "a dataset name or local path for the hf source",
+                 cfg.data.path)
     for key, name, kind in (("model.unet", cfg.model.unet, "unet"), ("model.vae_config", cfg.model.vae_config, "vae")):
         _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
                  f"a builtin {kind} config ({', '.join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + '_*.json'))})"

@@ -6,10 +6,11 @@ import itertools
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 import torch
 from PIL import Image
 
-from ldm_ddp.config import ConfigError, DataConfig
+from ldm_ddp.config import ConfigError, DataConfig, load_config
 from ldm_ddp.data.parquet import ParquetSource
 from ldm_ddp.data.sources import build_source
 from ldm_ddp.data.stream import ShardedStream, make_loader
@@ -132,13 +133,13 @@ def test_two_ranks_two_workers_cover_each_epoch_once(tmp_path):
         assert sorted(by_position[p] for p in range(15 * epoch, 15 * epoch + 15)) == all_keys
 
 
-def test_train_dry_run_with_parquet_and_a_missing_path(tmp_path, run_script):
+def test_config_with_parquet_and_a_missing_path(tmp_path):
+    # In-process (the CLI's exit-2 path is covered once in test_config.py / test_folder_source.py).
     uneven(tmp_path)
-    done = run_script("scripts/train.py", "--data.source=parquet", f"--data.path={tmp_path}", "--dry-run", timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert 'source = "parquet"' in done.stdout and 'image_column = "image"' in done.stdout
+    cfg = load_config(None, ["--data.source=parquet", f"--data.path={tmp_path}"])
+    assert 'source = "parquet"' in cfg.to_toml() and 'image_column = "image"' in cfg.to_toml()
     missing = tmp_path / "nowhere"
-    done = run_script("scripts/train.py", "--data.source=parquet", f"--data.path={missing}", "--dry-run", timeout=60)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "data.path" in lines[0] and str(missing) in lines[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--data.source=parquet", f"--data.path={missing}"])
+    assert len(str(err.value).splitlines()) == 1 and "data.path" in str(err.value) and str(missing) in str(err.value)
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..config import DataConfig
 from .folder import ImageFolderSource
+from .hf import HFDatasetSource
 from .parquet import ParquetSource
 from .shapes import ShapesSource
 from .webdataset import WebDatasetSource
@@ -21,4 +22,6 @@ def build_source(cfg: DataConfig):
         return ParquetSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed)
     if cfg.source == "webdataset":
         return WebDatasetSource(cfg.path, cfg.caption_column, cfg.seed)
+    if cfg.source == "hf":
+        return HFDatasetSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed, cfg.hf_split, cfg.hf_streaming)
     raise ValueError(f"data.source: unknown source {cfg.source!r}")

@@ -1,0 +1,181 @@
+"""The Hugging Face `datasets` source: save_to_disk and local-file datasets, Image feature and raw bytes,
+caption lists, bad rows through the stream, splits, streaming refused, one-line config errors. Never the hub."""
+
+import io
+import itertools
+import os
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: no hub, ever
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import datasets  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ldm_ddp.config import ConfigError, DataConfig, load_config  # noqa: E402
+from ldm_ddp.data.hf import HFDatasetSource  # noqa: E402
+from ldm_ddp.data.sources import build_source  # noqa: E402
+from ldm_ddp.data.stream import ShardedStream, make_loader  # noqa: E402
+from ldm_ddp.data.transforms import ImageTransform  # noqa: E402
+
+R = 8
+N = 12
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    """Offline and a private cache for `load_dataset` (never the user's ~/.cache, never the network)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache", raising=False)
+
+
+def png(width: int, height: int = 9) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (width * 7 % 256, 90, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    """[B] captions -> [B, 1] caption lengths (picklable for workers)."""
+    return torch.tensor([[len(c)] for c in captions])
+
+
+def saved(root, images=None, captions=None, image_feature=True, splits=None, **extra):
+    """A save_to_disk folder of N rows (image i is 10 + i px wide); `splits` names -> a DatasetDict."""
+    images = images if images is not None else [png(10 + i) for i in range(N)]
+    captions = captions if captions is not None else [f"image {i}" for i in range(N)]
+    if image_feature:
+        features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                      **{k: datasets.Value("string") for k in extra}})
+        data = {"image": [{"bytes": b, "path": None} for b in images], "text": captions, **extra}
+    else:
+        features = None
+        data = {"image": images, "text": captions, **extra}
+    if isinstance(captions[0], list):
+        features = features and datasets.Features({**features, "text": datasets.Sequence(datasets.Value("string"))})
+    ds = datasets.Dataset.from_dict(data, features=features)
+    if splits:
+        ds = datasets.DatasetDict({name: ds for name in splits})
+    ds.save_to_disk(str(root))
+    return str(root)
+
+
+def test_save_to_disk_random_access_keys_and_fingerprint(tmp_path):
+    path = saved(tmp_path / "ds", other=[f"x{i}" for i in range(N)])
+    source = HFDatasetSource(path)
+    assert len(source) == N and [source.key(i) for i in range(N)] == [f"train/{i}" for i in range(N)]
+    for i in [11, 0, 5, 3, 10]:
+        sample = source[i]
+        assert sample["image"].size == (10 + i, 9) and sample["caption"] == f"image {i}"
+        assert sample["key"] == f"train/{i}"
+    with pytest.raises(IndexError):
+        source[N]
+    assert source.fingerprint() == HFDatasetSource(path).fingerprint() and source.fingerprint().startswith("hf:n=12:")
+    assert HFDatasetSource(saved(tmp_path / "other", captions=["y"] * N)).fingerprint() != source.fingerprint()
+
+
+def test_raw_bytes_column_and_configured_names(tmp_path):
+    path = saved(tmp_path / "ds", image_feature=False)
+    assert datasets.load_from_disk(path).features["image"] == datasets.Value("binary")
+    source = build_source(DataConfig(source="hf", path=path))
+    assert isinstance(source, HFDatasetSource) and source[4]["image"].size == (14, 9)
+    ds = datasets.Dataset.from_dict({"jpg": [png(12), png(13)], "caption": ["one", "two"]})
+    ds.save_to_disk(str(tmp_path / "named"))
+    cfg = DataConfig(source="hf", path=str(tmp_path / "named"), image_column="jpg", caption_column="caption")
+    source = build_source(cfg)
+    assert [source[i]["image"].size[0] for i in range(2)] == [12, 13] and source[1]["caption"] == "two"
+
+
+def test_image_feature_is_not_decoded_by_datasets(tmp_path):
+    source = HFDatasetSource(saved(tmp_path / "ds"))
+    assert source.dataset.features["image"] == datasets.Image(decode=False)
+    assert isinstance(source.dataset[0]["image"], dict)  # bytes reach the source; it decodes them itself
+
+
+def test_dataset_dict_splits_and_split_errors(tmp_path):
+    path = saved(tmp_path / "dd", splits=["train", "validation"])
+    source = HFDatasetSource(path, split="validation")
+    assert source.key(3) == "validation/3" and source[3]["caption"] == "image 3"
+    assert source.fingerprint() != HFDatasetSource(path).fingerprint()
+    with pytest.raises(ConfigError, match=r"data.hf_split: no split 'test' .*\['train', 'validation'\]") as err:
+        HFDatasetSource(path, split="test")
+    assert "\n" not in str(err.value)
+
+
+def test_local_parquet_files_through_load_dataset(tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for part, rows in (("a", range(0, 5)), ("b", range(5, 9))):
+        pq.write_table(pa.table({"image": [png(10 + i) for i in rows], "text": [f"image {i}" for i in rows]}),
+                       folder / f"{part}.parquet")
+    source = HFDatasetSource(str(folder))  # a data folder: load_dataset infers the parquet builder
+    assert len(source) == 9 and sorted(source[i]["image"].size[0] for i in range(9)) == list(range(10, 19))
+    single = HFDatasetSource(str(folder / "b.parquet"))  # one file: the builder from its extension
+    assert len(single) == 4 and single[0]["caption"] == "image 5"
+    with pytest.raises(ConfigError, match=r"data.hf_split: 'test'") as err:
+        HFDatasetSource(str(folder), split="test")
+    assert "\n" not in str(err.value)
+
+
+def test_caption_lists_are_drawn_by_seed_and_index(tmp_path):
+    choices = ["first", "second", "third", "fourth"]
+    path = saved(tmp_path / "ds", images=[png(10)] * 40, captions=[choices + [""]] * 40)
+    drawn = [HFDatasetSource(path, seed=0)[i]["caption"] for i in range(40)]
+    assert drawn == [HFDatasetSource(path, seed=0)[i]["caption"] for i in range(40)]
+    assert set(drawn) == set(choices)  # differs across indices; the empty entry is never drawn
+    assert drawn != [HFDatasetSource(path, seed=1)[i]["caption"] for i in range(40)]
+
+
+def test_config_errors_are_one_line_and_name_the_key(tmp_path):
+    path = saved(tmp_path / "ds")
+    cases = [
+        (dict(path=path, caption_column="caption"), "data.caption_column: no column 'caption'"),
+        (dict(path=path, image_column="jpg"), "data.image_column: no column 'jpg'"),
+        (dict(path=str(tmp_path / "nowhere")), "data.path: cannot load"),
+        (dict(path=path, streaming=True), "data.hf_streaming: streaming resume is not supported yet"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            HFDatasetSource(**kwargs)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        build_source(DataConfig(source="hf", path="some/hub-name", hf_streaming=True))  # refused before any load
+    assert "local copy" in str(err.value)
+
+
+def run(source, num_workers, batch=3, steps=5):
+    transform = ImageTransform(R, crop="random", random_flip=True)
+    stream = ShardedStream(source, tokenize, R, batch, 1, 0, 1, seed=0, transform=transform)
+    loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
+    return list(itertools.islice(iter(loader), steps))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_rows_are_replaced_and_named_through_the_stream(tmp_path, num_workers):
+    images = [png(10 + i) for i in range(N)]
+    captions = [f"image {i}" for i in range(N)]
+    images[2], images[7], captions[9] = b"not a png", png(30)[:40], "  "
+    bad = {"train/2", "train/7", "train/9"}
+    path = saved(tmp_path / "ds", images=images, captions=captions)
+    batches = run(HFDatasetSource(path), num_workers, steps=8)  # 24 positions: two epochs
+    assert all(b["images"].shape == (3, 3, R, R) and len(b["captions"]) == 3 for b in batches)
+    assert {entry.split(" ")[0] for b in batches for entry in b["bad"]} == bad
+    assert not bad & {key for b in batches for key in b["keys"]}
+    again = run(HFDatasetSource(path), num_workers=2 - num_workers, steps=8)
+    assert [b["keys"] for b in again] == [b["keys"] for b in batches]
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(again, batches))
+
+
+def test_config_with_hf_and_an_empty_path(tmp_path):
+    path = saved(tmp_path / "ds")
+    toml = load_config(None, ["--data.source=hf", f"--data.path={path}"]).to_toml()
+    assert 'source = "hf"' in toml and 'hf_split = "train"' in toml and "hf_streaming = false" in toml
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--data.source=hf"])
+    assert len(str(err.value).splitlines()) == 1 and "data.path" in str(err.value)
+
