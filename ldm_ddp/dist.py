@@ -74,18 +74,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank (one small collective)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=_device)
-    return bool(all_reduce_max(value).item())
-
-
 def broadcast_int(value: int) -> int:
     """Rank 0's `value` on every rank."""
     if not dist.is_initialized():

@@ -1,7 +1,6 @@
 """The image-folder source: caption layouts, index order, fingerprint, min_size, bad files through the stream."""
 
 import csv
-import itertools
 import json
 
 import numpy as np
@@ -12,20 +11,13 @@ from PIL import Image
 from ldm_ddp.config import ConfigError, DataConfig
 from ldm_ddp.data.folder import ImageFolderSource
 from ldm_ddp.data.sources import build_source
-from ldm_ddp.data.stream import ShardedStream, make_loader
-from ldm_ddp.data.transforms import ImageTransform
+from source_helpers import R, run
 
-R = 8
 
 
 def save(path, size=(12, 10), colour=(200, 30, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
-
-
-def tokenize(captions: list[str]) -> torch.Tensor:
-    """[B] captions -> [B, 1] caption lengths (picklable for workers)."""
-    return torch.tensor([[len(c)] for c in captions])
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "csv", "txt"])
@@ -109,28 +101,17 @@ def bad_folder(root) -> set[str]:
     return {"truncated.jpg", "zero.png", "notes.jpg", "uncaptioned.png"}
 
 
-def run(source, num_workers, world=1, batch=3, steps=6):
-    """The first `steps` micro-batches of rank 0, then of rank 1, ...; random crop and flip on."""
-    transform = ImageTransform(R, crop="random", random_flip=True)
-    batches = []
-    for rank in range(world):
-        stream = ShardedStream(source, tokenize, R, batch, 1, rank, world, seed=0, transform=transform)
-        loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
-        batches += list(itertools.islice(iter(loader), steps))
-    return batches
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_files_are_replaced_and_named_through_the_stream(tmp_path, num_workers):
     bad = bad_folder(tmp_path)
     source = ImageFolderSource(str(tmp_path))
     assert len(source) == 14  # bad files are indexed, not filtered
-    batches = run(source, num_workers)  # 18 positions: every index is met at least once
+    batches = run(source, num_workers, steps=6)  # 18 positions: every index is met at least once
     assert all(b["images"].shape == (3, 3, R, R) and len(b["captions"]) == 3 for b in batches)
     named = {entry.split(" ")[0] for b in batches for entry in b["bad"]}
     assert named == bad
     assert all(key.startswith("good_") for b in batches for key in b["keys"])
-    again = run(ImageFolderSource(str(tmp_path)), num_workers=2 - num_workers)
+    again = run(ImageFolderSource(str(tmp_path)), num_workers=2 - num_workers, steps=6)
     assert [b["keys"] for b in again] == [b["keys"] for b in batches]
     assert [b["bad"] for b in again] == [b["bad"] for b in batches]
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(again, batches))

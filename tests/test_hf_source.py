@@ -1,8 +1,6 @@
 """The Hugging Face `datasets` source: save_to_disk and local-file datasets, Image feature and raw bytes,
 caption lists, bad rows through the stream, splits, streaming refused, one-line config errors. Never the hub."""
 
-import io
-import itertools
 import os
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: no hub, ever
@@ -13,15 +11,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config  # noqa: E402
 from ldm_ddp.data.hf import HFDatasetSource  # noqa: E402
 from ldm_ddp.data.sources import build_source  # noqa: E402
-from ldm_ddp.data.stream import ShardedStream, make_loader  # noqa: E402
-from ldm_ddp.data.transforms import ImageTransform  # noqa: E402
+from source_helpers import R, png, run
 
-R = 8
 N = 12
 
 
@@ -32,17 +27,6 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache", raising=False)
-
-
-def png(width: int, height: int = 9) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (width * 7 % 256, 90, 30)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def tokenize(captions: list[str]) -> torch.Tensor:
-    """[B] captions -> [B, 1] caption lengths (picklable for workers)."""
-    return torch.tensor([[len(c)] for c in captions])
 
 
 def saved(root, images=None, captions=None, image_feature=True, splits=None, **extra):
@@ -146,13 +130,6 @@ def test_config_errors_are_one_line_and_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         build_source(DataConfig(source="hf", path="some/hub-name", hf_streaming=True))  # refused before any load
     assert "local copy" in str(err.value)
-
-
-def run(source, num_workers, batch=3, steps=5):
-    transform = ImageTransform(R, crop="random", random_flip=True)
-    stream = ShardedStream(source, tokenize, R, batch, 1, 0, 1, seed=0, transform=transform)
-    loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
-    return list(itertools.islice(iter(loader), steps))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

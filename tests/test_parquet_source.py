@@ -1,34 +1,18 @@
 """The Parquet source: footer index, random access, caption lists, bad rows through the stream, rank x worker split."""
 
-import io
-import itertools
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import torch
-from PIL import Image
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config
 from ldm_ddp.data.parquet import ParquetSource
 from ldm_ddp.data.sources import build_source
-from ldm_ddp.data.stream import ShardedStream, make_loader
-from ldm_ddp.data.transforms import ImageTransform
+from source_helpers import R, png, run
 
-R = 8
 SIZES = {"a": 5, "b": 1, "c": 9}  # uneven files: row groups and files cross micro-batch boundaries
-
-
-def png(width: int, height: int = 9) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (width * 7 % 256, 90, 30)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def tokenize(captions: list[str]) -> torch.Tensor:
-    """[B] captions -> [B, 1] caption lengths (picklable for workers)."""
-    return torch.tensor([[len(c)] for c in captions])
 
 
 def write(path, images: list, captions: list, image_column="image", caption_column="text", row_group_size=2):
@@ -94,18 +78,6 @@ def test_unreadable_file_and_missing_path_fail_at_construction(tmp_path):
         ParquetSource(str(tmp_path / "a.parquet") + "," + str(tmp_path / "zz.parquet"))
     with pytest.raises(ConfigError, match="data.path: no .parquet files"):
         ParquetSource(str(tmp_path / "none-*.parquet"))
-
-
-def run(source, num_workers, world=1, batch=3, steps=5):
-    """The first `steps` micro-batches of rank 0, then of rank 1, ...; random crop and flip on."""
-    transform = ImageTransform(R, crop="random", random_flip=True)
-    batches = []
-    for rank in range(world):
-        stream = ShardedStream(source, tokenize, R, batch, 1, rank, world, seed=0, transform=transform)
-        loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
-        batches += [{**b, "rank": rank, "positions": list(stream.positions(b["k"]))}
-                    for b in itertools.islice(iter(loader), steps)]
-    return batches
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

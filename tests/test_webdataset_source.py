@@ -1,34 +1,19 @@
 """The WebDataset source: brace expansion, tar header index, random access, bad samples and the rank x worker split."""
 
 import io
-import itertools
 import json
 import tarfile
 
 import pytest
 
 import torch
-from PIL import Image
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config
 from ldm_ddp.data.sources import build_source
-from ldm_ddp.data.stream import ShardedStream, make_loader
-from ldm_ddp.data.transforms import ImageTransform
 from ldm_ddp.data.webdataset import WebDatasetSource, expand_braces
+from source_helpers import R, png, run
 
-R = 8
 SIZES = [5, 1, 9]  # uneven shards
-
-
-def png(width: int, height: int = 9) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (width * 7 % 256, 90, 30)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def tokenize(captions: list[str]) -> torch.Tensor:
-    """[B] captions -> [B, 1] caption lengths (picklable for workers)."""
-    return torch.tensor([[len(c)] for c in captions])
 
 
 def write_shard(path, members: dict[str, bytes]):
@@ -105,18 +90,6 @@ def test_missing_and_unreadable_shards_fail_at_construction(tmp_path):
     (tmp_path / "gz.tar").write_bytes(b"\x1f\x8b compressed or junk" * 40)
     with pytest.raises(ConfigError, match=r"data.path: cannot read .*gz.tar"):
         WebDatasetSource(str(tmp_path / "gz.tar"))
-
-
-def run(source, num_workers, world=1, batch=3, steps=5):
-    """The first `steps` micro-batches of rank 0, then of rank 1, ...; random crop and flip on."""
-    transform = ImageTransform(R, crop="random", random_flip=True)
-    batches = []
-    for rank in range(world):
-        stream = ShardedStream(source, tokenize, R, batch, 1, rank, world, seed=0, transform=transform)
-        loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
-        batches += [{**b, "positions": list(stream.positions(b["k"]))}
-                    for b in itertools.islice(iter(loader), steps)]
-    return batches
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
