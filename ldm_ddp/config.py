@@ -34,14 +34,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes (built-in synthetic set) | folder | parquet | webdataset (read from data.path)
-    path: str = ""  # folder source: image folder (captions in metadata.jsonl, metadata.csv or <image>.txt)
-    # parquet: folder of *.parquet, glob or comma-separated files; webdataset: shards-{000..009}.tar or a folder
-    caption_column: str = "text"  # caption column (folder: metadata.jsonl/.csv; parquet; webdataset: .json field)
+    source: str = "shapes"  # shapes (built-in) | shards (scripts/make_shards.py) | folder | parquet | webdataset | hf
+    path: str = ""  # local path or fsspec URL. shards: folder with index.json; folder: image folder (captions in
+    # metadata.jsonl, metadata.csv or <image>.txt); parquet: folder of *.parquet, glob or comma-separated files;
+    # webdataset: shards-{000..009}.tar or a folder; hf: save_to_disk folder, data file/folder or hub name
+    caption_column: str = "text"  # caption column (folder: metadata.jsonl/.csv; parquet; hf; webdataset: .json field)
     image_column: str = "image"  # parquet/hf source: column of encoded image bytes (or a struct with a bytes field)
     min_size: int = 0  # folder source: px; images whose shorter side is smaller are left out of the index
     hf_split: str = "train"  # hf source: split of the `datasets` dataset at data.path (name, file or folder)
-    hf_streaming: bool = False  # hf source: stream instead of random access (refused for now: no exact resume)
+    hf_streaming: bool = False  # hf source: stream (no random access; resumes by fast-forward, see README)
+    hf_shuffle_buffer: int = 1000  # hf streaming: samples in the shuffle buffer (0 = stream order)
+    shuffle_window: int = 8  # sharded sources: shards whose samples are shuffled together (0 = all shards)
+    bad_shard: str = "stop"  # a shard that cannot be opened: stop (one line naming it) | skip (on every rank alike)
     resolution: int = 64  # px, square
     batch_per_gpu: int = 32  # images per micro-batch per process
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
@@ -80,7 +84,9 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    decay: float = 0.995  # target decay per update
+    decay: float = 0.995  # target decay per update of the default EMA (`--weights ema`)
+    extra_decays: list = field(default_factory=list)  # more fixed decays kept beside it, e.g. [0.999, 0.9999]
+    power_stds: list = field(default_factory=list)  # power-function EMAs (Karras et al. 2024) by sigma_rel, e.g. [0.1]
     warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) for update n, so early EMA tracks the weights
     update_every: int = 1  # optimizer steps between EMA updates
     start_step: int = 0  # first step that updates the EMA (before it the EMA copies the weights)
@@ -115,6 +121,9 @@ class LogConfig:
     wandb_project: str = "ldm_ddp"
     run_name: str = ""  # "" = out_dir's name
     progress: str = "auto"  # auto (bar on a terminal) | bar | lines
+    peak_tflops: float = 0.0  # per-GPU peak, TFLOP/s, for MFU; 0 = 989 (H100 SXM dense bf16) on CUDA, no MFU on CPU
+    tensorboard: bool = False  # also write scalars and sample grids to <out_dir>/tensorboard (needs tensorboard)
+    wandb_checkpoints: str = "off"  # off | reference (a file:// link, no upload) | upload: checkpoints as artifacts
 
 
 @dataclass
@@ -131,6 +140,7 @@ class SampleConfig:
     guidance_rescale: float = 0.7
     spacing: str = "trailing"  # leading | trailing
     use_ema: bool = True
+    side_by_side: bool = False  # with use_ema: EMA (left) and raw weights (right) in one grid; twice the sampling
 
 
 @dataclass
@@ -159,7 +169,8 @@ class Config:
 
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
-    "data.source": ("shapes", "folder", "parquet", "webdataset", "hf"), "data.crop": ("center", "random"),
+    "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf"),
+    "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "optim.schedule": ("constant", "cosine"), "train.precision": ("bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
@@ -303,15 +314,13 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "shapes":
         _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",
                  cfg.data.resolution)
-    if cfg.data.source == "folder":
-        _require(Path(cfg.data.path).is_dir(), "data.path", "an existing folder of images", cfg.data.path)
-    if cfg.data.source in ("parquet", "webdataset"):  # patterns ({..}, *, a,b) are resolved by the source
-        plain = not any(c in cfg.data.path for c in "{*?[,")
-        _require(cfg.data.path and (not plain or Path(cfg.data.path).exists()), "data.path",
-                 f"existing {cfg.data.source} files (a folder, file or pattern)", cfg.data.path)
-    if cfg.data.source == "hf":  # a hub name or a local path: resolved by `datasets` when the source is built
-        _require(bool(cfg.data.path.strip()), "data.path", "a dataset name or local path for the hf source",
-                 cfg.data.path)
+    _require(cfg.data.shuffle_window >= 0, "data.shuffle_window", "shards per window >= 0", cfg.data.shuffle_window)
+    _require(cfg.data.hf_shuffle_buffer >= 0, "data.hf_shuffle_buffer", "samples >= 0", cfg.data.hf_shuffle_buffer)
+    if cfg.data.source != "shapes":  # URLs and patterns ({..}, *, a,b) are resolved by the source itself
+        plain = "://" not in cfg.data.path and not any(c in cfg.data.path for c in "{*?[,")
+        local = cfg.data.source != "hf" and plain  # an hf data.path may be a hub name
+        _require(bool(cfg.data.path.strip()) and (not local or Path(cfg.data.path).exists()), "data.path",
+                 f"an existing path or URL for the {cfg.data.source} source", cfg.data.path)
     for key, name, kind in (("model.unet", cfg.model.unet, "unet"), ("model.vae_config", cfg.model.vae_config, "vae")):
         _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
                  f"a builtin {kind} config ({', '.join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + '_*.json'))})"

@@ -10,12 +10,11 @@ import datasets  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config  # noqa: E402
-from ldm_ddp.data.hf import HFDatasetSource  # noqa: E402
+from ldm_ddp.data.hf import HFDatasetSource, HFStreamSource  # noqa: E402
 from ldm_ddp.data.sources import build_source  # noqa: E402
-from source_helpers import R, png, run
+from source_helpers import png, run
 
 N = 12
 
@@ -121,31 +120,36 @@ def test_config_errors_are_one_line_and_name_the_key(tmp_path):
         (dict(path=path, caption_column="caption"), "data.caption_column: no column 'caption'"),
         (dict(path=path, image_column="jpg"), "data.image_column: no column 'jpg'"),
         (dict(path=str(tmp_path / "nowhere")), "data.path: cannot load"),
-        (dict(path=path, streaming=True), "data.hf_streaming: streaming resume is not supported yet"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
             HFDatasetSource(**kwargs)
         assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError) as err:
-        build_source(DataConfig(source="hf", path="some/hub-name", hf_streaming=True))  # refused before any load
-    assert "local copy" in str(err.value)
+    for streaming in (False, True):  # a hub name, offline: one line, never a hang or a traceback
+        with pytest.raises(ConfigError, match="data.path: cannot load some/hub-name") as err:
+            build_source(DataConfig(source="hf", path="some/hub-name", hf_streaming=streaming))
+        assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_rows_are_replaced_and_named_through_the_stream(tmp_path, num_workers):
+def test_streaming_reads_every_epoch_once_in_a_seeded_shuffle_and_substitutes_bad_rows(tmp_path):
     images = [png(10 + i) for i in range(N)]
     captions = [f"image {i}" for i in range(N)]
-    images[2], images[7], captions[9] = b"not a png", png(30)[:40], "  "
-    bad = {"train/2", "train/7", "train/9"}
+    images[4], captions[6] = b"not a png", ""
     path = saved(tmp_path / "ds", images=images, captions=captions)
-    batches = run(HFDatasetSource(path), num_workers, steps=8)  # 24 positions: two epochs
-    assert all(b["images"].shape == (3, 3, R, R) and len(b["captions"]) == 3 for b in batches)
-    assert {entry.split(" ")[0] for b in batches for entry in b["bad"]} == bad
-    assert not bad & {key for b in batches for key in b["keys"]}
-    again = run(HFDatasetSource(path), num_workers=2 - num_workers, steps=8)
-    assert [b["keys"] for b in again] == [b["keys"] for b in batches]
-    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(again, batches))
+    source = build_source(DataConfig(source="hf", path=path, hf_streaming=True, hf_shuffle_buffer=4))
+    assert isinstance(source, HFStreamSource) and len(source) == N
+    epochs = [[r["captions"] for r in source.records(e)] for e in range(2)]
+    assert all(sorted(e) == sorted(captions) for e in epochs) and epochs[0] != epochs[1]  # reshuffled
+    assert epochs == [[r["captions"] for r in source.records(e)] for e in range(2)]  # deterministic
+    batches = run(source, num_workers=2, world=2, batch=3, steps=4)  # 24 positions: two epochs
+    by_position = {p: c for b in batches for p, c in zip(b["positions"], b["captions"])}
+    assert sorted(by_position) == list(range(2 * N))
+    bad = {b.split(" ")[0] for batch in batches for b in batch["bad"]}
+    assert len(bad) == 4  # the unreadable image and the empty caption, once in each epoch
+    stream = [c for e in epochs for c in e] + [r["captions"] for r in source.records(2)]
+    good = [c for c in stream if c not in ("", "image 4")]  # row 4's image is unreadable, row 6 has no caption
+    for p, caption in by_position.items():  # a bad record is replaced by the next good record of the stream
+        assert caption == next(c for c in stream[p:] if c in good)
 
 
 def test_config_with_hf_and_an_empty_path(tmp_path):

@@ -74,7 +74,7 @@ def test_unreadable_file_and_missing_path_fail_at_construction(tmp_path):
     with pytest.raises(ConfigError, match=r"data.path: cannot read .*broken.parquet") as err:
         ParquetSource(str(tmp_path))
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="data.path: no such Parquet file"):
+    with pytest.raises(ConfigError, match=r"data.path: cannot read .*zz.parquet as Parquet \(no such file\)"):
         ParquetSource(str(tmp_path / "a.parquet") + "," + str(tmp_path / "zz.parquet"))
     with pytest.raises(ConfigError, match="data.path: no .parquet files"):
         ParquetSource(str(tmp_path / "none-*.parquet"))

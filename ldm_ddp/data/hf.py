@@ -11,8 +11,13 @@ bytes or a path and decodes itself: a corrupt image then fails inside `source[i]
 bad-sample rule replaces and names it) or raw encoded bytes. A caption cell may be one string or a list
 of strings; see `parquet.pick_caption`.
 
-Streaming (`data.hf_streaming = true`) is refused for now: a streaming dataset has no random access
-and no per-shard index, so the exact resume the stream promises (DESIGN.md, "Data order") cannot hold.
+Streaming (`data.hf_streaming = true`, `HFStreamSource`): `load_dataset(..., streaming=True)` has no
+random access, so the global order is the stream's own: epoch e is the dataset shuffled by `datasets`
+(seed data.seed + e, a buffer of data.hf_shuffle_buffer samples; 0 = stream order), and position g is the
+(g mod N)-th record of epoch g // N. Every DataLoader worker of every rank reads the whole stream and
+decodes only its own positions (read traffic x ranks x workers); resuming restarts the epoch's stream
+and skips, without decoding, the records before the resume position. Exact, but it costs reading that
+much of the epoch again: for large runs, convert once with scripts/make_shards.py.
 """
 from __future__ import annotations
 
@@ -20,10 +25,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from PIL import Image as PILImage
-
 from ..config import ConfigError
-from .parquet import open_image, pick_caption
+from . import files
+from .samples import RawSource
 
 # One file of these extensions as data.path: loaded with the matching `datasets` packaged builder.
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
@@ -33,8 +37,9 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())[:300]
 
 
-def load_hf_dataset(path: str, split: str):
-    """data.path + data.hf_split -> a map-style `datasets.Dataset`; ConfigError (one line) when it fails."""
+def load_hf_dataset(path: str, split: str, streaming: bool = False):
+    """data.path + data.hf_split -> a `datasets.Dataset` (or IterableDataset when streaming); ConfigError
+    (one line) when it fails."""
     import datasets  # imported late: config handling and other sources stay fast
 
     root = Path(path)
@@ -46,16 +51,17 @@ def load_hf_dataset(path: str, split: str):
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ConfigError(f"data.hf_split: no split {split!r} in {path} (has {sorted(loaded)})")
-            return loaded[split]
+            loaded = loaded[split]
+            return loaded.to_iterable_dataset() if streaming else loaded
         saved = str(loaded.split) if loaded.split is not None else None
         if saved is not None and saved != split:  # one saved Dataset: its own split, when recorded, must match
             raise ConfigError(f"data.hf_split: {path} holds one split {saved!r}, not {split!r}")
-        return loaded
+        return loaded.to_iterable_dataset() if streaming else loaded
     builder, data_files = path, None
     if root.is_file() and root.suffix.lower() in FILE_BUILDERS:
         builder, data_files = FILE_BUILDERS[root.suffix.lower()], str(root)
     try:
-        return datasets.load_dataset(builder, data_files=data_files, split=split)
+        return datasets.load_dataset(builder, data_files=data_files, split=split, streaming=streaming)
     except ValueError as err:  # datasets: 'Unknown split "x". Should be one of [...]'
         if "split" in str(err).lower():
             raise ConfigError(f"data.hf_split: {split!r} not in {path} ({_one_line(err)})") from None
@@ -65,15 +71,20 @@ def load_hf_dataset(path: str, split: str):
                           f"({type(err).__name__}: {_one_line(err)})") from None
 
 
-class HFDatasetSource:
+def image_bytes(value):
+    """An image cell: encoded bytes, or an Image feature's {"bytes", "path"} (a path is read: local or URL)."""
+    if isinstance(value, dict):
+        if not value.get("bytes") and value.get("path"):
+            return files.read_bytes(value["path"])
+        return value.get("bytes")
+    return value
+
+
+class HFDatasetSource(RawSource):
     """Rows of a `datasets.Dataset`; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<split>/<i>"}."""
 
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
-                 split: str = "train", streaming: bool = False):
-        if streaming:
-            raise ConfigError("data.hf_streaming: streaming resume is not supported yet (a streaming dataset has no "
-                              "random access or index); use a local copy "
-                              "(save_to_disk folder or Parquet files) with data.hf_streaming=false")
+                 split: str = "train"):
         if not path:
             raise ConfigError("data.path: expected a dataset name or local path for the hf source, got ''")
         import datasets
@@ -99,19 +110,65 @@ class HFDatasetSource:
             raise IndexError(f"row {index} out of range ({len(self)} rows)")
         return f"{self.split}/{index}"
 
-    def __getitem__(self, index: int) -> dict:
+    def raw(self, index: int) -> dict:
         key = self.key(index)
         row = self.dataset[index]
-        caption = pick_caption(row[self.caption_column], self.seed, index)
-        value = row[self.image_column]
-        if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
-            image = PILImage.open(value["path"])  # an Image feature that stores a file path, not bytes
-        else:
-            image = open_image(value)
-        return {"image": image, "caption": caption, "key": key}
+        return {"key": key, "image": image_bytes(row[self.image_column]), "captions": row[self.caption_column]}
 
     def fingerprint(self) -> str:
         """Hash of the dataset's own fingerprint (when it has one), the split, the columns read and the length."""
         digest = hashlib.sha256(json.dumps([self.base_fingerprint, self.split, self.image_column,
                                             self.caption_column, len(self)]).encode())
         return f"hf:n={len(self)}:{digest.hexdigest()[:16]}"
+
+
+class HFStreamSource:
+    """A streamed `datasets` dataset: records in the stream's order (see the module docstring)."""
+
+    sequential = True  # the stream (stream.StreamReader) reads it in order; there is no source[i]
+
+    def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
+                 split: str = "train", shuffle_buffer: int = 1000):
+        if not path:
+            raise ConfigError("data.path: expected a dataset name or local path for the hf source, got ''")
+        import datasets
+
+        ds = load_hf_dataset(path, split, streaming=True)
+        names = list(ds.features) if ds.features is not None else None
+        for key, column in (("data.image_column", image_column), ("data.caption_column", caption_column)):
+            if names is not None and column not in names:
+                raise ConfigError(f"{key}: no column {column!r} in {path} split {split!r} (has {sorted(names)})")
+        ds = ds.select_columns([image_column, caption_column])
+        if ds.features is not None and isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes: decoded by the stream
+        self.dataset, self.path, self.split, self.buffer = ds, path, split, shuffle_buffer
+        self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
+        split_info = (ds.info.splits or {}).get(split) if ds.info else None
+        self.num_samples = split_info.num_examples if split_info and split_info.num_examples else None
+        if not self.num_samples:  # unknown length: one pass over the stream to count it (no decoding)
+            self.num_samples = sum(len(batch[caption_column]) for batch in ds.iter(batch_size=256))
+        if not self.num_samples:
+            raise ConfigError(f"data.path: no rows in split {split!r} of {path}")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def records(self, epoch: int):
+        """Raw records of `epoch` in order: {"key": "<split>/<epoch>/<n>", "image": bytes, "captions"}."""
+        ds = self.dataset
+        if self.buffer:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
+            ds.set_epoch(epoch)  # datasets reshuffles with seed + epoch: deterministic per epoch
+        # iter(batch_size) rather than `for row in ds`: inside a DataLoader worker, datasets' __iter__ would
+        # hand this worker only its share of the stream's shards, and the order here is ours to split.
+        n = 0
+        for batch in ds.iter(batch_size=64):
+            for image, captions in zip(batch[self.image_column], batch[self.caption_column]):
+                yield {"key": f"{self.split}/{epoch}/{n}", "image": image_bytes(image), "captions": captions}
+                n += 1
+
+    def fingerprint(self) -> str:
+        """Hash of the path, split, columns read, shuffle buffer and length."""
+        digest = hashlib.sha256(json.dumps([self.path, self.split, self.image_column, self.caption_column,
+                                            self.buffer, len(self)]).encode())
+        return f"hf-stream:n={len(self)}:{digest.hexdigest()[:16]}"

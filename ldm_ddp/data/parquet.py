@@ -1,9 +1,13 @@
-"""The "parquet" source: rows of encoded image bytes and captions in local Parquet files, random access by row.
+"""The "parquet" source: rows of encoded image bytes and captions in Parquet files, random access by row.
 
-`data.path` is a folder of `*.parquet` files, a glob, or a comma-separated list of files; files are
-taken in sorted path order. The index is built from each file's footer only (row counts per row group,
-no data read), so construction costs one small read per file. `source[i]` reads the row group holding
-row i and keeps it, per process, so the next rows of a sequential read cost nothing.
+`data.path` is a folder of `*.parquet` files, a glob, or a comma-separated list of files (local, or
+fsspec URLs); files are taken in sorted path order. The index is built from each file's footer only
+(row counts per row group, no data read), so construction costs one small read per file. `source[i]`
+reads the row group holding row i and keeps the last `cached_groups` row groups, per process. Row
+groups are this source's shards: the two-level shuffle (stream.GlobalOrder) draws from a window of
+`data.shuffle_window` of them at a time, so with the cache as large as the window each row group is
+read once per window by each DataLoader worker. Keep row groups small (a few hundred images), or
+convert with scripts/make_shards.py, whose shards are read by byte range, sample by sample.
 
 The image column holds encoded bytes, or a struct with a `bytes` field (as Hugging Face `datasets`
 writes an Image feature). A caption cell may be one string or a list of strings; see `pick_caption`.
@@ -12,92 +16,87 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError
-
-CAPTION_STREAM = 2  # seeds the caption choice apart from the order (stream 0) and augmentations (stream 1)
-
-
-def pick_caption(value, seed: int, index: int) -> str:
-    """One caption from a string or a list of strings; raises if none is usable.
-
-    From a list, the non-empty captions are candidates and one is drawn with
-    PCG64([seed, 2, index]): deterministic in (data.seed, dataset index), so a resumed or re-sharded
-    run sees the same caption for the same sample, and different samples draw independently.
-    """
-    if isinstance(value, (list, tuple)):
-        candidates = [c.strip() for c in value if isinstance(c, str) and c.strip()]
-        if not candidates:
-            raise ValueError("empty caption list")
-        rng = np.random.Generator(np.random.PCG64([seed, CAPTION_STREAM, index]))
-        return candidates[int(rng.integers(len(candidates)))]
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("empty caption")
-    return value.strip()
-
-
-def open_image(data) -> Image.Image:
-    """Encoded bytes (or a {"bytes": ...} struct) -> lazily decoded PIL image; raises if unreadable."""
-    if isinstance(data, dict):
-        data = data.get("bytes")
-    if not data:
-        raise ValueError("no image bytes")
-    try:
-        return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:  # PIL's message names the BytesIO object's address: say what failed
-        raise UnidentifiedImageError("not an image PIL can read") from None
+from . import files
+from .samples import RawSource
+from .webdataset import ShardError, skip_or_stop
 
 
 def list_parquet_files(path: str) -> list[str]:
     """data.path (folder, glob, or comma-separated files) -> sorted Parquet file paths; ConfigError if none."""
-    if Path(path).is_dir():
-        files = [str(p) for p in Path(path).glob("*.parquet")]
+    if files.is_dir(path):
+        found = files.list_files(path, (".parquet",))
     else:
-        files = [f for part in path.split(",") if part.strip()
-                 for f in (glob.glob(part.strip()) if glob.has_magic(part) else [part.strip()])]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise ConfigError(f"data.path: no such Parquet file {missing[0]}")
-    if not files:
+        parts = [part.strip() for part in path.split(",") if part.strip()]
+        found = [f for part in parts for f in (expand_glob(part) if glob.has_magic(part) else [part])]
+    if not found:
         raise ConfigError(f"data.path: no .parquet files match {path}")
-    return sorted(set(files))
+    return sorted(set(found))
 
 
-class ParquetSource:
+def expand_glob(pattern: str) -> list[str]:
+    if not files.is_url(pattern):
+        return glob.glob(pattern)
+    from fsspec.core import url_to_fs
+    fs, stripped = url_to_fs(pattern)
+    return [fs.unstrip_protocol(p) for p in fs.glob(stripped)]
+
+
+def parquet_file(path: str) -> pq.ParquetFile:
+    if not files.is_url(path):
+        return pq.ParquetFile(path)
+    from fsspec.core import url_to_fs
+    fs, stripped = url_to_fs(path)
+    return pq.ParquetFile(stripped, filesystem=fs)
+
+
+class ParquetSource(RawSource):
     """Rows of Parquet files; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<stem>/<row>"}."""
 
-    def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0):
-        self.files = list_parquet_files(path)
+    def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
+                 bad_shard: str = "stop", cached_groups: int = 8):
+        self.files, self.skipped = [], []
         self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
-        self.row_counts, self.groups, sizes = [], [], []  # groups: (file number, row group number)
-        for f, name in enumerate(self.files):
+        self.row_counts, self.groups, self.sizes = [], [], []  # groups: (file number, row group number)
+        for name in list_parquet_files(path):
             try:
-                meta = pq.ParquetFile(name).metadata
-            except Exception as err:  # any footer error: the run stops here, naming the file
-                raise ConfigError(f"data.path: cannot read {name} as Parquet ({err})".replace("\n", " ")) from None
+                if not files.is_file(name):
+                    raise FileNotFoundError("no such file")
+                meta = parquet_file(name).metadata
+            except Exception as err:  # any footer error: stop naming the file, or skip it (data.bad_shard)
+                skip_or_stop(name, ShardError(f"cannot read {name} as Parquet ({err})".replace("\n", " ")), bad_shard)
+                self.skipped.append(files.name_of(name))
+                continue
+            f = len(self.files)
+            self.files.append(name)
             columns = set(meta.schema.to_arrow_schema().names)
             for key, column in (("data.image_column", image_column), ("data.caption_column", caption_column)):
                 if column not in columns:
                     raise ConfigError(f"{key}: no column {column!r} in {name} (has {sorted(columns)})")
             self.groups += [(f, g) for g in range(meta.num_row_groups)]
-            sizes += [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self.sizes += [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self.row_counts.append(meta.num_rows)
         if not sum(self.row_counts):
             raise ConfigError(f"data.path: no rows in {len(self.files)} Parquet file(s) at {path}")
         # Global row where each row group and each file starts: searchsorted maps a row to its group.
-        self.group_starts = np.cumsum([0] + sizes)
+        self.group_starts = np.cumsum([0] + self.sizes)
         self.file_starts = np.cumsum([0] + self.row_counts)
-        self._cached = (-1, None)  # (row group number, its table): per process, set by reads
+        self.cached_groups = max(1, cached_groups)
+        self._cache: OrderedDict = OrderedDict()  # row group number -> its table; per process, filled by reads
 
     def __len__(self) -> int:
         return int(self.group_starts[-1])
+
+    def shard_sizes(self) -> list[int]:
+        """Rows per row group, in index order: the unit the two-level shuffle permutes."""
+        return list(self.sizes)
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """Global row -> (row group number, file number, row within the file)."""
@@ -112,23 +111,28 @@ class ParquetSource:
         return f"{Path(self.files[f]).stem}/{row}"
 
     def _table(self, group: int):
-        """The row group's table, read once per process and kept until another group is needed."""
-        if self._cached[0] != group:
+        """The row group's table; the last `cached_groups` read are kept (least recently used goes)."""
+        if group in self._cache:
+            self._cache.move_to_end(group)
+        else:
             f, g = self.groups[group]
-            table = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[self.image_column, self.caption_column])
-            self._cached = (group, table)
-        return self._cached[1]
+            columns = [self.image_column, self.caption_column]
+            self._cache[group] = parquet_file(self.files[f]).read_row_group(g, columns=columns)
+            while len(self._cache) > self.cached_groups:
+                self._cache.popitem(last=False)
+        return self._cache[group]
 
-    def __getitem__(self, index: int) -> dict:
+    def raw(self, index: int) -> dict:
         group, f, row = self.locate(index)
         table = self._table(group)
         offset = index - int(self.group_starts[group])
-        caption = pick_caption(table.column(self.caption_column)[offset].as_py(), self.seed, index)
-        image = open_image(table.column(self.image_column)[offset].as_py())
-        return {"image": image, "caption": caption, "key": f"{Path(self.files[f]).stem}/{row}"}
+        return {"key": f"{Path(files.name_of(self.files[f])).stem}/{row}",
+                "image": table.column(self.image_column)[offset].as_py(),
+                "captions": table.column(self.caption_column)[offset].as_py()}
 
     def fingerprint(self) -> str:
         """Hash of the file names, their row counts and the columns read."""
-        listing = [[Path(f).name, n] for f, n in zip(self.files, self.row_counts)]
-        digest = hashlib.sha256(json.dumps([listing, self.image_column, self.caption_column]).encode())
+        listing = [[files.name_of(f), n] for f, n in zip(self.files, self.row_counts)]
+        skipped = [self.skipped] if self.skipped else []
+        digest = hashlib.sha256(json.dumps([listing, self.image_column, self.caption_column] + skipped).encode())
         return f"parquet:n={len(self)}:{digest.hexdigest()[:16]}"

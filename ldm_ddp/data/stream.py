@@ -10,29 +10,64 @@ every rank yields the same number of batches by construction.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .samples import sample_from_raw
 from .transforms import ImageTransform, pixel_limit
 
 MAX_SUBSTITUTIONS = 16  # a bad sample is replaced by the next good index, looking this far
 AUGMENT_STREAM = 1  # seeds crop/flip draws apart from the order's (seed, epoch) permutations
 
 
-class GlobalOrder:
-    """Position g -> dataset index: epoch e = g // N is a permutation seeded by (seed, e)."""
+WINDOW_STREAM = 3  # seeds the within-window permutations apart from the shard order (seed, epoch)
 
-    def __init__(self, num_samples: int, seed: int):
+
+class GlobalOrder:
+    """Position g -> dataset index; epoch e = g // N reshuffles, seeded by (seed, e).
+
+    Without shards (or with one) an epoch is one permutation of all N indices. With shards (contiguous
+    index ranges of `shard_sizes`), the shuffle has two levels so reads stay mostly sequential: the shard
+    order is permuted per epoch, consecutive runs of `window` shards (in that order) form windows, and
+    each window's samples are permuted together. All ranks and workers read the same window at a time,
+    and each reads only the shards of that window.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shard_sizes: list[int] | None = None, window: int = 0):
         self.num_samples, self.seed = num_samples, seed
-        self._epoch, self._perm = -1, None
+        self.sizes = np.asarray(shard_sizes if shard_sizes and len(shard_sizes) > 1 else [num_samples], np.int64)
+        if self.sizes.sum() != num_samples:
+            raise ValueError(f"shard sizes add up to {self.sizes.sum()}, not {num_samples} samples")
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.window = window if 0 < window < len(self.sizes) else len(self.sizes)
+        self._epoch, self._window_id = -1, -1
+
+    def _windows(self, epoch: int) -> None:
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        self.shard_order = rng.permutation(len(self.sizes)) if len(self.sizes) > 1 else np.zeros(1, np.int64)
+        window_sizes = np.add.reduceat(self.sizes[self.shard_order], np.arange(0, len(self.sizes), self.window))
+        self.window_starts = np.concatenate([[0], np.cumsum(window_sizes)])
+        self._epoch, self._window_id = epoch, -1
+
+    def _members(self, epoch: int, w: int) -> np.ndarray:
+        """The permuted dataset indices of window w of `epoch`."""
+        if len(self.sizes) == 1:  # one permutation of everything (the order of unsharded sources)
+            return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_samples)
+        shards = self.shard_order[w * self.window:(w + 1) * self.window]
+        members = np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in shards])
+        return members[np.random.Generator(np.random.PCG64([self.seed, WINDOW_STREAM, epoch, w])).permutation(len(members))]
 
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_samples)
         if epoch != self._epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._epoch, self._perm = epoch, rng.permutation(self.num_samples)
-        return int(self._perm[offset])
+            self._windows(epoch)
+        w = int(np.searchsorted(self.window_starts, offset, side="right")) - 1
+        if w != self._window_id:
+            self._window_id, self._perm = w, self._members(epoch, w)
+        return int(self._perm[offset - self.window_starts[w]])
 
 
 class ShardedStream(IterableDataset):
@@ -40,13 +75,15 @@ class ShardedStream(IterableDataset):
 
     def __init__(self, source, tokenize, resolution: int, batch_per_gpu: int, grad_accum: int,
                  rank: int, world_size: int, seed: int, start_step: int = 0,
-                 transform: ImageTransform | None = None):
+                 transform: ImageTransform | None = None, shuffle_window: int = 0):
         self.source, self.tokenize = source, tokenize
         self.transform = transform or ImageTransform(resolution)  # default: centre crop, no flip
         self.batch, self.accum, self.rank, self.world = batch_per_gpu, grad_accum, rank, world_size
         self.global_batch = batch_per_gpu * world_size * grad_accum
-        self.order = GlobalOrder(len(source), seed)
+        shard_sizes = source.shard_sizes() if hasattr(source, "shard_sizes") else None
+        self.order = GlobalOrder(len(source), seed, shard_sizes, shuffle_window)
         self.start_step = start_step
+        self.sequential = getattr(source, "sequential", False)  # a stream: read in order, no random access
 
     def positions(self, k: int) -> range:
         """Global positions of this rank's micro-batch number k."""
@@ -59,25 +96,42 @@ class ShardedStream(IterableDataset):
 
         Random crop/flip draw from (seed, position), whichever index ends up filling the position.
         """
+        n = len(self.source)
+        return self._first_good(position, [((index + a) % n, lambda i=(index + a) % n: self.source[i])
+                                           for a in range(MAX_SUBSTITUTIONS)])
+
+    def load_streamed(self, position: int) -> tuple[dict, list[str]]:
+        """Sequential sources: the record at `position` of the stream, or the next good one after it."""
+        def fetch(p: int) -> dict:
+            return sample_from_raw(self._reader.get(p), self.order.seed, p)
+        return self._first_good(position, [(position + a, lambda p=position + a: fetch(p))
+                                           for a in range(MAX_SUBSTITUTIONS)])
+
+    def _first_good(self, position: int, candidates: list) -> tuple[dict, list[str]]:
+        """The first candidate (index, fetch) that loads, captioned and transformed; bad ones named."""
         bad = []
-        for attempt in range(MAX_SUBSTITUTIONS):
-            i = (index + attempt) % len(self.source)
+        for index, fetch in candidates:
             try:
                 with pixel_limit(self.transform.max_image_pixels):  # the source may open the image
-                    sample = self.source[i]
+                    sample = fetch()
                     if not sample.get("caption"):
                         raise ValueError("empty caption")
                     rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
                     return {**sample, "image": self.transform(sample["image"], rng)}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
-                key = self.source.key(i) if hasattr(self.source, "key") else f"index {i}"
-                bad.append(f"{key} ({type(err).__name__}: {str(err)[:80]})")
-        raise RuntimeError(f"data: {MAX_SUBSTITUTIONS} consecutive bad samples from index {index}: {bad[-1]}")
+                bad.append(f"{self.key_of(index)} ({type(err).__name__}: {str(err)[:80]})")
+        raise RuntimeError(f"data: {MAX_SUBSTITUTIONS} consecutive bad samples from position {position}: {bad[-1]}")
+
+    def key_of(self, index: int) -> str:
+        if self.sequential:
+            return self._reader.key(index)
+        return self.source.key(index) if hasattr(self.source, "key") else f"index {index}"
 
     def micro_batch(self, k: int) -> dict:
         samples, bad = [], []
         for position in self.positions(k):
-            sample, failures = self.load(self.order.index(position), position)
+            sample, failures = (self.load_streamed(position) if self.sequential
+                                else self.load(self.order.index(position), position))
             samples.append(sample)
             bad += failures
         captions = [s["caption"] for s in samples]
@@ -87,10 +141,50 @@ class ShardedStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.sequential:
+            self._reader = StreamReader(self.source)  # per worker: each reads the stream itself
         k = self.start_step * self.accum + worker
         while True:
             yield self.micro_batch(k)
             k += num_workers
+
+
+class StreamReader:
+    """Raw records of a sequential source (no random access) by global position.
+
+    Reads forward, keeping the last `keep` records (a bad sample's substitutes are the records after it,
+    and the next micro-batch may start before them). A position behind that window, e.g. the first one
+    after a resume, restarts the epoch's stream and skips records up to it: the fast-forward whose cost
+    the README states. Records are skipped without decoding their images.
+    """
+
+    def __init__(self, source, keep: int = 4 * MAX_SUBSTITUTIONS):
+        self.source, self.keep = source, keep
+        self.epoch, self.next_offset, self.records = -1, 0, OrderedDict()
+        self.skipped = 0  # records read only to reach a position (fast-forward)
+
+    def get(self, position: int) -> dict:
+        if position in self.records:
+            return self.records[position]
+        epoch, offset = divmod(position, len(self.source))
+        if epoch != self.epoch or offset < self.next_offset:
+            self.stream, self.epoch, self.next_offset = iter(self.source.records(epoch)), epoch, 0
+        while self.next_offset <= offset:
+            try:
+                record = next(self.stream)
+            except StopIteration:
+                raise RuntimeError(f"data: the stream of epoch {epoch} ended after {self.next_offset} records, "
+                                   f"{len(self.source)} were expected") from None
+            self.records[epoch * len(self.source) + self.next_offset] = record
+            self.skipped += self.next_offset < offset
+            self.next_offset += 1
+            while len(self.records) > self.keep:
+                self.records.popitem(last=False)
+        return self.records[position]
+
+    def key(self, position: int) -> str:
+        record = self.records.get(position)
+        return record["key"] if record else f"position {position}"
 
 
 def make_loader(stream: ShardedStream, num_workers: int, prefetch_batches: int, pin_memory: bool):

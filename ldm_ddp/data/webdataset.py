@@ -1,7 +1,7 @@
 """The "webdataset" source: samples in local uncompressed tar shards, random access by byte offset.
 
 `data.path` is a shard pattern with brace expansion (`/data/shards-{000000..000009}.tar`, `{a,b}`) or
-a folder of `.tar` files. Construction scans each shard's tar headers once (names, offsets and sizes;
+a folder of `.tar` files, local or an fsspec URL (`s3://bucket/shards-{000..099}.tar`). Construction scans each shard's tar headers once (names, offsets and sizes;
 tarfile seeks past the data, so the cost is one header read per member, not a read of the shard) and
 groups members into samples by key: the name up to the first dot after the last '/'. `source[i]` then
 opens the shard, seeks to the member and reads its bytes only.
@@ -13,13 +13,14 @@ the parquet source. Groups with neither an image nor a caption (e.g. stray metad
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import tarfile
-from pathlib import Path
 
 from ..config import ConfigError
-from .parquet import open_image, pick_caption
+from . import files
+from .samples import RawSource
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -55,13 +56,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def list_shards(path: str) -> list[str]:
-    """data.path (brace pattern or folder) -> shard paths in pattern (or sorted) order; ConfigError if missing."""
-    shards = sorted(str(p) for p in Path(path).glob("*.tar")) if Path(path).is_dir() else expand_braces(path)
+    """data.path (brace pattern or folder) -> shard paths in pattern (or sorted) order; ConfigError if none.
+
+    Missing shards are not an error here: the source's data.bad_shard policy decides about them."""
+    shards = files.list_files(path, (".tar",)) if files.is_dir(path) else expand_braces(path)
     if not shards:
         raise ConfigError(f"data.path: no .tar shards in {path}")
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        raise ConfigError(f"data.path: no such shard {missing[0]} ({len(missing)} of {len(shards)} missing)")
     return shards
 
 
@@ -70,7 +70,10 @@ def scan_shard(path: str) -> tuple[list[tuple[str, dict]], int]:
     samples: dict[str, dict] = {}
     count = 0
     try:
-        with tarfile.open(path, "r:") as tar:  # "r:" refuses compressed shards: they cannot be seeked into
+        if not files.is_file(path):
+            raise FileNotFoundError("no such file")
+        # "r:" refuses compressed shards: they cannot be seeked into.
+        with files.open_binary(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -81,26 +84,41 @@ def scan_shard(path: str) -> tuple[list[tuple[str, dict]], int]:
                     key = f"{folder}/{stem}" if folder else stem
                     samples.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
     except (OSError, tarfile.TarError) as err:
-        message = f"data.path: cannot read {path} as an uncompressed tar ({err})"
-        raise ConfigError(message.replace("\n", " ")) from None
+        raise ShardError(f"cannot read {path} as an uncompressed tar ({err})".replace("\n", " ")) from None
     return list(samples.items()), count
 
 
-def read_bytes(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:  # opened per read: no handle is shared across forked workers
-        f.seek(offset)
-        return f.read(size)
+class ShardError(Exception):
+    """A shard that cannot be opened at all; data.bad_shard decides: stop the run, or skip it."""
 
 
-class WebDatasetSource:
+def skip_or_stop(path: str, err: ShardError, policy: str) -> None:
+    """data.bad_shard: "stop" -> ConfigError naming the shard; "skip" -> one warning line (every rank
+    applies the same rule; the source's fingerprint lists skipped shards, and the trainer checks that all
+    ranks agree on it, so a shard readable on one rank only cannot split the order)."""
+    if policy != "skip":
+        raise ConfigError(f"data.path: {err} (data.bad_shard=skip leaves such shards out)")
+    from .. import dist
+    if dist.is_main():
+        print(f"data: skipping shard {files.name_of(path)}: {err} (data.bad_shard=skip)", flush=True)
+
+
+class WebDatasetSource(RawSource):
     """Samples of tar shards; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<shard>/<key>"}."""
 
-    def __init__(self, path: str, caption_column: str = "text", seed: int = 0):
-        self.shards, self.caption_column, self.seed = list_shards(path), caption_column, seed
+    def __init__(self, path: str, caption_column: str = "text", seed: int = 0, bad_shard: str = "stop"):
+        self.caption_column, self.seed = caption_column, seed
+        self.shards, self.skipped = [], []
         self.samples, self.member_counts = [], []  # samples: (shard number, key, {ext: (offset, size)})
-        for s, shard in enumerate(self.shards):
-            found, count = scan_shard(shard)
-            self.samples += [(s, key, members) for key, members in found]
+        for shard in list_shards(path):
+            try:
+                found, count = scan_shard(shard)
+            except ShardError as err:
+                skip_or_stop(shard, err, bad_shard)
+                self.skipped.append(files.name_of(shard))
+                continue
+            self.samples += [(len(self.shards), key, members) for key, members in found]
+            self.shards.append(shard)
             self.member_counts.append(count)
         if not self.samples:
             raise ConfigError(f"data.path: no samples (.{', .'.join(IMAGE_EXTENSIONS)} or captions) in {path}")
@@ -108,32 +126,33 @@ class WebDatasetSource:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def shard_sizes(self) -> list[int]:
+        """Samples per shard, in index order (a shard's samples are contiguous indices)."""
+        return [sum(1 for _ in group) for _, group in itertools.groupby(s for s, _, _ in self.samples)]
+
     def key(self, index: int) -> str:
         shard, key, _ = self.samples[index]
-        return f"{Path(self.shards[shard]).stem}/{key}"
+        return f"{files.name_of(self.shards[shard]).removesuffix('.tar')}/{key}"
 
-    def caption(self, index: int) -> str:
-        """The caption of sample `index` (.txt, else the .json field); raises if missing or empty."""
+    def raw(self, index: int) -> dict:
+        """Image bytes and caption(s): the .txt member, else the .json field; raises if either is missing."""
         shard, _, members = self.samples[index]
+        path = self.shards[shard]
         if "txt" in members:
-            return pick_caption(read_bytes(self.shards[shard], *members["txt"]).decode("utf-8"), self.seed, index)
-        if "json" not in members:
+            captions = files.read_bytes(path, *members["txt"]).decode("utf-8")
+        elif "json" in members:
+            record = json.loads(files.read_bytes(path, *members["json"]))
+            captions = record.get(self.caption_column if self.caption_column in record else "caption")
+        else:
             raise ValueError("no .txt or .json caption")
-        record = json.loads(read_bytes(self.shards[shard], *members["json"]))
-        field = self.caption_column if self.caption_column in record else "caption"
-        return pick_caption(record.get(field), self.seed, index)
-
-    def __getitem__(self, index: int) -> dict:
-        shard, _, members = self.samples[index]
-        caption = self.caption(index)
         ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if ext is None:
             raise ValueError("no image member")
-        image = open_image(read_bytes(self.shards[shard], *members[ext]))
-        return {"image": image, "caption": caption, "key": self.key(index)}
+        return {"key": self.key(index), "image": files.read_bytes(path, *members[ext]), "captions": captions}
 
     def fingerprint(self) -> str:
-        """Hash of the shard names, their member counts and the caption field."""
-        listing = [[Path(s).name, n] for s, n in zip(self.shards, self.member_counts)]
-        digest = hashlib.sha256(json.dumps([listing, self.caption_column]).encode())
+        """Hash of the shard names, their member counts, the skipped shards and the caption field."""
+        listing = [[files.name_of(s), n] for s, n in zip(self.shards, self.member_counts)]
+        digest = hashlib.sha256(json.dumps([listing, self.caption_column] + ([self.skipped] if self.skipped else []))
+                                .encode())
         return f"webdataset:n={len(self)}:{digest.hexdigest()[:16]}"

@@ -1,0 +1,111 @@
+"""Turn any random-access source into an indexed shard set (shards.py): `scripts/make_shards.py`.
+
+The source's samples are taken in a seeded permutation (or in source order), cut into shards of
+`shard_size` candidates, and each shard is prepared by one worker process: read the raw record, check
+the caption, read the image header (minimum size filter), optionally decode it fully (verify) and
+resize its shorter side down to `resize` px (re-encoded as JPEG). A sample that fails any check is left
+out and listed, by key and reason, in skipped.jsonl; the rules are deterministic, so the same input and
+options give the same shards, whatever the number of workers. index.json is written last.
+"""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import time
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .samples import caption_list, open_image
+from .shards import write_index, write_shard
+from .transforms import pixel_limit, to_rgb
+
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
+_job: dict = {}  # the source and options, set before the worker processes fork
+
+
+def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -> dict:
+    """One raw record -> {"key", "image": bytes, "ext", "captions"}; raises ValueError naming what is wrong."""
+    captions = caption_list(raw["captions"])
+    data = raw["image"]["bytes"] if isinstance(raw["image"], dict) else raw["image"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = open_image(data)
+        if min(image.size) < min_size:
+            raise ValueError(f"smaller than data.min_size: {image.size[0]}x{image.size[1]} px < {min_size}")
+        shrink = resize and min(image.size) > resize
+        if not (verify or shrink or image.format not in KEPT_FORMATS):
+            return {"key": raw["key"], "image": data, "ext": KEPT_FORMATS[image.format], "captions": captions}
+        if shrink and image.format == "JPEG":  # decode at the smallest DCT scale that stays >= resize
+            scale = min(image.size) / resize
+            image.draft("RGB", (max(resize, round(image.size[0] / scale)), max(resize, round(image.size[1] / scale))))
+        image.load()  # a truncated or corrupt file raises here
+    if not shrink and image.format in KEPT_FORMATS:
+        return {"key": raw["key"], "image": data, "ext": KEPT_FORMATS[image.format], "captions": captions}
+    image = to_rgb(ImageOps.exif_transpose(image))
+    out = io.BytesIO()
+    if shrink:
+        w, h = image.size
+        size = (resize, round(h * resize / w)) if w <= h else (round(w * resize / h), resize)
+        image.resize(size, Image.LANCZOS, reducing_gap=3.0).save(out, format="JPEG", quality=quality)
+        return {"key": raw["key"], "image": out.getvalue(), "ext": "jpg", "captions": captions}
+    image.save(out, format="PNG")  # BMP, TIFF, GIF ...: lossless into a format every reader knows
+    return {"key": raw["key"], "image": out.getvalue(), "ext": "png", "captions": captions}
+
+
+def _make_shard(number: int) -> tuple[dict | None, list[list[str]]]:
+    """Worker: shard `number` of the job -> (its index entry or None if nothing survived, [[key, reason]])."""
+    source, opts = _job["source"], _job["opts"]
+    indices = _job["order"][number * opts["shard_size"]:(number + 1) * opts["shard_size"]]
+    records, skipped = [], []
+    for i in indices:
+        i = int(i)
+        try:
+            with pixel_limit(opts["max_image_pixels"]):
+                records.append(prepare(source.raw(i), opts["resize"], opts["min_size"], opts["verify"],
+                                       opts["quality"]))
+        except Exception as err:  # any failure leaves the sample out, named; the conversion goes on
+            key = source.key(i) if hasattr(source, "key") else f"index {i}"
+            skipped.append([key, f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"])
+    entry = write_shard(_job["out_dir"], number, records, number * opts["shard_size"]) if records else None
+    return entry, skipped
+
+
+def make_shards(source, out_dir: str, shard_size: int = 2000, workers: int = 1, resize: int = 0,
+                min_size: int = 0, verify: bool = True, quality: int = 95, shuffle_seed: int | None = 0,
+                max_image_pixels: int = 178_956_970, log=print) -> dict:
+    """Write `source` as a shard set in `out_dir` (local); -> the index (also in out_dir/index.json)."""
+    os.makedirs(out_dir, exist_ok=True)
+    n = len(source)
+    order = (np.arange(n) if shuffle_seed is None
+             else np.random.Generator(np.random.PCG64([shuffle_seed, 4])).permutation(n))
+    opts = {"shard_size": shard_size, "resize": resize, "min_size": min_size, "verify": verify,
+            "quality": quality, "max_image_pixels": max_image_pixels}
+    _job.update(source=source, opts=opts, order=order, out_dir=out_dir)
+    numbers = range((n + shard_size - 1) // shard_size)
+    start, entries, skipped = time.perf_counter(), [], []
+    if workers > 1:  # fork: the workers inherit the source instead of unpickling it
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.imap(_make_shard, numbers)  # in shard order, whatever finishes first
+            for number, (entry, failed) in zip(numbers, results):
+                entries.append(entry)
+                skipped += failed
+                log(f"shard {number + 1}/{len(numbers)}: {entry['count'] if entry else 0} samples")
+    else:
+        for number in numbers:
+            entry, failed = _make_shard(number)
+            entries.append(entry)
+            skipped += failed
+            log(f"shard {number + 1}/{len(numbers)}: {entry['count'] if entry else 0} samples")
+    _job.clear()
+    with open(os.path.join(out_dir, "skipped.jsonl"), "w") as f:
+        f.writelines(json.dumps({"key": key, "reason": reason}) + "\n" for key, reason in skipped)
+    made_with = {"made_with": {**opts, "shuffle_seed": shuffle_seed, "source_fingerprint": source.fingerprint(),
+                               "input_samples": n, "skipped": len(skipped)}}
+    index = write_index(out_dir, [e for e in entries if e], made_with)
+    log(f"{index['num_samples']} samples in {len(index['shards'])} shards, {len(skipped)} left out "
+        f"(skipped.jsonl), {time.perf_counter() - start:.1f} s")
+    return index

@@ -1,0 +1,67 @@
+"""What every source shares: a raw record (key, encoded image bytes, captions) turned into a sample.
+
+A source implements `raw(i) -> {"key", "image": encoded bytes, "captions": str | list[str]}`, which
+`scripts/make_shards.py` copies as it is, and inherits `source[i]` from `RawSource`: the image opened
+lazily (decoded later by the transform, so JPEG draft mode stays possible) and one caption chosen.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+CAPTION_STREAM = 2  # seeds the caption choice apart from the order (stream 0) and augmentations (stream 1)
+
+
+def caption_list(value) -> list[str]:
+    """A caption cell (one string or a list of strings) -> its non-empty captions; raises if none."""
+    if isinstance(value, (list, tuple)):
+        captions = [c.strip() for c in value if isinstance(c, str) and c.strip()]
+        if not captions:
+            raise ValueError("empty caption list")
+        return captions
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("empty caption" if isinstance(value, str) else "no caption")
+    return [value.strip()]
+
+
+def pick_caption(value, seed: int, index: int) -> str:
+    """One caption from a string or a list of strings; raises if none is usable.
+
+    From a list, one non-empty caption is drawn with PCG64([seed, 2, index]): deterministic in
+    (data.seed, dataset index), so a resumed or re-sharded run sees the same caption for the same
+    sample, and different samples draw independently.
+    """
+    captions = caption_list(value)
+    if len(captions) == 1:
+        return captions[0]
+    rng = np.random.Generator(np.random.PCG64([seed, CAPTION_STREAM, index]))
+    return captions[int(rng.integers(len(captions)))]
+
+
+def open_image(data) -> Image.Image:
+    """Encoded bytes (or a {"bytes": ...} struct) -> lazily decoded PIL image; raises if unreadable."""
+    if isinstance(data, dict):
+        data = data.get("bytes")
+    if not data:
+        raise ValueError("zero-byte image" if data == b"" else "no image bytes")
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's message names the BytesIO object's address: say what failed
+        raise UnidentifiedImageError("not an image PIL can read") from None
+
+
+def sample_from_raw(record: dict, seed: int, index: int) -> dict:
+    """A raw record -> {"image": lazily opened PIL image, "caption": one chosen by (seed, index), "key"}."""
+    caption = pick_caption(record["captions"], seed, index)  # a missing caption fails before decoding
+    return {"image": open_image(record["image"]), "caption": caption, "key": record["key"]}
+
+
+class RawSource:
+    """`source[i]` from `self.raw(i)` and `self.seed` (the caption choice)."""
+
+    seed = 0
+
+    def __getitem__(self, index: int) -> dict:
+        return sample_from_raw(self.raw(index), self.seed, index)

@@ -1,0 +1,89 @@
+"""scripts/train.py on real data sources: two processes (torchrun, gloo) on an image folder and on
+WebDataset shards, one process on an indexed shard set, and a streamed HF dataset resumed mid-run
+(exact resume on every source is tested at the stream level in test_data_order.py)."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_ddp.checkpoint import read_metadata
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def photo(i: int) -> tuple[bytes, str]:
+    """A 72x64 JPEG with a coloured square and its caption."""
+    name = list(COLOURS)[i % 3]
+    pixels = np.full((64, 72, 3), 245, np.uint8)
+    pixels[16 + i % 8:48, 20:52] = COLOURS[name]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue(), f"a {name} square number {i}"
+
+
+def folder(root, n=24):
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        data, caption = photo(i)
+        (root / f"{i:03d}.jpg").write_bytes(data)
+        rows.append({"file_name": f"{i:03d}.jpg", "text": caption})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)
+
+
+def webdataset(root, n=24):
+    root.mkdir(parents=True)
+    for s in range(3):
+        with tarfile.open(root / f"train-{s:02d}.tar", "w") as tar:
+            for i in range(s * n // 3, (s + 1) * n // 3):
+                data, caption = photo(i)
+                for ext, payload in (("jpg", data), ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(root / "train-{00..02}.tar")
+
+
+def train(run_script, tiny_args, out, data_args, nproc, resume=False):
+    """Train 4 steps; with `resume`, 2 steps first and then the same command to step 4 (it resumes at 2)."""
+    if resume:
+        first = run_script("scripts/train.py", *tiny_args(out, train__max_steps=2), *data_args, nproc=nproc,
+                           timeout=150)
+        assert first.returncode == 0, first.stderr[-3000:]
+    done = run_script("scripts/train.py", *tiny_args(out, train__max_steps=4), *data_args, nproc=nproc, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not resume or ("resumed from" in done.stdout and "step 2" in done.stdout)
+    meta = read_metadata(out / "checkpoints" / "step_0000004.safetensors")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r][-4:] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    return meta
+
+
+@pytest.mark.parametrize("kind", ["folder", "webdataset"])
+def test_two_process_training_on_a_real_source(tmp_path, tiny_args, run_script, kind):
+    path = folder(tmp_path / "data") if kind == "folder" else webdataset(tmp_path / "data")
+    args = [f"--data.source={kind}", f"--data.path={path}", "--data.num_workers=1", "--data.crop=random",
+            "--data.random_flip=true"]
+    meta = train(run_script, tiny_args, tmp_path / "run", args, nproc=2)
+    assert meta["data"]["source"] == kind and meta["data"]["samples_seen"] == 4 * 2 * 2
+    assert meta["data"]["fingerprint"].startswith(kind + ":n=24:")
+
+
+@pytest.mark.parametrize("kind", ["shards", "hf_stream"])
+def test_training_on_a_shard_set_and_a_streamed_dataset(tmp_path, tiny_args, run_script, kind):
+    source = folder(tmp_path / "images")
+    if kind == "shards":
+        from ldm_ddp.data.convert import make_shards
+        from ldm_ddp.data.folder import ImageFolderSource
+        make_shards(ImageFolderSource(source), str(tmp_path / "shards"), shard_size=5, log=lambda _: None)
+        args = ["--data.source=shards", f"--data.path={tmp_path / 'shards'}", "--data.shuffle_window=2"]
+    else:  # the datasets "imagefolder" builder over the folder, streamed
+        args = ["--data.source=hf", f"--data.path={source}", "--data.hf_streaming=true", "--data.num_workers=2"]
+    meta = train(run_script, tiny_args, tmp_path / "run", args, nproc=1, resume=kind == "hf_stream")
+    assert meta["data"]["fingerprint"].startswith(("shards:n=24:", "hf-stream:n=24:"))
