@@ -21,7 +21,7 @@ from .config import Config, ConfigError, resolve_batch
 from .data.shapes import vocabulary
 from .data.sources import build_source
 from .data.stream import ShardedStream, make_loader
-from .data.transforms import ImageTransform
+from .data.transforms import ImageTransform, to_unit_range
 from .metrics import Metrics
 from .models import PRESET_DIR, write_demo_text_encoder
 from .train_loop import lr_at, resume_point, step_generator
@@ -56,7 +56,8 @@ def no_tokens(captions: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def measure_scaling_factor(vae: AutoencoderKL, batches, num_batches: int, device: torch.device) -> float:
     """1 / std of the posterior means over a few batches, so scaled latents have unit variance."""
-    means = [vae.encode(next(batches)["images"].to(device)).latent_dist.mean for _ in range(num_batches)]
+    means = [vae.encode(to_unit_range(next(batches)["images"].to(device))).latent_dist.mean
+             for _ in range(num_batches)]
     std = dist.all_reduce_mean(torch.cat(means).float().std().reshape(1))
     return float(1.0 / std.item())
 
@@ -90,7 +91,8 @@ def train_autoencoder(cfg: Config) -> Path:
 
     # --- Data and logging
     stream = ShardedStream(source, no_tokens, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,
-                           rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data))
+                           rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data),
+                           cfg.data.shuffle_window)
     batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, device.type == "cuda"))
     model = dist.wrap_ddp(Reconstruction(vae))
     metrics = Metrics(out_dir, device, 1, cfg.train.max_steps, global_batch, cfg.log.progress)
@@ -123,6 +125,7 @@ def train_autoencoder(cfg: Config) -> Path:
             t0 = time.perf_counter()
             images = next(batches)["images"].to(device, non_blocking=True)
             data_wait += time.perf_counter() - t0
+            images = to_unit_range(images)  # uint8 pixels -> [-1, 1], on the device
             gen = step_generator(cfg.train.seed, step, rank, micro, device)
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             noise = torch.randn(images.shape[0], vae.config.latent_channels, images.shape[2] // factor,

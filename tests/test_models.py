@@ -38,6 +38,8 @@ def test_frozen_models_load_from_a_local_folder_and_encode():
     assert not torch.equal(drawn, latents)  # a posterior sample, not its mean
     assert torch.equal(drawn, frozen.encode_images(images, torch.Generator().manual_seed(0)))
     assert frozen.decode_latents(latents).shape == images.shape
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # what the loader carries
+    assert torch.equal(frozen.encode_images(pixels, None), frozen.encode_images(pixels.float() / 127.5 - 1, None))
 
 
 def test_missing_pretrained_folder_is_one_config_error(tmp_path):

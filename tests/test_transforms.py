@@ -1,18 +1,18 @@
-"""Image transforms: mode conversion, EXIF orientation, JPEG draft, bomb refusal, seeded crop/flip."""
+"""Image transforms: mode conversion, EXIF orientation, JPEG draft, bomb refusal, seeded crop/flip, uint8 out."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ldm_ddp.data.transforms import ImageTransform, pixel_limit
+from ldm_ddp.data.transforms import ImageTransform, pixel_limit, to_unit_range
 
 R = 8
 
 
 def pixel(tensor: torch.Tensor, y: int = 0, x: int = 0) -> list[int]:
-    """[3, R, R] in [-1, 1] -> the RGB values 0..255 at (y, x)."""
-    return ((tensor[:, y, x] + 1) * 127.5).round().int().tolist()
+    """[3, R, R] uint8 -> the RGB values 0..255 at (y, x)."""
+    return tensor[:, y, x].tolist()
 
 
 def palette_image(transparent: bool) -> Image.Image:
@@ -35,7 +35,7 @@ def palette_image(transparent: bool) -> Image.Image:
 ])
 def test_modes_convert_to_rgb(image, corner, centre):
     out = ImageTransform(R)(image)
-    assert out.shape == (3, R, R) and out.dtype == torch.float32
+    assert out.shape == (3, R, R) and out.dtype == torch.uint8 and out.is_contiguous()
     assert pixel(out) == corner and pixel(out, 4, 4) == centre
 
 
@@ -55,7 +55,7 @@ def test_sixteen_bit_range_is_scaled_not_clipped():
     image = Image.fromarray(ramp)
     assert image.mode.startswith("I")
     out = ImageTransform(R)(image)
-    assert out.min() == -1 and out.max() == 1
+    assert out.min() == 0 and out.max() == 255
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -109,3 +109,31 @@ def test_random_crop_and_flip_are_a_function_of_the_generator_seed():
     plain = ImageTransform(R)(square)
     assert {torch.equal(f, plain) for f in flips} == {True, False}
     assert all(torch.equal(f, plain) or torch.equal(f, plain.flip(2)) for f in flips)
+
+
+def test_resize_is_pillows_bicubic_on_the_centre_square():
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    for res in (48, 64, 200):  # down by 2.5 and 1.9, and up
+        out = ImageTransform(res)(image).permute(1, 2, 0).numpy().astype(int)
+        pillow = np.asarray(image.crop((20, 0, 140, 120)).resize((res, res), Image.BICUBIC)).astype(int)
+        assert np.abs(out - pillow).max() <= 1  # torch's uint8 antialiased kernel is a port of Pillow's
+
+
+def test_images_already_at_resolution_are_cropped_not_resampled():
+    array = np.random.default_rng(3).integers(0, 256, (R, 13, 3), dtype=np.uint8)  # shorter side already R
+    image = Image.fromarray(array)
+    assert torch.equal(ImageTransform(R)(image), torch.from_numpy(array[:, 2:10]).permute(2, 0, 1))
+    windows = {torch.from_numpy(array[:, x:x + R]).permute(2, 0, 1).numpy().tobytes() for x in range(13 - R + 1)}
+    for p in range(8):
+        out = ImageTransform(R, crop="random", random_flip=True)(image, np.random.default_rng(p))
+        assert out.numpy().tobytes() in windows or out.flip(2).numpy().tobytes() in windows
+
+
+def test_unit_range_on_the_device_side():
+    pixels = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
+    old = pixels.float().div_(127.5).sub_(1.0)  # what workers computed before the loader carried uint8
+    assert to_unit_range(pixels).dtype == torch.float32 and torch.equal(to_unit_range(pixels), old)
+    assert to_unit_range(pixels)[[0, -1]].tolist() == [-1.0, 1.0]
+    floats = torch.rand(2, 3, 4, 4) * 2 - 1
+    assert to_unit_range(floats) is floats
