@@ -1,66 +1,195 @@
-"""Exponential moving average of the UNet weights: an fp32 shadow updated with foreach ops."""
+"""Exponential moving averages of the UNet weights: several profiles at once, fp32 shadows, foreach updates.
+
+Every profile is one fp32 copy of the trainable parameters, and all of them go in the same checkpoint:
+- fixed decay: shadow <- d * shadow + (1 - d) * weights per update, d warmed up as min(d, (1 + n) / (10 + n))
+  (diffusers' EMAModel). `ema.decay` is the default profile (tensors `ema.<name>`, `--weights ema`);
+  `ema.extra_decays` keeps more (tensors `ema_0p9999.<name>`, `--weights ema:0.9999`).
+- power function (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
+  eq. 2-3): decay (1 - 1/n)^(gamma + 1) at update n, so the average spans a fixed *fraction* of the updates so
+  far (relative width sigma_rel) whatever the training length. `ema.power_stds` lists sigma_rel values
+  (tensors `ema_std0p1.<name>`, `--weights ema:std=0.1`).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
 import torch
 
-from .config import EMAConfig
+from .config import ConfigError, EMAConfig
+
+MAX_POWER_STD = 0.28  # sigma_rel = sqrt(1/12) ~ 0.2887 is gamma = 0 (a plain running mean); above it gamma < 0
+
+
+@cache
+def power_exponent(std: float) -> float:
+    """sigma_rel -> gamma: largest real root of sigma^2 = (gamma+1) / ((gamma+2)^2 (gamma+3)) (edm2's std_to_exp)."""
+    s = std ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One EMA: kind "decay" (fixed decay per update, `value` = d) or "power" (`value` = sigma_rel)."""
+    kind: str
+    value: float
+    default: bool = False  # the profile of `ema.decay`: tensors `ema.<name>`, picked by `--weights ema`
+
+    @property
+    def name(self) -> str:
+        """What `--weights` takes: ema, ema:0.9999 or ema:std=0.1."""
+        if self.default:
+            return "ema"
+        return f"ema:{self.value!r}" if self.kind == "decay" else f"ema:std={self.value!r}"
+
+    @property
+    def prefix(self) -> str:
+        """Tensor-name prefix in the checkpoint (no dot inside: the first dot ends the prefix)."""
+        if self.default:
+            return "ema"
+        return "ema_" + ("" if self.kind == "decay" else "std") + repr(self.value).replace(".", "p")
+
+    def decay(self, n: int, warmup: bool) -> float:
+        """Decay of update n (0-based count of updates already applied)."""
+        if self.kind == "power":  # (1 - 1/t)^(gamma + 1) with t = n + 1 updates; 0 at the first one (a copy)
+            return (1 - 1 / (n + 1)) ** (power_exponent(self.value) + 1)
+        return min(self.value, (1 + n) / (10 + n)) if warmup else self.value
+
+    def meta(self) -> dict:
+        value = {"decay": self.value} if self.kind == "decay" else {
+            "std": self.value, "gamma": round(power_exponent(self.value), 4)}
+        return {"name": self.name, "tensors": self.prefix, **value}
+
+
+def profiles_of(cfg: EMAConfig) -> list[Profile]:
+    """The configured profiles, default first; ConfigError for a value that cannot be one."""
+    for key, values, ok, expected in (
+            ("ema.extra_decays", cfg.extra_decays, lambda v: 0 <= v < 1, "decays in [0, 1)"),
+            ("ema.power_stds", cfg.power_stds, lambda v: 0 < v <= MAX_POWER_STD, f"sigma_rel in (0, {MAX_POWER_STD}]")):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in values):
+            raise ConfigError(f"{key}: expected a list of {expected}, got {values!r}")
+    profiles = [Profile("decay", float(cfg.decay), default=True)]
+    profiles += [Profile("decay", float(d)) for d in cfg.extra_decays if float(d) != cfg.decay]
+    profiles += [Profile("power", float(s)) for s in cfg.power_stds]
+    return list(dict.fromkeys(profiles))  # drop repeats, keep order
+
+
+def checkpoint_profiles(meta: dict) -> list[dict]:
+    """A checkpoint's `ema` metadata -> its profiles' meta() dicts; a checkpoint from before profiles has one."""
+    return meta.get("profiles") or [{"name": "ema", "tensors": "ema", "decay": meta.get("decay")}]
+
+
+def _parse(weights: str) -> tuple[str, float]:
+    body = weights.split(":", 1)[1]
+    kind, number = ("power", body[4:]) if body.startswith("std=") else ("decay", body)
+    try:
+        return kind, float(number)
+    except ValueError:
+        raise ConfigError(f"--weights: expected ema | raw | ema:DECAY | ema:std=SIGMA_REL, got {weights!r}") from None
+
+
+def weights_prefix(meta: dict, weights: str) -> str:
+    """`--weights` (raw | ema | ema:0.9999 | ema:std=0.1) -> the checkpoint's tensor prefix (unet, ema, ...)."""
+    if weights == "raw":
+        return "unet"
+    profiles = checkpoint_profiles(meta)
+    if weights == "ema":
+        return "ema"
+    if not weights.startswith("ema:"):
+        raise ConfigError(f"--weights: expected ema | raw | ema:DECAY | ema:std=SIGMA_REL, got {weights!r}")
+    kind, value = _parse(weights)
+    key = "std" if kind == "power" else "decay"
+    for p in profiles:
+        if p.get(key) is not None and abs(p[key] - value) <= 1e-12:
+            return p["tensors"]
+    have = ", ".join(["raw"] + [p["name"] + (f" (decay {p['decay']})" if p["name"] == "ema" else "")
+                                for p in profiles])
+    raise ConfigError(f"--weights: no EMA profile {weights!r} in this checkpoint (it has: {have})")
 
 
 class EMA:
-    """fp32 shadow copies of a module's parameters (buffers are copied, not averaged)."""
+    """fp32 shadow copies of a module's parameters, one set per profile (buffers are copied, not averaged)."""
 
     def __init__(self, module: torch.nn.Module, cfg: EMAConfig):
         self.cfg = cfg
+        self.profiles = profiles_of(cfg)
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
-        self.shadow = [params[n].detach().float().clone() for n in self.names]
-        self.num_updates = 0  # EMA updates applied so far (drives the decay warmup)
+        self.shadows = [[params[n].detach().float().clone() for n in self.names] for _ in self.profiles]
+        self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
+
+    @property
+    def shadow(self) -> list[torch.Tensor]:
+        """The default profile's shadow (`ema.decay`)."""
+        return self.shadows[0]
 
     def decay(self) -> float:
-        """Decay for the next update; with warmup min(decay, (1 + n) / (10 + n)) (as in diffusers' EMAModel)."""
-        if not self.cfg.warmup:
-            return self.cfg.decay
-        n = self.num_updates
-        return min(self.cfg.decay, (1 + n) / (10 + n))
+        """Default profile's decay for the next update; with warmup min(decay, (1 + n) / (10 + n))."""
+        return self.profiles[0].decay(self.num_updates, self.cfg.warmup)
 
     def wants_update(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based count of updates done) updates the EMA."""
         return step >= self.cfg.start_step and step % self.cfg.update_every == 0
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * weights, or a copy before ema.start_step."""
+    def update(self, module: torch.nn.Module, ok: torch.Tensor | None = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * weights for every profile.
+
+        `ok` (a bool tensor on the device): False leaves every shadow as it was (a skipped step) without a host
+        sync; the decay schedule advances either way, as the learning rate follows the step count.
+        """
         params = dict(module.named_parameters())
         current = [params[n].detach().float() for n in self.names]  # no copy for fp32; lerp needs one dtype
-        # lerp_(w, 1 - d) == d * shadow + (1 - d) * w, in one foreach kernel per dtype group.
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay())
+        for profile, shadow in zip(self.profiles, self.shadows):
+            # lerp_(w, 1 - d) == d * shadow + (1 - d) * w, in one foreach kernel per dtype group.
+            weight = 1.0 - profile.decay(self.num_updates, self.cfg.warmup)
+            if ok is None:
+                torch._foreach_lerp_(shadow, current, weight)
+            else:  # a tensor weight (0 when not ok) takes lerp's per-tensor path, so `ok` stays on the device
+                torch._foreach_lerp_(shadow, current, [ok.float() * weight] * len(shadow))
         self.num_updates += 1
 
     @torch.no_grad()
     def copy_from(self, module: torch.nn.Module) -> None:
-        """Reset the shadow to the module's weights (before ema.start_step)."""
+        """Reset every shadow to the module's weights (before ema.start_step)."""
         params = dict(module.named_parameters())
-        torch._foreach_copy_(self.shadow, [params[n].detach() for n in self.names])
+        for shadow in self.shadows:
+            torch._foreach_copy_(shadow, [params[n].detach() for n in self.names])
 
     @torch.no_grad()
-    def copy_to(self, module: torch.nn.Module) -> None:
-        """Write the shadow into `module` (e.g. a sampling copy of the UNet)."""
+    def copy_to(self, module: torch.nn.Module, weights: str = "ema") -> None:
+        """Write a profile's shadow (by `--weights` name, default the default profile) into `module`."""
+        index = [p.prefix for p in self.profiles].index(weights_prefix(self.state_meta(), weights))
         params = dict(module.named_parameters())
-        for name, value in zip(self.names, self.shadow):
+        for name, value in zip(self.names, self.shadows[index]):
             params[name].copy_(value)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{n}": t for n, t in zip(self.names, self.shadow)}
+        return {f"{p.prefix}.{n}": t for p, shadow in zip(self.profiles, self.shadows)
+                for n, t in zip(self.names, shadow)}
 
     def state_meta(self) -> dict:
         return {"num_updates": self.num_updates, "decay": self.cfg.decay, "warmup": self.cfg.warmup,
-                "update_every": self.cfg.update_every, "start_step": self.cfg.start_step}
+                "update_every": self.cfg.update_every, "start_step": self.cfg.start_step,
+                "profiles": [p.meta() for p in self.profiles]}
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        missing = [n for n in self.names if f"ema.{n}" not in tensors]
-        if missing:
-            raise KeyError(f"checkpoint lacks EMA weights for {missing[0]} (and {len(missing) - 1} more)")
-        for name, value in zip(self.names, self.shadow):
-            value.copy_(tensors[f"ema.{name}"])
+        """Restore every configured profile, matched by value; the default one from `ema.*` if ema.decay changed."""
+        stored = checkpoint_profiles(meta)
+        for profile, shadow in zip(self.profiles, self.shadows):
+            key = "decay" if profile.kind == "decay" else "std"
+            match = [p["tensors"] for p in stored if p.get(key) is not None and abs(p[key] - profile.value) <= 1e-12]
+            prefix = match[0] if match else "ema" if profile.default else None
+            if prefix is None:
+                raise ConfigError(f"ema: the checkpoint has no EMA profile {profile.name} (it has "
+                                  f"{', '.join(p['name'] for p in stored)}); resume with the same ema.extra_decays "
+                                  "and ema.power_stds, or start over with --ckpt.resume=none")
+            missing = [n for n in self.names if f"{prefix}.{n}" not in tensors]
+            if missing:
+                raise KeyError(f"checkpoint lacks EMA weights for {missing[0]} (and {len(missing) - 1} more)")
+            for name, value in zip(self.names, shadow):
+                value.copy_(tensors[f"{prefix}.{name}"])
         self.num_updates = int(meta["num_updates"])

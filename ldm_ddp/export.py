@@ -1,8 +1,8 @@
 """Inference export: a training checkpoint -> a diffusers `StableDiffusionPipeline` folder.
 
-The folder holds the chosen UNet weights (EMA or raw) in half precision by default, the run's VAE,
-text encoder and tokenizer, and a `DDIMScheduler` config equivalent to our schedule and sampler:
-v-prediction, the run's betas, zero-terminal-SNR and timestep spacing, no clipping.
+The folder holds the chosen UNet weights (the default EMA, another EMA profile, or raw) in half precision by
+default, the run's VAE, text encoder and tokenizer, and a `DDIMScheduler` config equivalent to our schedule and
+sampler: v-prediction, the run's betas, zero-terminal-SNR and timestep spacing, no clipping.
 """
 from __future__ import annotations
 

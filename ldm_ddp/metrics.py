@@ -1,10 +1,11 @@
-"""Training metrics: device-side accumulation, reduction at log time, JSONL, console, wandb.
+"""Training metrics: device-side accumulation, reduction at log time, JSONL, console, wandb, TensorBoard; MFU.
 
 The step only adds detached tensors on the device; the one host sync is `flush()`, once per
 log interval, where the sums are reduced across ranks and written by rank 0.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -12,30 +13,81 @@ import uuid
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import dist
 
 NUM_T_BUCKETS = 10  # loss per timestep bucket: t in [i*T/10, (i+1)*T/10)
+CUDA_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16: the default MFU denominator on CUDA (log.peak_tflops overrides)
+
+
+def block_group(name: str) -> str:
+    """Parameter name -> its block group: 'down_blocks.0.resnets.1.conv1.weight' -> 'down_blocks.0',
+    'mid_block.attentions.0.proj_in.weight' -> 'mid_block', 'conv_in.weight' -> 'conv_in'."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
+def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """PyTorch's CPU flash-attention kernel is not in FlopCounterMode's table: q k^T and (.) v, 2 FLOPs a MAC."""
+    b, h, s_q, d = q
+    return 4 * b * h * s_q * k[2] * d
+
+
+def _sdpa_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _sdpa_flops(q, k, v)  # dq, dk, dv and d(scores): four matmuls of the forward's size
+
+
+CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops}
+
+
+def count_train_flops(unet, context: torch.Tensor, autocast: bool) -> float:
+    """FLOPs of one UNet forward + backward for one image (context [1, L, D]), counted once with FlopCounterMode.
+
+    Call it before the DDP wrap (its backward would fire DDP's reducer hooks). Model FLOPs, as MFU counts them:
+    gradient checkpointing is switched off for the count, so recomputation is not counted as useful work.
+    """
+    device = next(unet.parameters()).device
+    size = unet.config.sample_size
+    x_t = torch.zeros(1, unet.config.in_channels, size, size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    checkpointing = unet.is_gradient_checkpointing
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
+    try:
+        with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            unet(x_t, t, context[:1].to(device)).sample.float().mean().backward()
+    finally:
+        unet.zero_grad(set_to_none=True)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+    return float(counter.get_total_flops())
 
 
 class Metrics:
     """Accumulates per-step figures between log lines; rank 0 writes them."""
 
     def __init__(self, out_dir: Path, device: torch.device, num_train_timesteps: int, max_steps: int,
-                 images_per_step: int, progress: str, wandb_run=None):
+                 images_per_step: int, progress: str, wandb_run=None, tensorboard=None,
+                 train_flops_per_image: float = 0.0, peak_tflops: float = 0.0, wandb_checkpoints: str = "off"):
         self.path = out_dir / "metrics.jsonl"
         self.device, self.T, self.images_per_step = device, num_train_timesteps, images_per_step
-        self.wandb_run = wandb_run
-        self.bar = None
+        self.wandb_run, self.tensorboard, self.wandb_checkpoints = wandb_run, tensorboard, wandb_checkpoints
+        self.flops_per_image = train_flops_per_image
+        self.peak_tflops = peak_tflops or (CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
+        self.group_names, self.bar = [], None
         if dist.is_main() and (progress == "bar" or (progress == "auto" and sys.stdout.isatty())):
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, unit="step", dynamic_ncols=True)
         self._reset()
 
     def _reset(self) -> None:
-        zeros = lambda n: torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
-        self.loss_sum, self.grad_norm_sum, self.steps = zeros(()), zeros(()), 0
+        zeros = functools.partial(torch.zeros, device=self.device, dtype=torch.float64)
+        self.loss_sum, self.grad_norm_sum, self.skipped_sum, self.steps = zeros(()), zeros(()), zeros(()), 0
         self.bucket_sum, self.bucket_count = zeros(NUM_T_BUCKETS), zeros(NUM_T_BUCKETS)
+        self.group_sum = zeros(len(self.group_names))
         self.data_wait_s, self.bad_samples, self.bad_keys = 0.0, 0, []
         self.t0 = time.perf_counter()
 
@@ -45,11 +97,37 @@ class Metrics:
         self.bucket_sum.index_add_(0, bucket, loss_per_sample.detach().double())
         self.bucket_count.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
 
+    @torch.no_grad()
+    def add_grad_norms(self, module: torch.nn.Module) -> None:
+        """Gradient norm per block group (block_group of the parameter names), before clipping; on the device.
+
+        One torch._foreach_norm over all gradients (a kernel per dtype group), then a scatter of the squares
+        into their groups: no host sync. Every rank holds the same all-reduced gradients.
+        """
+        if not self.group_names:
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            self.group_names = list(dict.fromkeys(block_group(n) for n, _ in named))
+            self._grad_params = [p for _, p in named]
+            self._group_index = torch.tensor([self.group_names.index(block_group(n)) for n, _ in named],
+                                             device=self.device)
+            self.group_sum = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float64)
+        present = [(p.grad, i) for i, p in enumerate(self._grad_params) if p.grad is not None]
+        if not present:
+            return
+        index = self._group_index if len(present) == len(self._grad_params) else self._group_index[
+            torch.tensor([i for _, i in present], device=self.device)]
+        squares = torch.stack(torch._foreach_norm([g for g, _ in present])).double().square()
+        group_sq = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float64)
+        # A non-finite group (a step the loop skips) adds 0, as the loop's grad_norm does for that step.
+        self.group_sum += group_sq.index_add_(0, index.to(squares.device), squares).sqrt().nan_to_num(0, 0, 0)
+
     def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, data_wait_s: float,
-                 bad: list[str]) -> None:
+                 bad: list[str], skipped: torch.Tensor | bool = False) -> None:
+        """One optimizer step; `skipped` (a device bool or a Python bool) counts a step the optimizer did not take."""
         self.loss_sum += loss.detach()
         if grad_norm is not None:
             self.grad_norm_sum += grad_norm.detach()
+        self.skipped_sum += skipped
         self.steps += 1
         self.data_wait_s += data_wait_s
         self.bad_samples += len(bad)
@@ -62,21 +140,26 @@ class Metrics:
         if self.steps == 0:
             return None
         elapsed = time.perf_counter() - self.t0
-        sums = torch.stack([self.loss_sum, self.grad_norm_sum,
-                            torch.tensor(float(self.bad_samples), device=self.device, dtype=torch.float64),
-                            torch.tensor(self.data_wait_s, device=self.device, dtype=torch.float64)])
-        buckets = torch.cat([self.bucket_sum, self.bucket_count])
-        sums, buckets = dist.all_reduce_sum(sums).tolist(), dist.all_reduce_sum(buckets).tolist()
-        world = dist.world_size()
+        host = torch.tensor([float(self.bad_samples), self.data_wait_s], device=self.device, dtype=torch.float64)
+        sums = torch.cat([torch.stack([self.loss_sum, self.grad_norm_sum, self.skipped_sum]), host,
+                          self.bucket_sum, self.bucket_count, self.group_sum])
+        sums = dist.all_reduce_sum(sums).tolist()  # the one host sync of the interval
+        world, n = dist.world_size(), self.steps * dist.world_size()
+        buckets = sums[5:5 + 2 * NUM_T_BUCKETS]
+        img_per_s = self.steps * self.images_per_step / elapsed
         record = {
-            "step": step, "loss": sums[0] / (self.steps * world), "lr": lr,
-            "grad_norm": sums[1] / (self.steps * world),
-            "img_per_s": self.steps * self.images_per_step / elapsed,
-            "img_per_s_per_gpu": self.steps * self.images_per_step / elapsed / world,
-            "data_wait_share": sums[3] / world / elapsed, "bad_samples": int(sums[2]),
+            "step": step, "loss": sums[0] / n, "lr": lr, "grad_norm": sums[1] / n,
+            "grad_norm_by_block": {g: s / n for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
+            "img_per_s": img_per_s, "img_per_s_per_gpu": img_per_s / world,
+            "data_wait_share": sums[4] / world / elapsed, "skipped_steps": round(sums[2]),
+            "bad_samples": round(sums[3]),
             "loss_by_t": [s / c if c else None for s, c in zip(buckets[:NUM_T_BUCKETS], buckets[NUM_T_BUCKETS:])],
             "time": time.time(), **(extra or {}),
         }
+        if self.flops_per_image:  # achieved model FLOP/s per GPU; MFU against the configured (or CUDA) peak
+            record["tflops_per_gpu"] = self.flops_per_image * img_per_s / world / 1e12
+            if self.peak_tflops:
+                record["mfu"] = record["tflops_per_gpu"] / self.peak_tflops
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if dist.is_main():
@@ -87,31 +170,107 @@ class Metrics:
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        line = (f"step {record['step']:>7d}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"grad {record['grad_norm']:.3f}  {record['img_per_s']:.1f} img/s  "
-                f"data-wait {100 * record['data_wait_share']:.0f}%")
-        if record["bad_samples"]:
-            line += f"  bad samples {record['bad_samples']} (e.g. {self.bad_keys[0]})"
+        line = summary_line(record, self.bad_keys)
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)
             self.bar.write(line)
         else:
             print(line, flush=True)
+        scalars = flat_scalars(record)
         if self.wandb_run is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-            scalars.update({f"loss_t{i}": v for i, v in enumerate(record["loss_by_t"]) if v is not None})
             self.wandb_run.log(scalars, step=record["step"])
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
 
     def log_image(self, step: int, path: Path, caption: str) -> None:
-        if self.wandb_run is not None and dist.is_main():
+        if not dist.is_main():
+            return
+        if self.wandb_run is not None:
             import wandb
             self.wandb_run.log({"samples": wandb.Image(str(path), caption=caption)}, step=step)
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+            with Image.open(path) as image:
+                self.tensorboard.add_image("samples", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.tensorboard.flush()
+
+    def log_checkpoint(self, path: Path, step: int) -> None:
+        """A committed checkpoint as a wandb artifact (log.wandb_checkpoints): a file:// reference or an upload.
+
+        An upload copies the file into wandb's staging folder before returning (then uploads in the background),
+        so a pruned checkpoint is still sent; a reference records the path and checksum only.
+        """
+        if self.wandb_run is None or self.wandb_checkpoints == "off" or not dist.is_main():
+            return
+        try:
+            import wandb
+            artifact = wandb.Artifact(f"checkpoints-{self.wandb_run.id}", type="model", metadata={"step": step})
+            if self.wandb_checkpoints == "reference":
+                artifact.add_reference(Path(path).resolve().as_uri(), name=Path(path).name)
+            else:
+                artifact.add_file(str(path), name=Path(path).name)
+            self.wandb_run.log_artifact(artifact, aliases=[f"step_{step}", "latest"])
+        except Exception as err:  # noqa: BLE001 (tracking never stops the run)
+            print(f"warning: wandb checkpoint artifact failed ({type(err).__name__}: {str(err)[:100]})")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb_run is not None and dist.is_main():
             self.wandb_run.finish()
+
+
+def summary_line(record: dict, bad_keys: list[str] = ()) -> str:
+    """The console line of one record: loss, lr, grad norm (and its largest block), throughput, MFU, upkeep."""
+    line = (f"step {record['step']:>7d}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"grad {record['grad_norm']:.3f}")
+    if record.get("grad_norm_by_block"):
+        top = max(record["grad_norm_by_block"].items(), key=lambda kv: kv[1])
+        line += f" (max {top[0]} {top[1]:.3f})"
+    line += f"  {record['img_per_s']:.1f} img/s ({record['img_per_s_per_gpu']:.1f}/GPU)"
+    if "tflops_per_gpu" in record:
+        line += f"  {record['tflops_per_gpu']:.3g} TFLOP/s/GPU"
+    if "mfu" in record:
+        line += f"  MFU {100 * record['mfu']:.1f}%"
+    line += f"  data-wait {100 * record['data_wait_share']:.0f}%"
+    if "peak_mem_gib" in record:
+        line += f"  mem {record['peak_mem_gib']:.1f} GiB"
+    line += f"  skipped {record.get('skipped_steps', 0)}  bad {record['bad_samples']}"
+    if record["bad_samples"] and bad_keys:
+        line += f" (e.g. {bad_keys[0]})"
+    return line
+
+
+def flat_scalars(record: dict) -> dict[str, float]:
+    """A record's numbers for wandb / TensorBoard: loss_t<i> per timestep bucket, grad_norm/<block group>."""
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+    scalars.update({f"loss_t{i}": v for i, v in enumerate(record.get("loss_by_t", [])) if v is not None})
+    scalars.update({f"grad_norm/{g}": v for g, v in record.get("grad_norm_by_block", {}).items()})
+    return scalars
+
+
+def start_tensorboard(enabled: bool, out_dir: Path, start_step: int = 0, config_toml: str = ""):
+    """A SummaryWriter on <out_dir>/tensorboard (rank 0 only), or None; a missing package is one warning line.
+
+    purge_step hides, in TensorBoard, what an earlier attempt logged past the step this run resumes from.
+    """
+    if not enabled or not dist.is_main():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print('warning: log.tensorboard is set but tensorboard is not installed (pip install -e ".[tensorboard]"); '
+              "logging to metrics.jsonl only")
+        return None
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+    if config_toml:
+        writer.add_text("config", "```\n" + config_toml + "\n```", start_step)
+    return writer
 
 
 def start_wandb(mode: str, out_dir: Path, project: str, name: str, config: dict):
@@ -131,6 +290,6 @@ def start_wandb(mode: str, out_dir: Path, project: str, name: str, config: dict)
             settings = wandb.Settings(init_timeout=30, silent=True)
             return wandb.init(project=project, name=name, id=run_id, resume="allow", mode=attempt_mode,
                               dir=str(out_dir), config=config, settings=settings)
-        except Exception as err:  # network down, auth missing: fall back, never stop the run
+        except Exception as err:  # noqa: BLE001 (network down, auth missing: fall back, never stop the run)
             print(f"warning: wandb {attempt_mode} failed ({type(err).__name__}: {str(err)[:100]})")
     return None

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
 from .config import ConfigError, ModelConfig
+from .data.transforms import to_unit_range
 
 # Library chatter (the accelerate hint, weight-loading progress bars) is not the user's business;
 # real errors still raise.
@@ -113,17 +114,34 @@ class FrozenModels:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] in fp32.
+        """images [B, 3, H, W], uint8 pixels (the loader's) or float in [-1, 1] -> scaled latents [B, C, H/f, W/f] fp32.
 
         Draws from the posterior with our own generator (not the VAE's global-RNG `.sample()`)
         so the draw is a function of (seed, step, rank) like every other per-step draw.
         """
-        posterior = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist
+        images = to_unit_range(images.to(self.vae.device))  # uint8 -> [-1, 1] here, on the device
+        posterior = self.vae.encode(images.to(self.dtype)).latent_dist
         mean, std = posterior.mean.float(), posterior.std.float()
         if generator is None:
             return mean * self.scaling_factor
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         return (mean + std * noise) * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] (uint8 or [-1, 1]) -> posterior moments [B, 2C, h, w] fp16: mean, then
+        log-variance (as diffusers clamps it), what the latent cache stores."""
+        posterior = self.vae.encode(to_unit_range(images.to(self.vae.device)).to(self.dtype)).latent_dist
+        return torch.cat([posterior.mean, posterior.logvar], dim=1).half()
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Cached moments [B, 2C, h, w] -> scaled latents [B, C, h, w] fp32: the same draw (and generator
+        use) as encode_images makes from the VAE's posterior."""
+        mean, logvar = moments.to(self.vae.device).float().chunk(2, dim=1)
+        if generator is None:
+            return mean * self.scaling_factor
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + torch.exp(0.5 * logvar) * noise) * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -133,16 +151,18 @@ class FrozenModels:
 
 
 def load_trained(path: str, weights: str, device: torch.device):
-    """A training checkpoint -> (its Config, its UNet with `ema` or `raw` weights in eval mode, FrozenModels)."""
+    """A training checkpoint -> (its Config, its UNet in eval mode, FrozenModels).
+
+    `weights`: raw, ema (the default EMA), or one of the checkpoint's other EMA profiles: ema:0.9999, ema:std=0.1.
+    """
     from .checkpoint import load_checkpoint
     from .config import config_from_dict
+    from .ema import weights_prefix
 
-    if weights not in ("ema", "raw"):
-        raise ConfigError(f"--weights: expected ema | raw, got {weights!r}")
     tensors, meta = load_checkpoint(path)
+    prefix = weights_prefix(meta.get("ema", {}), weights) + "."  # ConfigError naming the profiles it has
     cfg = config_from_dict(meta["config"])
     frozen = load_frozen(cfg.model.pretrained, cfg.model.frozen_dtype, device)
-    prefix = "ema." if weights == "ema" else "unet."
     config = unet_config(cfg.model.unet) if not cfg.model.unet_init else UNet2DConditionModel.load_config(
         cfg.model.unet_init)
     unet = UNet2DConditionModel.from_config({**config, "sample_size": cfg.data.resolution // frozen.downsample})

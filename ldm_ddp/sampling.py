@@ -106,6 +106,19 @@ def make_grid(images: torch.Tensor, nrow: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy()))
 
 
+def make_side_by_side(batches: list[torch.Tensor], nrow: int, gap: int = 8) -> PIL.Image.Image:
+    """Equal-shaped batches [N, 3, H, W] (e.g. EMA and raw weights, same prompts and seeds) -> one image:
+    make_grid of each, left to right, `gap` px of white between them, so equal positions compare directly."""
+    grids = [make_grid(images, nrow) for images in batches]
+    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
+    out = PIL.Image.new("RGB", (width, max(g.height for g in grids)), (255, 255, 255))
+    x = 0
+    for grid in grids:
+        out.paste(grid, (x, 0))
+        x += grid.width + gap
+    return out
+
+
 @torch.no_grad()
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
     """-> [N, C, h, w]: one CPU generator per seed, so an image depends on its seed alone (any batch, any rank)."""

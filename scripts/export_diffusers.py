@@ -1,6 +1,6 @@
 """Export a training checkpoint as a diffusers pipeline folder.
 
-    python scripts/export_diffusers.py CKPT OUT [--dtype fp16|bf16|fp32] [--weights ema|raw]
+    python scripts/export_diffusers.py CKPT OUT [--dtype fp16|bf16|fp32] [--weights ema|raw|ema:0.9999|ema:std=0.1]
 
 `StableDiffusionPipeline.from_pretrained(OUT)` then samples like scripts/sample.py (same DDIM,
 v-prediction, zero-terminal-SNR and trailing spacing).
@@ -20,7 +20,9 @@ def main() -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument("--dtype", default="fp16", choices=sorted(EXPORT_DTYPES))
-    parser.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    parser.add_argument("--weights", default="ema", metavar="ema|raw|ema:DECAY|ema:std=SIGMA_REL",
+                        help="the default EMA, the raw weights, or another EMA profile of the checkpoint "
+                             "(scripts/inspect_checkpoint.py lists them)")
     args = parser.parse_args()
     try:
         out = export_diffusers(args.checkpoint, args.out, args.dtype, args.weights)

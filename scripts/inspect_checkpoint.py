@@ -1,4 +1,5 @@
-"""Show what an ldm_ddp checkpoint holds: python scripts/inspect_checkpoint.py CKPT [--json] [--no-verify]."""
+"""Show what an ldm_ddp checkpoint holds (EMA profiles included): python scripts/inspect_checkpoint.py CKPT
+[--json] [--no-verify]."""
 
 import argparse
 import json
@@ -11,6 +12,7 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm_ddp.checkpoint import CheckpointError, describe_checkpoint
+from ldm_ddp.ema import checkpoint_profiles
 
 
 def shorten(value, limit: int = 6):
@@ -28,6 +30,13 @@ def print_report(d: dict) -> None:
     print(f"format        {d['format']}")
     print(f"integrity     {d['integrity']}")
     print("versions      " + "  ".join(f"{k} {v}" for k, v in (d["versions"] or {}).items()))
+    ema = d["metadata"].get("ema") or {}
+    print(f"\nEMA profiles  {ema.get('num_updates', '?')} updates; pick one with --weights NAME (sample.py, "
+          "export_diffusers.py)")
+    for p in d["ema_profiles"]:
+        kind = (f"decay {p['decay']}" + (" with warmup" if ema.get("warmup") else "") if "decay" in p
+                else f"power function, sigma_rel {p['std']} (gamma {p['gamma']:.2f})")
+        print(f"  {p['name']:<14} {kind:<48} tensors {p['tensors']}.*")
     print("\ntensor groups")
     for group, g in d["groups"].items():
         print(f"  {group:<6} {g['tensors']:>6} tensors {g['params']:>15,} params  {', '.join(g['dtypes'])}")
@@ -55,6 +64,7 @@ def main() -> int:
     except CheckpointError as e:
         print(e, file=sys.stderr)
         return 1
+    described["ema_profiles"] = checkpoint_profiles(described["metadata"].get("ema") or {})
     if args.json:
         print(json.dumps(described, indent=2))
     else:

@@ -1,4 +1,5 @@
-"""Plot a run's metrics.jsonl without wandb: loss (total and per timestep bucket), lr, throughput.
+"""Plot a run's metrics.jsonl without wandb: loss (total and per timestep bucket), lr, throughput, gradient norm
+(total and per UNet block group), data-wait share and MFU.
 
     python scripts/plot_metrics.py RUN_DIR [--out RUN_DIR/metrics.png]
 
@@ -33,7 +34,7 @@ def main() -> int:
         return 1
 
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10), constrained_layout=True)
     axes[0, 0].plot(steps, [r["loss"] for r in records])
     axes[0, 0].set(title="loss", xlabel="step", yscale="log")
     buckets = len(records[-1].get("loss_by_t", []))
@@ -50,6 +51,20 @@ def main() -> int:
     axes[1, 1].plot(steps, [r["img_per_s_per_gpu"] for r in records], label="img/s per GPU")
     axes[1, 1].set(title="throughput", xlabel="step")
     axes[1, 1].legend()
+    axes[2, 0].plot(steps, [r["grad_norm"] for r in records], color="black", label="total")
+    groups = list(dict.fromkeys(g for r in records for g in r.get("grad_norm_by_block", {})))
+    for i, group in enumerate(groups):
+        points = [(r["step"], r["grad_norm_by_block"][group]) for r in records
+                  if group in r.get("grad_norm_by_block", {})]
+        axes[2, 0].plot(*zip(*points), label=group, color=plt.cm.tab20(i % 20), linewidth=1)
+    axes[2, 0].set(title="gradient norm before clipping (total, per block group)", xlabel="step", yscale="log")
+    axes[2, 0].legend(fontsize=6, ncol=2)
+    for key, label in (("data_wait_share", "data-wait share"), ("mfu", "MFU")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            axes[2, 1].plot(*zip(*points), label=label)
+    axes[2, 1].set(title="utilisation (fraction)", xlabel="step", ylim=(0, 1))
+    axes[2, 1].legend()
     out = args.out or args.run_dir / "metrics.png"
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")

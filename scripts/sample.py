@@ -1,7 +1,8 @@
 """Generate images from a training checkpoint with DDIM + classifier-free guidance.
 
     python scripts/sample.py CKPT --prompt "a large red circle in the center" [--prompt ...]
-        [--steps 25] [--cfg 3.0] [--rescale 0.7] [--seed 0] [--n 4] [--weights ema|raw] [--out samples.png]
+        [--steps 25] [--cfg 3.0] [--rescale 0.7] [--seed 0] [--n 4] [--out samples.png]
+        [--weights ema|raw|ema:0.9999|ema:std=0.1]
 
 Image i of prompt p uses seed + p * n + i; one grid is written (a row per prompt).
 Sampler settings default to the run's [sample] config.
@@ -29,7 +30,9 @@ def main() -> int:
     parser.add_argument("--spacing", choices=["leading", "trailing"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
-    parser.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    parser.add_argument("--weights", default="ema", metavar="ema|raw|ema:DECAY|ema:std=SIGMA_REL",
+                        help="the default EMA, the raw weights, or another EMA profile of the checkpoint "
+                             "(scripts/inspect_checkpoint.py lists them)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="samples.png")
     args = parser.parse_args()

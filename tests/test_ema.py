@@ -1,4 +1,5 @@
-"""EMA of the UNet weights: arithmetic against a hand-computed reference, schedule, copy, state round trip."""
+"""EMA of the UNet weights: arithmetic against a hand-computed reference, schedule, copy, state round trip;
+several profiles at once (fixed decays and power-function EMAs, Karras et al. 2024), picked by name."""
 
 import json
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm_ddp.config import EMAConfig
-from ldm_ddp.ema import EMA
+from ldm_ddp.config import ConfigError, EMAConfig
+from ldm_ddp.ema import EMA, checkpoint_profiles, power_exponent, profiles_of, weights_prefix
 
 
 class Net(torch.nn.Module):
@@ -44,8 +45,8 @@ def test_updates_match_a_hand_computed_reference(warmup):
         assert ema.decay() == pytest.approx(d)
         set_weights(net, value)
         ema.update(net)
-        for name in reference:
-            reference[name] = d * reference[name] + (1 - d) * value
+        for name, ref in reference.items():
+            reference[name] = d * ref + (1 - d) * value
         assert ema.num_updates == n + 1
     for name, shadow in zip(ema.names, ema.shadow):
         assert shadow.dtype == torch.float32
@@ -116,7 +117,8 @@ def test_state_round_trip_through_safetensors(tmp_path):
     tensors = ema.state_tensors()
     assert sorted(tensors) == sorted(f"ema.{n}" for n in ema.names)
     meta = json.loads(json.dumps(ema.state_meta()))  # as stored in checkpoint metadata
-    assert meta == {"num_updates": 3, "decay": 0.99, "warmup": True, "update_every": 2, "start_step": 4}
+    assert meta == {"num_updates": 3, "decay": 0.99, "warmup": True, "update_every": 2, "start_step": 4,
+                    "profiles": [{"name": "ema", "tensors": "ema", "decay": 0.99}]}
     save_file(tensors, tmp_path / "ema.safetensors")
 
     restored = EMA(Net(seed=5), cfg)
@@ -157,3 +159,119 @@ def test_bf16_module_gets_an_fp32_shadow():
         assert torch.all(shadow.bfloat16().float() == 1.0)  # a bf16 shadow would have lost the update
     ema.copy_to(net)
     assert net.linear.weight.dtype == torch.bfloat16
+
+
+def test_power_exponent_matches_karras_et_al():
+    # edm2's std_to_exp: sigma_rel 0.05 and 0.10 are gamma 16.97 and 6.94 (Karras et al. 2024, sec. 3.1).
+    assert power_exponent(0.05) == pytest.approx(16.97, abs=0.01)
+    assert power_exponent(0.10) == pytest.approx(6.94, abs=0.01)
+    for std in (0.02, 0.1, 0.2, 0.28):
+        g = power_exponent(std)
+        assert (g + 1) / ((g + 2) ** 2 * (g + 3)) == pytest.approx(std ** 2, rel=1e-9)
+
+
+def test_several_profiles_update_independently():
+    cfg = EMAConfig(decay=0.5, warmup=False, extra_decays=[0.9, 0.5], power_stds=[0.1])
+    net = Net()
+    ema = EMA(net, cfg)
+    assert [p.name for p in ema.profiles] == ["ema", "ema:0.9", "ema:std=0.1"]  # the repeated 0.5 is dropped
+    assert [p.prefix for p in ema.profiles] == ["ema", "ema_0p9", "ema_std0p1"]
+    initial = {n: p.detach().double().clone() for n, p in net.named_parameters() if p.requires_grad}
+    weights = [1.0, -2.0, 3.5, 0.25, 10.0, 4.0]
+    fixed = {0.5: dict(initial), 0.9: dict(initial)}
+    for value in weights:
+        set_weights(net, value)
+        ema.update(net)
+        for d, ref in fixed.items():
+            for name in ref:
+                ref[name] = d * ref[name] + (1 - d) * value
+    for shadow, d in zip(ema.shadows[:2], (0.5, 0.9)):
+        for name, s in zip(ema.names, shadow):
+            torch.testing.assert_close(s.double(), fixed[d][name], rtol=1e-6, atol=1e-6)
+    # The power-function EMA after N updates is sum_i w_i (i^(g+1) - (i-1)^(g+1)) / N^(g+1) (Karras et al. 2024,
+    # eq. 2 in discrete form): independent of the initial weights, since its first update has decay 0.
+    g, n = power_exponent(0.1), len(weights)
+    expected = sum(w * (i ** (g + 1) - (i - 1) ** (g + 1)) for i, w in enumerate(weights, start=1)) / n ** (g + 1)
+    for s in ema.shadows[2]:
+        torch.testing.assert_close(s.double(), torch.full_like(s.double(), expected), rtol=1e-5, atol=1e-5)
+    target = Net(seed=3)
+    ema.copy_to(target, "ema:std=0.1")
+    assert torch.equal(target.linear.weight, ema.shadows[2][0])
+    ema.copy_to(target, "ema:0.5")  # the default profile by its decay
+    assert torch.equal(target.linear.weight, ema.shadows[0][0])
+
+
+def test_profiles_round_trip_and_match_by_value(tmp_path):
+    cfg = EMAConfig(decay=0.99, extra_decays=[0.999], power_stds=[0.05, 0.1])
+    net = Net()
+    ema = EMA(net, cfg)
+    for value in (1.0, 2.0, 3.0):
+        set_weights(net, value)
+        ema.update(net)
+    tensors, meta = ema.state_tensors(), json.loads(json.dumps(ema.state_meta()))
+    assert len(tensors) == 4 * len(ema.names) and "ema_std0p05.linear.weight" in tensors
+    assert [p["name"] for p in meta["profiles"]] == ["ema", "ema:0.999", "ema:std=0.05", "ema:std=0.1"]
+    assert meta["profiles"][3]["gamma"] == pytest.approx(6.9372, abs=1e-4)
+    save_file(tensors, tmp_path / "ema.safetensors")
+    loaded = load_file(tmp_path / "ema.safetensors")
+
+    # Another order and a subset: every profile finds its own tensors by value.
+    restored = EMA(Net(seed=5), EMAConfig(decay=0.99, power_stds=[0.1, 0.05]))
+    restored.load(loaded, meta)
+    by_name = dict(zip([p.name for p in ema.profiles], ema.shadows))
+    for profile, shadow in zip(restored.profiles, restored.shadows):
+        assert all(torch.equal(a, b) for a, b in zip(shadow, by_name[profile.name]))
+    assert restored.num_updates == 3
+    with pytest.raises(ConfigError, match="no EMA profile ema:0.9999"):
+        EMA(Net(), EMAConfig(decay=0.99, extra_decays=[0.9999])).load(loaded, meta)
+
+
+def test_a_checkpoint_from_before_profiles_loads():
+    """`ema` metadata without `profiles` (one decay, tensors ema.*) still loads and is picked by --weights."""
+    old = EMA(Net(), EMAConfig(decay=0.9))
+    meta = {k: v for k, v in old.state_meta().items() if k != "profiles"}
+    assert checkpoint_profiles(meta) == [{"name": "ema", "tensors": "ema", "decay": 0.9}]
+    EMA(Net(seed=2), EMAConfig(decay=0.9)).load(old.state_tensors(), meta)
+    assert weights_prefix(meta, "ema") == weights_prefix(meta, "ema:0.9") == "ema"
+    assert weights_prefix(meta, "raw") == "unet"
+
+
+def test_weights_names_resolve_or_fail_naming_the_profiles():
+    meta = EMA(Net(), EMAConfig(decay=0.995, extra_decays=[0.9999], power_stds=[0.1])).state_meta()
+    assert weights_prefix(meta, "ema:0.9999") == "ema_0p9999"
+    assert weights_prefix(meta, "ema:std=0.1") == weights_prefix(meta, "ema:std=0.10") == "ema_std0p1"
+    assert weights_prefix(meta, "ema:0.995") == "ema"
+    with pytest.raises(ConfigError, match=r"no EMA profile 'ema:0.5' .*it has: raw, ema \(decay 0.995\), "
+                                          r"ema:0.9999, ema:std=0.1"):
+        weights_prefix(meta, "ema:0.5")
+    for bad in ("ema:fast", "best", "ema:std=x"):
+        with pytest.raises(ConfigError, match=r"^--weights: expected ema \| raw \| ema:DECAY \| ema:std=SIGMA_REL"):
+            weights_prefix(meta, bad)
+
+
+@pytest.mark.parametrize("changes, key", [({"extra_decays": [1.0]}, "ema.extra_decays"),
+                                          ({"extra_decays": ["0.9"]}, "ema.extra_decays"),
+                                          ({"power_stds": [0.3]}, "ema.power_stds"),
+                                          ({"power_stds": [0.0]}, "ema.power_stds")])
+def test_bad_profiles_fail_naming_the_key(changes, key):
+    with pytest.raises(ConfigError, match=f"^{key}: expected"):
+        profiles_of(EMAConfig(**changes))
+
+
+def test_update_with_ok_false_keeps_every_shadow():
+    """A skipped step (ok False on the device) leaves all profiles as they were; the schedule still advances."""
+    net = Net()
+    ema = EMA(net, EMAConfig(decay=0.5, warmup=False, extra_decays=[0.9], power_stds=[0.1]))
+    set_weights(net, 1.0)
+    ema.update(net, torch.tensor(True))
+    before = [[t.clone() for t in shadow] for shadow in ema.shadows]
+    set_weights(net, 5.0)
+    ema.update(net, torch.tensor(False))
+    assert ema.num_updates == 2
+    assert all(torch.equal(a, b) for old, new in zip(before, ema.shadows) for a, b in zip(old, new))
+    reference = EMA(Net(), EMAConfig(decay=0.5, warmup=False, extra_decays=[0.9], power_stds=[0.1]))
+    reference.num_updates = 2
+    reference.shadows = [[t.clone() for t in shadow] for shadow in before]
+    ema.update(net, torch.tensor(True))
+    reference.update(net)
+    assert all(torch.equal(a, b) for x, y in zip(ema.shadows, reference.shadows) for a, b in zip(x, y))

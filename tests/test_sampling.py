@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from ldm_ddp.sampling import ddim_sample, ddim_step, ddim_timesteps, make_grid, rescale_guidance
+from ldm_ddp.sampling import ddim_sample, ddim_step, ddim_timesteps, make_grid, make_side_by_side, rescale_guidance
 from ldm_ddp.schedule import NoiseSchedule
 
 T = 1000
@@ -164,3 +164,18 @@ def test_make_grid():
     assert grid.getpixel((2, 2)) == (255, 255, 255)  # first image, value 1
     assert grid.getpixel((2, 2 + 8 + 2)) == (0, 0, 0)  # fourth image (second row), value -1
     assert make_grid(images[:2], nrow=4).size == (2 * (6 + 2) + 2, 8 + 2 + 2)
+
+
+def test_make_side_by_side():
+    """Two batches (EMA, raw) -> their grids left to right with a white gap: equal positions, same prompt and seed."""
+    ema, raw = torch.ones(3, 3, 8, 6), torch.zeros(3, 3, 8, 6)
+    image = make_side_by_side([ema, raw], nrow=2, gap=5)
+    left = make_grid(ema, nrow=2)  # 2 x 2 cells, the last one empty
+    assert image.size == (2 * left.width + 5, left.height)
+    assert image.crop((0, 0, left.width, left.height)).tobytes() == left.tobytes()
+    assert image.getpixel((left.width + 2, 2)) == (255, 255, 255)  # the gap
+    x0 = left.width + 5
+    assert image.getpixel((x0, 0)) == (0, 0, 0)  # the raw grid's own padding
+    assert image.getpixel((x0 + 2, 2)) == (128, 128, 128)  # first raw image, value 0
+    assert image.getpixel((x0 + 2, 2 + 8 + 2)) == (128, 128, 128)  # third raw image (second row)
+    assert image.getpixel((x0 + 2 + 6 + 2, 2 + 8 + 2)) == (0, 0, 0)  # the empty fourth cell

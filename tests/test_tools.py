@@ -1,12 +1,20 @@
 """The tools around training: sample.py, evaluate_demo.py (also on a damaged checkpoint), plot_metrics.py,
-wandb offline."""
+wandb offline; picking an EMA profile in sample.py, export_diffusers.py and inspect_checkpoint.py."""
 
+import importlib.util
 import json
 
 import numpy as np
+import pytest
+import torch
+from conftest import REPO
 from PIL import Image
-
+from safetensors.torch import load_file
 from test_train import check, metrics
+
+from ldm_ddp.checkpoint import load_checkpoint, save_checkpoint
+from ldm_ddp.export import export_diffusers
+from ldm_ddp.models import load_trained
 
 
 def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script):
@@ -63,3 +71,77 @@ def test_wandb_offline_run_continues_after_restart(tmp_path, tiny_args, run_scri
     assert (out / "wandb_id.txt").read_text().strip() == run_id
     assert all(r.name.endswith(run_id) for r in (out / "wandb").glob("offline-run-*"))
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def run_main(script: str, *args) -> int:
+    """scripts/<script>.py's main() in this process (no interpreter start-up): -> its exit code."""
+    spec = importlib.util.spec_from_file_location(f"script_{script}", REPO / "scripts" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", [script, *map(str, args)])
+        return module.main()
+
+
+def rewrite(ckpt, out_dir, change) -> str:
+    """A copy of `ckpt` in out_dir after change(tensors, meta); -> its path."""
+    tensors, meta = load_checkpoint(ckpt)
+    change(tensors, meta)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "step", "integrity")}  # the format's own keys
+    return str(save_checkpoint(out_dir, 2, tensors, meta))
+
+
+def add_profiles(tensors, meta) -> None:
+    """Two more EMA profiles with known contents: ema:0.9 holds the raw weights, ema:std=0.1 the default EMA's."""
+    names = [k[4:] for k in tensors if k.startswith("ema.")]
+    tensors.update({f"ema_0p9.{n}": tensors[f"unet.{n}"].clone() for n in names})
+    tensors.update({f"ema_std0p1.{n}": tensors[f"ema.{n}"].clone() for n in names})
+    meta["ema"]["profiles"] += [{"name": "ema:0.9", "tensors": "ema_0p9", "decay": 0.9},
+                                {"name": "ema:std=0.1", "tensors": "ema_std0p1", "std": 0.1, "gamma": 6.9372}]
+
+
+def test_pick_an_ema_profile_in_sample_export_and_inspect(tmp_path, trained_run, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    ckpt = rewrite(trained_run / "checkpoints" / "step_0000002.safetensors", tmp_path / "profiles", add_profiles)
+    tensors, _ = load_checkpoint(ckpt)
+    for weights, prefix in (("raw", "unet"), ("ema", "ema"), ("ema:0.9", "unet"), ("ema:std=0.1", "ema")):
+        _, unet, _ = load_trained(ckpt, weights, torch.device("cpu"))
+        assert all(torch.equal(v, tensors[f"{prefix}.{k}"]) for k, v in unet.state_dict().items()), weights
+    assert not torch.equal(tensors["unet.conv_in.weight"], tensors["ema.conv_in.weight"])
+    assert run_main("sample", ckpt, "--prompt", "a large red circle in the center", "--n", "1", "--steps", "2",
+                    "--weights", "ema:std=0.1", "--out", tmp_path / "std.png") == 0
+    assert Image.open(tmp_path / "std.png").size == (68, 68)
+    capsys.readouterr()
+    assert run_main("sample", ckpt, "--prompt", "a red circle", "--weights", "ema:0.5") == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no EMA profile 'ema:0.5'" in error[0] and "ema:0.9, ema:std=0.1" in error[0]
+
+    export_diffusers(ckpt, str(tmp_path / "export"), "fp32", "ema:0.9")
+    exported = load_file(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, tensors[f"unet.{k}"]) for k, v in exported.items())  # ema:0.9 holds the raw weights
+
+    capsys.readouterr()
+    assert run_main("inspect_checkpoint", ckpt, "--no-verify") == 0
+    report = capsys.readouterr().out
+    assert "EMA profiles  2 updates" in report  # two steps, an EMA update each
+    for line in ("ema            decay 0.995 with warmup", "ema:0.9        decay 0.9 with warmup",
+                 "ema:std=0.1    power function, sigma_rel 0.1 (gamma 6.94)", "tensors ema_std0p1.*"):
+        assert line in report, report
+    assert run_main("inspect_checkpoint", ckpt, "--json") == 0
+    described = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in described["ema_profiles"]] == ["ema", "ema:0.9", "ema:std=0.1"]
+
+
+def test_a_checkpoint_from_before_ema_profiles_still_loads(tmp_path, trained_run, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+
+    def drop_profiles(tensors, meta):
+        del meta["ema"]["profiles"]
+
+    old = rewrite(trained_run / "checkpoints" / "step_0000002.safetensors", tmp_path / "old", drop_profiles)
+    _, unet, _ = load_trained(old, "ema:0.995", torch.device("cpu"))
+    tensors, _ = load_checkpoint(old)
+    assert torch.equal(unet.conv_in.weight, tensors["ema.conv_in.weight"])
+    assert run_main("inspect_checkpoint", old, "--no-verify") == 0
+    report = capsys.readouterr().out
+    assert "ema            decay 0.995" in report and "ema:" not in report.split("tensor groups")[0]
