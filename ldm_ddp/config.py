@@ -34,7 +34,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes (built-in) | shards (scripts/make_shards.py) | folder | parquet | webdataset | hf
+    source: str = "shapes"  # shapes (built-in) | shards (make_shards.py) | latents (precompute_latents.py) | folder
+    # | parquet | webdataset | hf
     path: str = ""  # local path or fsspec URL. shards: folder with index.json; folder: image folder (captions in
     # metadata.jsonl, metadata.csv or <image>.txt); parquet: folder of *.parquet, glob or comma-separated files;
     # webdataset: shards-{000..009}.tar or a folder; hf: save_to_disk folder, data file/folder or hub name
@@ -105,6 +106,9 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the UNet
     num_threads: int = 0  # torch CPU threads per process; 0 = torch default
+    startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done, and while a save runs
+    collective_timeout_s: float = 120.0  # s; afterwards: a rank whose peer died or hangs stops within this
+    max_consecutive_skips: int = 10  # steps in a row with non-finite loss/gradients (skipped) before the run stops
 
 
 @dataclass
@@ -112,6 +116,7 @@ class CkptConfig:
     every: int = 250  # optimizer steps between checkpoints (and one at the end)
     keep: int = 3  # checkpoints kept; the newest valid one is never deleted
     resume: str = "auto"  # auto (newest valid in out_dir) | none | path to a checkpoint
+    on_save_error: str = "stop"  # a save fails (disk full, I/O error): stop (exit 5) | continue (warn, retry later)
 
 
 @dataclass
@@ -169,11 +174,12 @@ class Config:
 
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
-    "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf"),
+    "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"),
     "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "optim.schedule": ("constant", "cosine"), "train.precision": ("bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
+    "ckpt.on_save_error": ("stop", "continue"),
     "log.progress": ("auto", "bar", "lines"), "sample.spacing": ("leading", "trailing"),
 }
 
@@ -288,6 +294,7 @@ def validate(cfg: Config) -> None:
     positive = ["data.resolution", "data.batch_per_gpu", "train.max_steps", "train.grad_accum",
                 "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps",
                 "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches",
+                "train.startup_timeout_s", "train.collective_timeout_s", "train.max_consecutive_skips",
                 "data.max_image_pixels"]
     for key in positive:
         section, name = key.split(".")

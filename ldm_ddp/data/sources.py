@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..config import DataConfig
 from .folder import ImageFolderSource
 from .hf import HFDatasetSource, HFStreamSource
+from .latents import LatentSource
 from .parquet import ParquetSource
 from .shapes import ShapesSource
 from .shards import ShardsSource
@@ -19,6 +20,8 @@ def build_source(cfg: DataConfig):
     """The configured source (data.source)."""
     if cfg.source == "shapes":
         return ShapesSource(seed=cfg.shapes_seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
+    if cfg.source == "latents":
+        return LatentSource(cfg.path, cfg.seed)
     if cfg.source == "shards":
         return ShardsSource(cfg.path, cfg.seed, cfg.bad_shard)
     if cfg.source == "folder":

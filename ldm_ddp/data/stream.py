@@ -127,7 +127,20 @@ class ShardedStream(IterableDataset):
             return self._reader.key(index)
         return self.source.key(index) if hasattr(self.source, "key") else f"index {index}"
 
+    def latent_batch(self, k: int) -> dict:
+        """From a latent cache: moments and token ids; the flip is the transform's draw for the position."""
+        items = []
+        for position in self.positions(k):
+            rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
+            flip = self.transform.random_flip and rng.random() < 0.5  # the draw ImageTransform makes (centre crop)
+            items.append(self.source.latent_item(self.order.index(position), flip))
+        return {"moments": torch.stack([i["moments"] for i in items]),
+                "input_ids": torch.stack([i["input_ids"] for i in items]), "captions": [],
+                "keys": [i["key"] for i in items], "bad": [], "k": k}
+
     def micro_batch(self, k: int) -> dict:
+        if getattr(self.source, "latent", False):
+            return self.latent_batch(k)
         samples, bad = [], []
         for position in self.positions(k):
             sample, failures = (self.load_streamed(position) if self.sequential

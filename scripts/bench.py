@@ -1,0 +1,240 @@
+"""GPU speed, side by side in one run: the bare UNet training step vs the real trainer, fed from the latent
+cache and from online VAE encoding; SD1.5 UNet; one GPU and several under torchrun.
+
+    python scripts/bench.py [--gpus 1 2] [--res 256 512] [--batch 256=64 512=16] [--steps 40] [--compile]
+        [--pretrained DIR] [--work DIR] [--json OUT.json]
+
+Without --pretrained it writes a random-init SD1.5-shaped VAE, 12-layer CLIP text encoder and a
+77-token tokenizer (same shapes and FLOPs as the real ones; no download). It makes pre-resized
+JPEGs, caches their latents with scripts/precompute_latents.py, then for each resolution and GPU count:
+  bare     scripts/bench.py --worker under torchrun: UNet forward + backward (bf16 autocast,
+           channels-last), grad clip, fused AdamW, EMA, on random tensors; DDP as the trainer wraps it
+  cache    scripts/train.py --data.source=latents (the trainer: loader, text encoder, draws, metrics)
+  online   scripts/train.py --data.source=folder (the VAE encodes each batch)
+img/s come from steady-state steps (the first log interval, with compilation, is dropped). MFU counts
+the UNet's training FLOPs (torch.utils.flop_counter) against 989 TFLOP/s (H100 SXM dense bf16) and
+against this card's measured bf16 matmul rate.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _path  # noqa: F401
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+H100_PEAK = 989.0
+
+
+def make_bundle(root: Path) -> Path:
+    """A random-init SD1.5-shaped vae/, text_encoder/ and tokenizer/ (77 tokens) in `root`."""
+    if (root / "vae" / "config.json").is_file():
+        return root
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_ddp.data.shapes import vocabulary
+    from ldm_ddp.models import write_demo_text_encoder
+    write_demo_text_encoder(root, vocabulary(), max_length=77)  # its tokenizer; the encoder is replaced below
+    vocab = len(json.loads((root / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+                  ).save_pretrained(root / "text_encoder")
+    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                  block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512,
+                  scaling_factor=0.18215).save_pretrained(root / "vae")
+    return root
+
+
+def make_images(root: Path, count: int, resolution: int) -> Path:
+    """`count` photo-like JPEGs, shorter side `resolution` (as make_shards.py --resize leaves them), captioned."""
+    from PIL import Image
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        path = root / f"{i:05d}.jpg"
+        if not path.is_file():
+            rng = np.random.default_rng(i)
+            size = (resolution * 5 // 4, resolution) if i % 2 else (resolution, resolution * 4 // 3)
+            field = Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+            pixels = np.asarray(field, np.float32) + rng.normal(0, 10, (size[1], size[0], 1))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        rows.append(json.dumps({"file_name": path.name, "text": f"a large red circle in the center {i % 7}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def torchrun(nproc: int, script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                                   if nproc > 1 else [])
+    done = subprocess.run(launcher + [str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode:
+        raise RuntimeError(f"{script} {' '.join(args[:3])} ... failed:\n{done.stderr[-4000:]}")
+    return done
+
+
+def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
+    """Run the real trainer for args.steps steps; -> steady-state figures from its metrics.jsonl."""
+    every = max(1, args.steps // 4)
+    run_args = [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
+                f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
+                "--sample.every=0", f"--ckpt.every={10 * args.steps}", "--ckpt.resume=none", "--log.progress=lines",
+                f"--train.compile={str(args.compile).lower()}", *data]
+    start = time.perf_counter()
+    torchrun(nproc, "scripts/train.py", run_args, timeout=1800)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if "img_per_s" in r][1:-1] or [r for r in records if "img_per_s" in r][-1:]
+    return {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
+            "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
+            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records), "wall_s": time.perf_counter() - start}
+
+
+# --- worker: the bare step, one process per GPU -----------------------------------------------------------
+
+def matmul_tflops(device) -> float:
+    """This card's bf16 dense matmul rate: 8192^3 products, best of a few timed batches."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    best = 0.0
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, 20 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def bare_worker(args) -> None:
+    from ldm_ddp import dist
+    from ldm_ddp.config import EMAConfig, ModelConfig
+    from ldm_ddp.ema import EMA
+    from ldm_ddp.metrics import count_train_flops
+    from ldm_ddp.models import build_unet
+
+    device = dist.init("cuda")
+    res, batch = args.res[0], args.worker_batch
+    h = res // 8
+    unet = build_unet(ModelConfig(unet="sd15"), h, 768).to(device).to(memory_format=torch.channels_last)
+    context = torch.randn(batch, 77, 768, device=device)
+    flops_per_image = count_train_flops(unet, context[:1], autocast=True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+    ema = EMA(unet, EMAConfig(decay=0.9999))
+    model = dist.wrap_ddp(unet)
+    if args.compile:
+        model = torch.compile(model)
+    x_t = torch.randn(batch, 4, h, h, device=device).to(memory_format=torch.channels_last)
+    v_target = torch.randn_like(x_t)
+    t = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            v_pred = model(x_t, t, context).sample
+        torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(unet)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    elapsed = torch.tensor([time.perf_counter() - t0], device=device)
+    elapsed = float(dist.all_gather_tensor(elapsed).max())
+    peak = matmul_tflops(device)
+    world = dist.world_size()
+    if dist.is_main():
+        img_per_s = args.steps * batch * world / elapsed
+        print("BENCH " + json.dumps({
+            "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30, "card": torch.cuda.get_device_name()}))
+    dist.shutdown()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1])
+    parser.add_argument("--res", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--batch", nargs="+", default=["256=64", "512=16"], help="per-GPU batch by resolution")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps (trainer: steps per run)")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed bare steps first")
+    parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (bare and trainer)")
+    parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"])
+    parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
+    parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
+    parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-batch", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        bare_worker(args)
+        return 0
+    work, batches = Path(args.work), {int(k): int(v) for k, v in (b.split("=") for b in args.batch)}
+    args.pretrained = args.pretrained or str(make_bundle(work / "bundle"))
+    rows = []
+    for res in args.res:
+        batch = batches[res]
+        images = make_images(work / f"images_{res}", args.images, res)
+        cache = work / f"latents_{res}"
+        if "cache" in args.parts and not (cache / "manifest.json").is_file():
+            torchrun(max(args.gpus), "scripts/precompute_latents.py",
+                     [str(cache), f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}",
+                      "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"], 1800)
+        for gpus in args.gpus:
+            row = {"res": res, "gpus": gpus, "batch_per_gpu": batch}
+            if "bare" in args.parts:
+                out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
+                                                          "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                               + (["--compile"] if args.compile else []), 1800).stdout
+                row["bare"] = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
+            if "cache" in args.parts:
+                row["cache"] = trainer(args, gpus, res, batch, ["--data.source=latents", f"--data.path={cache}"],
+                                       work / f"run_cache_{res}_{gpus}")
+            if "online" in args.parts:
+                row["online"] = trainer(args, gpus, res, batch, ["--data.source=folder", f"--data.path={images}",
+                                                                 f"--data.num_workers={args.online_workers}"],
+                                        work / f"run_online_{res}_{gpus}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'res':>4} {'gpus':>4} {'batch':>5}  {'path':<7} {'img/s':>8} {'/GPU':>7} {'MFU989':>7} {'MFUmm':>6} "
+          f"{'vs bare':>7} {'wait':>5} {'mem GiB':>7}")
+    for row in rows:
+        bare = row.get("bare", {})
+        for path in ("bare", "cache", "online"):
+            if path not in row:
+                continue
+            r, gpus = row[path], row["gpus"]
+            per_gpu = r["img_per_s"] / gpus
+            tflops = per_gpu * bare.get("flops_per_image", 0) / 1e12
+            mfu_mm = tflops / bare["matmul_tflops"] if bare.get("matmul_tflops") else float("nan")
+            versus = r["img_per_s"] / bare["img_per_s"] if bare else float("nan")
+            print(f"{row['res']:>4} {gpus:>4} {row['batch_per_gpu']:>5}  {path:<7} {r['img_per_s']:>8.1f} "
+                  f"{per_gpu:>7.1f} {tflops / H100_PEAK:>7.1%} {mfu_mm:>6.1%} {versus:>7.1%} "
+                  f"{r.get('data_wait_share', 0):>5.1%} {r['peak_mem_gib']:>7.1f}")
+    card = next((row["bare"]["card"] for row in rows if "bare" in row), "")
+    print(f"card: {card}" if card else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
