@@ -17,9 +17,10 @@ import os
 import re
 import subprocess
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import safe_open, save_file
@@ -78,6 +79,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, its I/O failures (disk full, quota, file size limit, EIO) raised as OSError."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as e:  # SafetensorError("Error while serializing: I/O error: ... (os error 28)")
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), f"{os.strerror(int(code[1]))} (writing {path.name})") from e
+
+
 def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write `tensors` and JSON `meta` atomically to <ckpt_dir>/step_<step>.safetensors. -> its path."""
     clash = [k for k in _RESERVED if k in meta]
@@ -93,7 +105,7 @@ def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta:
     path = checkpoint_path(ckpt_dir, step)
     tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"
     try:
-        save_file(cpu, tmp, metadata=raw)
+        _write(cpu, tmp, raw)
         _fsync(tmp)
         os.replace(tmp, path)  # the file counts only once it has its final name
     except BaseException:
@@ -148,7 +160,8 @@ def _read(path: Path, with_tensors: bool) -> tuple[dict[str, str], dict[str, tor
     try:
         # Tensors are copy-on-write maps of the file: hashing them reads the page cache, no copy.
         with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+            names = f.keys()  # a list: safe_open itself is not iterable
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in names} if with_tensors else {}
     except Exception as e:  # safetensors' own error type, OSError, ...: all mean "unreadable"
         raise CheckpointError(f"{path.name}: unreadable ({_one_line(e)})") from e
 
@@ -298,12 +311,12 @@ def versions() -> dict[str, str]:
     for lib in ("diffusers", "transformers", "safetensors"):
         try:
             found[lib] = importlib.metadata.version(lib)
-        except Exception:
+        except Exception:  # noqa: BLE001 (any failure to read it means the same: unknown here)
             found[lib] = "not installed"
     try:
         found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, timeout=10,
                                              capture_output=True, text=True, check=True).stdout.strip() or "unknown"
-    except Exception:  # no git, not a checkout, timeout: the version strings still identify the code
+    except Exception:  # noqa: BLE001 (no git, not a checkout, timeout: the version strings identify the code)
         found["git_commit"] = "unknown"
     return found
 

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from . import dist
+from . import dist, faults
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 
 
 def run_training(doc: str, default_preset: str, train: Callable[[Config], object]) -> int:
     """Parse `--preset/--config/--dry-run` and `--section.key=value`, then run `train(cfg)`; -> exit code.
 
-    A bad config (or one the run finds unusable before its first step) is one line on stderr, exit 2.
+    A bad config, a refused resume or an unreadable checkpoint asked for by path is one line on stderr, exit 2.
+    A run that stops on purpose (preemption, non-finite steps, a failed save) or because another rank died or
+    hung says why in one line and exits with its code (faults.py lists them); rank 0 prints the planned stops.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=default_preset, help=f"named recipe in ldm_ddp/presets "
@@ -29,6 +33,22 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except faults.Stop as err:
+        if dist.is_main():
+            print(err, file=sys.stderr, flush=True)
+        return err.exit_code
+    except Exception as err:
+        line = dist.peer_failure(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The process group is broken: tearing it down can wait forever on a collective that will never end
+        # (NCCL), so leave at once; DataLoader workers notice their parent is gone and end too.
+        os._exit(faults.EXIT_PEER_FAILURE)
     finally:
         dist.shutdown()
     return 0

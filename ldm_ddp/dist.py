@@ -3,9 +3,14 @@
 Works without a launcher: with no RANK/WORLD_SIZE in the environment it is one process,
 and every collective below is a no-op, so tests and one-GPU runs need no torchrun.
 Collectives must be called on every rank; `is_main()` guards only printing and files.
+
+Two process groups: the default one (NCCL on GPU, gloo on CPU) for DDP and tensor reductions, and a gloo
+"control" group for the small host-side agreements made every step (preemption flag, save outcome): a
+gloo all-reduce of a CPU tensor never waits for the GPU, so agreeing costs no device sync.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -13,30 +18,71 @@ import torch
 import torch.distributed as dist
 
 _device = torch.device("cpu")
+_control = None  # the gloo group of the host-side agreements (the default group itself on CPU)
+_timeout_s = 0.0  # the collective timeout now in force
 
 
 def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
     """Join the process group if launched by torchrun (NCCL on GPU, gloo on CPU); -> this rank's device."""
-    global _device
+    global _device, _control, _timeout_s
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device: cuda was asked for but torch.cuda.is_available() is False")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
         _device = torch.device("cuda", local_rank)
     else:
         _device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
                                 device_id=_device if use_cuda else None)
+        _control = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else dist.group.WORLD
+        _timeout_s = timeout_s
     return _device
 
 
+def set_timeout(timeout_s: float) -> None:
+    """Collectives started from now on fail after `timeout_s` seconds (every group of this rank; a local call).
+
+    gloo raises in the waiting call; NCCL's watchdog aborts the process. Either way a rank whose peer died or
+    hangs stops within the timeout instead of waiting forever.
+    """
+    global _timeout_s
+    if dist.is_initialized() and timeout_s != _timeout_s:
+        for group in dict.fromkeys([dist.group.WORLD, _control]):  # one group on CPU, two on GPU
+            dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
+        _timeout_s = timeout_s
+
+
+@contextlib.contextmanager
+def timeout(timeout_s: float):
+    """`set_timeout` for the duration of a block (e.g. a save, where ranks wait while rank 0 writes)."""
+    before = _timeout_s
+    set_timeout(timeout_s)
+    try:
+        yield
+    finally:
+        set_timeout(before)
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """One line if `err` is a collective that failed because another rank died, hung or went away; else None."""
+    text = " ".join(str(err).split())
+    # gloo raises plain RuntimeErrors whose text starts with its source path; the c10d errors have their own types.
+    if not (isinstance(err, dist.DistError) or "/gloo/" in text):
+        return None
+    return (f"rank {rank()}: a collective failed ({text[:300]}); another rank died, hung or exited, or "
+            f"waited more than the collective timeout ({_timeout_s:g} s). A restart resumes from the newest "
+            "valid checkpoint.")
+
+
 def shutdown() -> None:
+    global _control
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def device() -> torch.device:
@@ -72,6 +118,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max_ints(values: list[int]) -> list[int]:
+    """Element-wise max over ranks of a few host integers, on the gloo control group (no device sync)."""
+    if not dist.is_initialized():
+        return list(values)
+    box = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control)
+    return box.tolist()
+
+
+def all_gather_str(text: str) -> list[str]:
+    """`text` from every rank, in rank order (UTF-8 bytes, padded to the longest, on the control group)."""
+    if not dist.is_initialized():
+        return [text]
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(data)]), group=_control)
+    longest = max(1, *(int(n) for n in sizes))
+    parts = [torch.zeros(longest, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(parts, torch.cat([data, torch.zeros(longest - len(data), dtype=torch.uint8)]), group=_control)
+    return [bytes(part[:int(n)].tolist()).decode() for part, n in zip(parts, sizes)]
 
 
 def broadcast_int(value: int) -> int:

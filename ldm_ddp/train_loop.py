@@ -15,14 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, dist
+from . import checkpoint, dist, faults
 from .config import Config, ConfigError, OptimConfig, resolve_batch
+from .data.latents import cache_fingerprint
 from .data.sources import build_source
 from .data.stream import ShardedStream, make_loader
 from .data.transforms import ImageTransform
 from .ema import EMA
 from .metrics import Metrics, start_wandb
 from .models import build_unet, load_frozen
+from .resume import architecture, check_resumable, record_resume, resume_point
 from .sampling import generate, make_grid
 from .schedule import NoiseSchedule, sample_noise
 
@@ -47,35 +49,13 @@ def unet_param_names(unet: torch.nn.Module) -> dict:
     return {id(p): n for n, p in unet.named_parameters()}
 
 
-def resume_point(cfg: Config, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to resume from (chosen on rank 0, agreed by all ranks), or None."""
-    if cfg.ckpt.resume == "none":
-        return None
-    if cfg.ckpt.resume != "auto":
-        return Path(cfg.ckpt.resume)
-    step = -1
-    if dist.is_main():
-        checkpoint.remove_stale_temp_files(ckpt_dir) if ckpt_dir.exists() else None
-        path = checkpoint.find_latest_valid(ckpt_dir) if ckpt_dir.exists() else None
-        step = int(checkpoint.read_metadata(path)["step"]) if path else -1
-    step = dist.broadcast_int(step)
-    return checkpoint.checkpoint_path(ckpt_dir, step) if step >= 0 else None
-
-
-def check_resumable(meta: dict, global_batch: int, fingerprint: str, path: Path) -> None:
-    """Refuse a checkpoint whose data order cannot continue (one line naming the difference)."""
-    data = meta["data"]
-    if data["global_batch"] != global_batch:
-        raise ConfigError(f"{path.name}: global batch {data['global_batch']} in the checkpoint, {global_batch} now "
-                          "(train.global_batch must match to continue the same sample sequence)")
-    if data["fingerprint"] != fingerprint:
-        raise ConfigError(f"{path.name}: data fingerprint {data['fingerprint']} in the checkpoint, {fingerprint} now")
-
-
 def train(cfg: Config) -> dict:
     """Train until cfg.train.max_steps; resumes from the newest valid checkpoint. -> last metrics."""
     # --- Distributed setup and run folder -------------------------------------------------------
-    device = dist.init(cfg.train.device)
+    device = dist.init(cfg.train.device, cfg.train.startup_timeout_s)
+    # From here on SIGTERM / SIGUSR1 mean "save at the next step and exit". Not before: a rendezvous can wait
+    # for minutes, and a process that has nothing to save yet may as well end at once.
+    preemption = faults.Preemption()
     rank, world = dist.rank(), dist.world_size()
     grad_accum, global_batch = resolve_batch(cfg, world)
     if cfg.train.num_threads:
@@ -100,33 +80,40 @@ def train(cfg: Config) -> dict:
         unet.to(memory_format=torch.channels_last)
     schedule = NoiseSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.beta_schedule,
                              cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.zero_terminal_snr)
+    # Fused AdamW (CPU and GPU) skips a non-finite step on the device, without a host sync (faults.optimizer_step).
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-                                  fused=on_cuda and cfg.optim.fused)
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     ema = EMA(unet, cfg.ema)
     uncond = frozen.encode_prompts(frozen.tokenize([""]))  # [1, L, D]: the dropped-caption context
     sampler_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # live samples; the train copy stays put
 
     # --- Resume: weights, optimizer moments, EMA and the step; data and draws follow from the step --
     source = build_source(cfg.data)
-    step = 0
+    if getattr(source, "latent", False):  # a cache made for another VAE, tokenizer or image rule is refused
+        source.check_matches(cache_fingerprint(frozen, cfg.data, cfg.model.frozen_dtype))
+    fingerprint, arch = source.fingerprint(), architecture(unet, frozen)
+    faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here, not trained around
+    step, skipped_before = 0, 0
     resume_path = resume_point(cfg, ckpt_dir)
     if resume_path is not None:
         tensors, meta = checkpoint.load_checkpoint(resume_path)
-        check_resumable(meta, global_batch, source.fingerprint(), resume_path)
+        changes = check_resumable(meta, cfg, arch, global_batch, fingerprint, resume_path)  # refuses drift
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         ema.load(tensors, meta["ema"])
         checkpoint.load_optimizer_tensors(optimizer, dict(unet.named_parameters()), tensors, meta["optim"])
-        step = int(meta["step"])
+        step, skipped_before = int(meta["step"]), meta.get("faults", {}).get("skipped_steps", 0)
         del tensors
-        if dist.is_main():
-            print(f"resumed from {resume_path} at step {step}", flush=True)
+        record_resume(out_dir, resume_path, step, changes)  # the safe changes (lr, max_steps, ...) on record
     start_step = step
+    guard = faults.NonFiniteGuard(cfg.train.max_consecutive_skips, skipped_before)
 
     # --- Data: this rank's slice of the global order, from the resumed step on ---------------------
     stream = ShardedStream(source, frozen.tokenize, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,
-                           rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data))
-    batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, pin_memory=on_cuda))
+                           rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data),
+                           cfg.data.shuffle_window)
+    loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, pin_memory=on_cuda)
+    loader.worker_init_fn = faults.shield_worker  # torchrun's and SLURM's SIGTERM reach the workers too
+    batches = iter(loader)
 
     # --- Training wrapper and logging ---------------------------------------------------------------
     model = dist.wrap_ddp(unet)
@@ -138,21 +125,47 @@ def train(cfg: Config) -> dict:
                       cfg.log.progress, wandb_run)
     last_record = None
 
-    def save() -> None:
+    def write_checkpoint() -> None:
+        tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+        tensors.update(ema.state_tensors())
+        optim_tensors, groups = checkpoint.optimizer_tensors(optimizer, unet_param_names(unet))
+        tensors.update(optim_tensors)
+        meta = {"samples_seen": step * global_batch, "config": cfg.to_dict(), "optim": groups,
+                "lr_schedule": {**vars(cfg.optim), "max_steps": cfg.train.max_steps, "lr_now": lr_at(
+                    cfg.optim, step, cfg.train.max_steps)},
+                "ema": ema.state_meta(), "world_size": world, "versions": checkpoint.versions(),
+                "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed, "global_batch": global_batch,
+                         "fingerprint": fingerprint, "source": cfg.data.source},
+                "architecture": arch, "faults": {"skipped_steps": guard.total}}
+        checkpoint.save_checkpoint(ckpt_dir, step, tensors, meta)
+
+    def save(must_commit: bool) -> None:
+        """Rank 0 writes the state of `step`; every rank learns whether it was committed. A failed write (disk
+        full, I/O error) leaves the previous checkpoint as the resume point, and ckpt.on_save_error says
+        whether the run goes on, the same on every rank; the final and the preemption saves must commit."""
+        path = checkpoint.checkpoint_path(ckpt_dir, step)
+        if step == start_step and path == resume_path:
+            return  # the state this run resumed from: committed already
+        error = ""
+        # The other ranks wait in the outcome's all-reduce while rank 0 writes: saves get the startup timeout.
+        with dist.timeout(cfg.train.startup_timeout_s):
+            if dist.is_main():
+                try:
+                    write_checkpoint()
+                except OSError as err:  # save_checkpoint removed its temp file; older checkpoints are untouched
+                    error = " ".join(str(err).split())
+                else:
+                    checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep, just_saved=path)  # a failed delete warns
+            failed = dist.all_reduce_max_ints([bool(error)])[0]  # also the barrier: the file is committed
+        if not failed:
+            return
+        kept = checkpoint.list_checkpoints(ckpt_dir)
+        lost = f"checkpoint {path.name} not saved ({error or 'see rank 0'}); " + (
+            f"{kept[-1].name} stays the resume point" if kept else "no checkpoint to resume from")
+        if must_commit or cfg.ckpt.on_save_error == "stop":
+            raise faults.SaveFailed(lost)
         if dist.is_main():
-            tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-            tensors.update(ema.state_tensors())
-            optim_tensors, groups = checkpoint.optimizer_tensors(optimizer, unet_param_names(unet))
-            tensors.update(optim_tensors)
-            meta = {"samples_seen": step * global_batch, "config": cfg.to_dict(), "optim": groups,
-                    "lr_schedule": {**vars(cfg.optim), "max_steps": cfg.train.max_steps, "lr_now": lr_at(
-                        cfg.optim, step, cfg.train.max_steps)},
-                    "ema": ema.state_meta(), "world_size": world, "versions": checkpoint.versions(),
-                    "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed, "global_batch": global_batch,
-                             "fingerprint": source.fingerprint(), "source": cfg.data.source}}
-            path = checkpoint.save_checkpoint(ckpt_dir, step, tensors, meta)
-            checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep, just_saved=path)
-        dist.barrier()  # every rank leaves only once the checkpoint is committed
+            print(f"warning: {lost}; training goes on (ckpt.on_save_error = continue)", flush=True)
 
     def sample_grid() -> None:
         """Live samples, prompts split across ranks (seed fixed per prompt, so any world size draws the
@@ -177,31 +190,45 @@ def train(cfg: Config) -> dict:
     # --- The loop: upkeep first, then one optimizer step ----------------------------------------------
     while True:
         done = step >= cfg.train.max_steps
-        if step > start_step and (step % cfg.log.every == 0 or done):
+        if step == start_step + 1:  # the first step is done: from now on a peer that dies or hangs stops us soon
+            dist.set_timeout(cfg.train.collective_timeout_s)
+        # A preemption signal to any rank stops every rank here, at the same step, after one more save.
+        stop = preemption.agreed(step, checkpoint.checkpoint_path(ckpt_dir, step))
+        upkeep = step > start_step
+        log_now = upkeep and (step % cfg.log.every == 0 or done or stop is not None)
+        if log_now:
             last_record = metrics.flush(step, lr_at(cfg.optim, step - 1, cfg.train.max_steps)) or last_record
-        if step > start_step and cfg.sample.every and (step % cfg.sample.every == 0 or done):
+        if upkeep and (log_now or step % cfg.ckpt.every == 0):
+            stop = stop or guard.check()  # reads the skipped-step flags here, where the loop syncs anyway
+        if upkeep and cfg.sample.every and (step % cfg.sample.every == 0 or done) and stop is None:
             sample_grid()
-        if step > start_step and (step % cfg.ckpt.every == 0 or done):
-            save()
+        if (upkeep and (step % cfg.ckpt.every == 0 or done)) or stop is not None:
+            save(must_commit=done or stop is not None)
+        if stop is not None:
+            metrics.close()
+            preemption.ignore()
+            raise stop
         if done:
             break
 
         lr = lr_at(cfg.optim, step, cfg.train.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        data_wait, bad, step_loss = 0.0, [], 0.0
+        data_wait, bad, keys, step_loss = 0.0, [], [], 0.0
         for micro in range(grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t0
-            bad += batch["bad"]
+            bad, keys = bad + batch["bad"], keys + batch["keys"]
             gen = step_generator(cfg.train.seed, step, rank, micro, device)
-            images = batch["images"].to(device, non_blocking=True)
-            latents = frozen.encode_images(images, gen)
+            if "moments" in batch:  # latent cache: the same posterior draw encode_images makes
+                latents = frozen.latents_from_moments(batch["moments"].to(device, non_blocking=True), gen)
+            else:
+                latents = frozen.encode_images(batch["images"].to(device, non_blocking=True), gen)
             context = frozen.encode_prompts(batch["input_ids"])
-            drop = torch.rand(len(images), generator=gen, device=device) < cfg.train.caption_dropout
+            drop = torch.rand(len(latents), generator=gen, device=device) < cfg.train.caption_dropout
             context = torch.where(drop[:, None, None], uncond, context)
-            t = torch.randint(0, schedule.num_train_timesteps, (len(images),), generator=gen, device=device)
+            t = torch.randint(0, schedule.num_train_timesteps, (len(latents),), generator=gen, device=device)
             noise = sample_noise(latents.shape, gen, device, cfg.diffusion.offset_noise)
             x_t, v_target = schedule.add_noise(latents, noise, t), schedule.v_target(latents, noise, t)
             # Gradients are all-reduced only on the last micro-batch (DDP's no_sync on the others).
@@ -213,17 +240,24 @@ def train(cfg: Config) -> dict:
                 loss = (loss_per_sample * schedule.loss_weights(t, cfg.diffusion.min_snr_gamma or None)).mean()
                 (loss / grad_accum).backward()
             step_loss = step_loss + loss.detach() / grad_accum
-            metrics.add_micro_batch(loss_per_sample, t)
+            metrics.add_micro_batch(loss_per_sample.nan_to_num(0.0, 0.0, 0.0), t)  # a skipped step's NaN stays out
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
+        # A NaN or Inf anywhere (any rank, any micro-batch) makes the all-reduced gradients' norm non-finite, the
+        # same on every rank: the update is skipped on the device (weights, moments, EMA untouched; the lr and
+        # EMA decay schedules still follow the step count), and nobody waits for the decision on the host.
+        ok = torch.isfinite(grad_norm)
+        faults.optimizer_step(optimizer, ok)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if ema.wants_update(step):
-            ema.update(unet)
+            faults.ema_update(ema, unet, ok)
         elif step < cfg.ema.start_step:
             ema.copy_from(unet)
-        metrics.add_step(step_loss, grad_norm, data_wait, bad)
+        metrics.add_step(torch.where(ok, step_loss, 0.0), torch.where(ok, grad_norm, 0.0), data_wait, bad,
+                         skipped=~ok)
+        guard.add(step, ~ok, keys)
 
     metrics.close()
     dist.barrier()
+    preemption.restore()
     return last_record or {}

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -304,7 +305,7 @@ def test_describe_groups_and_blocks(tmp_path, trained):
 
 def inspect(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "scripts/inspect_checkpoint.py", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_inspect_script(tmp_path, trained):
@@ -346,3 +347,26 @@ def test_odd_tensors_round_trip(tmp_path):
     tensors, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path, 1, odd, {}))
     for name, t in odd.items():
         assert tensors[name].dtype == t.dtype and torch.equal(tensors[name], t), name
+
+
+def test_a_real_write_error_is_an_oserror_and_leaves_no_trace(tmp_path, trained):
+    """The file size limit (EFBIG) makes the kernel refuse the write, as a full disk does (ENOSPC): safetensors
+    reports it as its own error type, save_checkpoint as the OSError it is, with the previous checkpoint intact."""
+    (previous,) = saved_steps(tmp_path, trained, [100])
+    before = previous.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))  # Python ignores SIGXFSZ: write fails
+    try:
+        with pytest.raises(OSError) as err:
+            saved_steps(tmp_path, trained, [200])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert err.value.errno == errno.EFBIG and "writing .step_0000200.safetensors.tmp-" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000100.safetensors"]
+    assert previous.read_bytes() == before
+
+
+def test_a_missing_file_is_refused_naming_it(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^step_0000005\.safetensors: unreadable \(") as err:
+        ckpt.load_checkpoint(tmp_path / "step_0000005.safetensors")
+    assert "\n" not in str(err.value)

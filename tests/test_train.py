@@ -48,7 +48,7 @@ def test_train_end_to_end(tmp_path, tiny_args, run_script):
             assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
         assert r["img_per_s"] > 0 and r["bad_samples"] == 0
     assert [r["lr"] for r in records] == [5e-4, 1e-3, 1e-3, 1e-3]  # warmup over 2 steps, then constant
-    assert len(re.findall(r"^step +\d+ +loss", stdout, re.M)) == 4
+    assert len(re.findall(r"^step +\d+ +loss", stdout, re.MULTILINE)) == 4
     grid = out / "samples" / "step_0000004.png"
     assert grid.is_file() and (out / "samples" / "step_0000002.png").is_file()
     assert Image.open(grid).size[0] >= 2 * 64  # two 64 px samples side by side
@@ -68,8 +68,8 @@ def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path,
     """2 gloo ranks: `steps` in one go == steps/2, then the same command again with max_steps=steps."""
     half = steps // 2
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = dict(train__grad_accum=grad_accum, ckpt__every=half, train__seed=3,
-                  ema__update_every=grad_accum, ema__start_step=1)
+    common = {"train__grad_accum": grad_accum, "ckpt__every": half, "train__seed": 3,
+              "ema__update_every": grad_accum, "ema__start_step": 1}
     check(run_script("scripts/train.py", *tiny_args(straight, train__max_steps=steps, data__num_workers=1, **common),
                      nproc=2, timeout=150))
     workers = 2 if grad_accum == 2 else 0
@@ -148,8 +148,8 @@ def test_live_samples_split_across_ranks_draw_the_same_grid(tmp_path, tiny_args,
     # and two-process runs sample from identical weights; the grid must not depend on how prompts are split.
     prompts = ["a large red circle in the center", "a small blue square in the top left",
                "a large green triangle in the bottom right"]
-    common = dict(train__max_steps=1, sample__every=1, sample__prompts=prompts, optim__lr=1e-20,
-                  optim__weight_decay=0.0, ckpt__every=1)
+    common = {"train__max_steps": 1, "sample__every": 1, "sample__prompts": prompts, "optim__lr": 1e-20,
+              "optim__weight_decay": 0.0, "ckpt__every": 1}
     grids = []
     for nproc in (1, 2):
         out = tmp_path / f"world{nproc}"

@@ -1,0 +1,185 @@
+"""What the loop does when something goes wrong: preemption signals, non-finite steps, and how the run stops.
+
+Exit codes of scripts/train.py, the same on every rank (under torchrun, its failure report names them):
+
+| code | meaning |
+|---|---|
+| 0 | finished |
+| 1 | an unexpected error (a traceback) |
+| 2 | a config error, a refused resume or an unreadable checkpoint asked for by path (one line) |
+| 3 | `train.max_consecutive_skips` non-finite steps in a row; the last good state was saved |
+| 4 | a collective failed or timed out: another rank died or hung (one line) |
+| 5 | a checkpoint could not be written and the run could not go on; the previous one is the resume point |
+| 75 | preempted (SIGTERM or SIGUSR1): a checkpoint was committed; run the same command again (EX_TEMPFAIL) |
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import torch
+
+from . import dist
+from .config import ConfigError
+
+EXIT_NON_FINITE, EXIT_PEER_FAILURE, EXIT_SAVE_FAILED, EXIT_PREEMPTED = 3, 4, 5, 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # torchrun and Kubernetes send SIGTERM; SLURM's --signal USR1
+
+
+class Stop(Exception):
+    """The run stops on purpose: a one-line message and the process's exit code."""
+    exit_code = 1
+
+
+class Preempted(Stop):
+    exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteLimit(Stop):
+    exit_code = EXIT_NON_FINITE
+
+
+class SaveFailed(Stop):
+    exit_code = EXIT_SAVE_FAILED
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag instead of ending the process (installed until `restore()`).
+
+    The flag is read only where all ranks agree on it (`agreed`, once per step), so every rank stops at the
+    same step and saves the same state, whichever rank the signal reached. A Python handler runs between
+    bytecodes and interrupted system calls are retried (PEP 475): a signal during a write changes nothing.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._note) for s in PREEMPTION_SIGNALS}
+
+    def _note(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, step: int, path) -> Preempted | None:
+        """Whether any rank got a signal (a collective: one small gloo all-reduce of a host integer, so it never
+        waits for the GPU); -> the stop to raise once `path`, the checkpoint of `step`, is committed."""
+        signum = dist.all_reduce_max_ints([self.signum])[0]
+        if not signum:
+            return None
+        return Preempted(f"preempted by {signal.Signals(signum).name} at step {step}: checkpoint {path.name} "
+                         "committed; run the same command again to resume")
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def ignore(self) -> None:
+        """For a run that has stopped and saved, and only exits: Python's shutdown would restore the default
+        action, and a late SIGTERM (torchrun's, once another rank has exited) would turn exit 75 into a kill."""
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def shield_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores preemption signals from anyone but its parent.
+
+    torchrun signals the whole process group (killpg), SLURM every process of the job, and a worker killed by
+    SIGTERM makes the training process raise wherever it is (even mid-save): the training process alone
+    decides, and ends its workers. Their parent's SIGTERM (multiprocessing ending daemon workers at exit) must
+    still end them, and a Python handler is not told who sent a signal: a thread takes SIGTERM synchronously
+    with sigwaitinfo, which is.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+    threading.Thread(target=_exit_on_parent_sigterm, daemon=True).start()
+
+
+def _exit_on_parent_sigterm() -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+        pass
+    os._exit(0)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """`optimizer.step()` unless `ok` (a device bool) is False; a skipped step leaves weights, moments and step
+    counts exactly as they were.
+
+    Fused AdamW decides on the device: `found_inf` (the input GradScaler uses) makes its kernel return early,
+    and the step counts it adds it subtracts again, so no host sync. The foreach and for-loop versions have no
+    such input and pay one host sync per step.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()
+        optimizer.step()
+    elif ok.item():
+        optimizer.step()
+
+
+@torch.no_grad()
+def ema_update(ema, module: torch.nn.Module, ok: torch.Tensor) -> None:
+    """`EMA.update` with each lerp weight times `ok`: a skipped step leaves every shadow as it was, on the device.
+
+    The decay schedule still advances: `num_updates` counts update slots, as the learning rate counts steps.
+    A tensor weight takes lerp's per-tensor path; a Python float weight would need `ok` on the host.
+    (Belongs in ema.py as an `ok` argument of EMA.update; kept here until that file grows one.)
+    """
+    params = dict(module.named_parameters())
+    current = [params[n].detach().float() for n in ema.names]
+    for profile, shadow in zip(ema.profiles, ema.shadows):
+        weight = ok.float() * (1.0 - profile.decay(ema.num_updates, ema.cfg.warmup))
+        torch._foreach_lerp_(shadow, current, [weight] * len(shadow))
+    ema.num_updates += 1
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; stops the run after `limit` in a row.
+
+    The per-step flags stay on the device until `check()`, which the loop calls where it syncs anyway (a log
+    line, a save): the run stops at most `log.every` - 1 steps after the limit, and since none of those steps
+    was applied its state is still the last good one. The flags are identical on every rank (the decision
+    comes from all-reduced gradients), so every rank stops at the same check.
+    """
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.in_a_row = limit, total, 0
+        self.run_start: tuple[int, list[str]] | None = None  # (step, this rank's keys) of the current bad run
+        self._pending: list[tuple[int, torch.Tensor, list[str]]] = []
+
+    def add(self, step: int, skipped: torch.Tensor, keys: list[str]) -> None:
+        """Step `step` (1-based) was skipped or not (a device bool); `keys` are this rank's samples of it."""
+        self._pending.append((step, skipped, keys))
+
+    def check(self) -> NonFiniteLimit | None:
+        """Read the flags since the last call (a host sync); -> the error to stop with once the limit is hit."""
+        if not self._pending:
+            return None
+        flags = torch.stack([skipped for _, skipped, _ in self._pending]).tolist()
+        hit = None
+        for (step, _, keys), skipped in zip(self._pending, flags):
+            self.total += skipped
+            self.in_a_row = self.in_a_row + 1 if skipped else 0
+            if self.in_a_row == 1:
+                self.run_start = (step, keys)
+            if self.in_a_row == self.limit and hit is None:
+                hit = step
+        self._pending = []
+        if hit is None:
+            return None
+        first, keys = self.run_start
+        by_rank = [json.loads(k) for k in dist.all_gather_str(json.dumps(keys))]  # every rank's part of the batch
+        named = "; ".join(f"rank {r}: {', '.join(k[:8])}" for r, k in enumerate(by_rank))
+        return NonFiniteLimit(f"non-finite loss or gradients in {self.limit} steps in a row (steps {first}-{hit}, "
+                              f"none applied; train.max_consecutive_skips = {self.limit}): stopped with the last good "
+                              f"state saved. Samples of step {first}: {named}")
+
+
+def check_same_data(fingerprint: str) -> None:
+    """Refuse to start when ranks see different data (e.g. a shard unreadable on one node): the global order
+    would differ between ranks. One line, the same on every rank."""
+    seen = dist.all_gather_str(fingerprint)
+    if len(set(seen)) > 1:
+        ranks = {f: [r for r, g in enumerate(seen) if g == f] for f in dict.fromkeys(seen)}
+        listed = "; ".join(f"{f} on rank(s) {', '.join(map(str, r[:8]))}{' ...' if len(r) > 8 else ''}"
+                           for f, r in ranks.items())
+        raise ConfigError(f"data: the ranks see different data sources ({listed}); every rank must read the same "
+                          "files (check data.path and that each node sees all of them)")

@@ -1,0 +1,105 @@
+"""Where a run resumes from, and whether it may: what changed since the checkpoint is refused or recorded.
+
+Refused (one line naming the difference), because the saved state would no longer mean the same thing:
+the architecture (UNet, VAE and text-encoder configs as built), the data fingerprint, the data seed and the
+global batch (the global sample order). Everything else (learning rate, total steps, logging, world size
+at the same global batch, library versions) is allowed, printed and appended to <out_dir>/resumes.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import checkpoint, dist
+from .config import Config, ConfigError
+
+_BOOKKEEPING = ("transformers_version", "torch_dtype", "dtype")  # and every "_"-prefixed key
+
+
+def resume_point(cfg: Config, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from (chosen on rank 0, agreed by all ranks), or None.
+
+    Temporary files of saves that a crash interrupted are removed first: nothing else is writing yet.
+    """
+    if cfg.ckpt.resume == "none":
+        return None
+    if cfg.ckpt.resume != "auto":
+        return Path(cfg.ckpt.resume)
+    step = -1
+    if dist.is_main() and ckpt_dir.exists():
+        checkpoint.remove_stale_temp_files(ckpt_dir)
+        path = checkpoint.find_latest_valid(ckpt_dir)
+        step = int(checkpoint.read_metadata(path)["step"]) if path else -1
+    step = dist.broadcast_int(step)
+    return checkpoint.checkpoint_path(ckpt_dir, step) if step >= 0 else None
+
+
+def _json(value):
+    return json.loads(json.dumps(value, default=str))  # tuples -> lists, as a checkpoint's metadata has them
+
+
+def architecture(unet, frozen) -> dict:
+    """What the weights mean: the configs of the UNet, the VAE and the text encoder as built (JSON values)."""
+    configs = {"unet": dict(unet.config), "vae": dict(frozen.vae.config),
+               "text_encoder": frozen.text_encoder.config.to_dict()}
+    return {name: {k: v for k, v in _json(config).items() if not k.startswith("_") and k not in _BOOKKEEPING}
+            for name, config in configs.items()}
+
+
+def _first_difference(then: dict, now: dict, prefix: str = "") -> str | None:
+    for key in sorted(then.keys() | now.keys()):
+        a, b = then.get(key, "(absent)"), now.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            if found := _first_difference(a, b, f"{prefix}{key}."):
+                return found
+        elif a != b:
+            return f"{prefix}{key} {json.dumps(a)} in the checkpoint, {json.dumps(b)} now"
+    return None
+
+
+def _flat(tree: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in tree.items() for key, value in values.items()}
+
+
+def check_resumable(meta: dict, cfg: Config, arch: dict, global_batch: int, fingerprint: str, path: Path) -> dict:
+    """Refuse a checkpoint whose state would mean something else now (ConfigError, one line naming the
+    difference); -> the allowed changes: {"config": {key: [then, now]}, "versions": {...}, "world_size": [...]}."""
+    refuse = "; resume needs the same one (or start a new out_dir, or --ckpt.resume=none)"
+    if "architecture" in meta and (diff := _first_difference(meta["architecture"], arch)):
+        raise ConfigError(f"{path.name}: model architecture changed: {diff}{refuse}")
+    data = meta["data"]
+    if data["global_batch"] != global_batch:
+        raise ConfigError(f"{path.name}: global batch {data['global_batch']} in the checkpoint, {global_batch} now "
+                          "(train.global_batch must match to continue the same sample sequence)")
+    if data["fingerprint"] != fingerprint:
+        raise ConfigError(f"{path.name}: data fingerprint {data['fingerprint']} in the checkpoint, {fingerprint} now"
+                          + refuse)
+    if data["seed"] != cfg.data.seed:
+        raise ConfigError(f"{path.name}: data.seed {data['seed']} in the checkpoint, {cfg.data.seed} now (the seed "
+                          "orders the samples: another one would repeat some and skip others)" + refuse)
+    then, now = _flat(meta["config"]), _flat(_json(cfg.to_dict()))
+    versions = checkpoint.versions()
+    # Keys the checkpoint lacks came with a newer ldm_ddp: the version change records that.
+    changes = {"config": {k: [then[k], now[k]] for k in now if k in then and then[k] != now[k]},
+               "versions": {k: [v, versions.get(k)] for k, v in meta.get("versions", {}).items()
+                            if versions.get(k) != v}}
+    if meta.get("world_size") != dist.world_size():
+        changes["world_size"] = [meta.get("world_size"), dist.world_size()]
+    return changes
+
+
+def record_resume(out_dir: Path, path: Path, step: int, changes: dict) -> None:
+    """Rank 0: one line on stdout, one record in <out_dir>/resumes.jsonl (appended, never rewritten)."""
+    if not dist.is_main():
+        return
+    print(f"resumed from {path} at step {step}", flush=True)
+    described = [f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes["config"].items()]
+    described += [f"{k} {a} -> {b}" for k, (a, b) in changes["versions"].items()]
+    if "world_size" in changes:
+        described.append("world size {} -> {}".format(*changes["world_size"]))
+    if described:
+        print(f"changed since {path.name}: {'; '.join(described)}", flush=True)
+    record = {"time": time.time(), "step": step, "checkpoint": str(path), **changes}
+    with open(out_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
