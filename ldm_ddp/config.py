@@ -27,6 +27,7 @@ class ModelConfig:
     pretrained: str = "builtin:demo"  # folder or hub id with vae/, text_encoder/, tokenizer/ subfolders
     frozen_dtype: str = "bf16"  # dtype of the frozen VAE and text encoder: bf16 | fp32
     attention: str = "sdpa"  # sdpa | xformers (falls back to sdpa with one warning if its kernels do not load)
+    sdpa_backend: str = "auto"  # auto (PyTorch's choice) | flash | cudnn | efficient | math: the SDPA kernel
     gradient_checkpointing: bool = False
     vae_config: str = "demo"  # stage 1 (scripts/train_autoencoder.py): builtin presets/vae_<name>.json or a config.json
     vae_kl_weight: float = 1e-6  # stage 1: weight of the KL term against the L1 + L2 reconstruction loss
@@ -104,7 +105,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     channels_last: bool = True  # on CUDA only
-    compile: bool = False  # torch.compile the UNet
+    compile: str = "off"  # off | full | regional: torch.compile of the UNet (ldm_ddp/speed.py); probed at start
+    fallback: bool = False  # a fast-path switch that fails at start (compile, attention kernel): warn and run
+    # without it, instead of stopping with one line
     num_threads: int = 0  # torch CPU threads per process; 0 = torch default
     startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done, and while a save runs
     collective_timeout_s: float = 120.0  # s; afterwards: a rank whose peer died or hangs stops within this
@@ -174,6 +177,7 @@ class Config:
 
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
+    "model.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"), "train.compile": ("off", "full", "regional"),
     "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"),
     "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
@@ -181,6 +185,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
     "ckpt.on_save_error": ("stop", "continue"),
     "log.progress": ("auto", "bar", "lines"), "sample.spacing": ("leading", "trailing"),
+    "log.wandb_checkpoints": ("off", "reference", "upload"),
 }
 
 
@@ -302,7 +307,8 @@ def validate(cfg: Config) -> None:
         _require(value > 0, key, "a positive integer", value)
     non_negative = ["data.num_workers", "train.global_batch", "optim.warmup_steps", "sample.every",
                     "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
-                    "diffusion.offset_noise", "ema.start_step", "train.num_threads", "data.min_size"]
+                    "diffusion.offset_noise", "ema.start_step", "train.num_threads", "data.min_size",
+                    "log.peak_tflops"]
     for key in non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -312,6 +318,10 @@ def validate(cfg: Config) -> None:
     _require(len(cfg.optim.betas) == 2 and betas_ok, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
     _require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "a ratio in [0, 1]", cfg.optim.min_lr_ratio)
     _require(0 <= cfg.ema.decay < 1, "ema.decay", "a decay in [0, 1)", cfg.ema.decay)
+    _require(all(isinstance(d, (int, float)) and 0 <= d < 1 for d in cfg.ema.extra_decays), "ema.extra_decays",
+             "a list of decays in [0, 1)", cfg.ema.extra_decays)
+    _require(all(isinstance(s, (int, float)) and 0 < s <= 0.28 for s in cfg.ema.power_stds), "ema.power_stds",
+             "a list of sigma_rel values in (0, 0.28] (Karras et al. 2024)", cfg.ema.power_stds)
     _require(0 <= cfg.train.caption_dropout <= 1, "train.caption_dropout", "a probability", cfg.train.caption_dropout)
     _require(0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1, "diffusion.beta_end",
              "0 < beta_start < beta_end < 1", (cfg.diffusion.beta_start, cfg.diffusion.beta_end))

@@ -115,22 +115,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
         optimizer.step()
 
 
-@torch.no_grad()
-def ema_update(ema, module: torch.nn.Module, ok: torch.Tensor) -> None:
-    """`EMA.update` with each lerp weight times `ok`: a skipped step leaves every shadow as it was, on the device.
-
-    The decay schedule still advances: `num_updates` counts update slots, as the learning rate counts steps.
-    A tensor weight takes lerp's per-tensor path; a Python float weight would need `ok` on the host.
-    (Belongs in ema.py as an `ok` argument of EMA.update; kept here until that file grows one.)
-    """
-    params = dict(module.named_parameters())
-    current = [params[n].detach().float() for n in ema.names]
-    for profile, shadow in zip(ema.profiles, ema.shadows):
-        weight = ok.float() * (1.0 - profile.decay(ema.num_updates, ema.cfg.warmup))
-        torch._foreach_lerp_(shadow, current, [weight] * len(shadow))
-    ema.num_updates += 1
-
-
 class NonFiniteGuard:
     """Counts skipped steps; stops the run after `limit` in a row.
 

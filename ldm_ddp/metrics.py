@@ -148,10 +148,11 @@ class Metrics:
         buckets = sums[5:5 + 2 * NUM_T_BUCKETS]
         img_per_s = self.steps * self.images_per_step / elapsed
         record = {
-            "step": step, "loss": sums[0] / n, "lr": lr, "grad_norm": sums[1] / n,
+            # Skipped steps add 0 to the loss and grad-norm sums: average over the steps taken.
+            "step": step, "loss": sums[0] / max(1.0, n - sums[2]), "lr": lr, "grad_norm": sums[1] / max(1.0, n - sums[2]),
             "grad_norm_by_block": {g: s / n for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
             "img_per_s": img_per_s, "img_per_s_per_gpu": img_per_s / world,
-            "data_wait_share": sums[4] / world / elapsed, "skipped_steps": round(sums[2]),
+            "data_wait_share": sums[4] / world / elapsed, "skipped_steps": round(sums[2] / world),  # every rank skips the same steps
             "bad_samples": round(sums[3]),
             "loss_by_t": [s / c if c else None for s, c in zip(buckets[:NUM_T_BUCKETS], buckets[NUM_T_BUCKETS:])],
             "time": time.time(), **(extra or {}),

@@ -78,6 +78,11 @@ def check_resumable(meta: dict, cfg: Config, arch: dict, global_batch: int, fing
     if data["seed"] != cfg.data.seed:
         raise ConfigError(f"{path.name}: data.seed {data['seed']} in the checkpoint, {cfg.data.seed} now (the seed "
                           "orders the samples: another one would repeat some and skip others)" + refuse)
+    window = data.get("shuffle_window", cfg.data.shuffle_window)  # older checkpoints: not recorded
+    sharded = fingerprint.startswith(("shards:", "webdataset:", "parquet:", "latents:"))
+    if window != cfg.data.shuffle_window and sharded:
+        raise ConfigError(f"{path.name}: data.shuffle_window {window} in the checkpoint, {cfg.data.shuffle_window} "
+                          "now (the window shapes the sample order of a sharded source)" + refuse)
     then, now = _flat(meta["config"]), _flat(_json(cfg.to_dict()))
     versions = checkpoint.versions()
     # Keys the checkpoint lacks came with a newer ldm_ddp: the version change records that.

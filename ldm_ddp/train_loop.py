@@ -15,17 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, dist, faults
+from . import checkpoint, dist, faults, speed
 from .config import Config, ConfigError, OptimConfig, resolve_batch
 from .data.latents import cache_fingerprint
 from .data.sources import build_source
 from .data.stream import ShardedStream, make_loader
 from .data.transforms import ImageTransform
 from .ema import EMA
-from .metrics import Metrics, start_wandb
+from .metrics import Metrics, count_train_flops, start_tensorboard, start_wandb
 from .models import build_unet, load_frozen
 from .resume import architecture, check_resumable, record_resume, resume_point
-from .sampling import generate, make_grid
+from .sampling import generate, make_grid, make_side_by_side
 from .schedule import NoiseSchedule, sample_noise
 
 
@@ -85,6 +85,7 @@ def train(cfg: Config) -> dict:
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     ema = EMA(unet, cfg.ema)
     uncond = frozen.encode_prompts(frozen.tokenize([""]))  # [1, L, D]: the dropped-caption context
+    flops_per_image = count_train_flops(unet, uncond, use_amp)  # for MFU; once, before the DDP wrap
     sampler_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # live samples; the train copy stays put
 
     # --- Resume: weights, optimizer moments, EMA and the step; data and draws follow from the step --
@@ -93,7 +94,7 @@ def train(cfg: Config) -> dict:
         source.check_matches(cache_fingerprint(frozen, cfg.data, cfg.model.frozen_dtype))
     fingerprint, arch = source.fingerprint(), architecture(unet, frozen)
     faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here, not trained around
-    step, skipped_before = 0, 0
+    step, skipped_before, bad_before = 0, 0, 0
     resume_path = resume_point(cfg, ckpt_dir)
     if resume_path is not None:
         tensors, meta = checkpoint.load_checkpoint(resume_path)
@@ -102,6 +103,7 @@ def train(cfg: Config) -> dict:
         ema.load(tensors, meta["ema"])
         checkpoint.load_optimizer_tensors(optimizer, dict(unet.named_parameters()), tensors, meta["optim"])
         step, skipped_before = int(meta["step"]), meta.get("faults", {}).get("skipped_steps", 0)
+        bad_before = meta["data"].get("bad_samples", 0)
         del tensors
         record_resume(out_dir, resume_path, step, changes)  # the safe changes (lr, max_steps, ...) on record
     start_step = step
@@ -111,19 +113,34 @@ def train(cfg: Config) -> dict:
     stream = ShardedStream(source, frozen.tokenize, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,
                            rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data),
                            cfg.data.shuffle_window)
-    loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, pin_memory=on_cuda)
-    loader.worker_init_fn = faults.shield_worker  # torchrun's and SLURM's SIGTERM reach the workers too
+    # faults.shield_worker: torchrun's and SLURM's SIGTERM reach the workers too; only the parent acts on it.
+    loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, on_cuda, faults.shield_worker)
     batches = iter(loader)
 
     # --- Training wrapper and logging ---------------------------------------------------------------
-    model = dist.wrap_ddp(unet)
-    if cfg.train.compile:
-        model = torch.compile(model)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet), cfg.train.compile)
+    sdpa_backend = cfg.model.sdpa_backend
+    if cfg.train.compile != "off" or sdpa_backend != "auto":
+        def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped
+            b, c, h = cfg.data.batch_per_gpu, unet.config.in_channels, unet.config.sample_size
+            x_t = torch.zeros(b, c, h, h, device=device)
+            with speed.attention(sdpa_backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                model(x_t, torch.zeros(b, dtype=torch.long, device=device), uncond.expand(b, -1, -1)).sample.sum().backward()
+            unet.zero_grad(set_to_none=True)
+
+        def undo() -> None:
+            nonlocal model, sdpa_backend
+            model, sdpa_backend = speed.uncompile(unet, model), "auto"
+        speed.probe(probe_step, f"train.compile={cfg.train.compile}, model.sdpa_backend={sdpa_backend}",
+                    cfg.train.fallback, undo)
     wandb_run = start_wandb(cfg.log.wandb, out_dir, cfg.log.wandb_project,
                             cfg.log.run_name or out_dir.name, cfg.to_dict())
+    tensorboard = start_tensorboard(cfg.log.tensorboard, out_dir, start_step, cfg.to_toml())
     metrics = Metrics(out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps, global_batch,
-                      cfg.log.progress, wandb_run)
+                      cfg.log.progress, wandb_run, tensorboard, flops_per_image, cfg.log.peak_tflops,
+                      cfg.log.wandb_checkpoints)
     last_record = None
+    bad_seen, bad_total = 0, bad_before  # replaced samples: this process since start; all ranks, as of the last save
 
     def write_checkpoint() -> None:
         tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
@@ -135,7 +152,8 @@ def train(cfg: Config) -> dict:
                     cfg.optim, step, cfg.train.max_steps)},
                 "ema": ema.state_meta(), "world_size": world, "versions": checkpoint.versions(),
                 "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed, "global_batch": global_batch,
-                         "fingerprint": fingerprint, "source": cfg.data.source},
+                         "fingerprint": fingerprint, "source": cfg.data.source,
+                         "shuffle_window": cfg.data.shuffle_window, "bad_samples": bad_total},
                 "architecture": arch, "faults": {"skipped_steps": guard.total}}
         checkpoint.save_checkpoint(ckpt_dir, step, tensors, meta)
 
@@ -146,6 +164,9 @@ def train(cfg: Config) -> dict:
         path = checkpoint.checkpoint_path(ckpt_dir, step)
         if step == start_step and path == resume_path:
             return  # the state this run resumed from: committed already
+        nonlocal bad_total
+        # Replaced samples so far, all ranks (a collective: every rank calls save); resumed runs add theirs.
+        bad_total = bad_before + int(dist.all_reduce_sum(torch.tensor([bad_seen], device=device)).item())
         error = ""
         # The other ranks wait in the outcome's all-reduce while rank 0 writes: saves get the startup timeout.
         with dist.timeout(cfg.train.startup_timeout_s):
@@ -156,6 +177,7 @@ def train(cfg: Config) -> dict:
                     error = " ".join(str(err).split())
                 else:
                     checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep, just_saved=path)  # a failed delete warns
+                    metrics.log_checkpoint(path, step)  # a wandb artifact if log.wandb_checkpoints asks
             failed = dist.all_reduce_max_ints([bool(error)])[0]  # also the barrier: the file is committed
         if not failed:
             return
@@ -174,18 +196,22 @@ def train(cfg: Config) -> dict:
         per_rank = math.ceil(len(prompts) / world)
         # This rank's prompts; the last rank pads with repeats of the final prompt so the gather is even.
         mine = [min(i, len(prompts) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
-        if cfg.sample.use_ema:
-            ema.copy_to(sampler_unet)
-        else:
-            sampler_unet.load_state_dict(unet.state_dict())
-        images = generate(sampler_unet, frozen, schedule, [prompts[i] for i in mine],
-                          [cfg.sample.seed + i for i in mine], cfg.sample.steps, cfg.sample.cfg_scale,
-                          cfg.sample.guidance_rescale, cfg.sample.spacing, autocast=use_amp)
-        images = dist.all_gather_tensor(images.to(device))[:len(prompts)].cpu()
+        both = cfg.sample.use_ema and cfg.sample.side_by_side  # EMA left, raw right, same prompts and seeds
+        grids = []
+        for use_ema in ([True, False] if both else [cfg.sample.use_ema]):
+            if use_ema:
+                ema.copy_to(sampler_unet)
+            else:
+                sampler_unet.load_state_dict(unet.state_dict())
+            images = generate(sampler_unet, frozen, schedule, [prompts[i] for i in mine],
+                              [cfg.sample.seed + i for i in mine], cfg.sample.steps, cfg.sample.cfg_scale,
+                              cfg.sample.guidance_rescale, cfg.sample.spacing, autocast=use_amp)
+            grids.append(dist.all_gather_tensor(images.to(device))[:len(prompts)].cpu())
         if dist.is_main():
             path = out_dir / "samples" / f"step_{step:07d}.png"
-            make_grid(images, nrow=math.ceil(math.sqrt(len(images)))).save(path)
-            metrics.log_image(step, path, " | ".join(prompts))
+            nrow = math.ceil(math.sqrt(len(prompts)))
+            (make_side_by_side(grids, nrow) if both else make_grid(grids[0], nrow)).save(path)
+            metrics.log_image(step, path, " | ".join(prompts) + ("  (left: EMA, right: raw)" if both else ""))
 
     # --- The loop: upkeep first, then one optimizer step ----------------------------------------------
     while True:
@@ -220,6 +246,7 @@ def train(cfg: Config) -> dict:
             batch = next(batches)
             data_wait += time.perf_counter() - t0
             bad, keys = bad + batch["bad"], keys + batch["keys"]
+            bad_seen += len(batch["bad"])
             gen = step_generator(cfg.train.seed, step, rank, micro, device)
             if "moments" in batch:  # latent cache: the same posterior draw encode_images makes
                 latents = frozen.latents_from_moments(batch["moments"].to(device, non_blocking=True), gen)
@@ -234,13 +261,14 @@ def train(cfg: Config) -> dict:
             # Gradients are all-reduced only on the last micro-batch (DDP's no_sync on the others).
             sync = micro == grad_accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with speed.attention(sdpa_backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     v_pred = model(x_t, t, context).sample
                 loss_per_sample = F.mse_loss(v_pred.float(), v_target, reduction="none").mean(dim=(1, 2, 3))
                 loss = (loss_per_sample * schedule.loss_weights(t, cfg.diffusion.min_snr_gamma or None)).mean()
                 (loss / grad_accum).backward()
             step_loss = step_loss + loss.detach() / grad_accum
             metrics.add_micro_batch(loss_per_sample.nan_to_num(0.0, 0.0, 0.0), t)  # a skipped step's NaN stays out
+        metrics.add_grad_norms(unet)  # per block group, before clipping; stays on the device
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip or float("inf"))
         # A NaN or Inf anywhere (any rank, any micro-batch) makes the all-reduced gradients' norm non-finite, the
         # same on every rank: the update is skipped on the device (weights, moments, EMA untouched; the lr and
@@ -250,7 +278,7 @@ def train(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if ema.wants_update(step):
-            faults.ema_update(ema, unet, ok)
+            ema.update(unet, ok)  # a skipped step leaves every EMA as it was, on the device
         elif step < cfg.ema.start_step:
             ema.copy_from(unet)
         metrics.add_step(torch.where(ok, step_loss, 0.0), torch.where(ok, grad_norm, 0.0), data_wait, bad,

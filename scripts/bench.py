@@ -85,7 +85,8 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
     run_args = [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
                 f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
                 "--sample.every=0", f"--ckpt.every={10 * args.steps}", "--ckpt.resume=none", "--log.progress=lines",
-                f"--train.compile={str(args.compile).lower()}", *data]
+                *([f"--train.compile={args.compile}"] if args.compile != "off" else []),
+                *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []), *data]
     start = time.perf_counter()
     torchrun(nproc, "scripts/train.py", run_args, timeout=1800)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +114,7 @@ def matmul_tflops(device) -> float:
 
 
 def bare_worker(args) -> None:
-    from ldm_ddp import dist
+    from ldm_ddp import dist, speed
     from ldm_ddp.config import EMAConfig, ModelConfig
     from ldm_ddp.ema import EMA
     from ldm_ddp.metrics import count_train_flops
@@ -127,15 +128,13 @@ def bare_worker(args) -> None:
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999))
-    model = dist.wrap_ddp(unet)
-    if args.compile:
-        model = torch.compile(model)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet), args.compile)
     x_t = torch.randn(batch, 4, h, h, device=device).to(memory_format=torch.channels_last)
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             v_pred = model(x_t, t, context).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -143,9 +142,11 @@ def bare_worker(args) -> None:
         optimizer.zero_grad(set_to_none=True)
         ema.update(unet)
 
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -158,7 +159,7 @@ def bare_worker(args) -> None:
     if dist.is_main():
         img_per_s = args.steps * batch * world / elapsed
         print("BENCH " + json.dumps({
-            "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak,
+            "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak, "warmup_s": warmup_s,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30, "card": torch.cuda.get_device_name()}))
     dist.shutdown()
 
@@ -171,7 +172,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed steps (trainer: steps per run)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed bare steps first")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (bare and trainer)")
+    parser.add_argument("--compile", default="off", choices=["off", "full", "regional"],
+                        help="torch.compile of the UNet, as train.compile (bare and trainer)")
+    parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                        help="attention kernel, as model.sdpa_backend")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"])
     parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
     parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
@@ -184,11 +188,13 @@ def main() -> int:
         bare_worker(args)
         return 0
     work, batches = Path(args.work), {int(k): int(v) for k, v in (b.split("=") for b in args.batch)}
-    args.pretrained = args.pretrained or str(make_bundle(work / "bundle"))
+    trainer_parts = {"cache", "online"} & set(args.parts)
+    if trainer_parts:
+        args.pretrained = args.pretrained or str(make_bundle(work / "bundle"))
     rows = []
     for res in args.res:
         batch = batches[res]
-        images = make_images(work / f"images_{res}", args.images, res)
+        images = make_images(work / f"images_{res}", args.images, res) if trainer_parts else None
         cache = work / f"latents_{res}"
         if "cache" in args.parts and not (cache / "manifest.json").is_file():
             torchrun(max(args.gpus), "scripts/precompute_latents.py",
@@ -198,8 +204,8 @@ def main() -> int:
             row = {"res": res, "gpus": gpus, "batch_per_gpu": batch}
             if "bare" in args.parts:
                 out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
-                                                          "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                               + (["--compile"] if args.compile else []), 1800).stdout
+                                                          "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                                          "--compile", args.compile, "--sdpa", args.sdpa], 1800).stdout
                 row["bare"] = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
             if "cache" in args.parts:
                 row["cache"] = trainer(args, gpus, res, batch, ["--data.source=latents", f"--data.path={cache}"],

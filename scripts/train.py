@@ -11,7 +11,9 @@ from ldm_ddp.cli import run_training
 
 
 def train(cfg):
-    from ldm_ddp.train_loop import train  # imported late: --dry-run and config errors stay fast
+    from ldm_ddp.train_loop import (
+        train,  # imported late: --dry-run and config errors stay fast
+    )
     return train(cfg)
 
 

@@ -11,7 +11,9 @@ from ldm_ddp.cli import run_training
 
 
 def train_autoencoder(cfg):
-    from ldm_ddp.autoencoder import train_autoencoder  # imported late: --dry-run stays fast
+    from ldm_ddp.autoencoder import (
+        train_autoencoder,  # imported late: --dry-run stays fast
+    )
     return train_autoencoder(cfg)
 
 

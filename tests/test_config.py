@@ -4,7 +4,14 @@ import tomllib
 
 import pytest
 
-from ldm_ddp.config import Config, ConfigError, config_from_dict, load_config, resolve_batch, validate
+from ldm_ddp.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    resolve_batch,
+    validate,
+)
 
 
 @pytest.mark.parametrize("preset", ["demo", "sd15_256", "sd15_512", "demo_vae"])
@@ -30,14 +37,14 @@ def test_unknown_preset_names_the_known_ones():
 
 def test_overrides_parse_with_the_field_types():
     cfg = load_config(overrides=[
-        "--data.batch_per_gpu=8", "--optim.lr=2e-4", "--optim.grad_clip=2", "--train.compile=true",
+        "--data.batch_per_gpu=8", "--optim.lr=2e-4", "--optim.grad_clip=2", "--train.compile=regional",
         "--train.channels_last=false", "--train.out_dir=/tmp/x y", "--optim.betas=[0.8, 0.95]",
         '--sample.prompts=["a cat", "a dog"]', "--model.frozen_dtype=bf16", "--ckpt.resume=none",
     ])
     assert cfg.data.batch_per_gpu == 8 and type(cfg.data.batch_per_gpu) is int
     assert cfg.optim.lr == 2e-4 and type(cfg.optim.lr) is float
     assert cfg.optim.grad_clip == 2.0 and type(cfg.optim.grad_clip) is float  # an int is accepted for a float
-    assert cfg.train.compile is True and cfg.train.channels_last is False
+    assert cfg.train.compile == "regional" and cfg.train.channels_last is False
     assert cfg.train.out_dir == "/tmp/x y"
     assert cfg.optim.betas == [0.8, 0.95]
     assert cfg.sample.prompts == ["a cat", "a dog"]

@@ -8,7 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm_ddp.config import ConfigError, EMAConfig
-from ldm_ddp.ema import EMA, checkpoint_profiles, power_exponent, profiles_of, weights_prefix
+from ldm_ddp.ema import (
+    EMA,
+    checkpoint_profiles,
+    power_exponent,
+    profiles_of,
+    weights_prefix,
+)
 
 
 class Net(torch.nn.Module):

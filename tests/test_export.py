@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-
 from test_train import check
 
 diffusers = pytest.importorskip("diffusers")

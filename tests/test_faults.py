@@ -345,7 +345,7 @@ def test_a_skipped_update_changes_nothing_and_a_taken_one_is_plain_adamw(fused):
         ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
         faults.optimizer_step(opt, ok)
-        faults.ema_update(ema, model, ok)
+        ema.update(model, ok)
         if ok:
             twin_opt.step()  # the same update, plainly
         return ok
@@ -408,7 +408,11 @@ def test_resume_refuses_what_changes_the_state_and_records_the_rest(tmp_path, ca
                  "model architecture changed: unet.block_out_channels [16, 32] in the checkpoint, [16, 64] now"),
                 (arch, 8, "shapes:n=64", {}, "global batch 4 in the checkpoint, 8 now"),
                 (arch, 4, "shapes:n=65", {}, "data fingerprint shapes:n=64 in the checkpoint, shapes:n=65 now"),
-                (arch, 4, "shapes:n=64", {"seed": 9}, "data.seed 9 in the checkpoint, 0 now")]
+                (arch, 4, "shapes:n=64", {"seed": 9}, "data.seed 9 in the checkpoint, 0 now"),
+                (arch, 4, "shards:n=64", {"fingerprint": "shards:n=64", "shuffle_window": 2},
+                 "data.shuffle_window 2 in the checkpoint, 8 now")]
+    # The shuffle window orders only sharded sources: on others a change is allowed (and recorded).
+    assert check_resumable(meta_of(then, shuffle_window=2), now, arch, 4, "shapes:n=64", path)
     for arch_now, batch, fingerprint, data, message in refusals:
         with pytest.raises(ConfigError, match=f"^step_0000100.safetensors: {re.escape(message)}"):
             check_resumable(meta_of(then, **data), now, arch_now, batch, fingerprint, path)

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from source_helpers import R, run
 
 from ldm_ddp.config import ConfigError, DataConfig
 from ldm_ddp.data.folder import ImageFolderSource
 from ldm_ddp.data.sources import build_source
-from source_helpers import R, run
-
 
 
 def save(path, size=(12, 10), colour=(200, 30, 30)):

@@ -10,11 +10,11 @@ import datasets  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+from source_helpers import png, run
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config  # noqa: E402
 from ldm_ddp.data.hf import HFDatasetSource, HFStreamSource  # noqa: E402
 from ldm_ddp.data.sources import build_source  # noqa: E402
-from source_helpers import png, run
 
 N = 12
 

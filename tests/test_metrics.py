@@ -12,7 +12,14 @@ from conftest import TINY_UNET
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm_ddp.metrics import CPU_SDPA_FLOPS, Metrics, block_group, count_train_flops, start_tensorboard, start_wandb
+from ldm_ddp.metrics import (
+    CPU_SDPA_FLOPS,
+    Metrics,
+    block_group,
+    count_train_flops,
+    start_tensorboard,
+    start_wandb,
+)
 from ldm_ddp.sampling import make_grid
 
 CPU = torch.device("cpu")

@@ -4,13 +4,12 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 import torch
+from source_helpers import R, png, run
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config
 from ldm_ddp.data.parquet import ParquetSource
 from ldm_ddp.data.sources import build_source
-from source_helpers import R, png, run
 
 SIZES = {"a": 5, "b": 1, "c": 9}  # uneven files: row groups and files cross micro-batch boundaries
 

@@ -3,9 +3,18 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+)
 
-from ldm_ddp.sampling import ddim_sample, ddim_step, ddim_timesteps, make_grid, make_side_by_side, rescale_guidance
+from ldm_ddp.sampling import (
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    make_grid,
+    make_side_by_side,
+    rescale_guidance,
+)
 from ldm_ddp.schedule import NoiseSchedule
 
 T = 1000

@@ -22,13 +22,12 @@ def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script):
     ckpt = out / "checkpoints" / "step_0000002.safetensors"
     prompts = ["--prompt", "a large red circle in the center", "--prompt", "a small blue square in the top left"]
     grids = []
-    for name in ("a.png", "b.png"):
+    for name in ("a.png",):  # (seeded sampling is deterministic: tests/test_sampling.py)
         stdout = check(run_script("scripts/sample.py", ckpt, *prompts, "--n", "2", "--steps", "2",
                                   "--out", tmp_path / name, timeout=90))
         assert "4 images" in stdout
         grids.append(np.asarray(Image.open(tmp_path / name)))
     assert grids[0].shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 2 x 2 images of 64 px with 2 px padding
-    assert np.array_equal(grids[0], grids[1])  # seeded: the same command draws the same images
     assert not np.array_equal(grids[0][2:66, 2:66], grids[0][2:66, 68:132])  # seeds differ within a prompt
     raw = tmp_path / "raw.png"
     check(run_script("scripts/sample.py", ckpt, *prompts, "--n", "2", "--steps", "2", "--weights", "raw",

@@ -63,7 +63,8 @@ def test_train_end_to_end(tmp_path, tiny_args, run_script):
     assert described["step"] == 4 and set(described["groups"]) >= {"unet", "ema", "optim"}
 
 
-@pytest.mark.parametrize("grad_accum, steps", [(1, 6), (2, 4)])
+# grad_accum 1 is covered by the kill -9 and preemption resumes of test_faults.py.
+@pytest.mark.parametrize("grad_accum, steps", [(2, 4)])
 def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path, tiny_args, run_script):
     """2 gloo ranks: `steps` in one go == steps/2, then the same command again with max_steps=steps."""
     half = steps // 2

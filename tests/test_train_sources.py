@@ -25,13 +25,17 @@ def photo(i: int) -> tuple[bytes, str]:
     return out.getvalue(), f"a {name} square number {i}"
 
 
-def folder(root, n=24):
+def folder(root, n=24, bad=0):
+    """n good images and `bad` unreadable ones (bad_NN.jpg, with captions)."""
     root.mkdir(parents=True)
     rows = []
     for i in range(n):
         data, caption = photo(i)
         (root / f"{i:03d}.jpg").write_bytes(data)
         rows.append({"file_name": f"{i:03d}.jpg", "text": caption})
+    for i in range(bad):
+        (root / f"bad_{i:02d}.jpg").write_bytes(b"not a JPEG")
+        rows.append({"file_name": f"bad_{i:02d}.jpg", "text": "broken"})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(root)
 
@@ -67,12 +71,15 @@ def train(run_script, tiny_args, out, data_args, nproc, resume=False):
 
 @pytest.mark.parametrize("kind", ["folder", "webdataset"])
 def test_two_process_training_on_a_real_source(tmp_path, tiny_args, run_script, kind):
-    path = folder(tmp_path / "data") if kind == "folder" else webdataset(tmp_path / "data")
+    path = folder(tmp_path / "data", bad=6) if kind == "folder" else webdataset(tmp_path / "data")
     args = [f"--data.source={kind}", f"--data.path={path}", "--data.num_workers=1", "--data.crop=random",
             "--data.random_flip=true"]
     meta = train(run_script, tiny_args, tmp_path / "run", args, nproc=2)
     assert meta["data"]["source"] == kind and meta["data"]["samples_seen"] == 4 * 2 * 2
-    assert meta["data"]["fingerprint"].startswith(kind + ":n=24:")
+    assert meta["data"]["fingerprint"].startswith(kind + (":n=30:" if kind == "folder" else ":n=24:"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    replaced = sum(r.get("bad_samples", 0) for r in records)
+    assert meta["data"]["bad_samples"] == replaced and (replaced > 0) == (kind == "folder")  # counted, all ranks
 
 
 @pytest.mark.parametrize("kind", ["shards", "hf_stream"])
@@ -85,5 +92,5 @@ def test_training_on_a_shard_set_and_a_streamed_dataset(tmp_path, tiny_args, run
         args = ["--data.source=shards", f"--data.path={tmp_path / 'shards'}", "--data.shuffle_window=2"]
     else:  # the datasets "imagefolder" builder over the folder, streamed
         args = ["--data.source=hf", f"--data.path={source}", "--data.hf_streaming=true", "--data.num_workers=2"]
-    meta = train(run_script, tiny_args, tmp_path / "run", args, nproc=1, resume=kind == "hf_stream")
+    meta = train(run_script, tiny_args, tmp_path / "run", args, nproc=1)  # resume: test_data_order.py
     assert meta["data"]["fingerprint"].startswith(("shards:n=24:", "hf-stream:n=24:"))

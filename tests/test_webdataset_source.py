@@ -5,13 +5,12 @@ import json
 import tarfile
 
 import pytest
-
 import torch
+from source_helpers import R, png, run
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config
 from ldm_ddp.data.sources import build_source
 from ldm_ddp.data.webdataset import WebDatasetSource, expand_braces
-from source_helpers import R, png, run
 
 SIZES = [5, 1, 9]  # uneven shards
 

@@ -200,7 +200,9 @@ class StreamReader:
         return record["key"] if record else f"position {position}"
 
 
-def make_loader(stream: ShardedStream, num_workers: int, prefetch_batches: int, pin_memory: bool):
+def make_loader(stream: ShardedStream, num_workers: int, prefetch_batches: int, pin_memory: bool,
+                worker_init_fn=None):
     """DataLoader over ready micro-batches (batch_size=None: the stream batches itself)."""
     extra = {"prefetch_factor": prefetch_batches, "persistent_workers": False} if num_workers else {}
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=worker_init_fn, **extra)

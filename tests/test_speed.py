@@ -1,0 +1,56 @@
+"""The fast-path switches fail loudly at start (one line), or fall back with a warning when asked."""
+
+import pytest
+import torch
+
+from ldm_ddp import speed
+from ldm_ddp.config import ConfigError
+
+
+def test_a_kernel_that_cannot_run_stops_the_run_at_start_with_one_line(tmp_path, tiny_args, run_script):
+    # cuDNN attention does not exist on CPU: the switch fails in the start-up probe, not in step 1.
+    args = [*tiny_args(tmp_path / "run", train__max_steps=1), "--model.sdpa_backend=cudnn"]
+    stopped = run_script("scripts/train.py", *args, timeout=120)
+    assert stopped.returncode == 2
+    lines = stopped.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.sdpa_backend=cudnn" in lines[0] and "train.fallback=true" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints" / "step_0000001.safetensors").exists()
+
+
+def test_probe_falls_back_only_when_asked(capsys):
+    def cudnn_attention() -> None:  # the switch that fails on CPU, as the trainer's probe step runs it
+        q = torch.randn(1, 2, 4, 8)
+        with speed.attention("cudnn"):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    undone = []
+    with pytest.raises(ConfigError, match=r"^model.sdpa_backend=cudnn failed at start \(RuntimeError: .*"
+                                          r"set train.fallback=true to continue without it$"):
+        speed.probe(cudnn_attention, "model.sdpa_backend=cudnn", False, lambda: undone.append(1))
+    assert not undone
+    assert speed.probe(cudnn_attention, "model.sdpa_backend=cudnn", True, lambda: undone.append(1)) is False
+    assert undone == [1] and "warning: model.sdpa_backend=cudnn failed at start" in capsys.readouterr().out
+    assert speed.probe(lambda: None, "x", False, lambda: undone.append(2)) is True and undone == [1]
+
+
+def test_attention_backends_select_a_kernel_and_regional_compile_is_undone():
+    q = torch.randn(1, 2, 4, 8)
+    with speed.attention("math"):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    with speed.attention("auto"):
+        assert torch.allclose(torch.nn.functional.scaled_dot_product_attention(q, q, q), expected, atol=1e-6)
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+            self.mid_block = torch.nn.Linear(2, 2)
+            self.up_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    unet = Blocks()
+    names = [n for n, _ in unet.named_parameters()]
+    model = speed.compile_model(unet, unet, "regional")
+    assert model is unet and all(b._compiled_call_impl is not None for b in speed.unet_blocks(unet))
+    assert [n for n, _ in unet.named_parameters()] == names  # checkpoints keep their tensor names
+    assert speed.uncompile(unet, model) is unet and all(b._compiled_call_impl is None for b in speed.unet_blocks(unet))
+    assert speed.uncompile(unet, speed.compile_model(unet, unet, "full")) is unet
