@@ -1,6 +1,7 @@
-"""scripts/train.py on real data sources: two processes (torchrun, gloo) on an image folder and on
-WebDataset shards, one process on an indexed shard set, and a streamed HF dataset resumed mid-run
-(exact resume on every source is tested at the stream level in test_data_order.py)."""
+"""scripts/train.py on every real data source: two processes (torchrun, gloo) on an image folder (with
+unreadable files) and on WebDataset shards; one process on a shard set, Parquet, and an HF dataset
+map-style and streamed (exact resume on every source is tested at the stream level in test_data_order.py;
+the latent cache in test_latent_cache.py)."""
 
 import io
 import json
@@ -82,15 +83,25 @@ def test_two_process_training_on_a_real_source(tmp_path, tiny_args, run_script, 
     assert meta["data"]["bad_samples"] == replaced and (replaced > 0) == (kind == "folder")  # counted, all ranks
 
 
-@pytest.mark.parametrize("kind", ["shards", "hf_stream"])
-def test_training_on_a_shard_set_and_a_streamed_dataset(tmp_path, tiny_args, run_script, kind):
+@pytest.mark.parametrize("kind", ["shards", "hf_stream", "hf", "parquet"])
+def test_training_on_the_other_sources(tmp_path, tiny_args, run_script, kind):
     source = folder(tmp_path / "images")
     if kind == "shards":
         from ldm_ddp.data.convert import make_shards
         from ldm_ddp.data.folder import ImageFolderSource
         make_shards(ImageFolderSource(source), str(tmp_path / "shards"), shard_size=5, log=lambda _: None)
         args = ["--data.source=shards", f"--data.path={tmp_path / 'shards'}", "--data.shuffle_window=2"]
-    else:  # the datasets "imagefolder" builder over the folder, streamed
-        args = ["--data.source=hf", f"--data.path={source}", "--data.hf_streaming=true", "--data.num_workers=2"]
+    elif kind == "parquet":  # two files, row groups of 5
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        for f in range(2):
+            rows = [photo(i) for i in range(f * 12, f * 12 + 12)]
+            pq.write_table(pa.table({"image": [r[0] for r in rows], "text": [r[1] for r in rows]}),
+                           tmp_path / f"part-{f}.parquet", row_group_size=5)
+        args = ["--data.source=parquet", f"--data.path={tmp_path}", "--data.shuffle_window=2"]
+    else:  # the datasets "imagefolder" builder over the folder, map-style or streamed
+        args = ["--data.source=hf", f"--data.path={source}", f"--data.hf_streaming={str(kind == 'hf_stream').lower()}",
+                "--data.num_workers=2"]
     meta = train(run_script, tiny_args, tmp_path / "run", args, nproc=1)  # resume: test_data_order.py
-    assert meta["data"]["fingerprint"].startswith(("shards:n=24:", "hf-stream:n=24:"))
+    prefix = {"shards": "shards", "hf_stream": "hf-stream", "hf": "hf", "parquet": "parquet"}[kind]
+    assert meta["data"]["fingerprint"].startswith(f"{prefix}:n=24:") and meta["data"]["source"] == kind.split("_")[0]
