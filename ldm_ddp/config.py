@@ -81,7 +81,7 @@ class OptimConfig:
     warmup_steps: int = 50  # linear warmup, in optimizer steps
     schedule: str = "cosine"  # constant | cosine (after warmup, down to min_lr_ratio * lr at train.max_steps)
     min_lr_ratio: float = 0.1
-    fused: bool = True  # fused AdamW kernel on GPU (ignored on CPU)
+    fused: bool = True  # fused AdamW (CPU and GPU); also skips a non-finite step on the device, no host sync
 
 
 @dataclass
