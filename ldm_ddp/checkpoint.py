@@ -347,7 +347,10 @@ def describe_checkpoint(path, verify: bool = True, max_rows_per_group: int = 24)
     tensors, meta = load_checkpoint(path, verify=verify)
     by_group = {group: [] for group in ("unet", "ema", "optim", "other")}
     for name in sorted(tensors):
-        by_group.get(name.split(".", 1)[0], by_group["other"]).append(name)
+        prefix = name.split(".", 1)[0]
+        if prefix.startswith("ema_"):  # another EMA profile (ema_0p9999, ema_std0p1): a group of its own
+            by_group.setdefault(prefix, [])
+        by_group.get(prefix, by_group["other"]).append(name)
     groups, rows = {}, []
     for group, names in ((g, names) for g, names in by_group.items() if names):
         groups[group] = {"tensors": len(names), "params": sum(tensors[n].numel() for n in names),

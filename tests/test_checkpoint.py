@@ -370,3 +370,12 @@ def test_a_missing_file_is_refused_naming_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"^step_0000005\.safetensors: unreadable \(") as err:
         ckpt.load_checkpoint(tmp_path / "step_0000005.safetensors")
     assert "\n" not in str(err.value)
+
+
+def test_describe_lists_each_ema_profile_as_a_group(tmp_path):
+    weight = torch.ones(2, 3)
+    path = ckpt.save_checkpoint(tmp_path, 1, {"unet.w": weight, "ema.w": weight, "ema_0p9999.w": weight,
+                                              "ema_std0p1.w": weight, "misc": weight}, {})
+    groups = ckpt.describe_checkpoint(path)["groups"]
+    assert set(groups) == {"unet", "ema", "ema_0p9999", "ema_std0p1", "other"}
+    assert all(g["tensors"] == 1 and g["params"] == 6 for g in groups.values())
