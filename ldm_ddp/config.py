@@ -97,7 +97,7 @@ class EMAConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/demo"  # run folder: checkpoints/, samples/, metrics.jsonl
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1200  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step per process
     global_batch: int = 0  # images per optimizer step; 0 = batch_per_gpu * world_size * grad_accum
     seed: int = 0  # seeds init and the per-step draws (noise, timesteps, caption dropout)

@@ -401,7 +401,7 @@ def test_resume_refuses_what_changes_the_state_and_records_the_rest(tmp_path, ca
     assert changes["versions"] == {"torch": ["2.0.0", torch.__version__]} and "world_size" not in changes
     record_resume(tmp_path, path, 100, changes)
     printed = capsys.readouterr().out
-    assert "changed since step_0000100.safetensors: optim.lr 0.003 -> 0.0001; train.max_steps 1000 -> 5000" in printed
+    assert "changed since step_0000100.safetensors: optim.lr 0.003 -> 0.0001; train.max_steps 1200 -> 5000" in printed
     assert json.loads((tmp_path / "resumes.jsonl").read_text())["config"]["log.every"] == [then.log.every, 7]
 
     refusals = [({"unet": {"block_out_channels": [16, 64]}}, 4, "shapes:n=64", {},
