@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import ConfigError
-from .samples import CAPTION_STREAM
+from .samples import CAPTION_STREAM, locate
 
 FORMAT = "ldm_ddp.latents/1"
 MANIFEST = "manifest.json"
@@ -113,18 +113,12 @@ class LatentSource:
             self._open[shard] = (handle, json.loads(handle.metadata()["keys"]))
         return self._open[shard]
 
-    def _locate(self, index: int) -> tuple[int, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} out of range ({len(self)} samples)")
-        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return shard, index - int(self.starts[shard])
-
     def key(self, index: int) -> str:
-        shard, row = self._locate(index)
+        shard, row = locate(self.starts, index)
         return self._shard(shard)[1][row]
 
     def latent_item(self, index: int, flip: bool) -> dict:
-        shard, row = self._locate(index)
+        shard, row = locate(self.starts, index)
         handle, keys = self._shard(shard)
         moments = handle.get_slice("moments_flipped" if flip else "moments")[row:row + 1][0]
         count = int(handle.get_slice("num_captions")[row:row + 1][0])

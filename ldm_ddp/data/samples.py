@@ -52,6 +52,14 @@ def open_image(data) -> Image.Image:
         raise UnidentifiedImageError("not an image PIL can read") from None
 
 
+def locate(starts, index: int) -> tuple[int, int]:
+    """Dataset index -> (shard, row within it), given each shard's first index `starts` (and the total last)."""
+    if not 0 <= index < starts[-1]:
+        raise IndexError(f"sample {index} out of range ({int(starts[-1])} samples)")
+    shard = int(np.searchsorted(starts, index, side="right")) - 1
+    return shard, index - int(starts[shard])
+
+
 def sample_from_raw(record: dict, seed: int, index: int) -> dict:
     """A raw record -> {"image": lazily opened PIL image, "caption": one chosen by (seed, index), "key"}."""
     caption = pick_caption(record["captions"], seed, index)  # a missing caption fails before decoding

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import ConfigError
 from . import files
-from .samples import RawSource
+from .samples import RawSource, locate
 from .webdataset import ShardError, skip_or_stop
 
 FORMAT = "ldm_ddp.shards/1"
@@ -131,12 +131,6 @@ class ShardsSource(RawSource):
     def shard_sizes(self) -> list[int]:
         return list(self.counts)
 
-    def _locate(self, index: int) -> tuple[int, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} out of range ({len(self)} samples)")
-        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return shard, index - int(self.starts[shard])
-
     def _shard_index(self, shard: int) -> dict:
         if shard not in self._indexes:
             self._indexes[shard] = json.loads(files.read_bytes(shard_index_name(self.shards[shard])))
@@ -145,7 +139,7 @@ class ShardsSource(RawSource):
         return self._indexes[shard]
 
     def key(self, index: int) -> str:
-        shard, row = self._locate(index)
+        shard, row = locate(self.starts, index)
         try:
             source_key = self._shard_index(shard)["samples"][row][0]
         except Exception:  # naming a sample must not fail: fall back to its place in the set
@@ -153,7 +147,7 @@ class ShardsSource(RawSource):
         return f"{files.name_of(self.shards[shard]).removesuffix('.tar')}/{source_key}"
 
     def raw(self, index: int) -> dict:
-        shard, row = self._locate(index)
+        shard, row = locate(self.starts, index)
         shard_index = self._shard_index(shard)
         _, _, offset, size = shard_index["samples"][row]
         return {"key": self.key(index), "image": files.read_bytes(self.shards[shard], offset, size),

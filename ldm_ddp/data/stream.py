@@ -97,17 +97,17 @@ class ShardedStream(IterableDataset):
         Random crop/flip draw from (seed, position), whichever index ends up filling the position.
         """
         n = len(self.source)
-        return self._first_good(position, [((index + a) % n, lambda i=(index + a) % n: self.source[i])
-                                           for a in range(MAX_SUBSTITUTIONS)])
+        return self._first_good(position, (((index + a) % n, lambda i=(index + a) % n: self.source[i])
+                                           for a in range(MAX_SUBSTITUTIONS)))  # lazily: usually one
 
     def load_streamed(self, position: int) -> tuple[dict, list[str]]:
         """Sequential sources: the record at `position` of the stream, or the next good one after it."""
         def fetch(p: int) -> dict:
             return sample_from_raw(self._reader.get(p), self.order.seed, p)
-        return self._first_good(position, [(position + a, lambda p=position + a: fetch(p))
-                                           for a in range(MAX_SUBSTITUTIONS)])
+        return self._first_good(position, ((position + a, lambda p=position + a: fetch(p))
+                                           for a in range(MAX_SUBSTITUTIONS)))
 
-    def _first_good(self, position: int, candidates: list) -> tuple[dict, list[str]]:
+    def _first_good(self, position: int, candidates) -> tuple[dict, list[str]]:
         """The first candidate (index, fetch) that loads, captioned and transformed; bad ones named."""
         bad = []
         for index, fetch in candidates:
