@@ -106,6 +106,7 @@ class TrainConfig:
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     channels_last: bool = True  # on CUDA only
     compile: str = "off"  # off | full | regional: torch.compile of the UNet (ldm_ddp/speed.py); probed at start
+    cudnn_benchmark: bool = True  # on CUDA: autotune each convolution shape once (the shapes are fixed for a run)
     fallback: bool = False  # a fast-path switch that fails at start (compile, attention kernel): warn and run
     # without it, instead of stopping with one line
     num_threads: int = 0  # torch CPU threads per process; 0 = torch default
@@ -132,6 +133,9 @@ class LogConfig:
     peak_tflops: float = 0.0  # per-GPU peak, TFLOP/s, for MFU; 0 = 989 (H100 SXM dense bf16) on CUDA, no MFU on CPU
     tensorboard: bool = False  # also write scalars and sample grids to <out_dir>/tensorboard (needs tensorboard)
     wandb_checkpoints: str = "off"  # off | reference (a file:// link, no upload) | upload: checkpoints as artifacts
+    profile_at: int = 0  # optimizer step from which torch.profiler records log.profile_steps steps into
+    # <out_dir>/profile (Chrome trace, op table, device-busy summary); 0 = off
+    profile_steps: int = 3
 
 
 @dataclass
@@ -300,7 +304,7 @@ def validate(cfg: Config) -> None:
                 "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps",
                 "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches",
                 "train.startup_timeout_s", "train.collective_timeout_s", "train.max_consecutive_skips",
-                "data.max_image_pixels"]
+                "data.max_image_pixels", "log.profile_steps"]
     for key in positive:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -308,7 +312,7 @@ def validate(cfg: Config) -> None:
     non_negative = ["data.num_workers", "train.global_batch", "optim.warmup_steps", "sample.every",
                     "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
                     "diffusion.offset_noise", "ema.start_step", "train.num_threads", "data.min_size",
-                    "log.peak_tflops"]
+                    "log.peak_tflops", "log.profile_at"]
     for key in non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -110,7 +110,8 @@ class FrozenModels:
     @torch.no_grad()
     def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> text embeddings [B, L, D] in fp32 (the UNet's cross-attention context)."""
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0].float()
+        # non_blocking: the loader's ids are pinned, and a blocking copy would wait for the whole queued step
+        return self.text_encoder(input_ids.to(self.text_encoder.device, non_blocking=True))[0].float()
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

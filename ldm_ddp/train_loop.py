@@ -78,6 +78,8 @@ def train(cfg: Config) -> dict:
                       frozen.text_encoder.config.hidden_size).to(device)
     if on_cuda and cfg.train.channels_last:
         unet.to(memory_format=torch.channels_last)
+    if on_cuda:
+        speed.configure_cuda(cfg.train.cudnn_benchmark)
     schedule = NoiseSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.beta_schedule,
                              cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.zero_terminal_snr)
     # Fused AdamW (CPU and GPU) skips a non-finite step on the device, without a host sync (faults.optimizer_step).
@@ -125,7 +127,8 @@ def train(cfg: Config) -> dict:
             b, c, h = cfg.data.batch_per_gpu, unet.config.in_channels, unet.config.sample_size
             x_t = torch.zeros(b, c, h, h, device=device)
             with speed.attention(sdpa_backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                model(x_t, torch.zeros(b, dtype=torch.long, device=device), uncond.expand(b, -1, -1)).sample.sum().backward()
+                context = uncond.expand(b, -1, -1).contiguous()  # the strides of the loop's inputs: no recompile
+                model(x_t, torch.zeros(b, dtype=torch.long, device=device), context).sample.sum().backward()
             unet.zero_grad(set_to_none=True)
 
         def undo() -> None:
@@ -139,6 +142,7 @@ def train(cfg: Config) -> dict:
     metrics = Metrics(out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps, global_batch,
                       cfg.log.progress, wandb_run, tensorboard, flops_per_image, cfg.log.peak_tflops,
                       cfg.log.wandb_checkpoints)
+    profiler = speed.StepProfiler(cfg.log.profile_at, cfg.log.profile_steps, out_dir / "profile", rank, device)
     last_record = None
     bad_seen, bad_total = 0, bad_before  # replaced samples: this process since start; all ranks, as of the last save
 
@@ -235,8 +239,10 @@ def train(cfg: Config) -> dict:
             preemption.ignore()
             raise stop
         if done:
+            profiler.close(step)
             break
 
+        profiler.before_step(step)
         lr = lr_at(cfg.optim, step, cfg.train.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr

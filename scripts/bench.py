@@ -1,8 +1,9 @@
 """GPU speed, side by side in one run: the bare UNet training step vs the real trainer, fed from the latent
 cache and from online VAE encoding; SD1.5 UNet; one GPU and several under torchrun.
 
-    python scripts/bench.py [--gpus 1 2] [--res 256 512] [--batch 256=64 512=16] [--steps 40] [--compile]
-        [--pretrained DIR] [--work DIR] [--json OUT.json]
+    python scripts/bench.py [--gpus 1 2] [--res 256 512] [--batch 256=64 512=16] [--steps 40]
+        [--compile off|full|regional] [--sdpa auto|flash|cudnn|efficient|math] [--cudnn-benchmark on|off]
+        [--channels-last on|off] [--profile] [--pretrained DIR] [--work DIR] [--json OUT.json]
 
 Without --pretrained it writes a random-init SD1.5-shaped VAE, 12-layer CLIP text encoder and a
 77-token tokenizer (same shapes and FLOPs as the real ones; no download). It makes pre-resized
@@ -13,7 +14,8 @@ JPEGs, caches their latents with scripts/precompute_latents.py, then for each re
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
 img/s come from steady-state steps (the first log interval, with compilation, is dropped). MFU counts
 the UNet's training FLOPs (torch.utils.flop_counter) against 989 TFLOP/s (H100 SXM dense bf16) and
-against this card's measured bf16 matmul rate.
+against this card's measured bf16 matmul rate. --profile adds a torch.profiler record of 3 steps of each
+path (Chrome trace, op table; the share of wall time the GPU was busy goes into the table).
 """
 import argparse
 import json
@@ -86,14 +88,24 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
                 f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
                 "--sample.every=0", f"--ckpt.every={10 * args.steps}", "--ckpt.resume=none", "--log.progress=lines",
                 *([f"--train.compile={args.compile}"] if args.compile != "off" else []),
-                *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []), *data]
+                *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
+                f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
+                f"--train.channels_last={str(args.channels_last == 'on').lower()}",
+                # profiled: 3 steps in the last log interval, which the figures leave out
+                *([f"--log.profile_at={args.steps - every + 1}"] if args.profile else []), *data]
     start = time.perf_counter()
     torchrun(nproc, "scripts/train.py", run_args, timeout=1800)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in records if "img_per_s" in r][1:-1] or [r for r in records if "img_per_s" in r][-1:]
-    return {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
-            "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
-            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records), "wall_s": time.perf_counter() - start}
+    # Steady state: the first interval (compilation, autotuning) and the last (the profiler, the final save) dropped.
+    timed = [r for r in records if "img_per_s" in r]
+    steady = timed[1:-1] or timed[-1:]
+    result = {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
+              "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
+              "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records), "wall_s": time.perf_counter() - start}
+    summary = out / "profile" / "summary_rank0.json"
+    if summary.is_file():
+        result["profile"] = json.loads(summary.read_text())
+    return result
 
 
 # --- worker: the bare step, one process per GPU -----------------------------------------------------------
@@ -121,15 +133,17 @@ def bare_worker(args) -> None:
     from ldm_ddp.models import build_unet
 
     device = dist.init("cuda")
+    speed.configure_cuda(args.cudnn_benchmark == "on")
     res, batch = args.res[0], args.worker_batch
     h = res // 8
-    unet = build_unet(ModelConfig(unet="sd15"), h, 768).to(device).to(memory_format=torch.channels_last)
+    layout = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
+    unet = build_unet(ModelConfig(unet="sd15"), h, 768).to(device).to(memory_format=layout)
     context = torch.randn(batch, 77, 768, device=device)
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999))
     model = speed.compile_model(unet, dist.wrap_ddp(unet), args.compile)
-    x_t = torch.randn(batch, 4, h, h, device=device).to(memory_format=torch.channels_last)
+    x_t = torch.randn(batch, 4, h, h, device=device).to(memory_format=layout)
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
 
@@ -154,13 +168,24 @@ def bare_worker(args) -> None:
     torch.cuda.synchronize()
     elapsed = torch.tensor([time.perf_counter() - t0], device=device)
     elapsed = float(dist.all_gather_tensor(elapsed).max())
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    profile = None
+    if args.profile:  # after the timed steps, so that they are not slowed down
+        profiler = speed.StepProfiler(1, 3, Path(args.work) / f"profile_bare_{res}_{dist.world_size()}",
+                                      dist.rank(), device)
+        for i in range(1, 5):
+            profiler.before_step(i)
+            if i < 4:
+                step()
+        profile = json.loads((profiler.out / "summary_rank0.json").read_text()) if dist.is_main() else None
     peak = matmul_tflops(device)
     world = dist.world_size()
     if dist.is_main():
         img_per_s = args.steps * batch * world / elapsed
         print("BENCH " + json.dumps({
             "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak, "warmup_s": warmup_s,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30, "card": torch.cuda.get_device_name()}))
+            "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
+            **({"profile": profile} if profile else {})}))
     dist.shutdown()
 
 
@@ -176,6 +201,9 @@ def main() -> int:
                         help="torch.compile of the UNet, as train.compile (bare and trainer)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                         help="attention kernel, as model.sdpa_backend")
+    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
+    parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"])
     parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
     parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
@@ -205,7 +233,10 @@ def main() -> int:
             if "bare" in args.parts:
                 out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
                                                           "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                                          "--compile", args.compile, "--sdpa", args.sdpa], 1800).stdout
+                                                          "--compile", args.compile, "--sdpa", args.sdpa,
+                                                          "--cudnn-benchmark", args.cudnn_benchmark,
+                                                          "--channels-last", args.channels_last, "--work", str(work),
+                                                          *(["--profile"] if args.profile else [])], 1800).stdout
                 row["bare"] = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
             if "cache" in args.parts:
                 row["cache"] = trainer(args, gpus, res, batch, ["--data.source=latents", f"--data.path={cache}"],
@@ -224,7 +255,7 @@ def main() -> int:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'res':>4} {'gpus':>4} {'batch':>5}  {'path':<7} {'img/s':>8} {'/GPU':>7} {'MFU989':>7} {'MFUmm':>6} "
-          f"{'vs bare':>7} {'wait':>5} {'mem GiB':>7}")
+          f"{'vs bare':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
     for row in rows:
         bare = row.get("bare", {})
         for path in ("bare", "cache", "online"):
@@ -237,7 +268,8 @@ def print_table(rows: list[dict]) -> None:
             versus = r["img_per_s"] / bare["img_per_s"] if bare else float("nan")
             print(f"{row['res']:>4} {gpus:>4} {row['batch_per_gpu']:>5}  {path:<7} {r['img_per_s']:>8.1f} "
                   f"{per_gpu:>7.1f} {tflops / H100_PEAK:>7.1%} {mfu_mm:>6.1%} {versus:>7.1%} "
-                  f"{r.get('data_wait_share', 0):>5.1%} {r['peak_mem_gib']:>7.1f}")
+                  f"{r.get('data_wait_share', 0):>5.1%} {r['peak_mem_gib']:>7.1f} "
+                  f"{r.get('profile', {}).get('device_busy_share', float('nan')):>8.1%}")
     card = next((row["bare"]["card"] for row in rows if "bare" in row), "")
     print(f"card: {card}" if card else "")
 

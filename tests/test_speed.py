@@ -33,24 +33,36 @@ def test_probe_falls_back_only_when_asked(capsys):
     assert speed.probe(lambda: None, "x", False, lambda: undone.append(2)) is True and undone == [1]
 
 
-def test_attention_backends_select_a_kernel_and_regional_compile_is_undone():
+def test_attention_backends_select_a_kernel():
     q = torch.randn(1, 2, 4, 8)
     with speed.attention("math"):
         expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     with speed.attention("auto"):
         assert torch.allclose(torch.nn.functional.scaled_dot_product_attention(q, q, q), expected, atol=1e-6)
 
-    class Blocks(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.down_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
-            self.mid_block = torch.nn.Linear(2, 2)
-            self.up_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
 
-    unet = Blocks()
+def test_regional_compile_compiles_each_repeated_module_in_place_and_is_undone():
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from ldm_ddp.config import ModelConfig
+    from ldm_ddp.models import build_unet
+    unet = build_unet(ModelConfig(), 8, 64)
+    regions = speed.regions(unet)
+    assert {type(r) for r in regions} >= {ResnetBlock2D, Transformer2DModel}
+    assert sum(isinstance(r, ResnetBlock2D) for r in regions) == sum(
+        isinstance(m, ResnetBlock2D) for m in unet.modules())  # every ResNet block, none twice
     names = [n for n, _ in unet.named_parameters()]
     model = speed.compile_model(unet, unet, "regional")
-    assert model is unet and all(b._compiled_call_impl is not None for b in speed.unet_blocks(unet))
+    assert model is unet and all(r._compiled_call_impl is not None for r in regions)
+    assert unet._compiled_call_impl is None
     assert [n for n, _ in unet.named_parameters()] == names  # checkpoints keep their tensor names
-    assert speed.uncompile(unet, model) is unet and all(b._compiled_call_impl is None for b in speed.unet_blocks(unet))
+    assert speed.uncompile(unet, model) is unet and all(r._compiled_call_impl is None for r in regions)
     assert speed.uncompile(unet, speed.compile_model(unet, unet, "full")) is unet
+
+
+def test_device_busy_time_merges_overlapping_kernels():
+    events = [{"cat": "kernel", "ts": 0, "dur": 10}, {"cat": "kernel", "ts": 5, "dur": 10},  # overlap: 0-15
+              {"cat": "gpu_memcpy", "ts": 20, "dur": 5}, {"cat": "cpu_op", "ts": 0, "dur": 100},  # host ops: ignored
+              {"cat": "kernel", "ts": 21, "dur": 2}]  # inside the copy
+    assert speed.device_busy_us({"traceEvents": events}) == 20

@@ -38,7 +38,8 @@ def assert_bitwise_equal(path_a, path_b) -> None:
 def test_train_end_to_end(tmp_path, tiny_args, run_script):
     out = tmp_path / "run"
     stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=4, sample__every=2,
-                                                              data__num_workers=1, optim__lr=1e-3), timeout=120))
+                                                              data__num_workers=1, optim__lr=1e-3, log__profile_at=1,
+                                                              log__profile_steps=2), timeout=120))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002.safetensors",
                                                                        "step_0000004.safetensors"]
     records = metrics(out)
@@ -52,6 +53,11 @@ def test_train_end_to_end(tmp_path, tiny_args, run_script):
     grid = out / "samples" / "step_0000004.png"
     assert grid.is_file() and (out / "samples" / "step_0000002.png").is_file()
     assert Image.open(grid).size[0] >= 2 * 64  # two 64 px samples side by side
+    # log.profile_at: steps 2 and 3 under torch.profiler (the trace holds their UNet forward)
+    summary = json.loads((out / "profile" / "summary_rank0.json").read_text())
+    assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0 and "profile: 2 steps" in stdout
+    assert "aten::convolution" in (out / "profile" / "ops_rank0.txt").read_text()
+    assert '"traceEvents"' in (out / "profile" / "trace_rank0.json").read_text()
     _, meta = load_checkpoint(out / "checkpoints" / "step_0000004.safetensors")
     assert meta["step"] == 4 and meta["samples_seen"] == 8 and meta["data"]["global_batch"] == 2
     assert meta["config"]["train"]["max_steps"] == 4 and meta["world_size"] == 1
