@@ -120,7 +120,7 @@ def train(cfg: Config) -> dict:
     batches = iter(loader)
 
     # --- Training wrapper and logging ---------------------------------------------------------------
-    model = speed.compile_model(unet, dist.wrap_ddp(unet), cfg.train.compile)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.grad_reduce), cfg.train.compile)
     sdpa_backend = cfg.model.sdpa_backend
     if cfg.train.compile != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped

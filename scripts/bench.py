@@ -71,14 +71,19 @@ def make_images(root: Path, count: int, resolution: int) -> Path:
     return root
 
 
-def torchrun(nproc: int, script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, script: str, args: list[str], timeout: float, log: Path) -> str:
+    """Run `script` (under torchrun when nproc > 1) with its output in `log` (kept, for a run that hangs or is
+    killed); -> its stdout and stderr."""
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                                    if nproc > 1 else [])
-    done = subprocess.run(launcher + [str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        done = subprocess.run(launcher + [str(REPO / script), *args], cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = log.read_text()
     if done.returncode:
-        raise RuntimeError(f"{script} {' '.join(args[:3])} ... failed:\n{done.stderr[-4000:]}")
-    return done
+        raise RuntimeError(f"{script} {' '.join(args[:3])} ... failed:\n{output[-4000:]}")
+    return output
 
 
 def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
@@ -91,10 +96,11 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
                 *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
                 f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
                 f"--train.channels_last={str(args.channels_last == 'on').lower()}",
+                f"--train.grad_reduce={args.grad_reduce}",
                 # profiled: 3 steps in the last log interval, which the figures leave out
                 *([f"--log.profile_at={args.steps - every + 1}"] if args.profile else []), *data]
     start = time.perf_counter()
-    torchrun(nproc, "scripts/train.py", run_args, timeout=1800)
+    torchrun(nproc, "scripts/train.py", run_args, 1800, out.parent / "logs" / f"{out.name}.log")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Steady state: the first interval (compilation, autotuning) and the last (the profiler, the final save) dropped.
     timed = [r for r in records if "img_per_s" in r]
@@ -142,7 +148,7 @@ def bare_worker(args) -> None:
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999))
-    model = speed.compile_model(unet, dist.wrap_ddp(unet), args.compile)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.grad_reduce), args.compile)
     x_t = torch.randn(batch, 4, h, h, device=device).to(memory_format=layout)
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -157,8 +163,11 @@ def bare_worker(args) -> None:
         ema.update(unet)
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
+    for i in range(args.warmup):  # the first steps compile and autotune: their times go to the log
         step()
+        if i < 3 and dist.is_main():
+            torch.cuda.synchronize()
+            print(f"warmup step {i + 1}: {time.perf_counter() - t0:.1f} s since start", flush=True)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
     dist.barrier()
@@ -203,6 +212,7 @@ def main() -> int:
                         help="attention kernel, as model.sdpa_backend")
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
     parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
+    parser.add_argument("--grad-reduce", default="fp32", choices=["fp32", "bf16"], help="as train.grad_reduce")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"])
     parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
@@ -227,7 +237,8 @@ def main() -> int:
         if "cache" in args.parts and not (cache / "manifest.json").is_file():
             torchrun(max(args.gpus), "scripts/precompute_latents.py",
                      [str(cache), f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}",
-                      "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"], 1800)
+                      "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"], 1800,
+                     work / "logs" / f"precompute_{res}.log")
         for gpus in args.gpus:
             row = {"res": res, "gpus": gpus, "batch_per_gpu": batch}
             if "bare" in args.parts:
@@ -235,8 +246,10 @@ def main() -> int:
                                                           "--steps", str(args.steps), "--warmup", str(args.warmup),
                                                           "--compile", args.compile, "--sdpa", args.sdpa,
                                                           "--cudnn-benchmark", args.cudnn_benchmark,
-                                                          "--channels-last", args.channels_last, "--work", str(work),
-                                                          *(["--profile"] if args.profile else [])], 1800).stdout
+                                                          "--channels-last", args.channels_last,
+                                                          "--grad-reduce", args.grad_reduce, "--work", str(work),
+                                                          *(["--profile"] if args.profile else [])], 1800,
+                               work / "logs" / f"bare_{res}_{gpus}.log")
                 row["bare"] = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
             if "cache" in args.parts:
                 row["cache"] = trainer(args, gpus, res, batch, ["--data.source=latents", f"--data.path={cache}"],
