@@ -19,9 +19,6 @@ import torch
 
 from .config import ConfigError
 
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-COMPILE_MODES = ("off", "full", "regional")
-
 
 def attention(backend: str):
     """A fresh context selecting the SDPA kernel for one forward ("auto": PyTorch's own choice)."""
@@ -37,6 +34,14 @@ def configure_cuda(cudnn_benchmark: bool) -> None:
     """cuDNN autotuning: each convolution shape is timed once against cuDNN's algorithms and the fastest kept.
     The UNet's shapes are fixed for a run, so the search is paid in the first steps only."""
     torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def compile_mode(setting: str, device: torch.device) -> str:
+    """train.compile -> the mode used: "auto" is "full" on CUDA (measured fastest: docs/performance.md) and "off"
+    elsewhere (inductor's CPU code gains little for the demo's small UNet and costs minutes to compile)."""
+    if setting == "auto":
+        return "full" if device.type == "cuda" else "off"
+    return setting
 
 
 def unet_blocks(unet) -> list[torch.nn.Module]:

@@ -120,9 +120,10 @@ def train(cfg: Config) -> dict:
     batches = iter(loader)
 
     # --- Training wrapper and logging ---------------------------------------------------------------
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.grad_reduce), cfg.train.compile)
+    compile_mode = speed.compile_mode(cfg.train.compile, device)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.grad_reduce), compile_mode)
     sdpa_backend = cfg.model.sdpa_backend
-    if cfg.train.compile != "off" or sdpa_backend != "auto":
+    if compile_mode != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped
             b, c, h = cfg.data.batch_per_gpu, unet.config.in_channels, unet.config.sample_size
             x_t = torch.zeros(b, c, h, h, device=device)
@@ -134,7 +135,7 @@ def train(cfg: Config) -> dict:
         def undo() -> None:
             nonlocal model, sdpa_backend
             model, sdpa_backend = speed.uncompile(unet, model), "auto"
-        speed.probe(probe_step, f"train.compile={cfg.train.compile}, model.sdpa_backend={sdpa_backend}",
+        speed.probe(probe_step, f"train.compile={compile_mode}, model.sdpa_backend={sdpa_backend}",
                     cfg.train.fallback, undo)
     wandb_run = start_wandb(cfg.log.wandb, out_dir, cfg.log.wandb_project,
                             cfg.log.run_name or out_dir.name, cfg.to_dict())

@@ -92,7 +92,7 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
     run_args = [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
                 f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
                 "--sample.every=0", f"--ckpt.every={10 * args.steps}", "--ckpt.resume=none", "--log.progress=lines",
-                *([f"--train.compile={args.compile}"] if args.compile != "off" else []),
+                f"--train.compile={args.compile}",
                 *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
                 f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
                 f"--train.channels_last={str(args.channels_last == 'on').lower()}",
