@@ -109,6 +109,9 @@ def weights_prefix(meta: dict, weights: str) -> str:
     raise ConfigError(f"--weights: no EMA profile {weights!r} in this checkpoint (it has: {have})")
 
 
+CHUNK_ELEMENTS = 2**26  # EMA update temporaries: 256 MiB of fp32 at a time
+
+
 class EMA:
     """fp32 shadow copies of a module's parameters, one set per profile (buffers are copied, not averaged)."""
 
@@ -139,17 +142,35 @@ class EMA:
 
         `ok` (a bool tensor on the device): False leaves every shadow as it was (a skipped step) without a host
         sync; the decay schedule advances either way, as the learning rate follows the step count.
+
+        The weight is a device scalar (1 - decay, or 0 when not ok), which foreach lerp only takes per tensor
+        (one kernel and one launch per parameter: 686 for SD1.5). So lerp's own formula for weights below 1/2,
+        shadow += w * (weights - shadow) (exact where weights == shadow, no drift from rounding 1 - w), in three
+        multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary. One path with or
+        without `ok`, so both give the same bits.
         """
         params = dict(module.named_parameters())
-        current = [params[n].detach().float() for n in self.names]  # no copy for fp32; lerp needs one dtype
+        current = [params[n].detach().float() for n in self.names]  # no copy for fp32; one dtype for the foreach
+        take = torch.ones((), device=current[0].device) if ok is None else ok.float()
         for profile, shadow in zip(self.profiles, self.shadows):
-            # lerp_(w, 1 - d) == d * shadow + (1 - d) * w, in one foreach kernel per dtype group.
-            weight = 1.0 - profile.decay(self.num_updates, self.cfg.warmup)
-            if ok is None:
-                torch._foreach_lerp_(shadow, current, weight)
-            else:  # a tensor weight (0 when not ok) takes lerp's per-tensor path, so `ok` stays on the device
-                torch._foreach_lerp_(shadow, current, [ok.float() * weight] * len(shadow))
+            weight = take * (1.0 - profile.decay(self.num_updates, self.cfg.warmup))
+            for a, b in self._chunks():
+                step = torch._foreach_sub(current[a:b], shadow[a:b])
+                torch._foreach_mul_(step, weight)
+                torch._foreach_add_(shadow[a:b], step)
         self.num_updates += 1
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Index ranges of the parameter list, each at most CHUNK_ELEMENTS (or one larger tensor)."""
+        if getattr(self, "_ranges", None) is None:
+            self._ranges, start, size = [], 0, 0
+            for i, tensor in enumerate(self.shadows[0]):
+                if size and size + tensor.numel() > CHUNK_ELEMENTS:
+                    self._ranges.append((start, i))
+                    start, size = i, 0
+                size += tensor.numel()
+            self._ranges.append((start, len(self.shadows[0])))
+        return self._ranges
 
     @torch.no_grad()
     def copy_from(self, module: torch.nn.Module) -> None:

@@ -98,11 +98,12 @@ class Metrics:
         self.bucket_count.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
 
     @torch.no_grad()
-    def add_grad_norms(self, module: torch.nn.Module) -> None:
+    def add_grad_norms(self, module: torch.nn.Module, norms: list[torch.Tensor] | None = None) -> None:
         """Gradient norm per block group (block_group of the parameter names), before clipping; on the device.
 
-        One torch._foreach_norm over all gradients (a kernel per dtype group), then a scatter of the squares
-        into their groups: no host sync. Every rank holds the same all-reduced gradients.
+        `norms`: the per-parameter gradient norms, in parameter order, when the caller has them already
+        (speed.clip_grad_norm); else one torch._foreach_norm here. Then a scatter of the squares into their
+        groups: no host sync. Every rank holds the same all-reduced gradients.
         """
         if not self.group_names:
             named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -116,7 +117,8 @@ class Metrics:
             return
         index = self._group_index if len(present) == len(self._grad_params) else self._group_index[
             torch.tensor([i for _, i in present], device=self.device)]
-        squares = torch.stack(torch._foreach_norm([g for g, _ in present])).double().square()
+        norms = norms if norms is not None else torch._foreach_norm([g for g, _ in present])
+        squares = torch.stack(norms).double().square()
         group_sq = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float64)
         # A non-finite group (a step the loop skips) adds 0, as the loop's grad_norm does for that step.
         self.group_sum += group_sq.index_add_(0, index.to(squares.device), squares).sqrt().nan_to_num(0, 0, 0)

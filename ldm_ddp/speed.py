@@ -36,6 +36,19 @@ def configure_cuda(cudnn_benchmark: bool) -> None:
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+@torch.no_grad()
+def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """torch.nn.utils.clip_grad_norm_ (same arithmetic), also returning the per-parameter norms (parameter order,
+    parameters without gradients left out) so the per-block metrics need no second pass; max_norm 0 = no clip.
+    -> (total norm, per-parameter norms), on the device, no host sync."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    norms = list(torch._foreach_norm(grads))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total, norms
+
+
 def compile_mode(setting: str, device: torch.device) -> str:
     """train.compile -> the mode used: "auto" is "full" on CUDA (measured fastest: docs/performance.md) and "off"
     elsewhere (inductor's CPU code gains little for the demo's small UNet and costs minutes to compile)."""

@@ -275,8 +275,8 @@ def train(cfg: Config) -> dict:
                 (loss / grad_accum).backward()
             step_loss = step_loss + loss.detach() / grad_accum
             metrics.add_micro_batch(loss_per_sample.nan_to_num(0.0, 0.0, 0.0), t)  # a skipped step's NaN stays out
-        metrics.add_grad_norms(unet)  # per block group, before clipping; stays on the device
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip or float("inf"))
+        grad_norm, norms = speed.clip_grad_norm(unet, cfg.optim.grad_clip)  # one pass of norms for both:
+        metrics.add_grad_norms(unet, norms)  # per block group, before clipping; stays on the device
         # A NaN or Inf anywhere (any rank, any micro-batch) makes the all-reduced gradients' norm non-finite, the
         # same on every rank: the update is skipped on the device (weights, moments, EMA untouched; the lr and
         # EMA decay schedules still follow the step count), and nobody waits for the decision on the host.

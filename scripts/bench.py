@@ -149,7 +149,7 @@ def bare_worker(args) -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999))
     model = speed.compile_model(unet, dist.wrap_ddp(unet, args.grad_reduce), args.compile)
-    x_t = torch.randn(batch, 4, h, h, device=device).to(memory_format=layout)
+    x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
 
@@ -157,7 +157,7 @@ def bare_worker(args) -> None:
         with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             v_pred = model(x_t, t, context).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        speed.clip_grad_norm(unet, 1.0)  # as the trainer clips
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(unet)

@@ -66,3 +66,22 @@ def test_device_busy_time_merges_overlapping_kernels():
               {"cat": "gpu_memcpy", "ts": 20, "dur": 5}, {"cat": "cpu_op", "ts": 0, "dur": 100},  # host ops: ignored
               {"cat": "kernel", "ts": 21, "dur": 2}]  # inside the copy
     assert speed.device_busy_us({"traceEvents": events}) == 20
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0])
+def test_clip_grad_norm_is_torchs_and_returns_the_per_parameter_norms(max_norm):
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        torch.manual_seed(1)
+        net(torch.randn(3, 4)).pow(2).sum().backward()
+    nets[0][1].bias.grad = None  # a parameter without a gradient is left out
+    nets[1][1].bias.grad = None
+    expected = torch.nn.utils.clip_grad_norm_(nets[0].parameters(), max_norm or float("inf"))
+    before = [torch.linalg.vector_norm(p.grad) for p in nets[1].parameters() if p.grad is not None]
+    total, norms = speed.clip_grad_norm(nets[1], max_norm)
+    assert torch.equal(total, expected) and len(norms) == 3
+    torch.testing.assert_close(torch.stack(norms), torch.stack(before))  # before clipping
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(nets[0].parameters(), nets[1].parameters())
+               if a.grad is not None)
