@@ -107,7 +107,6 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: str = "auto"  # auto (full on CUDA, off on CPU) | off | full | regional: torch.compile of the UNet
     # (ldm_ddp/speed.py); probed at start. The first step compiles, about 2 minutes for SD1.5 (docs/performance.md)
-    grad_reduce: str = "fp32"  # fp32 | bf16: dtype of the gradient all-reduce across ranks (bf16: half the traffic)
     cudnn_benchmark: bool = True  # on CUDA: autotune each convolution shape once (the shapes are fixed for a run)
     fallback: bool = False  # a fast-path switch that fails at start (compile, attention kernel): warn and run
     # without it, instead of stopping with one line
@@ -184,7 +183,6 @@ class Config:
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
     "model.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"), "train.compile": ("auto", "off", "full", "regional"),
-    "train.grad_reduce": ("fp32", "bf16"),
     "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"),
     "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),

@@ -160,18 +160,10 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def wrap_ddp(module: torch.nn.Module, grad_reduce: str = "fp32") -> torch.nn.Module:
-    """DDP-wrap for training when there is more than one rank; the module itself otherwise.
-
-    grad_reduce = "bf16": gradients travel as bf16 (PyTorch's bf16_compress_hook: cast, all-reduce, divide,
-    cast back into the fp32 buckets): half the bytes on the wire, the sum rounded to bf16's 8 mantissa bits.
-    """
+def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """DDP-wrap for training when there is more than one rank; the module itself otherwise."""
     if not dist.is_initialized():
         return module
     from torch.nn.parallel import DistributedDataParallel
     ids = [_device.index] if _device.type == "cuda" else None
-    ddp = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
-    if grad_reduce == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-        ddp.register_comm_hook(None, bf16_compress_hook)
-    return ddp
+    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)

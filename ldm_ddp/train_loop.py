@@ -121,7 +121,7 @@ def train(cfg: Config) -> dict:
 
     # --- Training wrapper and logging ---------------------------------------------------------------
     compile_mode = speed.compile_mode(cfg.train.compile, device)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.grad_reduce), compile_mode)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet), compile_mode)
     sdpa_backend = cfg.model.sdpa_backend
     if compile_mode != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped

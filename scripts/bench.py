@@ -96,7 +96,6 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
                 *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
                 f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
                 f"--train.channels_last={str(args.channels_last == 'on').lower()}",
-                f"--train.grad_reduce={args.grad_reduce}",
                 # profiled: 3 steps in the last log interval, which the figures leave out
                 *([f"--log.profile_at={args.steps - every + 1}"] if args.profile else []), *data]
     start = time.perf_counter()
@@ -148,7 +147,7 @@ def bare_worker(args) -> None:
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999))
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.grad_reduce), args.compile)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet), args.compile)
     x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -206,13 +205,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed steps (trainer: steps per run)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed bare steps first")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
-    parser.add_argument("--compile", default="off", choices=["off", "full", "regional"],
+    parser.add_argument("--compile", default="full", choices=["off", "full", "regional"],
                         help="torch.compile of the UNet, as train.compile (bare and trainer)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                         help="attention kernel, as model.sdpa_backend")
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
     parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
-    parser.add_argument("--grad-reduce", default="fp32", choices=["fp32", "bf16"], help="as train.grad_reduce")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"])
     parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
@@ -247,7 +245,7 @@ def main() -> int:
                                                           "--compile", args.compile, "--sdpa", args.sdpa,
                                                           "--cudnn-benchmark", args.cudnn_benchmark,
                                                           "--channels-last", args.channels_last,
-                                                          "--grad-reduce", args.grad_reduce, "--work", str(work),
+                                                          "--work", str(work),
                                                           *(["--profile"] if args.profile else [])], 1800,
                                work / "logs" / f"bare_{res}_{gpus}.log")
                 row["bare"] = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
