@@ -20,6 +20,7 @@ path (Chrome trace, op table; the share of wall time the GPU was busy goes into 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,18 +87,23 @@ def torchrun(nproc: int, script: str, args: list[str], timeout: float, log: Path
     return output
 
 
+def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: int) -> list[str]:
+    """scripts/train.py's arguments for a bench run: the sd15 preset, the bench's switches, no live samples."""
+    return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
+            f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
+            "--sample.every=0", "--log.progress=lines", f"--train.compile={args.compile}",
+            *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
+            f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
+            f"--train.channels_last={str(args.channels_last == 'on').lower()}", *data]
+
+
 def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
     """Run the real trainer for args.steps steps; -> steady-state figures from its metrics.jsonl."""
     every = max(1, args.steps // 4)
-    run_args = [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
-                f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
-                "--sample.every=0", f"--ckpt.every={10 * args.steps}", "--ckpt.resume=none", "--log.progress=lines",
-                f"--train.compile={args.compile}",
-                *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
-                f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
-                f"--train.channels_last={str(args.channels_last == 'on').lower()}",
+    run_args = [*trainer_args(args, res, batch, data, out, every), f"--ckpt.every={10 * args.steps}",
+                "--ckpt.resume=none",
                 # profiled: 3 steps in the last log interval, which the figures leave out
-                *([f"--log.profile_at={args.steps - every + 1}"] if args.profile else []), *data]
+                *([f"--log.profile_at={args.steps - every + 1}"] if args.profile else [])]
     start = time.perf_counter()
     torchrun(nproc, "scripts/train.py", run_args, 1800, out.parent / "logs" / f"{out.name}.log")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -111,6 +117,51 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
     if summary.is_file():
         result["profile"] = json.loads(summary.read_text())
     return result
+
+
+def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, every: int, timeout: float) -> dict:
+    """The run of issue 7: the trainer saves at step `save_at`, rank 0 is killed -9 one log interval later,
+    and the same command resumes from that checkpoint to the end. -> where it stopped and resumed, the losses
+    of the steps done twice (same data and draws: they should agree), and the mean loss over two log intervals
+    on either side of the resume point (a jump would show here)."""
+    import chaos
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    (out.parent / "logs").mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                                   if nproc > 1 else [])
+    checkpoint_file = out / "checkpoints" / f"step_{save_at:07d}.safetensors"
+    start = time.perf_counter()
+    with (out.parent / "logs" / f"{out.name}_killed.log").open("w") as sink:
+        proc = subprocess.Popen(launcher + [str(REPO / "scripts/train.py"), *run_args], cwd=REPO, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    while not (checkpoint_file.is_file() and chaos.last_step(out) >= save_at + every):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the first attempt ended or stalled before step {save_at + every} "
+                               f"(see {out.parent / 'logs' / (out.name + '_killed.log')})")
+        time.sleep(0.05)
+    rank0 = proc.pid if nproc == 1 else chaos.worker_pid(proc.pid, 0)
+    os.kill(rank0, signal.SIGKILL)
+    proc.wait(timeout=300)
+    chaos.wait_for_exit_of_all(out)
+    first_lines = len((out / "metrics.jsonl").read_text().splitlines())
+    torchrun(nproc, "scripts/train.py", run_args, timeout, out.parent / "logs" / f"{out.name}_resumed.log")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+
+    def losses(part: list[str]) -> dict[int, float]:
+        records = [json.loads(line) for line in part if line.startswith("{") and line.endswith("}")]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+    before, after = losses(lines[:first_lines]), losses(lines[first_lines:])
+    redone = sorted(set(before) & set(after))
+    return {"saved_at": save_at, "killed_after_step": max(before), "resumed_first_log": min(after),
+            "redone": [[step, before[step], after[step]] for step in redone],
+            "redone_max_rel_diff": max((abs(after[k] - before[k]) / abs(before[k]) for k in redone), default=None),
+            "loss_before": float(np.mean([v for k, v in before.items() if save_at - 2 * every < k <= save_at])),
+            "loss_after": float(np.mean([v for k, v in after.items() if save_at < k <= save_at + 2 * every])),
+            "final_step": max(after), "wall_s": time.perf_counter() - start}
 
 
 # --- worker: the bare step, one process per GPU -----------------------------------------------------------
@@ -212,7 +263,10 @@ def main() -> int:
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
     parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
-    parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"])
+    parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
+                        choices=["bare", "cache", "online", "resume"],
+                        help="resume: the trainer from the cache saves at --steps/2, rank 0 is killed -9, and the "
+                             "same command resumes (issue 7's check; reported below the table)")
     parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
     parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
@@ -224,7 +278,7 @@ def main() -> int:
         bare_worker(args)
         return 0
     work, batches = Path(args.work), {int(k): int(v) for k, v in (b.split("=") for b in args.batch)}
-    trainer_parts = {"cache", "online"} & set(args.parts)
+    trainer_parts = {"cache", "online", "resume"} & set(args.parts)
     if trainer_parts:
         args.pretrained = args.pretrained or str(make_bundle(work / "bundle"))
     rows = []
@@ -232,7 +286,7 @@ def main() -> int:
         batch = batches[res]
         images = make_images(work / f"images_{res}", args.images, res) if trainer_parts else None
         cache = work / f"latents_{res}"
-        if "cache" in args.parts and not (cache / "manifest.json").is_file():
+        if {"cache", "resume"} & set(args.parts) and not (cache / "manifest.json").is_file():
             torchrun(max(args.gpus), "scripts/precompute_latents.py",
                      [str(cache), f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}",
                       "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"], 1800,
@@ -256,6 +310,12 @@ def main() -> int:
                 row["online"] = trainer(args, gpus, res, batch, ["--data.source=folder", f"--data.path={images}",
                                                                  f"--data.num_workers={args.online_workers}"],
                                         work / f"run_online_{res}_{gpus}")
+            if "resume" in args.parts:  # issue 7: save, kill -9, the same command again
+                every = max(1, args.steps // 8)
+                out = work / f"run_resume_{res}_{gpus}"
+                run_args = [*trainer_args(args, res, batch, ["--data.source=latents", f"--data.path={cache}"], out,
+                                          every), f"--ckpt.every={args.steps // 2}", "--ckpt.resume=auto"]
+                row["resume"] = kill_and_resume(gpus, run_args, out, args.steps // 2, every, 3600)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows)
@@ -283,6 +343,14 @@ def print_table(rows: list[dict]) -> None:
                   f"{r.get('profile', {}).get('device_busy_share', float('nan')):>8.1%}")
     card = next((row["bare"]["card"] for row in rows if "bare" in row), "")
     print(f"card: {card}" if card else "")
+    for row in rows:
+        if "resume" in row:
+            r = row["resume"]
+            diff = "n/a" if r["redone_max_rel_diff"] is None else f"{r['redone_max_rel_diff']:.2e}"
+            print(f"resume {row['res']} px, {row['gpus']} GPUs: saved at step {r['saved_at']}, killed after step "
+                  f"{r['killed_after_step']}, resumed to {r['final_step']}; {len(r['redone'])} log lines redone, "
+                  f"largest relative loss difference {diff}; mean loss two intervals before the resume point "
+                  f"{r['loss_before']:.4f}, after {r['loss_after']:.4f}; {r['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

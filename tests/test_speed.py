@@ -89,11 +89,11 @@ def test_clip_grad_norm_is_torchs_and_returns_the_per_parameter_norms(max_norm):
                if a.grad is not None)
 
 
-def test_a_compiled_run_saves_samples_and_resumes_like_an_eager_one(tmp_path, tiny_args, monkeypatch):
+def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args, monkeypatch):
     """train.compile=full end to end, in process. Inductor would take minutes on this CPU, so torch.compile gets
     the aot_eager backend: dynamo's capture and AOT autograd's joint graph are real, only the kernels are eager.
-    Checkpoints hold the eager module's names, live samples come from the uncompiled copy, and the run's
-    numbers match an eager run's."""
+    Checkpoints hold the eager module's names (a resume loads into the eager module before compiling), live
+    samples come from the uncompiled copy, and the run's numbers match an eager run's."""
     import functools
 
     from ldm_ddp import dist
@@ -117,5 +117,20 @@ def test_a_compiled_run_saves_samples_and_resumes_like_an_eager_one(tmp_path, ti
     reference, _ = load_checkpoint(tmp_path / "eager" / "checkpoints" / "step_0000002.safetensors")
     assert tensors.keys() == reference.keys() and not any("_orig_mod" in k for k in tensors)
     assert (tmp_path / "compiled" / "samples" / "step_0000002.png").is_file()
-    resumed = run(tmp_path / "compiled", "full", 3)  # resumes from step 2 with the compiled module
-    assert resumed["step"] == 3 and math.isfinite(resumed["loss"])
+
+
+def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args):
+    """bench.py --parts resume (issue 7's check) on CPU: saved at step 20, killed -9 later, resumed by the
+    same command; the steps done twice give the same losses."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench
+
+    out = tmp_path / "run"
+    run_args = [*tiny_args(out, train__max_steps=80, ckpt__every=20, log__every=1), "--ckpt.resume=auto"]
+    result = bench.kill_and_resume(1, run_args, out, save_at=20, every=1, timeout=300)
+    assert 21 <= result["killed_after_step"] < 80 and result["final_step"] == 80
+    assert result["redone"] and result["redone"][0][0] == 21  # resumed from the step-20 checkpoint
+    assert result["redone_max_rel_diff"] == 0.0  # CPU: bit for bit
+    assert math.isfinite(result["loss_before"]) and math.isfinite(result["loss_after"])
