@@ -56,6 +56,7 @@ class Preemption:
     def __init__(self):
         self.signum = 0
         self._previous = {s: signal.signal(s, self._note) for s in PREEMPTION_SIGNALS}
+        end_with_launcher()
 
     def _note(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
@@ -78,6 +79,20 @@ class Preemption:
         action, and a late SIGTERM (torchrun's, once another rank has exited) would turn exit 75 into a kill."""
         for signum in PREEMPTION_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def end_with_launcher() -> None:
+    """Under torchrun (Linux): SIGTERM to this rank when its launcher dies. A launcher killed with kill -9 sends
+    its workers nothing; they would train on, and write checkpoints into the run folder that the next launch of
+    the same command resumes from. With this they stop as if preempted (all of them at once: they agree, save
+    and exit 75). A launcher already gone leaves this rank a child of init: it stops the same way."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
+        return
+    import ctypes
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0 \
+            and os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def shield_worker(worker_id: int) -> None:

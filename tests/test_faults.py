@@ -226,6 +226,24 @@ def test_preemption_at_step_0_during_sampling_and_during_a_save_resumes_bitwise(
     assert resumes[-1]["config"]["train.max_steps"] == [1000, STEPS] and "sample.every" in resumes[-1]["config"]
 
 
+def test_kill9_of_torchrun_stops_its_ranks_with_a_checkpoint(tmp_path, tiny_args):
+    """kill -9 of torchrun itself: it tells its workers nothing, so each rank asked the kernel for SIGTERM on its
+    parent's death (faults.end_with_launcher); they stop together as if preempted, with a checkpoint, and no
+    process of the run is left to write into the folder that the next launch resumes from."""
+    out = tmp_path / "run"
+    with torchrun(tmp_path / "killed.log", config(tiny_args, out, train__max_steps=1000)) as launch:
+        wait_until(lambda: logged_step(launch.logs[0], 3), 120, "step 3", poll=0.01)
+        workers = [wait_until(lambda: worker_pid(launch.procs[0].pid, r), 10, f"rank {r}") for r in (0, 1)]
+        sent = time.time()
+        launch.procs[0].send_signal(signal.SIGKILL)
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 60, "the orphaned ranks to end")
+        stopped = re.search(r"preempted by SIGTERM at step (\d+): checkpoint (\S+) committed", launch.output())
+        assert stopped, launch.output()[-3000:]
+        path = out / "checkpoints" / stopped.group(2)
+        assert path.stat().st_mtime - sent < 20 and int(stopped.group(1)) >= 3
+        ckpt.load_checkpoint(path)
+
+
 @pytest.fixture(scope="module")
 def poisoned(tmp_path_factory):
     """word -> a copy of the demo bundle whose text encoder embeds `word` as NaN: every caption with it makes the
