@@ -182,7 +182,8 @@ class Config:
 
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
-    "model.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"), "train.compile": ("auto", "off", "full", "regional"),
+    "model.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
+    "train.compile": ("auto", "off", "full", "regional"),
     "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"),
     "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
