@@ -90,6 +90,12 @@ def _parse(weights: str) -> tuple[str, float]:
         raise ConfigError(f"--weights: expected ema | raw | ema:DECAY | ema:std=SIGMA_REL, got {weights!r}") from None
 
 
+def _stored_prefix(stored: list[dict], kind: str, value: float) -> str | None:
+    """The tensor prefix of the stored profile (checkpoint_profiles) of this kind and value, or None."""
+    key = "std" if kind == "power" else "decay"
+    return next((p["tensors"] for p in stored if p.get(key) is not None and abs(p[key] - value) <= 1e-12), None)
+
+
 def weights_prefix(meta: dict, weights: str) -> str:
     """`--weights` (raw | ema | ema:0.9999 | ema:std=0.1) -> the checkpoint's tensor prefix (unet, ema, ...)."""
     if weights == "raw":
@@ -99,17 +105,26 @@ def weights_prefix(meta: dict, weights: str) -> str:
         return "ema"
     if not weights.startswith("ema:"):
         raise ConfigError(f"--weights: expected ema | raw | ema:DECAY | ema:std=SIGMA_REL, got {weights!r}")
-    kind, value = _parse(weights)
-    key = "std" if kind == "power" else "decay"
-    for p in profiles:
-        if p.get(key) is not None and abs(p[key] - value) <= 1e-12:
-            return p["tensors"]
+    prefix = _stored_prefix(profiles, *_parse(weights))
+    if prefix is not None:
+        return prefix
     have = ", ".join(["raw"] + [p["name"] + (f" (decay {p['decay']})" if p["name"] == "ema" else "")
                                 for p in profiles])
     raise ConfigError(f"--weights: no EMA profile {weights!r} in this checkpoint (it has: {have})")
 
 
 CHUNK_ELEMENTS = 2**26  # EMA update temporaries: 256 MiB of fp32 at a time
+
+
+def _chunk_ranges(sizes: list[int]) -> list[tuple[int, int]]:
+    """Consecutive index ranges of tensors with these sizes, each at most CHUNK_ELEMENTS (or one larger tensor)."""
+    ranges, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if total and total + size > CHUNK_ELEMENTS:
+            ranges.append((start, i))
+            start, total = i, 0
+        total += size
+    return ranges + [(start, len(sizes))]
 
 
 class EMA:
@@ -121,6 +136,7 @@ class EMA:
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
         self.shadows = [[params[n].detach().float().clone() for n in self.names] for _ in self.profiles]
+        self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
 
     @property
@@ -154,23 +170,11 @@ class EMA:
         take = torch.ones((), device=current[0].device) if ok is None else ok.float()
         for profile, shadow in zip(self.profiles, self.shadows):
             weight = take * (1.0 - profile.decay(self.num_updates, self.cfg.warmup))
-            for a, b in self._chunks():
+            for a, b in self.chunks:
                 step = torch._foreach_sub(current[a:b], shadow[a:b])
                 torch._foreach_mul_(step, weight)
                 torch._foreach_add_(shadow[a:b], step)
         self.num_updates += 1
-
-    def _chunks(self) -> list[tuple[int, int]]:
-        """Index ranges of the parameter list, each at most CHUNK_ELEMENTS (or one larger tensor)."""
-        if getattr(self, "_ranges", None) is None:
-            self._ranges, start, size = [], 0, 0
-            for i, tensor in enumerate(self.shadows[0]):
-                if size and size + tensor.numel() > CHUNK_ELEMENTS:
-                    self._ranges.append((start, i))
-                    start, size = i, 0
-                size += tensor.numel()
-            self._ranges.append((start, len(self.shadows[0])))
-        return self._ranges
 
     @torch.no_grad()
     def copy_from(self, module: torch.nn.Module) -> None:
@@ -201,9 +205,7 @@ class EMA:
         """Restore every configured profile, matched by value; the default one from `ema.*` if ema.decay changed."""
         stored = checkpoint_profiles(meta)
         for profile, shadow in zip(self.profiles, self.shadows):
-            key = "decay" if profile.kind == "decay" else "std"
-            match = [p["tensors"] for p in stored if p.get(key) is not None and abs(p[key] - profile.value) <= 1e-12]
-            prefix = match[0] if match else "ema" if profile.default else None
+            prefix = _stored_prefix(stored, profile.kind, profile.value) or ("ema" if profile.default else None)
             if prefix is None:
                 raise ConfigError(f"ema: the checkpoint has no EMA profile {profile.name} (it has "
                                   f"{', '.join(p['name'] for p in stored)}); resume with the same ema.extra_decays "

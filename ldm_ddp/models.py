@@ -122,11 +122,7 @@ class FrozenModels:
         """
         images = to_unit_range(images.to(self.vae.device))  # uint8 -> [-1, 1] here, on the device
         posterior = self.vae.encode(images.to(self.dtype)).latent_dist
-        mean, std = posterior.mean.float(), posterior.std.float()
-        if generator is None:
-            return mean * self.scaling_factor
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return (mean + std * noise) * self.scaling_factor
+        return self._draw(posterior.mean.float(), posterior.std.float(), generator)
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
@@ -139,10 +135,14 @@ class FrozenModels:
         """Cached moments [B, 2C, h, w] -> scaled latents [B, C, h, w] fp32: the same draw (and generator
         use) as encode_images makes from the VAE's posterior."""
         mean, logvar = moments.to(self.vae.device).float().chunk(2, dim=1)
+        return self._draw(mean, torch.exp(0.5 * logvar), generator)
+
+    def _draw(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A scaled latent from the posterior N(mean, std^2), or its mean without a generator."""
         if generator is None:
             return mean * self.scaling_factor
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return (mean + torch.exp(0.5 * logvar) * noise) * self.scaling_factor
+        return (mean + std * noise) * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -72,14 +72,19 @@ def make_images(root: Path, count: int, resolution: int) -> Path:
     return root
 
 
+def command(nproc: int, script: str, args: list[str]) -> list[str]:
+    """`script` with `args`, under torchrun when nproc > 1."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                                   if nproc > 1 else [])
+    return [*launcher, str(REPO / script), *args]
+
+
 def torchrun(nproc: int, script: str, args: list[str], timeout: float, log: Path) -> str:
     """Run `script` (under torchrun when nproc > 1) with its output in `log` (kept, for a run that hangs or is
     killed); -> its stdout and stderr."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                                   if nproc > 1 else [])
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as sink:
-        done = subprocess.run(launcher + [str(REPO / script), *args], cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+        done = subprocess.run(command(nproc, script, args), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
                               text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output = log.read_text()
     if done.returncode:
@@ -128,12 +133,10 @@ def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, ev
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     (out.parent / "logs").mkdir(parents=True, exist_ok=True)
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                                   if nproc > 1 else [])
     checkpoint_file = out / "checkpoints" / f"step_{save_at:07d}.safetensors"
     start = time.perf_counter()
     with (out.parent / "logs" / f"{out.name}_killed.log").open("w") as sink:
-        proc = subprocess.Popen(launcher + [str(REPO / "scripts/train.py"), *run_args], cwd=REPO, stdout=sink,
+        proc = subprocess.Popen(command(nproc, "scripts/train.py", run_args), cwd=REPO, stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout
