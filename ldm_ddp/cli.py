@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -24,6 +26,8 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
     parser.add_argument("--config", help="TOML file applied over the preset")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args()
+    if not faulthandler.is_enabled():  # a crash in native code (SIGSEGV, SIGABRT) prints each thread's Python stack
+        faulthandler.enable(sys.__stderr__)
     try:
         cfg = load_config(args.config, overrides, preset=args.preset)
         if args.dry_run:
@@ -50,5 +54,11 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
         # (NCCL), so leave at once; DataLoader workers notice their parent is gone and end too.
         os._exit(faults.EXIT_PEER_FAILURE)
     finally:
+        # A run that stops raises from inside train(): its frame (the DDP module, the loader and its workers, the
+        # process group's other users) is held by a reference cycle through the exception (the frame holds the
+        # exception, whose traceback holds the frame). Free it here, while the interpreter is whole, so that the
+        # process group below is really torn down; left to the interpreter's shutdown, threads of gloo and of
+        # the loader can die half-way (SIGABRT, "terminate called without an active exception", once in CI).
+        gc.collect()
         dist.shutdown()
     return 0
