@@ -94,7 +94,7 @@ def train_autoencoder(cfg: Config) -> Path:
                            rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data),
                            cfg.data.shuffle_window)
     batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, device.type == "cuda"))
-    model = dist.wrap_ddp(Reconstruction(vae))
+    model = dist.wrap_ddp(Reconstruction(vae), cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb)
     metrics = Metrics(out_dir, device, 1, cfg.train.max_steps, global_batch, cfg.log.progress)
 
     def save() -> None:

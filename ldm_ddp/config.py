@@ -108,6 +108,10 @@ class TrainConfig:
     compile: str = "auto"  # auto (full on CUDA, off on CPU) | off | full | regional: torch.compile of the UNet
     # (ldm_ddp/speed.py); probed at start. The first step compiles, about 2 minutes for SD1.5 (docs/performance.md)
     cudnn_benchmark: bool = True  # on CUDA: autotune each convolution shape once (the shapes are fixed for a run)
+    ddp_static_graph: bool = False  # DDP static_graph (several ranks): the graph is the same every step; only with
+    # grad_accum 1 (torch's static_graph breaks no_sync). Unmeasured on GPU, so off (docs/performance.md)
+    ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MB (torch's default); under torch.compile each
+    # bucket is also a graph break in the compiled backward
     fallback: bool = False  # a fast-path switch that fails at start (compile, attention kernel): warn and run
     # without it, instead of stopping with one line
     num_threads: int = 0  # torch CPU threads per process; 0 = torch default
@@ -277,18 +281,23 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int]:
-    """-> (grad_accum, global_batch) for this world size; ConfigError when the batch does not divide."""
+    """-> (grad_accum, global_batch) for this world size; ConfigError when the batch does not divide, or when
+    train.ddp_static_graph meets gradient accumulation."""
     per_step = cfg.data.batch_per_gpu * world_size
     if cfg.train.global_batch == 0:
-        return cfg.train.grad_accum, per_step * cfg.train.grad_accum
-    if cfg.train.global_batch % per_step:
+        accum = cfg.train.grad_accum
+    elif cfg.train.global_batch % per_step:
         raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not divisible by "
                           f"data.batch_per_gpu * world_size = {per_step}")
-    accum = cfg.train.global_batch // per_step
-    if cfg.train.grad_accum not in (1, accum):
-        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} contradicts train.global_batch "
-                          f"{cfg.train.global_batch} (which implies {accum} at world size {world_size})")
-    return accum, cfg.train.global_batch
+    else:
+        accum = cfg.train.global_batch // per_step
+        if cfg.train.grad_accum not in (1, accum):
+            raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} contradicts train.global_batch "
+                              f"{cfg.train.global_batch} (which implies {accum} at world size {world_size})")
+    if cfg.train.ddp_static_graph and accum > 1:
+        raise ConfigError(f"train.ddp_static_graph: needs grad_accum 1, this run accumulates {accum} micro-batches "
+                          "(DDP's static_graph mis-counts gradients under no_sync, pytorch/pytorch#187732)")
+    return accum, per_step * accum
 
 
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
@@ -306,7 +315,7 @@ def validate(cfg: Config) -> None:
                 "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps",
                 "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches",
                 "train.startup_timeout_s", "train.collective_timeout_s", "train.max_consecutive_skips",
-                "data.max_image_pixels", "log.profile_steps"]
+                "data.max_image_pixels", "log.profile_steps", "train.ddp_bucket_cap_mb"]
     for key in positive:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -355,3 +364,5 @@ def validate(cfg: Config) -> None:
                  f"a multiple of data.batch_per_gpu = {cfg.data.batch_per_gpu}", cfg.train.global_batch)
         _require(cfg.train.global_batch % (cfg.data.batch_per_gpu * cfg.train.grad_accum) == 0, "train.grad_accum",
                  "1 or a divisor of train.global_batch / data.batch_per_gpu", cfg.train.grad_accum)
+    _require(not cfg.train.ddp_static_graph or cfg.train.grad_accum == 1, "train.ddp_static_graph",
+             "false with train.grad_accum > 1 (DDP's static_graph breaks under no_sync)", cfg.train.ddp_static_graph)

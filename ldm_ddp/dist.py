@@ -160,10 +160,12 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
-    """DDP-wrap for training when there is more than one rank; the module itself otherwise."""
+def wrap_ddp(module: torch.nn.Module, static_graph: bool = False, bucket_cap_mb: float = 25.0) -> torch.nn.Module:
+    """DDP-wrap for training when there is more than one rank; the module itself otherwise. Gradients are views
+    into the all-reduce buckets (no copy); `static_graph` and `bucket_cap_mb` are DDP's own."""
     if not dist.is_initialized():
         return module
     from torch.nn.parallel import DistributedDataParallel
     ids = [_device.index] if _device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph,
+                                   bucket_cap_mb=bucket_cap_mb)

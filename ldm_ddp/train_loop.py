@@ -53,11 +53,11 @@ def train(cfg: Config) -> dict:
     """Train until cfg.train.max_steps; resumes from the newest valid checkpoint. -> last metrics."""
     # --- Distributed setup and run folder -------------------------------------------------------
     device = dist.init(cfg.train.device, cfg.train.startup_timeout_s)
+    rank, world = dist.rank(), dist.world_size()
+    grad_accum, global_batch = resolve_batch(cfg, world)
     # From here on SIGTERM / SIGUSR1 mean "save at the next step and exit". Not before: a rendezvous can wait
     # for minutes, and a process that has nothing to save yet may as well end at once.
     preemption = faults.Preemption()
-    rank, world = dist.rank(), dist.world_size()
-    grad_accum, global_batch = resolve_batch(cfg, world)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     out_dir, ckpt_dir = Path(cfg.train.out_dir), Path(cfg.train.out_dir) / "checkpoints"
@@ -121,7 +121,8 @@ def train(cfg: Config) -> dict:
 
     # --- Training wrapper and logging ---------------------------------------------------------------
     compile_mode = speed.compile_mode(cfg.train.compile, device)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet), compile_mode)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb),
+                                compile_mode)
     sdpa_backend = cfg.model.sdpa_backend
     if compile_mode != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped

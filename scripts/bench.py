@@ -99,7 +99,9 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
             "--sample.every=0", "--log.progress=lines", f"--train.compile={args.compile}",
             *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
             f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
-            f"--train.channels_last={str(args.channels_last == 'on').lower()}", *data]
+            f"--train.channels_last={str(args.channels_last == 'on').lower()}",
+            f"--train.ddp_static_graph={str(args.static_graph == 'on').lower()}",
+            f"--train.ddp_bucket_cap_mb={args.bucket_cap_mb}", *data]
 
 
 def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
@@ -201,7 +203,7 @@ def bare_worker(args) -> None:
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999))
-    model = speed.compile_model(unet, dist.wrap_ddp(unet), args.compile)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile)
     x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -265,6 +267,8 @@ def main() -> int:
                         help="attention kernel, as model.sdpa_backend")
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
     parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
+    parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="as train.ddp_static_graph")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="as train.ddp_bucket_cap_mb")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
                         choices=["bare", "cache", "online", "resume"],
@@ -302,6 +306,8 @@ def main() -> int:
                                                           "--compile", args.compile, "--sdpa", args.sdpa,
                                                           "--cudnn-benchmark", args.cudnn_benchmark,
                                                           "--channels-last", args.channels_last,
+                                                          "--static-graph", args.static_graph,
+                                                          "--bucket-cap-mb", str(args.bucket_cap_mb),
                                                           "--work", str(work),
                                                           *(["--profile"] if args.profile else [])], 1800,
                                work / "logs" / f"bare_{res}_{gpus}.log")

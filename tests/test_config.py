@@ -148,6 +148,17 @@ def test_contradicting_grad_accum_is_refused():
         ["--data.batch_per_gpu=4", "--train.global_batch=32", "--train.grad_accum=3"])
 
 
+def test_ddp_static_graph_is_refused_with_gradient_accumulation():
+    """torch's static_graph breaks under no_sync: refused wherever the run would accumulate."""
+    static = ["--data.batch_per_gpu=4", "--train.global_batch=32", "--train.ddp_static_graph=true"]
+    assert resolve_batch(load_config(overrides=static), 8) == (1, 32)
+    with pytest.raises(ConfigError, match="train.ddp_static_graph") as info:
+        resolve_batch(load_config(overrides=static), 4)  # the same batch on 4 ranks accumulates 2
+    assert "\n" not in str(info.value)
+    assert "train.ddp_static_graph" in one_line_error(["--train.grad_accum=2", "--train.ddp_static_graph=true"])
+    assert "train.ddp_bucket_cap_mb" in one_line_error(["--train.ddp_bucket_cap_mb=0"])
+
+
 def test_config_round_trips_through_its_dict():
     cfg = load_config(overrides=["--optim.betas=[0.8, 0.9]", "--train.max_steps=7"], preset="sd15_256")
     assert config_from_dict(cfg.to_dict()) == cfg
