@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny UNet and VAE config, the overrides of a tiny fast run, and a subprocess runner."""
+"""Shared fixtures: a tiny UNet and VAE config, the overrides of a tiny fast run, a subprocess runner, and a
+script's main() run in process."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -91,8 +93,20 @@ def script_env() -> dict:
     """The environment of a child run: one thread per process (2 procs share 2 cores), no launcher vars."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONFAULTHANDLER="1")  # a child that crashes in native code prints its Python stacks
     return env
+
+
+def run_main(script: str, *args) -> int:
+    """scripts/<script>.py's main() in this process (no interpreter start-up): -> its exit code."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO / "scripts"))  # the scripts' `import _path`
+        spec = importlib.util.spec_from_file_location(f"script_{script}", REPO / "scripts" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        patch.setattr("sys.argv", [script, *map(str, args)])
+        return module.main()
 
 
 def free_port() -> int:
@@ -119,10 +133,31 @@ def run_script():
     return run
 
 
+def train_here(*args) -> str:
+    """scripts/train.py's training in this process, one rank (no interpreter start-up, ~6 s less than a
+    command): -> what it printed. Errors raise (ConfigError, CheckpointError, faults.Stop) instead of exiting."""
+    import contextlib
+    import io
+
+    import torch
+
+    from ldm_ddp import dist
+    from ldm_ddp.config import load_config
+    from ldm_ddp.train_loop import train
+
+    printed, threads = io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(printed):
+            train(load_config(overrides=[str(a) for a in args]))
+    finally:
+        dist.shutdown()
+        torch.set_num_threads(threads)  # train.num_threads would stay set for the tests after
+    return printed.getvalue()
+
+
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_args, run_script) -> Path:
+def trained_run(tmp_path_factory, tiny_args) -> Path:
     """A tiny 2-step run shared by the tool tests (read it, do not change its checkpoints)."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    result = run_script("scripts/train.py", *tiny_args(out, train__max_steps=2), timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_here(*tiny_args(out, train__max_steps=2))
     return out

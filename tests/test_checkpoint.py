@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_main
 from safetensors import safe_open
 
 from ldm_ddp import checkpoint as ckpt
 from ldm_ddp.checkpoint import CheckpointError
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Tiny(torch.nn.Module):
@@ -308,25 +307,25 @@ def inspect(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_inspect_script(tmp_path, trained):
+def test_inspect_script(tmp_path, trained, capsys):
+    """The command once; then its main() in process (no interpreter start-up)."""
     model, opt = trained
     path = save(tmp_path, 3, model, opt, config={"train": {"max_steps": 10}})
     report = inspect(path)
     assert report.returncode == 0, report.stderr
     for part in ("ldm_ddp/1", "verified", "unet.conv_in.weight", "optim.blocks.0.bias.exp_avg", '"max_steps": 10'):
         assert part in report.stdout
-    as_json = inspect(path, "--json")
-    assert as_json.returncode == 0, as_json.stderr
-    described = json.loads(as_json.stdout)
+    assert run_main("inspect_checkpoint", path, "--json") == 0
+    described = json.loads(capsys.readouterr().out)
     assert described["step"] == 3 and described["groups"]["optim"]["tensors"] == 24
     assert described["metadata"]["optim"][0]["lr"] == 1e-2
 
     corrupt_data_byte(path)
-    refused = inspect(path)
-    assert refused.returncode == 1
-    assert refused.stderr.strip().startswith("step_0000003.safetensors: ") and "\n" not in refused.stderr.strip()
-    unverified = inspect(path, "--json", "--no-verify")
-    assert unverified.returncode == 0 and json.loads(unverified.stdout)["integrity"] == "not checked"
+    assert run_main("inspect_checkpoint", path) == 1
+    refused = capsys.readouterr().err.strip()
+    assert refused.startswith("step_0000003.safetensors: ") and "\n" not in refused
+    assert run_main("inspect_checkpoint", path, "--json", "--no-verify") == 0
+    assert json.loads(capsys.readouterr().out)["integrity"] == "not checked"
 
 
 def test_large_tensors_hashed_in_threads_are_verified(tmp_path):

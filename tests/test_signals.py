@@ -1,8 +1,5 @@
 """Issue 6 signals through the real entry point: per-block grad norms, MFU, the console summary, EMA and raw side by
-side, several EMA profiles in the checkpoint, TensorBoard, wandb checkpoint artifacts offline.
-
-Needs the train_loop.py hooks of /tmp/issue6_train_loop.diff (count_train_flops, add_grad_norms, start_tensorboard,
-log_checkpoint, sample.side_by_side) and the validate() lines of /tmp/issue6_config.diff."""
+side, several EMA profiles in the checkpoint, TensorBoard, wandb checkpoint artifacts offline."""
 
 import re
 

@@ -1,13 +1,11 @@
 """The tools around training: sample.py, evaluate_demo.py (also on a damaged checkpoint), plot_metrics.py,
 wandb offline; picking an EMA profile in sample.py, export_diffusers.py and inspect_checkpoint.py."""
 
-import importlib.util
 import json
 
 import numpy as np
-import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_main
 from PIL import Image
 from safetensors.torch import load_file
 from test_train import check, metrics
@@ -17,25 +15,24 @@ from ldm_ddp.export import export_diffusers
 from ldm_ddp.models import load_trained
 
 
-def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script):
+def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script, capsys):
+    """sample.py as a command; the other runs call the scripts' main() in process (no interpreter start-up)."""
     out = trained_run
     ckpt = out / "checkpoints" / "step_0000002.safetensors"
     prompts = ["--prompt", "a large red circle in the center", "--prompt", "a small blue square in the top left"]
-    grids = []
-    for name in ("a.png",):  # (seeded sampling is deterministic: tests/test_sampling.py)
-        stdout = check(run_script("scripts/sample.py", ckpt, *prompts, "--n", "2", "--steps", "2",
-                                  "--out", tmp_path / name, timeout=90))
-        assert "4 images" in stdout
-        grids.append(np.asarray(Image.open(tmp_path / name)))
-    assert grids[0].shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 2 x 2 images of 64 px with 2 px padding
-    assert not np.array_equal(grids[0][2:66, 2:66], grids[0][2:66, 68:132])  # seeds differ within a prompt
+    stdout = check(run_script("scripts/sample.py", ckpt, *prompts, "--n", "2", "--steps", "2",
+                              "--out", tmp_path / "a.png", timeout=90))
+    assert "4 images" in stdout  # (seeded sampling is deterministic: tests/test_sampling.py)
+    grid = np.asarray(Image.open(tmp_path / "a.png"))
+    assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 2 x 2 images of 64 px with 2 px padding
+    assert not np.array_equal(grid[2:66, 2:66], grid[2:66, 68:132])  # seeds differ within a prompt
     raw = tmp_path / "raw.png"
-    check(run_script("scripts/sample.py", ckpt, *prompts, "--n", "2", "--steps", "2", "--weights", "raw",
-                     "--out", raw, timeout=90))
-    assert not np.array_equal(np.asarray(Image.open(raw)), grids[0])  # EMA and raw weights differ after 2 steps
+    assert run_main("sample", ckpt, *prompts, "--n", "2", "--steps", "2", "--weights", "raw", "--out", raw) == 0
+    assert not np.array_equal(np.asarray(Image.open(raw)), grid)  # EMA and raw weights differ after 2 steps
 
-    result = json.loads(check(run_script("scripts/evaluate_demo.py", ckpt, "--prompts", "64", "--steps", "2",
-                                         "--json", timeout=120)).splitlines()[-1])
+    capsys.readouterr()
+    assert run_main("evaluate_demo", ckpt, "--prompts", "64", "--steps", "2", "--json") == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["n"] == 64 and result["weights"] == "ema"
     assert all(0.0 <= result[k] <= 1.0 for k in ("colour", "shape", "size", "position", "all"))
 
@@ -49,11 +46,10 @@ def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script):
     data = bytearray(ckpt.read_bytes())
     data[-100] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    for script, extra in (("scripts/sample.py", ["--prompt", "a red circle"]), ("scripts/evaluate_demo.py", [])):
-        result = run_script(script, damaged, *extra, timeout=60)
-        assert result.returncode == 1
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "step_0000002.safetensors" in lines[0], result.stderr
+    for script, extra in (("sample", ["--prompt", "a red circle"]), ("evaluate_demo", [])):
+        assert run_main(script, damaged, *extra) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "step_0000002.safetensors" in lines[0], lines
 
 
 def test_wandb_offline_run_continues_after_restart(tmp_path, tiny_args, run_script):
@@ -70,16 +66,6 @@ def test_wandb_offline_run_continues_after_restart(tmp_path, tiny_args, run_scri
     assert (out / "wandb_id.txt").read_text().strip() == run_id
     assert all(r.name.endswith(run_id) for r in (out / "wandb").glob("offline-run-*"))
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
-
-
-def run_main(script: str, *args) -> int:
-    """scripts/<script>.py's main() in this process (no interpreter start-up): -> its exit code."""
-    spec = importlib.util.spec_from_file_location(f"script_{script}", REPO / "scripts" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.argv", [script, *map(str, args)])
-        return module.main()
 
 
 def rewrite(ckpt, out_dir, change) -> str:

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import run_main, train_here
 from PIL import Image
 
 from ldm_ddp.checkpoint import list_checkpoints, load_checkpoint
@@ -35,7 +36,7 @@ def assert_bitwise_equal(path_a, path_b) -> None:
     assert meta_a["ema"] == meta_b["ema"] and meta_a["optim"] == meta_b["optim"]
 
 
-def test_train_end_to_end(tmp_path, tiny_args, run_script):
+def test_train_end_to_end(tmp_path, tiny_args, run_script, capsys):
     out = tmp_path / "run"
     stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=4, sample__every=2,
                                                               data__num_workers=1, optim__lr=1e-3, log__profile_at=1,
@@ -61,11 +62,12 @@ def test_train_end_to_end(tmp_path, tiny_args, run_script):
     _, meta = load_checkpoint(out / "checkpoints" / "step_0000004.safetensors")
     assert meta["step"] == 4 and meta["samples_seen"] == 8 and meta["data"]["global_batch"] == 2
     assert meta["config"]["train"]["max_steps"] == 4 and meta["world_size"] == 1
-    report = check(run_script("scripts/inspect_checkpoint.py", out / "checkpoints" / "step_0000004.safetensors",
-                              timeout=60))
+    capsys.readouterr()
+    assert run_main("inspect_checkpoint", out / "checkpoints" / "step_0000004.safetensors") == 0
+    report = capsys.readouterr().out
     assert "ldm_ddp/1" in report and "integrity     verified" in report and "unet.conv_in." in report
-    described = json.loads(check(run_script("scripts/inspect_checkpoint.py", "--json",
-                                            out / "checkpoints" / "step_0000004.safetensors", timeout=60)))
+    assert run_main("inspect_checkpoint", "--json", out / "checkpoints" / "step_0000004.safetensors") == 0
+    described = json.loads(capsys.readouterr().out)
     assert described["step"] == 4 and set(described["groups"]) >= {"unet", "ema", "optim"}
 
 
@@ -97,11 +99,10 @@ def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path,
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
 
 
-def test_grad_accum_with_bf16_autocast(tmp_path, tiny_args, run_script):
+def test_grad_accum_with_bf16_autocast(tmp_path, tiny_args):
     out = tmp_path / "run"
-    check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=2, train__grad_accum=2,
-                                                    train__precision="bf16", model__frozen_dtype="bf16"),
-                     timeout=120))
+    train_here(*tiny_args(out, train__max_steps=2, train__grad_accum=2, train__precision="bf16",
+                          model__frozen_dtype="bf16"))
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and math.isfinite(r["grad_norm"]) for r in records)
@@ -132,16 +133,16 @@ def test_train_autoencoder_writes_a_loadable_bundle(tmp_path, tiny_vae_json, run
     assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_args, run_script):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_args):
     out = tmp_path / "run"
-    check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=2, ckpt__every=1), timeout=120))
+    train_here(*tiny_args(out, train__max_steps=2, ckpt__every=1))
     newest = out / "checkpoints" / "step_0000002.safetensors"
     original = tmp_path / "original.safetensors"
     original.write_bytes(newest.read_bytes())
     data = bytearray(newest.read_bytes())
     data[-100] ^= 0x01  # one bit in the last tensor's bytes
     newest.write_bytes(bytes(data))
-    stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=2, ckpt__every=1), timeout=120))
+    stdout = train_here(*tiny_args(out, train__max_steps=2, ckpt__every=1))
     assert "checkpoint refused: step_0000002.safetensors" in stdout
     assert "falling back to step_0000001.safetensors" in stdout
     assert "step_0000001.safetensors at step 1" in stdout
@@ -160,8 +161,11 @@ def test_live_samples_split_across_ranks_draw_the_same_grid(tmp_path, tiny_args,
     grids = []
     for nproc in (1, 2):
         out = tmp_path / f"world{nproc}"
-        check(run_script("scripts/train.py", *tiny_args(out, data__batch_per_gpu=4 // nproc, **common),
-                         nproc=nproc, timeout=120))
+        if nproc == 1:  # in this process
+            train_here(*tiny_args(out, data__batch_per_gpu=4, **common))
+        else:
+            check(run_script("scripts/train.py", *tiny_args(out, data__batch_per_gpu=2, **common), nproc=2,
+                             timeout=120))
         grids.append(np.asarray(Image.open(out / "samples" / "step_0000001.png"), dtype=np.int16))
     assert grids[0].shape == grids[1].shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 3 images in a 2 x 2 grid
     assert np.abs(grids[0] - grids[1]).max() <= 2  # batch composition may change float rounding, not images

@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import train_here
 from PIL import Image
 
 from ldm_ddp.checkpoint import read_metadata
@@ -55,14 +56,20 @@ def webdataset(root, n=24):
 
 
 def train(run_script, tiny_args, out, data_args, nproc, resume=False):
-    """Train 4 steps; with `resume`, 2 steps first and then the same command to step 4 (it resumes at 2)."""
+    """Train 4 steps; with `resume`, 2 steps first and then the same command to step 4 (it resumes at 2).
+    One process trains in this process (conftest.train_here), several under torchrun."""
+    def run(steps: int) -> str:
+        args = [*tiny_args(out, train__max_steps=steps), *data_args]
+        if nproc == 1:
+            return train_here(*args)
+        done = run_script("scripts/train.py", *args, nproc=nproc, timeout=150)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
     if resume:
-        first = run_script("scripts/train.py", *tiny_args(out, train__max_steps=2), *data_args, nproc=nproc,
-                           timeout=150)
-        assert first.returncode == 0, first.stderr[-3000:]
-    done = run_script("scripts/train.py", *tiny_args(out, train__max_steps=4), *data_args, nproc=nproc, timeout=150)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert not resume or ("resumed from" in done.stdout and "step 2" in done.stdout)
+        run(2)
+    stdout = run(4)
+    assert not resume or ("resumed from" in stdout and "step 2" in stdout)
     meta = read_metadata(out / "checkpoints" / "step_0000004.safetensors")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r][-4:] == [1, 2, 3, 4]
