@@ -90,7 +90,8 @@ class EMAConfig:
     extra_decays: list = field(default_factory=list)  # more fixed decays kept beside it, e.g. [0.999, 0.9999]
     power_stds: list = field(default_factory=list)  # power-function EMAs (Karras et al. 2024) by sigma_rel, e.g. [0.1]
     warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) for update n, so early EMA tracks the weights
-    update_every: int = 1  # optimizer steps between EMA updates
+    update_every: int = 1  # optimizer steps between EMA updates; ema.decay is per update, so k multiplies the
+    # average's span in steps by k (the power profiles span a fraction of the run either way)
     start_step: int = 0  # first step that updates the EMA (before it the EMA copies the weights)
 
 
