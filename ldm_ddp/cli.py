@@ -6,6 +6,7 @@ import faulthandler
 import gc
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from . import dist, faults
@@ -26,6 +27,7 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
     parser.add_argument("--config", help="TOML file applied over the preset")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args()
+    faults.end_with_launcher()  # from here on a launcher killed with kill -9 ends this rank too
     if not faulthandler.is_enabled():  # a crash in native code (SIGSEGV, SIGABRT) prints each thread's Python stack
         faulthandler.enable(sys.__stderr__)
     try:
@@ -47,12 +49,18 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
     except Exception as err:
         line = dist.peer_failure(err)
         if line is None:
-            raise
+            # An unexpected error: its traceback and exit 1, as an uncaught exception would; printed here, not
+            # re-raised, so that the exception and the run's frames it holds are gone before the teardown below.
+            traceback.print_exc()
+            return 1
         print(f"error: {line}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # The process group is broken: tearing it down can wait forever on a collective that will never end
         # (NCCL), so leave at once; DataLoader workers notice their parent is gone and end too.
         os._exit(faults.EXIT_PEER_FAILURE)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): nothing is saved, as a kill would; 128 + SIGINT
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         # A run that stops raises from inside train(): its frame (the DDP module, the loader and its workers, the
         # process group's other users) is held by a reference cycle through the exception (the frame holds the

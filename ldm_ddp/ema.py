@@ -53,7 +53,7 @@ class Profile:
 
     def decay(self, n: int, warmup: bool) -> float:
         """Decay of update n (0-based count of updates already applied)."""
-        if self.kind == "power":  # (1 - 1/t)^(gamma + 1) with t = n + 1 updates; 0 at the first one (a copy)
+        if self.kind == "power":  # (1 - 1/t)^(gamma + 1) with t = n + 1 updates; 0 at the first one (a copy, to an ulp)
             return (1 - 1 / (n + 1)) ** (power_exponent(self.value) + 1)
         return min(self.value, (1 + n) / (10 + n)) if warmup else self.value
 
@@ -163,7 +163,8 @@ class EMA:
         (one kernel and one launch per parameter: 686 for SD1.5). So lerp's own formula for weights below 1/2,
         shadow += w * (weights - shadow) (exact where weights == shadow, no drift from rounding 1 - w), in three
         multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary. One path with or
-        without `ok`, so both give the same bits.
+        without `ok`, so both give the same bits. For weights of 1/2 and above (the decay warmup's first updates,
+        a power profile's first update, which copies) the result may differ from lerp's by one ulp of the shadow.
         """
         params = dict(module.named_parameters())
         current = [params[n].detach().float() for n in self.names]  # no copy for fp32; one dtype for the foreach

@@ -56,7 +56,6 @@ class Preemption:
     def __init__(self):
         self.signum = 0
         self._previous = {s: signal.signal(s, self._note) for s in PREEMPTION_SIGNALS}
-        end_with_launcher()
 
     def _note(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
@@ -84,8 +83,10 @@ class Preemption:
 def end_with_launcher() -> None:
     """Under torchrun (Linux): SIGTERM to this rank when its launcher dies. A launcher killed with kill -9 sends
     its workers nothing; they would train on, and write checkpoints into the run folder that the next launch of
-    the same command resumes from. With this they stop as if preempted (all of them at once: they agree, save
-    and exit 75). A launcher already gone leaves this rank a child of init: it stops the same way."""
+    the same command resumes from. With this they stop: before `Preemption` is installed at once (nothing to
+    save yet), afterwards as if preempted (all of them at once: they agree, save and exit 75). Armed first thing
+    in the entry point; a launcher already gone by then has left this rank a child of init, and it stops the
+    same way (under a subreaper, e.g. systemd --user, the orphan's new parent is not init: not detected)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
         return
     import ctypes

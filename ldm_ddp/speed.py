@@ -42,6 +42,8 @@ def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> tuple[torch.Tens
     parameters without gradients left out) so the per-block metrics need no second pass; max_norm 0 = no clip.
     -> (total norm, per-parameter norms), on the device, no host sync."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(()), []
     norms = list(torch._foreach_norm(grads))
     total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm:
@@ -96,9 +98,10 @@ def uncompile(unet, model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[], None]) -> bool:
+def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[], None],
+          why: str = "train.fallback=true") -> bool:
     """Run `step` once; -> True if it worked. On failure: ConfigError (one line), or with `fallback` a
-    warning, `undo()`, and False."""
+    warning (naming `why`, the setting that allows it), `undo()`, and False."""
     try:
         step()
         return True
@@ -106,7 +109,7 @@ def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[]
         message = f"{what} failed at start ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
         if not fallback:
             raise ConfigError(f"{message}; set train.fallback=true to continue without it") from None
-        print(f"warning: {message}; continuing without it (train.fallback=true)", flush=True)
+        print(f"warning: {message}; continuing without it ({why})", flush=True)
         undo()
         return False
 

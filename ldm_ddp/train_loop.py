@@ -136,8 +136,12 @@ def train(cfg: Config) -> dict:
         def undo() -> None:
             nonlocal model, sdpa_backend
             model, sdpa_backend = speed.uncompile(unet, model), "auto"
+        # train.compile=auto was not asked for by name: where it cannot build (no compiler, an old GPU), the
+        # run goes on eager with a warning instead of stopping.
+        only_auto = cfg.train.compile == "auto" and sdpa_backend == "auto"
         speed.probe(probe_step, f"train.compile={compile_mode}, model.sdpa_backend={sdpa_backend}",
-                    cfg.train.fallback, undo)
+                    cfg.train.fallback or only_auto, undo,
+                    "train.fallback=true" if cfg.train.fallback else "train.compile=auto")
     wandb_run = start_wandb(cfg.log.wandb, out_dir, cfg.log.wandb_project,
                             cfg.log.run_name or out_dir.name, cfg.to_dict())
     tensorboard = start_tensorboard(cfg.log.tensorboard, out_dir, start_step, cfg.to_toml())
@@ -237,6 +241,7 @@ def train(cfg: Config) -> dict:
         if (upkeep and (step % cfg.ckpt.every == 0 or done)) or stop is not None:
             save(must_commit=done or stop is not None)
         if stop is not None:
+            profiler.close(step)  # a record open when the run stops keeps the steps it has
             metrics.close()
             preemption.ignore()
             raise stop

@@ -133,6 +133,7 @@ def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, ev
     on either side of the resume point (a jump would show here)."""
     import chaos
     import shutil
+    chaos.wait_for_exit_of_all(out)  # ranks of an earlier attempt would write into the fresh folder
     shutil.rmtree(out, ignore_errors=True)
     (out.parent / "logs").mkdir(parents=True, exist_ok=True)
     checkpoint_file = out / "checkpoints" / f"step_{save_at:07d}.safetensors"
@@ -145,10 +146,13 @@ def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, ev
     while not (checkpoint_file.is_file() and chaos.last_step(out) >= save_at + every):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            chaos.wait_for_exit_of_all(out)  # torchrun's workers run in sessions of their own
             raise RuntimeError(f"the first attempt ended or stalled before step {save_at + every} "
                                f"(see {out.parent / 'logs' / (out.name + '_killed.log')})")
         time.sleep(0.05)
     rank0 = proc.pid if nproc == 1 else chaos.worker_pid(proc.pid, 0)
+    if rank0 is None:
+        raise RuntimeError(f"rank 0 of launcher {proc.pid} not found")
     os.kill(rank0, signal.SIGKILL)
     proc.wait(timeout=300)
     chaos.wait_for_exit_of_all(out)

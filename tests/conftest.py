@@ -4,6 +4,7 @@ script's main() run in process."""
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -146,12 +147,15 @@ def train_here(*args) -> str:
     from ldm_ddp.train_loop import train
 
     printed, threads = io.StringIO(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # a stopped run ignores them
     try:
         with contextlib.redirect_stdout(printed):
             train(load_config(overrides=[str(a) for a in args]))
     finally:
         dist.shutdown()
         torch.set_num_threads(threads)  # train.num_threads would stay set for the tests after
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return printed.getvalue()
 
 

@@ -404,10 +404,17 @@ def test_the_guard_counts_skips_and_stops_after_the_limit_in_a_row():
     assert str(stop).endswith("Samples of step 15: rank 0: shapes/15a, shapes/15b") and guard.total == 12
 
 
-def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatch, capsys):
-    """A stop raised from the loop keeps the loop's frame (DDP, the loader) alive through a reference cycle; the
-    entry point frees it before dist.shutdown(), not in the interpreter's shutdown (where gloo's threads aborted
-    a preempted rank once in CI)."""
+@pytest.mark.parametrize("raised, code, printed", [
+    (lambda: faults.Preempted("preempted by SIGTERM at step 4: checkpoint step_0000004.safetensors committed"),
+     EXIT_PREEMPTED, "preempted by SIGTERM at step 4"),
+    (lambda: RuntimeError("a bug"), 1, "Traceback (most recent call last)"),  # unexpected: its traceback
+    (KeyboardInterrupt, 130, "interrupted"),
+], ids=["stop", "error", "ctrl-c"])
+def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatch, capsys, raised, code, printed):
+    """An exception raised from the loop keeps the loop's frame (DDP, the loader) alive through a reference cycle
+    (a stop is a local of the frame) or while it is in flight (re-raised); the entry point frees both before
+    dist.shutdown(), not in the interpreter's shutdown (where gloo's threads aborted a preempted rank once in CI),
+    and keeps the exit codes."""
     import gc
     import weakref
 
@@ -421,18 +428,18 @@ def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatc
     def train(cfg):
         state = RunState()
         seen["state"] = weakref.ref(state)
-        stop = faults.Preempted("preempted by SIGTERM at step 4: checkpoint step_0000004.safetensors committed")
+        stop = raised()
         raise stop  # as the loop does: the frame holds `stop`, whose traceback holds the frame
 
     monkeypatch.setattr(dist, "shutdown", lambda: seen.setdefault("alive_at_shutdown", seen["state"]() is not None))
     monkeypatch.setattr(sys, "argv", ["train.py"])
     gc.disable()  # only the entry point's own collection may free the cycle
     try:
-        assert cli.run_training("doc", "demo", train) == EXIT_PREEMPTED
+        assert cli.run_training("doc", "demo", train) == code
     finally:
         gc.enable()
     assert seen["alive_at_shutdown"] is False
-    assert "preempted by SIGTERM at step 4" in capsys.readouterr().err
+    assert printed in capsys.readouterr().err
 
 
 def meta_of(cfg: Config, **data) -> dict:

@@ -1,9 +1,13 @@
 """The fast-path switches fail loudly at start (one line), or fall back with a warning when asked."""
 
+import json
 import math
+import os
+import signal
 
 import pytest
 import torch
+from conftest import train_here
 
 from ldm_ddp import speed
 from ldm_ddp.config import ConfigError
@@ -33,6 +37,43 @@ def test_probe_falls_back_only_when_asked(capsys):
     assert speed.probe(cudnn_attention, "model.sdpa_backend=cudnn", True, lambda: undone.append(1)) is False
     assert undone == [1] and "warning: model.sdpa_backend=cudnn failed at start" in capsys.readouterr().out
     assert speed.probe(lambda: None, "x", False, lambda: undone.append(2)) is True and undone == [1]
+
+
+def test_auto_compile_that_cannot_build_runs_eager_with_a_warning(tmp_path, tiny_args, monkeypatch):
+    """train.compile=auto (the GPU default) where the compiler fails (no C compiler, an old GPU): the run was not
+    asked to compile by name, so it warns and trains eager instead of stopping. Compilation fails for real
+    here: dynamo traces the UNet and hands the graph to a backend that raises."""
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no working C compiler found")
+
+    real_compile, real_mode = torch.compile, speed.compile_mode
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=no_compiler))
+    monkeypatch.setattr(speed, "compile_mode", lambda setting, device: "full" if setting == "auto" else
+                        real_mode(setting, device))  # auto as on CUDA
+    torch._dynamo.reset()
+    stdout = train_here(*tiny_args(tmp_path / "run", train__max_steps=2), "--train.compile=auto")
+    warning = next(line for line in stdout.splitlines() if line.startswith("warning:"))
+    assert "train.compile=full" in warning and "no working C compiler" in warning
+    assert warning.endswith("continuing without it (train.compile=auto)")
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002.safetensors").is_file()
+
+
+def test_a_preempted_run_writes_its_open_profile(tmp_path, tiny_args, monkeypatch):
+    """A stop inside the log.profile_at window still writes the record, with the steps it has."""
+    from ldm_ddp.faults import Preempted
+
+    real_before_step = speed.StepProfiler.before_step
+
+    def before_step(self, step):
+        if step == 3:  # inside the record of steps 2..5: SIGTERM, noted by the handler, agreed at the next step
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_before_step(self, step)
+
+    monkeypatch.setattr(speed.StepProfiler, "before_step", before_step)
+    with pytest.raises(Preempted, match="at step 4"):
+        train_here(*tiny_args(tmp_path / "run", train__max_steps=8, log__profile_at=2, log__profile_steps=4))
+    summary = json.loads((tmp_path / "run" / "profile" / "summary_rank0.json").read_text())
+    assert summary["steps"] == 2  # steps 3 and 4 recorded when the stop came
 
 
 def test_attention_backends_select_a_kernel():
