@@ -11,6 +11,7 @@ Exit codes of scripts/train.py, the same on every rank (under torchrun, its fail
 | 4 | a collective failed or timed out: another rank died or hung (one line) |
 | 5 | a checkpoint could not be written and the run could not go on; the previous one is the resume point |
 | 75 | preempted (SIGTERM or SIGUSR1): a checkpoint was committed; run the same command again (EX_TEMPFAIL) |
+| 130 | interrupted (Ctrl-C, SIGINT): nothing saved; the last checkpoint is the resume point |
 """
 from __future__ import annotations
 
