@@ -85,9 +85,12 @@ def train_autoencoder(cfg: Config) -> Path:
     if resume_path is not None:
         tensors, meta = checkpoint.load_checkpoint(resume_path)
         vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
-        checkpoint.load_optimizer_tensors(optimizer, dict(vae.named_parameters()), tensors, meta["optim"])
+        checkpoint.load_optimizer_tensors(optimizer, dict(vae.named_parameters()), tensors, meta["optim"],
+                                          live_hyperparameters=True)
         step = int(meta["step"])
     start_step = step
+    if dist.is_main():
+        checkpoint.set_aside_after(ckpt_dir, start_step)
 
     # --- Data and logging
     stream = ShardedStream(source, no_tokens, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,

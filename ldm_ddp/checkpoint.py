@@ -16,6 +16,7 @@ import math
 import os
 import re
 import subprocess
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -209,7 +210,8 @@ def find_latest_valid(ckpt_dir, log: Callable[[str], None] = print) -> Path | No
 
 def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
                       just_saved: Path | None = None) -> None:
-    """Delete all but the newest `keep` checkpoints, never the newest valid one; delete failures only warn.
+    """Delete all but the newest `keep` checkpoints, never the newest valid one nor `just_saved`; delete failures
+    only warn.
 
     `just_saved`: a checkpoint this process has just committed, known valid (skips re-reading it).
     """
@@ -223,13 +225,35 @@ def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
     newest = list_checkpoints(ckpt_dir)[-1]
     spared = just_saved if just_saved is not None and Path(just_saved) == newest else find_latest_valid(ckpt_dir, log)
     for path in doomed:
-        if path == spared:
+        if path == spared or (just_saved is not None and path == Path(just_saved)):
             log(f"keeping {path.name}: newest valid checkpoint")
             continue
         try:
             path.unlink()
         except OSError as e:
             log(f"warning: could not delete {path}: {_one_line(e)}")
+
+
+def set_aside_after(ckpt_dir, step: int, log: Callable[[str], None] = print) -> Path | None:
+    """Move the checkpoints of steps after `step` into <ckpt_dir>/superseded-<UTC time>/ (call before any save of
+    a run that starts at `step`). -> that folder, or None when there were none.
+
+    A run that starts below the newest checkpoint in its folder (--ckpt.resume=none, a rollback to an older
+    PATH, a fallback past damaged files) would otherwise leave another timeline's later steps there: the next
+    automatic resume would pick them up, and retention would delete this run's own saves as the oldest.
+    Moved, not deleted: nothing is lost.
+    """
+    later = [p for p in list_checkpoints(ckpt_dir) if int(_NAME.fullmatch(p.name)[1]) > step]
+    if not later:
+        return None
+    folder = Path(ckpt_dir) / f"superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    folder.mkdir(exist_ok=True)
+    for path in later:
+        os.replace(path, folder / path.name)
+    _fsync(Path(ckpt_dir))
+    log(f"this run starts at step {step}: moved {len(later)} later checkpoint(s) ({later[0].name} .. "
+        f"{later[-1].name}) to {folder}")
+    return folder
 
 
 def remove_stale_temp_files(ckpt_dir, log: Callable[[str], None] = print) -> int:
@@ -267,8 +291,11 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer,
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter],
-                           tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    """Restore state and hyperparameters saved by optimizer_tensors, matching parameters by name."""
+                           tensors: dict[str, torch.Tensor], groups: list[dict],
+                           live_hyperparameters: bool = False) -> None:
+    """Restore state and hyperparameters saved by optimizer_tensors, matching parameters by name. With
+    `live_hyperparameters` the optimizer keeps its own (lr, betas, eps, weight decay: a resumed run's config,
+    where a change is allowed and recorded) and takes only the state."""
     name_of = {id(p): n for n, p in named_params.items()}
     live = []
     for group in optimizer.param_groups:
@@ -301,7 +328,8 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named_params: dict[
     for group, saved, names in zip(optimizer.param_groups, groups, live):
         hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
                  if k not in (*_IMPL_KEYS, "params")}  # JSON turned tuples (betas) into lists
-        param_groups.append({**group, **hyper, "params": [index[n] for n in names]})
+        merged = {**hyper, **group} if live_hyperparameters else {**group, **hyper}
+        param_groups.append({**merged, "params": [index[n] for n in names]})
     optimizer.load_state_dict({"state": dict(state), "param_groups": param_groups})
 
 

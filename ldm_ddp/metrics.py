@@ -66,6 +66,20 @@ def count_train_flops(unet, context: torch.Tensor, autocast: bool) -> float:
     return float(counter.get_total_flops())
 
 
+def append_jsonl(path: Path, record: dict) -> None:
+    """One JSON line appended to `path`. A last line cut short (a kill or a full disk mid-write) is dropped
+    first, so that the new record starts a line of its own instead of being glued to the fragment."""
+    with open(path, "a+b") as f:
+        size = f.seek(0, 2)
+        if size:
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+        f.write((json.dumps(record) + "\n").encode())
+
+
 class Metrics:
     """Accumulates per-step figures between log lines; rank 0 writes them."""
 
@@ -171,8 +185,7 @@ class Metrics:
         return record
 
     def _write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)
         line = summary_line(record, self.bad_keys)
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)

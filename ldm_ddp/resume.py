@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import checkpoint, dist
 from .config import Config, ConfigError
+from .metrics import append_jsonl
 
 _BOOKKEEPING = ("transformers_version", "torch_dtype", "dtype")  # and every "_"-prefixed key
 
@@ -20,15 +21,17 @@ _BOOKKEEPING = ("transformers_version", "torch_dtype", "dtype")  # and every "_"
 def resume_point(cfg: Config, ckpt_dir: Path) -> Path | None:
     """The checkpoint to resume from (chosen on rank 0, agreed by all ranks), or None.
 
-    Temporary files of saves that a crash interrupted are removed first: nothing else is writing yet.
+    Temporary files of saves that a crash interrupted are removed first, whatever ckpt.resume says (an SD-size
+    one is ~14 GB): nothing else is writing yet.
     """
+    if dist.is_main():
+        checkpoint.remove_stale_temp_files(ckpt_dir)
     if cfg.ckpt.resume == "none":
         return None
     if cfg.ckpt.resume != "auto":
         return Path(cfg.ckpt.resume)
     step = -1
     if dist.is_main() and ckpt_dir.exists():
-        checkpoint.remove_stale_temp_files(ckpt_dir)
         path = checkpoint.find_latest_valid(ckpt_dir)
         step = int(checkpoint.read_metadata(path)["step"]) if path else -1
     step = dist.broadcast_int(step)
@@ -106,5 +109,4 @@ def record_resume(out_dir: Path, path: Path, step: int, changes: dict) -> None:
     if described:
         print(f"changed since {path.name}: {'; '.join(described)}", flush=True)
     record = {"time": time.time(), "step": step, "checkpoint": str(path), **changes}
-    with open(out_dir / "resumes.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(out_dir / "resumes.jsonl", record)

@@ -103,12 +103,15 @@ def train(cfg: Config) -> dict:
         changes = check_resumable(meta, cfg, arch, global_batch, fingerprint, resume_path)  # refuses drift
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         ema.load(tensors, meta["ema"])
-        checkpoint.load_optimizer_tensors(optimizer, dict(unet.named_parameters()), tensors, meta["optim"])
+        checkpoint.load_optimizer_tensors(optimizer, dict(unet.named_parameters()), tensors, meta["optim"],
+                                          live_hyperparameters=True)  # the config's: a change is allowed
         step, skipped_before = int(meta["step"]), meta.get("faults", {}).get("skipped_steps", 0)
         bad_before = meta["data"].get("bad_samples", 0)
         del tensors
         record_resume(out_dir, resume_path, step, changes)  # the safe changes (lr, max_steps, ...) on record
     start_step = step
+    if dist.is_main():  # later steps of another timeline in this folder: set aside, not resumed into or pruned
+        checkpoint.set_aside_after(ckpt_dir, start_step)
     guard = faults.NonFiniteGuard(cfg.train.max_consecutive_skips, skipped_before)
 
     # --- Data: this rank's slice of the global order, from the resumed step on ---------------------

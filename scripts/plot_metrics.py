@@ -18,7 +18,9 @@ def main() -> int:
     args = parser.parse_args()
     path = args.run_dir / "metrics.jsonl"
     try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        whole = text if text.endswith("\n") else text[:text.rfind("\n") + 1]  # a line being (or cut while) written
+        records = [json.loads(line) for line in whole.splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as err:
         print(f"error: {path}: cannot read metrics ({err})", file=sys.stderr)
         return 1

@@ -234,7 +234,23 @@ def test_prune_trusts_a_just_saved_newest_file_without_rereading(tmp_path, train
     ckpt.prune_checkpoints(tmp_path, keep=2, log=lambda line: None, just_saved=paths[2])
     assert calls == [] and ckpt.list_checkpoints(tmp_path) == paths[1:]
     ckpt.prune_checkpoints(tmp_path, keep=1, log=lambda line: None, just_saved=paths[1])  # not the newest file
-    assert calls == [1] and ckpt.list_checkpoints(tmp_path) == paths[2:]
+    assert calls == [1] and ckpt.list_checkpoints(tmp_path) == paths[1:]  # re-read; just_saved itself kept
+
+
+def test_a_run_below_the_newest_checkpoint_sets_the_later_ones_aside(tmp_path, trained):
+    """Another timeline's later steps (--ckpt.resume=none, a rollback): moved aside before the run saves, so that
+    retention does not delete the run's own saves as the oldest, and no later resume picks the old ones."""
+    old = saved_steps(tmp_path, trained, [800, 900, 1000])
+    logs = []
+    assert ckpt.set_aside_after(tmp_path, 1000, logs.append) is None and not logs  # nothing later: no-op
+    folder = ckpt.set_aside_after(tmp_path, 500, logs.append)
+    assert ckpt.list_checkpoints(tmp_path) == [] and folder.parent == tmp_path
+    assert ckpt.list_checkpoints(folder) == [folder / p.name for p in old]  # moved, not deleted
+    assert "moved 3 later checkpoint(s) (step_0000800.safetensors .. step_0001000.safetensors)" in logs[0]
+    # Without the move, a save of this run would be the oldest file: retention spares it anyway.
+    again = saved_steps(tmp_path, trained, [600, 700, 800])
+    ckpt.prune_checkpoints(tmp_path, keep=2, log=lambda line: None, just_saved=again[0])
+    assert ckpt.list_checkpoints(tmp_path) == again
 
 
 def test_prune_never_deletes_newest_valid(tmp_path, trained):

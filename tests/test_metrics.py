@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ldm_ddp.metrics import (
     CPU_SDPA_FLOPS,
     Metrics,
+    append_jsonl,
     block_group,
     count_train_flops,
     start_tensorboard,
@@ -178,3 +179,17 @@ def test_checkpoint_artifacts_in_wandb_offline(mode, tmp_path, monkeypatch):
     assert (ckpt.as_uri().encode() in data) == (mode == "reference")
     staged = list((tmp_path / "wandb_data_dir").rglob("*"))
     assert any(p.is_file() and p.stat().st_size == ckpt.stat().st_size for p in staged) == (mode == "upload")
+
+
+def test_a_line_cut_by_a_kill_is_dropped_before_the_next_record(tmp_path):
+    """metrics.jsonl and resumes.jsonl after a kill mid-write: the next record starts its own line."""
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, {"step": 1, "loss": 0.5})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "lo')  # the write a kill cut short
+    append_jsonl(path, {"step": 2, "loss": 0.25})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 0.5},
+                                                                            {"step": 2, "loss": 0.25}]
+    path.write_text('{"step": 1, "lo')  # nothing whole before the cut
+    append_jsonl(path, {"step": 1})
+    assert path.read_text() == '{"step": 1}\n'

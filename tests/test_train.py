@@ -151,6 +151,26 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny
     assert_bitwise_equal(original, newest)
 
 
+def test_resume_takes_the_new_optimizer_settings_and_a_fresh_start_sets_old_steps_aside(tmp_path, tiny_args):
+    """A resume applies changed AdamW settings (allowed, recorded) instead of the checkpoint's; a run started
+    with --ckpt.resume=none in the same folder moves the old run's checkpoints aside before its first save."""
+    out = tmp_path / "run"
+    train_here(*tiny_args(out, train__max_steps=2, optim__weight_decay=0.01))
+    stdout = train_here(*tiny_args(out, train__max_steps=3, ckpt__every=1, optim__weight_decay=0.0,
+                                   optim__betas=[0.9, 0.99]))
+    assert "optim.weight_decay 0.01 -> 0.0" in stdout
+    _, meta = load_checkpoint(out / "checkpoints" / "step_0000003.safetensors")
+    assert meta["optim"][0]["weight_decay"] == 0.0 and meta["optim"][0]["betas"] == [0.9, 0.99]
+
+    stdout = train_here(*tiny_args(out, train__max_steps=1, ckpt__every=1, ckpt__keep=1), "--ckpt.resume=none")
+    assert "this run starts at step 0: moved 2 later checkpoint(s)" in stdout
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000001.safetensors"]
+    _, meta = load_checkpoint(out / "checkpoints" / "step_0000001.safetensors")
+    assert meta["samples_seen"] == 2  # this run's step 1, not the old run's
+    [aside] = (out / "checkpoints").glob("superseded-*")
+    assert [p.name for p in list_checkpoints(aside)] == ["step_0000002.safetensors", "step_0000003.safetensors"]
+
+
 def test_live_samples_split_across_ranks_draw_the_same_grid(tmp_path, tiny_args, run_script):
     # A learning rate far below fp32 resolution keeps the weights at their (seeded) init, so the one-process
     # and two-process runs sample from identical weights; the grid must not depend on how prompts are split.
