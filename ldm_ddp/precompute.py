@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import dist
 from .config import Config, ConfigError
-from .data.latents import cache_fingerprint, shard_file, write_manifest
+from .data.latents import MANIFEST, cache_fingerprint, fsync_file, shard_file, write_manifest
 from .data.samples import caption_list, open_image
 from .data.sources import build_source
 from .data.transforms import ImageTransform, pixel_limit
@@ -66,6 +66,7 @@ def _write_shard(path: str, moments, flipped, input_ids: list[torch.Tensor], key
         tensors["moments_flipped"] = torch.cat(flipped)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp",
               metadata={"keys": json.dumps(keys), "count": str(len(keys))})
+    fsync_file(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -86,6 +87,11 @@ def precompute_latents(cfg: Config, out_dir: str, vae_dtype: str = "", batch: in
         frozen.vae.to(memory_format=torch.channels_last)
     transform = ImageTransform(cfg.data.resolution, "center", False, cfg.data.max_image_pixels)
     os.makedirs(out_dir, exist_ok=True)
+    if dist.is_main() and os.path.exists(os.path.join(out_dir, MANIFEST)):
+        # A cache is being remade here: until the new manifest is written, the folder is no cache (a killed
+        # run must not leave the old manifest vouching for a mix of old and new shards).
+        os.remove(os.path.join(out_dir, MANIFEST))
+    dist.barrier()
     num_shards, start = math.ceil(len(source) / shard_size), time.perf_counter()
     for number in range(rank, num_shards, world):
         indices = range(number * shard_size, min(len(source), (number + 1) * shard_size))

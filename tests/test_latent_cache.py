@@ -145,3 +145,31 @@ def test_training_from_the_cache_and_refusing_a_mismatched_one(cache, tmp_path, 
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "made with random_flip=True" in lines[0]
+
+
+def test_a_remade_cache_is_no_cache_until_done_and_its_id_covers_the_images(images, cache, tmp_path, monkeypatch):
+    """Remaking a cache in the same folder removes the old manifest first (a killed remake must not leave it
+    vouching for a mix of old and new shards); the id a checkpoint records differs for other images."""
+    import shutil
+
+    from ldm_ddp import precompute
+    from ldm_ddp.data.latents import write_manifest
+
+    out, manifest = cache
+    remade = tmp_path / "remade"
+    shutil.copytree(out, remade)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the remake dies at its first shard
+
+    monkeypatch.setattr(precompute, "_write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        precompute.precompute_latents(config(images), str(remade), batch=4, shard_size=4)
+    assert not (remade / "manifest.json").exists() and (remade / "latents-000000.safetensors").exists()
+    with pytest.raises(ConfigError):
+        build_source(DataConfig(source="latents", path=str(remade)))
+
+    other = {**manifest["made_with"], "source_fingerprint": "folder:n=10:otherimages"}
+    again = write_manifest(str(tmp_path), manifest["fingerprint"], manifest["shards"], manifest["made_with"])
+    assert again["id"] == manifest["id"]  # the same inputs, the same id
+    assert write_manifest(str(tmp_path), manifest["fingerprint"], manifest["shards"], other)["id"] != manifest["id"]

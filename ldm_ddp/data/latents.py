@@ -59,13 +59,26 @@ def cache_fingerprint(frozen, data_cfg, vae_dtype: str) -> dict:
 
 
 def write_manifest(folder: str, fingerprint: dict, shards: list[dict], made_with: dict) -> dict:
+    # The id (what a checkpoint records of its data) covers the images too: a cache remade from other or
+    # updated images with the same shard counts is other data. (Caches made before keep their stored id.)
     manifest = {"format": FORMAT, "fingerprint": fingerprint, "num_samples": sum(s["count"] for s in shards),
-                "shards": shards, "id": _digest([fingerprint, shards]), "made_with": made_with}
+                "shards": shards, "id": _digest([fingerprint, shards, made_with.get("source_fingerprint")]),
+                "made_with": made_with}
     path = os.path.join(folder, MANIFEST)
     with open(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
+    fsync_file(path + ".tmp")
     os.replace(path + ".tmp", path)
     return manifest
+
+
+def fsync_file(path: str) -> None:
+    """On disk before a rename makes it count (a shard before the manifest vouches for it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LatentSource:
