@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import gc
 import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from . import dist, faults
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
+from .resume import run_folder_lock
 
 
 def run_training(doc: str, default_preset: str, train: Callable[[Config], object]) -> int:
@@ -35,7 +38,9 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
         if args.dry_run:
             print(cfg.to_toml())
             return 0
-        train(cfg)
+        is_rank0 = os.environ.get("RANK", "0") == "0"  # torchrun's global rank, known before the process group
+        with run_folder_lock(Path(cfg.train.out_dir)) if is_rank0 else contextlib.nullcontext():
+            train(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,12 @@ at the same global batch, library versions) is allowed, printed and appended to 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -16,6 +21,37 @@ from .config import Config, ConfigError
 from .metrics import append_jsonl
 
 _BOOKKEEPING = ("transformers_version", "torch_dtype", "dtype")  # and every "_"-prefixed key
+
+
+@contextlib.contextmanager
+def run_folder_lock(out_dir: Path):
+    """Rank 0 holds an exclusive lock on <out_dir>/.lock while the run lives. A second run started on the same
+    folder (a double launch, a requeued job whose old one still runs) is refused with one line: two runs in one
+    folder delete each other's temp files and checkpoints. A POSIX record lock (lockf), not flock: it belongs
+    to this process alone (the DataLoader workers it forks do not inherit it, so a rank killed with -9 frees
+    the folder at once), and network filesystems support it. Where locking fails otherwise: a warning."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                print(f"warning: cannot lock {path} ({err.strerror}): make sure no other run uses this folder",
+                      flush=True)
+                yield
+                return
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"train.out_dir: {out_dir} is in use by another run ({holder}); one folder per "
+                              "run (two would delete each other's checkpoints)") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def resume_point(cfg: Config, ckpt_dir: Path) -> Path | None:

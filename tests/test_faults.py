@@ -410,7 +410,8 @@ def test_the_guard_counts_skips_and_stops_after_the_limit_in_a_row():
     (lambda: RuntimeError("a bug"), 1, "Traceback (most recent call last)"),  # unexpected: its traceback
     (KeyboardInterrupt, 130, "interrupted"),
 ], ids=["stop", "error", "ctrl-c"])
-def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatch, capsys, raised, code, printed):
+def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatch, capsys, tmp_path, raised, code,
+                                                                     printed):
     """An exception raised from the loop keeps the loop's frame (DDP, the loader) alive through a reference cycle
     (a stop is a local of the frame) or while it is in flight (re-raised); the entry point frees both before
     dist.shutdown(), not in the interpreter's shutdown (where gloo's threads aborted a preempted rank once in CI),
@@ -432,7 +433,7 @@ def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatc
         raise stop  # as the loop does: the frame holds `stop`, whose traceback holds the frame
 
     monkeypatch.setattr(dist, "shutdown", lambda: seen.setdefault("alive_at_shutdown", seen["state"]() is not None))
-    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.setattr(sys, "argv", ["train.py", f"--train.out_dir={tmp_path}"])
     gc.disable()  # only the entry point's own collection may free the cycle
     try:
         assert cli.run_training("doc", "demo", train) == code
@@ -440,6 +441,30 @@ def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatc
         gc.enable()
     assert seen["alive_at_shutdown"] is False
     assert printed in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_folder_is_refused_with_one_line(tmp_path, tiny_args, monkeypatch, capsys):
+    """While a run holds its folder (rank 0's lock on <out_dir>/.lock), another started on it stops at once with
+    one line naming the holder; once the holder is gone (here: killed -9), the folder is free."""
+    from ldm_ddp import cli
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from ldm_ddp.resume import run_folder_lock\n"
+        "with run_folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"), str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = []
+        monkeypatch.setattr(sys, "argv", ["train.py", *tiny_args(out)])
+        assert cli.run_training("doc", "demo", started.append) == 2 and not started
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and line.startswith(f"config error: train.out_dir: {out} is in use by another run "
+                                                     f"(pid {holder.pid} on ")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.run_training("doc", "demo", started.append) == 0 and len(started) == 1
 
 
 def meta_of(cfg: Config, **data) -> dict:
