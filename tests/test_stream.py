@@ -207,3 +207,33 @@ def test_images_are_resized_and_centre_cropped():
     assert torch.all(tensor == 255)
     grey = ImageTransform(RES)(Image.new("L", (RES, RES), 0))
     assert grey.shape == (3, RES, RES) and torch.all(grey == 0)
+
+
+def test_a_stream_that_drops_its_connection_is_reopened_and_the_sample_kept():
+    """A sequential source's stream that fails once mid-epoch (a dropped connection) is reopened and read up
+    to the same record: no sample replaced. One that keeps failing raises (the caller replaces the sample)."""
+    from ldm_ddp.data.stream import StreamReader
+
+    class Flaky:
+        def __init__(self, failures: int):
+            self.failures, self.opened = failures, 0
+
+        def __len__(self):
+            return 10
+
+        def records(self, epoch):
+            self.opened += 1
+            for i in range(10):
+                if i == 3 and self.failures:
+                    self.failures -= 1
+                    raise ConnectionError("connection reset by peer")
+                yield {"key": f"e{epoch}/{i}"}
+
+    source = Flaky(failures=1)
+    reader = StreamReader(source)
+    assert reader.get(5)["key"] == "e0/5" and source.opened == 2
+    assert reader.get(6)["key"] == "e0/6" and source.opened == 2  # read on from the reopened stream
+    broken = StreamReader(Flaky(failures=100))
+    with pytest.raises(ConnectionError):
+        broken.get(5)
+    assert broken.epoch == -1  # the next read reopens

@@ -162,6 +162,10 @@ class ShardedStream(IterableDataset):
             k += num_workers
 
 
+class _StreamEnded(RuntimeError):
+    """A stream shorter than its source's length (not a passing error: no retry)."""
+
+
 class StreamReader:
     """Raw records of a sequential source (no random access) by global position.
 
@@ -177,8 +181,19 @@ class StreamReader:
         self.skipped = 0  # records read only to reach a position (fast-forward)
 
     def get(self, position: int) -> dict:
+        """The record at `position`. A stream that fails while reading (a dropped connection) is dead: it is
+        reopened and read up to here once more, so a passing error changes no sample; a second failure raises
+        (the caller replaces the sample, and the next read reopens the stream again)."""
         if position in self.records:
             return self.records[position]
+        try:
+            return self._read_to(position)
+        except _StreamEnded:
+            raise
+        except Exception:
+            return self._read_to(position)  # from the reopened stream
+
+    def _read_to(self, position: int) -> dict:
         epoch, offset = divmod(position, len(self.source))
         if epoch != self.epoch or offset < self.next_offset:
             self.stream, self.epoch, self.next_offset = iter(self.source.records(epoch)), epoch, 0
@@ -186,8 +201,11 @@ class StreamReader:
             try:
                 record = next(self.stream)
             except StopIteration:
-                raise RuntimeError(f"data: the stream of epoch {epoch} ended after {self.next_offset} records, "
+                raise _StreamEnded(f"data: the stream of epoch {epoch} ended after {self.next_offset} records, "
                                    f"{len(self.source)} were expected") from None
+            except Exception:
+                self.epoch = -1  # the generator died with the error: the next read reopens the stream
+                raise
             self.records[epoch * len(self.source) + self.next_offset] = record
             self.skipped += self.next_offset < offset
             self.next_offset += 1
