@@ -68,7 +68,9 @@ def _metadata_digest(raw: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync(path) -> None:
+    """A file's (or a directory's) contents on disk, before a rename makes it count."""
+    path = Path(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -107,13 +109,13 @@ def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta:
     tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"
     try:
         _write(cpu, tmp, raw)
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)  # the file counts only once it has its final name
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync(ckpt_dir)  # make the rename itself durable
+    fsync(ckpt_dir)  # make the rename itself durable
     return path
 
 
@@ -225,9 +227,11 @@ def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
     newest = list_checkpoints(ckpt_dir)[-1]
     spared = just_saved if just_saved is not None and Path(just_saved) == newest else find_latest_valid(ckpt_dir, log)
     for path in doomed:
-        if path == spared or (just_saved is not None and path == Path(just_saved)):
+        if path == spared:
             log(f"keeping {path.name}: newest valid checkpoint")
             continue
+        if just_saved is not None and path == Path(just_saved):
+            continue  # this run's own save (older steps of another timeline are set_aside_after's)
         try:
             path.unlink()
         except OSError as e:
@@ -250,7 +254,7 @@ def set_aside_after(ckpt_dir, step: int, log: Callable[[str], None] = print) -> 
     folder.mkdir(exist_ok=True)
     for path in later:
         os.replace(path, folder / path.name)
-    _fsync(Path(ckpt_dir))
+    fsync(ckpt_dir)
     log(f"this run starts at step {step}: moved {len(later)} later checkpoint(s) ({later[0].name} .. "
         f"{later[-1].name}) to {folder}")
     return folder

@@ -70,13 +70,12 @@ def append_jsonl(path: Path, record: dict) -> None:
     """One JSON line appended to `path`. A last line cut short (a kill or a full disk mid-write) is dropped
     first, so that the new record starts a line of its own instead of being glued to the fragment."""
     with open(path, "a+b") as f:
-        size = f.seek(0, 2)
-        if size:
-            f.seek(max(0, size - 65536))
-            tail = f.read()
-            if not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+        end = f.seek(0, 2)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # a cut last line (rare: only then is the file read)
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
         f.write((json.dumps(record) + "\n").encode())
 
 

@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist
+from .checkpoint import fsync
 from .config import Config, ConfigError
-from .data.latents import MANIFEST, cache_fingerprint, fsync_file, shard_file, write_manifest
+from .data.latents import MANIFEST, cache_fingerprint, shard_file, write_manifest
 from .data.samples import caption_list, open_image
 from .data.sources import build_source
 from .data.transforms import ImageTransform, pixel_limit
@@ -66,7 +67,7 @@ def _write_shard(path: str, moments, flipped, input_ids: list[torch.Tensor], key
         tensors["moments_flipped"] = torch.cat(flipped)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp",
               metadata={"keys": json.dumps(keys), "count": str(len(keys))})
-    fsync_file(path + ".tmp")
+    fsync(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..checkpoint import fsync
 from ..config import ConfigError
 from .samples import CAPTION_STREAM, locate
 
@@ -67,18 +68,9 @@ def write_manifest(folder: str, fingerprint: dict, shards: list[dict], made_with
     path = os.path.join(folder, MANIFEST)
     with open(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
-    fsync_file(path + ".tmp")
+    fsync(path + ".tmp")
     os.replace(path + ".tmp", path)
     return manifest
-
-
-def fsync_file(path: str) -> None:
-    """On disk before a rename makes it count (a shard before the manifest vouches for it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LatentSource:
