@@ -105,7 +105,9 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
     device: str = "auto"  # auto | cpu | cuda
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # on CUDA only: the UNet's weights (and so its activations) channels-last
+    layout_opt: str = "auto"  # auto | on | off: compiled (CUDA), make inductor keep activations and gradients
+    # channels-last (speed.compile_model); auto: on for one process, off under DDP, where it is not yet measured
     compile: str = "auto"  # auto (full on CUDA, off on CPU) | off | full | regional: torch.compile of the UNet
     # (ldm_ddp/speed.py); probed at start. The first step compiles, about 2 minutes for SD1.5 (docs/performance.md)
     cudnn_benchmark: bool = True  # on CUDA: autotune each convolution shape once (the shapes are fixed for a run)
@@ -188,7 +190,7 @@ class Config:
 CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
     "model.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
-    "train.compile": ("auto", "off", "full", "regional"),
+    "train.compile": ("auto", "off", "full", "regional"), "train.layout_opt": ("auto", "on", "off"),
     "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"),
     "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),

@@ -74,13 +74,29 @@ def regions(unet) -> list[torch.nn.Module]:
     return found
 
 
-def compile_model(unet, model: torch.nn.Module, mode: str) -> torch.nn.Module:
+def layout_opt(setting: str, channels_last: bool, world_size: int) -> bool:
+    """train.layout_opt -> whether compile_model forces inductor's layout optimization: only for channels-last
+    weights; "auto" is on for one process and off under DDP (measured +1.8% on one H200; under DDP not yet
+    measured apart from the bucket size, docs/performance.md)."""
+    return channels_last and (setting == "on" or (setting == "auto" and world_size == 1))
+
+
+def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = False) -> torch.nn.Module:
     """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, whose graph DDP's
     optimizer splits at bucket boundaries so communication still overlaps the backward. "regional": each
     repeated module (`regions`) compiled in place with static shapes; modules of one class and one shape
     share one compiled graph (SD1.5: 38 ResNet blocks and transformers, 18 distinct shapes), so compilation
     is shorter than the whole UNet's, and nn.Module.compile keeps parameter names (checkpoints and the
-    sampling copy are unaffected). "off": the model as it is."""
+    sampling copy are unaffected). "off": the model as it is.
+
+    `force_layout` (weights already channels-last; `layout_opt`): inductor keeps the graph's activations and
+    gradients channels-last too. Its own heuristic turns that off for any graph with a 3x3 convolution of at most
+    half as many output as input channels (SD's up blocks: 2560 -> 1280), and then every convolution's backward
+    copies its incoming gradient into channels-last first (SD1.5, 256 px, batch 64: ~95 copies a step; forcing
+    the layout measured 535.0 against 525.6 img/s on an H200, docs/performance.md)."""
+    if mode != "off" and force_layout:
+        import torch._inductor.config as inductor_config
+        inductor_config.force_layout_optimization = True
     if mode == "full":
         return torch.compile(model)
     if mode == "regional":
@@ -116,7 +132,8 @@ def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[]
 
 class StepProfiler:
     """torch.profiler over optimizer steps [at, at + steps) of a run (log.profile_at): a Chrome trace, the
-    op table by device time, and a summary of how busy the device was, in `out`/ (one set per rank)."""
+    op table by device time (also split by input shapes), and a summary of how busy the device was, in `out`/
+    (one set per rank)."""
 
     def __init__(self, at: int, steps: int, out: Path, rank: int, device: torch.device):
         self.at, self.end, self.out, self.rank, self.device = at, at + steps, out, rank, device
@@ -129,7 +146,7 @@ class StepProfiler:
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
                 torch.cuda.synchronize(self.device)
-            self.prof = torch.profiler.profile(activities=activities)
+            self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
         elif self.prof is not None and step == self.end:
@@ -152,6 +169,8 @@ class StepProfiler:
         averages = events.key_averages()
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         (self.out / f"ops_rank{self.rank}.txt").write_text(averages.table(sort_by=key, row_limit=60))
+        by_shape = events.key_averages(group_by_input_shape=True)  # which tensors the top ops ran on
+        (self.out / f"ops_by_shape_rank{self.rank}.txt").write_text(by_shape.table(sort_by=key, row_limit=60))
         busy_us = device_busy_us(json.loads((self.out / f"trace_rank{self.rank}.json").read_text()))
         summary = {"steps": steps, "wall_ms_per_step": 1e3 * wall / max(steps, 1),
                    "device_busy_ms_per_step": busy_us / 1e3 / max(steps, 1)}

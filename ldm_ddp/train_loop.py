@@ -124,8 +124,9 @@ def train(cfg: Config) -> dict:
 
     # --- Training wrapper and logging ---------------------------------------------------------------
     compile_mode = speed.compile_mode(cfg.train.compile, device)
+    force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, dist.world_size())
     model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb),
-                                compile_mode)
+                                compile_mode, force_layout)
     sdpa_backend = cfg.model.sdpa_backend
     if compile_mode != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped

@@ -93,14 +93,17 @@ def torchrun(nproc: int, script: str, args: list[str], timeout: float, log: Path
 
 
 def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: int) -> list[str]:
-    """scripts/train.py's arguments for a bench run: the sd15 preset, the bench's switches, no live samples."""
+    """scripts/train.py's arguments for a bench run: the sd15 preset, the bench's switches (live samples only
+    with --sample-every)."""
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
-            "--sample.every=0", "--log.progress=lines", f"--train.compile={args.compile}",
+            f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
+            f"--ema.update_every={args.ema_every}",
             *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
             f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
             f"--train.channels_last={str(args.channels_last == 'on').lower()}",
             f"--train.ddp_static_graph={str(args.static_graph == 'on').lower()}",
+            f"--train.layout_opt={args.layout_opt}",
             f"--train.ddp_bucket_cap_mb={args.bucket_cap_mb}", *data]
 
 
@@ -206,20 +209,25 @@ def bare_worker(args) -> None:
     context = torch.randn(batch, 77, 768, device=device)
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    ema = EMA(unet, EMAConfig(decay=0.9999))
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile)
+    ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
+    calls = 0
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile,
+                                speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size()))
     x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
+        nonlocal calls
+        calls += 1
         with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             v_pred = model(x_t, t, context).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
         speed.clip_grad_norm(unet, 1.0)  # as the trainer clips
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(unet)
+        if ema.wants_update(calls):
+            ema.update(unet)
 
     t0 = time.perf_counter()
     for i in range(args.warmup):  # the first steps compile and autotune: their times go to the log
@@ -271,8 +279,11 @@ def main() -> int:
                         help="attention kernel, as model.sdpa_backend")
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
     parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
+    parser.add_argument("--layout-opt", default="auto", choices=["auto", "on", "off"], help="as train.layout_opt")
     parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="as train.ddp_static_graph")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="as train.ddp_bucket_cap_mb")
+    parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
+    parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
                         choices=["bare", "cache", "online", "resume"],
@@ -312,6 +323,8 @@ def main() -> int:
                                                           "--channels-last", args.channels_last,
                                                           "--static-graph", args.static_graph,
                                                           "--bucket-cap-mb", str(args.bucket_cap_mb),
+                                                          "--ema-every", str(args.ema_every),
+                                                          "--layout-opt", args.layout_opt,
                                                           "--work", str(work),
                                                           *(["--profile"] if args.profile else [])], 1800,
                                work / "logs" / f"bare_{res}_{gpus}.log")

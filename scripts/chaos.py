@@ -91,10 +91,13 @@ def wait_for_worker(proc: subprocess.Popen, rank: int, deadline: float) -> int |
 
 
 def wait_for_exit_of_all(out: Path, timeout: float = 60.0) -> None:
-    """No process of an attempt may outlive it (it would write into the next one's run folder)."""
+    """No process of an attempt may outlive it (it would write into the next one's run folder). The caller and
+    its ancestors are not an attempt's, even where their command lines name `out`."""
     deadline = time.monotonic() + timeout
+    ours = _ancestors()
     while True:
-        left = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _cmdline_has(e, str(out))]
+        left = [int(e.name) for e in Path("/proc").iterdir()
+                if e.name.isdigit() and int(e.name) not in ours and _cmdline_has(e, str(out))]
         if not left:
             return
         if time.monotonic() > deadline:
@@ -102,6 +105,18 @@ def wait_for_exit_of_all(out: Path, timeout: float = 60.0) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
+
+
+def _ancestors() -> set[int]:
+    """This process and its ancestors."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
 
 
 def _cmdline_has(entry: Path, text: str) -> bool:

@@ -175,3 +175,32 @@ def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args):
     assert result["redone"] and result["redone"][0][0] == 21  # resumed from the step-20 checkpoint
     assert result["redone_max_rel_diff"] == 0.0  # CPU: bit for bit
     assert math.isfinite(result["loss_before"]) and math.isfinite(result["loss_after"])
+
+
+def test_layout_opt_is_forced_only_for_channels_last_weights_and_auto_only_on_one_process(monkeypatch):
+    import torch._inductor.config as inductor_config
+    assert speed.layout_opt("auto", True, 1) and not speed.layout_opt("auto", True, 2)
+    assert speed.layout_opt("on", True, 8) and not speed.layout_opt("off", True, 1)
+    assert not speed.layout_opt("on", False, 1)  # contiguous weights: nothing to keep
+    monkeypatch.setattr(inductor_config, "force_layout_optimization", False)
+    module = torch.nn.Conv2d(4, 4, 3)
+    speed.compile_model(module, module, "off", force_layout=True)
+    assert inductor_config.force_layout_optimization is False  # not compiled: inductor untouched
+    speed.compile_model(module, module, "full", force_layout=False)
+    assert inductor_config.force_layout_optimization is False
+    compiled = speed.compile_model(module, module, "full", force_layout=True)
+    assert inductor_config.force_layout_optimization is True and compiled is not module
+
+
+def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
+    """chaos.wait_for_exit_of_all kills what is left of an attempt after its timeout; a caller whose own
+    command line names the run folder is not part of it (it used to kill itself after the timeout)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); import chaos; "
+            "chaos.wait_for_exit_of_all(Path(sys.argv[1]), timeout=0.3); print('returned')")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(scripts)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "returned", (done.returncode, done.stderr[-500:])
