@@ -106,8 +106,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     channels_last: bool = True  # on CUDA only: the UNet's weights (and so its activations) channels-last
-    layout_opt: str = "auto"  # auto | on | off: compiled (CUDA), make inductor keep activations and gradients
-    # channels-last (speed.compile_model); auto: on for one process, off under DDP, where it is not yet measured
+    layout_opt: str = "auto"  # auto | on | off: with train.compile=full on CUDA, inductor keeps activations and
+    # gradients channels-last (speed.compile_model); auto: on for one process, off under DDP (not yet measured)
     compile: str = "auto"  # auto (full on CUDA, off on CPU) | off | full | regional: torch.compile of the UNet
     # (ldm_ddp/speed.py); probed at start. The first step compiles, about 2 minutes for SD1.5 (docs/performance.md)
     cudnn_benchmark: bool = True  # on CUDA: autotune each convolution shape once (the shapes are fixed for a run)

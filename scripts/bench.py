@@ -314,7 +314,9 @@ def main() -> int:
                       "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"], 1800,
                      work / "logs" / f"precompute_{res}.log")
         for gpus in args.gpus:
-            row = {"res": res, "gpus": gpus, "batch_per_gpu": batch}
+            row = {"res": res, "gpus": gpus, "batch_per_gpu": batch, "switches": {
+                k: getattr(args, k) for k in ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
+                                              "static_graph", "bucket_cap_mb", "ema_every")}}
             if "bare" in args.parts:
                 out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
                                                           "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -344,9 +346,9 @@ def main() -> int:
                 row["resume"] = kill_and_resume(gpus, run_args, out, args.steps // 2, every, 3600)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print_table(rows)
-    if args.json:
+    if args.json:  # first: the figures are kept even if the table cannot be printed
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    print_table(rows)
     return 0
 
 
@@ -369,6 +371,8 @@ def print_table(rows: list[dict]) -> None:
                   f"{r.get('profile', {}).get('device_busy_share', float('nan')):>8.1%}")
     card = next((row["bare"]["card"] for row in rows if "bare" in row), "")
     print(f"card: {card}" if card else "")
+    if rows:
+        print("switches: " + ", ".join(f"{k}={v}" for k, v in rows[0]["switches"].items()))
     for row in rows:
         if "resume" in row:
             r = row["resume"]

@@ -186,6 +186,9 @@ def test_layout_opt_is_forced_only_for_channels_last_weights_and_auto_only_on_on
     module = torch.nn.Conv2d(4, 4, 3)
     speed.compile_model(module, module, "off", force_layout=True)
     assert inductor_config.force_layout_optimization is False  # not compiled: inductor untouched
+    monkeypatch.setattr(speed, "regions", lambda unet: [])  # no UNet here: nothing to compile in place
+    speed.compile_model(module, module, "regional", force_layout=True)
+    assert inductor_config.force_layout_optimization is False  # measured for the whole graph only
     speed.compile_model(module, module, "full", force_layout=False)
     assert inductor_config.force_layout_optimization is False
     compiled = speed.compile_model(module, module, "full", force_layout=True)
@@ -204,3 +207,28 @@ def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(scripts)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "returned", (done.returncode, done.stderr[-500:])
+
+
+def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys):
+    """The table bench.py prints after a GPU run, on rows of its JSON's shape (a crash here would lose a run)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench
+
+    bare = {"img_per_s": 600.0, "flops_per_image": 0.5e12, "matmul_tflops": 780.0, "peak_mem_gib": 39.6,
+            "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95}}
+    cache = {"img_per_s": 570.0, "data_wait_share": 0.001, "peak_mem_gib": 41.0}
+    resume = {"saved_at": 20, "killed_after_step": 25, "final_step": 40, "redone": [[25, 0.5, 0.5]],
+              "redone_max_rel_diff": 0.0, "loss_before": 0.51, "loss_after": 0.49, "wall_s": 100.0}
+    row = {"res": 256, "gpus": 2, "batch_per_gpu": 128, "bare": bare, "cache": cache, "resume": resume,
+           "switches": {"compile": "full", "layout_opt": "auto", "bucket_cap_mb": 25.0}}
+    bench.print_table([row])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[3]: line.split() for line in lines if len(line.split()) > 3 and line.split()[0] == "256"}
+    bare_line, cache_line = rows["bare"], rows["cache"]
+    assert bare_line[:6] == ["256", "2", "128", "bare", "600.0", "300.0"]
+    assert bare_line[6] == f"{300.0 * 0.5 / 989.0:.1%}"  # MFU per GPU against 989 TFLOP/s
+    assert cache_line[4] == "570.0" and cache_line[8] == "95.0%"  # vs the bare step
+    assert "card: NVIDIA H200" in lines and "switches: compile=full, layout_opt=auto, bucket_cap_mb=25.0" in lines
+    assert any(line.startswith("resume 256 px, 2 GPUs: saved at step 20, killed after step 25") for line in lines)
