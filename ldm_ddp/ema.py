@@ -114,6 +114,13 @@ def weights_prefix(meta: dict, weights: str) -> str:
 
 
 CHUNK_ELEMENTS = 2**26  # EMA update temporaries: 256 MiB of fp32 at a time
+COMPILE_BACKEND = "inductor"  # of ema.compile (the tests use another: no C++ compiles there)
+
+
+def _lerp_toward(shadow: list[torch.Tensor], current: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """shadow += weight * (current - shadow): EMA.update's three multi-tensor passes, for torch.compile to fuse
+    into one pass that reads both lists once, writes the shadow once and needs no temporaries."""
+    torch._foreach_add_(shadow, torch._foreach_mul(torch._foreach_sub(current, shadow), weight))
 
 
 def _chunk_ranges(sizes: list[int]) -> list[tuple[int, int]]:
@@ -138,6 +145,25 @@ class EMA:
         self.shadows = [[params[n].detach().float().clone() for n in self.names] for _ in self.profiles]
         self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
+        self.fused = None  # the compiled update (ema.compile), built by compile()
+        if cfg.compile:
+            self.compile()
+
+    def compile(self) -> None:
+        """Update through torch.compile of _lerp_toward (one graph for every profile and step: the weight is a
+        device tensor; compiled at the first update, or at probe())."""
+        self.fused = torch.compile(_lerp_toward, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+
+    def uncompile(self) -> None:
+        self.fused = None
+
+    @torch.no_grad()
+    def probe(self, module: torch.nn.Module) -> None:
+        """Build the compiled update now, with a weight of 0 (the shadow keeps its values): a compile error shows
+        before step 1."""
+        params = dict(module.named_parameters())
+        current = [params[n].detach().float() for n in self.names]
+        self.fused(self.shadows[0], current, torch.zeros((), device=current[0].device))
 
     @property
     def shadow(self) -> list[torch.Tensor]:
@@ -171,6 +197,9 @@ class EMA:
         take = torch.ones((), device=current[0].device) if ok is None else ok.float()
         for profile, shadow in zip(self.profiles, self.shadows):
             weight = take * (1.0 - profile.decay(self.num_updates, self.cfg.warmup))
+            if self.fused is not None:
+                self.fused(shadow, current, weight)
+                continue
             for a, b in self.chunks:
                 step = torch._foreach_sub(current[a:b], shadow[a:b])
                 torch._foreach_mul_(step, weight)

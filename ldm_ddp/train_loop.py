@@ -146,6 +146,8 @@ def train(cfg: Config) -> dict:
         speed.probe(probe_step, f"train.compile={compile_mode}, model.sdpa_backend={sdpa_backend}",
                     cfg.train.fallback or only_auto, undo,
                     "train.fallback=true" if cfg.train.fallback else "train.compile=auto")
+    if ema.fused is not None:
+        speed.probe(lambda: ema.probe(unet), "ema.compile=true", cfg.train.fallback, ema.uncompile)
     wandb_run = start_wandb(cfg.log.wandb, out_dir, cfg.log.wandb_project,
                             cfg.log.run_name or out_dir.name, cfg.to_dict())
     tensorboard = start_tensorboard(cfg.log.tensorboard, out_dir, start_step, cfg.to_toml())

@@ -98,7 +98,7 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
-            f"--ema.update_every={args.ema_every}",
+            f"--ema.update_every={args.ema_every}", f"--ema.compile={str(args.ema_compile == 'on').lower()}",
             *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
             f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
             f"--train.channels_last={str(args.channels_last == 'on').lower()}",
@@ -209,7 +209,7 @@ def bare_worker(args) -> None:
     context = torch.randn(batch, 77, 768, device=device)
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
+    ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every, compile=args.ema_compile == "on"))
     calls = 0
     model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile,
                                 speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size()))
@@ -283,6 +283,7 @@ def main() -> int:
     parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="as train.ddp_static_graph")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="as train.ddp_bucket_cap_mb")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
+    parser.add_argument("--ema-compile", default="off", choices=["on", "off"], help="as ema.compile")
     parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
@@ -316,7 +317,7 @@ def main() -> int:
         for gpus in args.gpus:
             row = {"res": res, "gpus": gpus, "batch_per_gpu": batch, "switches": {
                 k: getattr(args, k) for k in ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
-                                              "static_graph", "bucket_cap_mb", "ema_every")}}
+                                              "static_graph", "bucket_cap_mb", "ema_every", "ema_compile")}}
             if "bare" in args.parts:
                 out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
                                                           "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -326,6 +327,7 @@ def main() -> int:
                                                           "--static-graph", args.static_graph,
                                                           "--bucket-cap-mb", str(args.bucket_cap_mb),
                                                           "--ema-every", str(args.ema_every),
+                                                          "--ema-compile", args.ema_compile,
                                                           "--layout-opt", args.layout_opt,
                                                           "--work", str(work),
                                                           *(["--profile"] if args.profile else [])], 1800,

@@ -281,3 +281,26 @@ def test_update_with_ok_false_keeps_every_shadow():
     ema.update(net, torch.tensor(True))
     reference.update(net)
     assert all(torch.equal(a, b) for x, y in zip(ema.shadows, reference.shadows) for a, b in zip(x, y))
+
+
+def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
+    """ema.compile: the same shadows as the eager update, step by step, a skipped step (ok False) and every
+    profile included; one compiled graph serves all profiles and steps (the weight is a tensor). The backend is
+    aot_eager here (the same graph, no C++ compiler); on CUDA inductor fuses it."""
+    import ldm_ddp.ema as ema_module
+    monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = {"decay": 0.9, "extra_decays": [0.5], "power_stds": [0.1]}
+    net = Net()
+    eager, compiled = EMA(net, EMAConfig(**cfg)), EMA(net, EMAConfig(**cfg, compile=True))
+    assert eager.fused is None and compiled.fused is not None
+    compiled.probe(net)  # weight 0: builds the graph, changes nothing
+    assert all(torch.equal(a, b) for x, y in zip(eager.shadows, compiled.shadows) for a, b in zip(x, y))
+    for i, ok in enumerate([True, True, False, True]):
+        set_weights(net, float(i + 2))
+        for ema in (eager, compiled):
+            ema.update(net, torch.tensor(ok))
+        assert all(torch.equal(a, b) for x, y in zip(eager.shadows, compiled.shadows) for a, b in zip(x, y)), i
+    assert not torch.equal(eager.shadows[0][0], Net().linear.weight.float())  # they moved
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

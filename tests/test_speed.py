@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 from conftest import train_here
+from test_train import assert_bitwise_equal
 
 from ldm_ddp import speed
 from ldm_ddp.config import ConfigError
@@ -232,3 +233,24 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys):
     assert cache_line[4] == "570.0" and cache_line[8] == "95.0%"  # vs the bare step
     assert "card: NVIDIA H200" in lines and "switches: compile=full, layout_opt=auto, bucket_cap_mb=25.0" in lines
     assert any(line.startswith("resume 256 px, 2 GPUs: saved at step 20, killed after step 25") for line in lines)
+
+
+def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
+    """ema.compile=true is probed before step 1: a compiler that fails stops the run with one line naming the
+    switch, or with train.fallback=true warns and updates the EMA eager; the run then ends as an eager one."""
+    import ldm_ddp.ema as ema_module
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no working C compiler found")
+    monkeypatch.setattr(ema_module, "COMPILE_BACKEND", no_compiler)
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match=r"^ema.compile=true failed at start \(.*no working C compiler.*\); set "
+                                          r"train.fallback=true to continue without it$"):
+        train_here(*tiny_args(tmp_path / "stopped", train__max_steps=2), "--ema.compile=true")
+    assert not (tmp_path / "stopped" / "checkpoints" / "step_0000001.safetensors").exists()
+    stdout = train_here(*tiny_args(tmp_path / "fallback", train__max_steps=2), "--ema.compile=true",
+                        "--train.fallback=true")
+    assert "warning: ema.compile=true failed at start" in stdout
+    train_here(*tiny_args(tmp_path / "eager", train__max_steps=2))
+    final = "checkpoints/step_0000002.safetensors"
+    assert_bitwise_equal(tmp_path / "fallback" / final, tmp_path / "eager" / final)
