@@ -94,11 +94,8 @@ def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = 
     half as many output as input channels (SD's up blocks: 2560 -> 1280), and then every convolution's backward
     copies its incoming gradient into channels-last first (SD1.5, 256 px, batch 64: ~95 copies a step; forcing
     the layout measured 535.0 against 525.6 img/s on an H200, docs/performance.md)."""
-    if mode == "full" and force_layout:  # measured for the whole graph only
-        import torch._inductor.config as inductor_config
-        inductor_config.force_layout_optimization = True
-    if mode == "full":
-        return torch.compile(model)
+    if mode == "full":  # the layout is measured for the whole graph only; the option covers its backward too
+        return torch.compile(model, **({"options": {"force_layout_optimization": True}} if force_layout else {}))
     if mode == "regional":
         # One recompilation per distinct shape of a class: SD1.5's ResNet blocks alone have 14.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -317,7 +317,8 @@ def main() -> int:
         for gpus in args.gpus:
             row = {"res": res, "gpus": gpus, "batch_per_gpu": batch, "switches": {
                 k: getattr(args, k) for k in ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
-                                              "static_graph", "bucket_cap_mb", "ema_every", "ema_compile")}}
+                                              "static_graph", "bucket_cap_mb", "ema_every", "ema_compile",
+                                              "sample_every", "steps", "warmup")}}
             if "bare" in args.parts:
                 out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
                                                           "--steps", str(args.steps), "--warmup", str(args.warmup),

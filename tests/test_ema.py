@@ -295,6 +295,7 @@ def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
     net = Net()
     eager, compiled = EMA(net, EMAConfig(**cfg)), EMA(net, EMAConfig(**cfg, compile=True))
     assert eager.fused is None and compiled.fused is not None
+    set_weights(net, 7.0)  # weights away from the shadows, as after a resume
     compiled.probe(net)  # weight 0: builds the graph, changes nothing
     assert all(torch.equal(a, b) for x, y in zip(eager.shadows, compiled.shadows) for a, b in zip(x, y))
     for i, ok in enumerate([True, True, False, True]):

@@ -179,21 +179,20 @@ def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args):
 
 
 def test_layout_opt_is_forced_only_for_channels_last_weights_and_auto_only_on_one_process(monkeypatch):
-    import torch._inductor.config as inductor_config
     assert speed.layout_opt("auto", True, 1) and not speed.layout_opt("auto", True, 2)
     assert speed.layout_opt("on", True, 8) and not speed.layout_opt("off", True, 1)
     assert not speed.layout_opt("on", False, 1)  # contiguous weights: nothing to keep
-    monkeypatch.setattr(inductor_config, "force_layout_optimization", False)
-    module = torch.nn.Conv2d(4, 4, 3)
-    speed.compile_model(module, module, "off", force_layout=True)
-    assert inductor_config.force_layout_optimization is False  # not compiled: inductor untouched
+    asked, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: asked.append(kw) or real_compile(model, **kw))
     monkeypatch.setattr(speed, "regions", lambda unet: [])  # no UNet here: nothing to compile in place
-    speed.compile_model(module, module, "regional", force_layout=True)
-    assert inductor_config.force_layout_optimization is False  # measured for the whole graph only
+    module = torch.nn.Conv2d(4, 4, 3)
+    assert speed.compile_model(module, module, "off", force_layout=True) is module and asked == []
+    speed.compile_model(module, module, "regional", force_layout=True)  # measured for the whole graph only
     speed.compile_model(module, module, "full", force_layout=False)
-    assert inductor_config.force_layout_optimization is False
     compiled = speed.compile_model(module, module, "full", force_layout=True)
-    assert inductor_config.force_layout_optimization is True and compiled is not module
+    assert asked == [{}, {"options": {"force_layout_optimization": True}}] and compiled is not module
+    import torch._inductor.config as inductor_config
+    assert not inductor_config.force_layout_optimization  # for that compile only, not for the process
 
 
 def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
@@ -237,7 +236,8 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys):
 
 def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
     """ema.compile=true is probed before step 1: a compiler that fails stops the run with one line naming the
-    switch, or with train.fallback=true warns and updates the EMA eager; the run then ends as an eager one."""
+    switch, or with train.fallback=true warns and updates the EMA eager; the run then ends as an eager one. One
+    that works gives the eager run's checkpoint, resumed halfway, two profiles and a start step included."""
     import ldm_ddp.ema as ema_module
 
     def no_compiler(graph, example_inputs):
@@ -248,9 +248,18 @@ def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(t
                                           r"train.fallback=true to continue without it$"):
         train_here(*tiny_args(tmp_path / "stopped", train__max_steps=2), "--ema.compile=true")
     assert not (tmp_path / "stopped" / "checkpoints" / "step_0000001.safetensors").exists()
-    stdout = train_here(*tiny_args(tmp_path / "fallback", train__max_steps=2), "--ema.compile=true",
-                        "--train.fallback=true")
+    profiles = {"ema__extra_decays": [0.9], "ema__start_step": 2, "ckpt__every": 1, "train__max_steps": 3}
+    stdout = train_here(*tiny_args(tmp_path / "fallback", **profiles), "--ema.compile=true", "--train.fallback=true")
     assert "warning: ema.compile=true failed at start" in stdout
-    train_here(*tiny_args(tmp_path / "eager", train__max_steps=2))
-    final = "checkpoints/step_0000002.safetensors"
+    train_here(*tiny_args(tmp_path / "eager", **profiles))
+    final = "checkpoints/step_0000003.safetensors"
     assert_bitwise_equal(tmp_path / "fallback" / final, tmp_path / "eager" / final)
+    # A compiler that works (aot_eager: the same graph, no C++): the same run, across a resume (the shadows
+    # are loaded into the tensors the compiled update was built for, and the probe runs on them).
+    monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train_here(*tiny_args(tmp_path / "compiled", **{**profiles, "train__max_steps": 2}), "--ema.compile=true")
+    train_here(*tiny_args(tmp_path / "compiled", **profiles), "--ema.compile=true")
+    assert_bitwise_equal(tmp_path / "compiled" / final, tmp_path / "eager" / final)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the update was compiled (UNet: eager)

@@ -58,6 +58,7 @@ def test_train_end_to_end(tmp_path, tiny_args, run_script, capsys):
     summary = json.loads((out / "profile" / "summary_rank0.json").read_text())
     assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0 and "profile: 2 steps" in stdout
     assert "aten::convolution" in (out / "profile" / "ops_rank0.txt").read_text()
+    assert "Input Shapes" in (out / "profile" / "ops_by_shape_rank0.txt").read_text()
     assert '"traceEvents"' in (out / "profile" / "trace_rank0.json").read_text()
     _, meta = load_checkpoint(out / "checkpoints" / "step_0000004.safetensors")
     assert meta["step"] == 4 and meta["samples_seen"] == 8 and meta["data"]["global_batch"] == 2
