@@ -162,7 +162,7 @@ def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args,
 
 
 def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args):
-    """bench.py --parts resume (issue 7's check) on CPU: saved at step 20, killed -9 later, resumed by the
+    """bench.py --parts resume (issue 7's check) on CPU: saved at step 10, killed -9 later, resumed by the
     same command; the steps done twice give the same losses."""
     import sys
     from pathlib import Path
@@ -170,10 +170,10 @@ def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args):
     import bench
 
     out = tmp_path / "run"
-    run_args = [*tiny_args(out, train__max_steps=80, ckpt__every=20, log__every=1), "--ckpt.resume=auto"]
-    result = bench.kill_and_resume(1, run_args, out, save_at=20, every=1, timeout=300)
-    assert 21 <= result["killed_after_step"] < 80 and result["final_step"] == 80
-    assert result["redone"] and result["redone"][0][0] == 21  # resumed from the step-20 checkpoint
+    run_args = [*tiny_args(out, train__max_steps=40, ckpt__every=10, log__every=1), "--ckpt.resume=auto"]
+    result = bench.kill_and_resume(1, run_args, out, save_at=10, every=1, timeout=300)
+    assert 11 <= result["killed_after_step"] < 40 and result["final_step"] == 40
+    assert result["redone"] and result["redone"][0][0] == 11  # resumed from the step-10 checkpoint
     assert result["redone_max_rel_diff"] == 0.0  # CPU: bit for bit
     assert math.isfinite(result["loss_before"]) and math.isfinite(result["loss_after"])
 
@@ -250,10 +250,7 @@ def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(t
     assert not (tmp_path / "stopped" / "checkpoints" / "step_0000001.safetensors").exists()
     profiles = {"ema__extra_decays": [0.9], "ema__start_step": 2, "ckpt__every": 1, "train__max_steps": 3}
     stdout = train_here(*tiny_args(tmp_path / "fallback", **profiles), "--ema.compile=true", "--train.fallback=true")
-    assert "warning: ema.compile=true failed at start" in stdout
-    train_here(*tiny_args(tmp_path / "eager", **profiles))
-    final = "checkpoints/step_0000003.safetensors"
-    assert_bitwise_equal(tmp_path / "fallback" / final, tmp_path / "eager" / final)
+    assert "warning: ema.compile=true failed at start" in stdout  # and it updated its EMA eager:
     # A compiler that works (aot_eager: the same graph, no C++): the same run, across a resume (the shadows
     # are loaded into the tensors the compiled update was built for, and the probe runs on them).
     monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
@@ -261,5 +258,6 @@ def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(t
     torch._dynamo.utils.counters.clear()
     train_here(*tiny_args(tmp_path / "compiled", **{**profiles, "train__max_steps": 2}), "--ema.compile=true")
     train_here(*tiny_args(tmp_path / "compiled", **profiles), "--ema.compile=true")
-    assert_bitwise_equal(tmp_path / "compiled" / final, tmp_path / "eager" / final)
+    final = "checkpoints/step_0000003.safetensors"
+    assert_bitwise_equal(tmp_path / "compiled" / final, tmp_path / "fallback" / final)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the update was compiled (UNet: eager)
