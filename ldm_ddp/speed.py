@@ -129,8 +129,8 @@ def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[]
 
 class StepProfiler:
     """torch.profiler over optimizer steps [at, at + steps) of a run (log.profile_at): a Chrome trace, the
-    op table by device time (also split by input shapes), and a summary of how busy the device was, in `out`/
-    (one set per rank)."""
+    op table by device time (also split by input shapes), on CUDA the host ops behind the costliest kernels
+    (kernel_sources), and a summary of how busy the device was, in `out`/ (one set per rank)."""
 
     def __init__(self, at: int, steps: int, out: Path, rank: int, device: torch.device):
         self.at, self.end, self.out, self.rank, self.device = at, at + steps, out, rank, device
@@ -168,7 +168,12 @@ class StepProfiler:
         (self.out / f"ops_rank{self.rank}.txt").write_text(averages.table(sort_by=key, row_limit=60))
         by_shape = events.key_averages(group_by_input_shape=True)  # which tensors the top ops ran on
         (self.out / f"ops_by_shape_rank{self.rank}.txt").write_text(by_shape.table(sort_by=key, row_limit=60))
-        busy_us = device_busy_us(json.loads((self.out / f"trace_rank{self.rank}.json").read_text()))
+        trace = json.loads((self.out / f"trace_rank{self.rank}.json").read_text())
+        busy_us = device_busy_us(trace)
+        if self.device.type == "cuda":  # the host op chain behind the kernels that took the most device time
+            rows = [f"{n:6d} {t / 1e3 / max(steps, 1):9.3f} ms/step  {chain or '(no host op)'}  ||  {name[:100]}"
+                    for chain, name, n, t in kernel_sources(trace)[:60]]
+            (self.out / f"kernels_rank{self.rank}.txt").write_text("\n".join(rows) + "\n")
         summary = {"steps": steps, "wall_ms_per_step": 1e3 * wall / max(steps, 1),
                    "device_busy_ms_per_step": busy_us / 1e3 / max(steps, 1)}
         summary["device_busy_share"] = summary["device_busy_ms_per_step"] / summary["wall_ms_per_step"]
@@ -177,6 +182,36 @@ class StepProfiler:
             print(f"profile: {steps} steps, {summary['wall_ms_per_step']:.1f} ms/step wall, device busy "
                   f"{summary['device_busy_share']:.1%} -> {self.out}", flush=True)
         return summary
+
+
+def kernel_sources(trace: dict, depth: int = 4) -> list[tuple[str, str, int, float]]:
+    """Which host ops launched the GPU kernels of a Chrome trace: each kernel is matched to its launch (the
+    runtime call with the same correlation id) and to the innermost `depth` CPU ops open around that launch on
+    its thread. -> (op chain, kernel name, count, total microseconds), most device time first. This is how the
+    conv backward's gradient copies were found (docs/performance.md); the op table alone says aten::copy_."""
+    events = trace.get("traceEvents", [])
+    by_thread: dict = {}  # tid -> its CPU ops and kernel launches
+    for e in events:
+        if "dur" in e and (e.get("cat") == "cpu_op" or (e.get("cat") == "cuda_runtime"
+                                                         and "correlation" in e.get("args", {}))):
+            by_thread.setdefault(e["tid"], []).append(e)
+    chains = {}  # correlation id -> the op chain around its launch
+    for found in by_thread.values():
+        open_ops: list = []  # nested, outermost first
+        for e in sorted(found, key=lambda e: (e["ts"], -e["dur"])):  # an op before the ops and launches inside
+            while open_ops and open_ops[-1]["ts"] + open_ops[-1]["dur"] < e["ts"]:
+                open_ops.pop()
+            if e["cat"] == "cpu_op":
+                open_ops.append(e)
+            else:
+                chains[e["args"]["correlation"]] = " > ".join(op["name"] for op in open_ops[-depth:])
+    totals: dict = {}
+    for kernel in events:
+        if kernel.get("cat") == "kernel" and "dur" in kernel:
+            key = (chains.get(kernel.get("args", {}).get("correlation"), ""), kernel["name"])
+            count, total = totals.get(key, (0, 0.0))
+            totals[key] = (count + 1, total + kernel["dur"])
+    return sorted(((chain, name, n, t) for (chain, name), (n, t) in totals.items()), key=lambda row: -row[3])
 
 
 def device_busy_us(trace: dict) -> float:

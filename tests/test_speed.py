@@ -261,3 +261,32 @@ def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(t
     final = "checkpoints/step_0000003.safetensors"
     assert_bitwise_equal(tmp_path / "compiled" / final, tmp_path / "fallback" / final)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the update was compiled (UNet: eager)
+
+
+def test_kernel_sources_name_the_host_ops_that_launched_each_kernel():
+    """A trace of two steps: a copy kernel launched inside convolution_backward > contiguous, another from a
+    plain copy_, and a kernel whose launch was not recorded; sums per (op chain, kernel), costliest first."""
+    def op(name, ts, dur, tid=1):
+        return {"cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def launch(ts, corr, tid=1):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": tid,
+                "args": {"correlation": corr}}
+
+    def kernel(name, corr, dur):
+        return {"cat": "kernel", "name": name, "ts": 1000 + corr, "dur": dur, "tid": 7, "args": {"correlation": corr}}
+
+    events = []
+    for step, t0 in enumerate((0, 100)):
+        events += [op("aten::convolution_backward", t0, 50), op("aten::contiguous", t0 + 5, 10),
+                   op("aten::copy_", t0 + 6, 5), launch(t0 + 7, 10 * step + 1),
+                   launch(t0 + 30, 10 * step + 2),  # inside convolution_backward only
+                   op("aten::copy_", t0 + 60, 5), launch(t0 + 61, 10 * step + 3),  # after the conv ended
+                   kernel("copy_kernel", 10 * step + 1, 40), kernel("wgrad", 10 * step + 2, 30),
+                   kernel("copy_kernel", 10 * step + 3, 5), kernel("nccl", 10 * step + 4, 1)]
+    rows = speed.kernel_sources({"traceEvents": events}, depth=3)
+    assert rows == [("aten::convolution_backward > aten::contiguous > aten::copy_", "copy_kernel", 2, 80.0),
+                    ("aten::convolution_backward", "wgrad", 2, 60.0),
+                    ("aten::copy_", "copy_kernel", 2, 10.0),
+                    ("", "nccl", 2, 2.0)]
+    assert speed.kernel_sources({"traceEvents": events}, depth=1)[0][0] == "aten::copy_"
