@@ -141,10 +141,20 @@ class NonFiniteGuard:
     comes from all-reduced gradients), so every rank stops at the same check.
     """
 
-    def __init__(self, limit: int, total: int = 0):
-        self.limit, self.total, self.in_a_row = limit, total, 0
-        self.run_start: tuple[int, list[str]] | None = None  # (step, this rank's keys) of the current bad run
+    def __init__(self, limit: int, state: dict | None = None):
+        """`state`: state() of the checkpoint resumed from (a streak of skips goes on across a resume)."""
+        state = state or {}
+        self.limit, self.total = limit, state.get("skipped_steps", 0)
+        self.in_a_row = state.get("skipped_in_a_row", 0)
+        # (step, this rank's keys) of the current bad run; keys None for a run that began before the resume
+        self.run_start: tuple[int, list[str] | None] | None = (
+            (state["skipped_since"], None) if self.in_a_row and "skipped_since" in state else None)
         self._pending: list[tuple[int, torch.Tensor, list[str]]] = []
+
+    def state(self) -> dict:
+        """For the checkpoint (after check(): the flags read so far)."""
+        return {"skipped_steps": self.total, "skipped_in_a_row": self.in_a_row,
+                **({"skipped_since": self.run_start[0]} if self.in_a_row and self.run_start else {})}
 
     def add(self, step: int, skipped: torch.Tensor, keys: list[str]) -> None:
         """Step `step` (1-based) was skipped or not (a device bool); `keys` are this rank's samples of it."""
@@ -161,15 +171,18 @@ class NonFiniteGuard:
             self.in_a_row = self.in_a_row + 1 if skipped else 0
             if self.in_a_row == 1:
                 self.run_start = (step, keys)
-            if self.in_a_row == self.limit and hit is None:
+            if self.in_a_row >= self.limit and hit is None:  # >=: a resume of the stopped run stops again
                 hit = step
         self._pending = []
         if hit is None:
             return None
         first, keys = self.run_start
-        by_rank = [json.loads(k) for k in dist.all_gather_str(json.dumps(keys))]  # every rank's part of the batch
-        named = "; ".join(f"rank {r}: {', '.join(k[:8])}" for r, k in enumerate(by_rank))
-        return NonFiniteLimit(f"non-finite loss or gradients in {self.limit} steps in a row (steps {first}-{hit}, "
+        if keys is None:
+            named = "not recorded (before the resume)"
+        else:
+            by_rank = [json.loads(k) for k in dist.all_gather_str(json.dumps(keys))]  # every rank's part of it
+            named = "; ".join(f"rank {r}: {', '.join(k[:8])}" for r, k in enumerate(by_rank))
+        return NonFiniteLimit(f"non-finite loss or gradients in {hit - first + 1} steps in a row (steps {first}-{hit}, "
                               f"none applied; train.max_consecutive_skips = {self.limit}): stopped with the last good "
                               f"state saved. Samples of step {first}: {named}")
 

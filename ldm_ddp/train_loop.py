@@ -96,7 +96,7 @@ def train(cfg: Config) -> dict:
         source.check_matches(cache_fingerprint(frozen, cfg.data, cfg.model.frozen_dtype))
     fingerprint, arch = source.fingerprint(), architecture(unet, frozen)
     faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here, not trained around
-    step, skipped_before, bad_before = 0, 0, 0
+    step, skipped_before, bad_before = 0, {}, 0
     resume_path = resume_point(cfg, ckpt_dir)
     if resume_path is not None:
         tensors, meta = checkpoint.load_checkpoint(resume_path)
@@ -105,7 +105,7 @@ def train(cfg: Config) -> dict:
         ema.load(tensors, meta["ema"])
         checkpoint.load_optimizer_tensors(optimizer, dict(unet.named_parameters()), tensors, meta["optim"],
                                           live_hyperparameters=True)  # the config's: a change is allowed
-        step, skipped_before = int(meta["step"]), meta.get("faults", {}).get("skipped_steps", 0)
+        step, skipped_before = int(meta["step"]), meta.get("faults", {})
         bad_before = meta["data"].get("bad_samples", 0)
         del tensors
         record_resume(out_dir, resume_path, step, changes)  # the safe changes (lr, max_steps, ...) on record
@@ -170,7 +170,7 @@ def train(cfg: Config) -> dict:
                 "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed, "global_batch": global_batch,
                          "fingerprint": fingerprint, "source": cfg.data.source,
                          "shuffle_window": cfg.data.shuffle_window, "bad_samples": bad_total},
-                "architecture": arch, "faults": {"skipped_steps": guard.total}}
+                "architecture": arch, "faults": guard.state()}
         checkpoint.save_checkpoint(ckpt_dir, step, tensors, meta)
 
     def save(must_commit: bool) -> None:
@@ -240,8 +240,11 @@ def train(cfg: Config) -> dict:
         log_now = upkeep and (step % cfg.log.every == 0 or done or stop is not None)
         if log_now:
             last_record = metrics.flush(step, lr_at(cfg.optim, step - 1, cfg.train.max_steps)) or last_record
-        if upkeep and (log_now or step % cfg.ckpt.every == 0):
-            stop = stop or guard.check()  # reads the skipped-step flags here, where the loop syncs anyway
+        if upkeep and (log_now or step % cfg.ckpt.every == 0 or stop is not None):
+            # Reads the skipped-step flags here, where the loop syncs anyway; before every save (a preemption's
+            # included), so that the checkpoint counts every skip so far. Every rank calls it at the same step.
+            hit = guard.check()
+            stop = stop or hit
         if upkeep and cfg.sample.every and (step % cfg.sample.every == 0 or done) and stop is None:
             sample_grid()
         if (upkeep and (step % cfg.ckpt.every == 0 or done)) or stop is not None:

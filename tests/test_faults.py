@@ -273,7 +273,9 @@ def test_non_finite_steps_are_skipped_without_touching_the_state(tmp_path, tiny_
     skipped = [r["step"] for r in records if r["skipped_steps"]]
     assert 0 < len(skipped) < 6 and all(r["loss"] == r["loss"] for r in records)  # no NaN in the log
     states = [ckpt.load_checkpoint(out / "checkpoints" / f"step_{s:07d}.safetensors") for s in range(1, 7)]
-    assert states[-1][1]["faults"] == {"skipped_steps": len(skipped)}
+    streak = next(i for i in range(7) if 6 - i not in skipped)  # skipped steps at the end of the run
+    assert states[-1][1]["faults"]["skipped_steps"] == len(skipped)
+    assert states[-1][1]["faults"]["skipped_in_a_row"] == streak
     for step in range(2, 7):
         (before, _), (after, _) = states[step - 2], states[step - 1]
         same = [k for k in after if torch.equal(after[k], before[k]) and k.startswith(("unet.", "ema.", "optim."))]
@@ -293,7 +295,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_good_state(tmp_pa
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("non-finite loss or gradients in 3 steps in a row (steps 1-3") and "shapes/" in line
     tensors, meta = ckpt.load_checkpoint(out / "checkpoints" / "step_0000004.safetensors")  # at the check, step 4
-    assert meta["faults"] == {"skipped_steps": 4}
+    assert meta["faults"] == {"skipped_steps": 4, "skipped_in_a_row": 4, "skipped_since": 1}
     assert all(torch.equal(tensors[k], tensors["ema." + k[5:]]) for k in tensors if k.startswith("unet."))
     optim = {k: t for k, t in tensors.items() if k.startswith("optim.")}
     assert optim and all(not t.any() for t in optim.values())  # no moment and no step count moved
@@ -391,7 +393,7 @@ def test_a_skipped_update_changes_nothing_and_a_taken_one_is_plain_adamw(fused):
 
 
 def test_the_guard_counts_skips_and_stops_after_the_limit_in_a_row():
-    guard = faults.NonFiniteGuard(limit=3, total=7)
+    guard = faults.NonFiniteGuard(limit=3, state={"skipped_steps": 7})
     flags = [False, True, True, False, True, True]
     for step, skipped in enumerate(flags, start=11):
         guard.add(step, torch.tensor(skipped), [f"shapes/{step}a", f"shapes/{step}b"])
@@ -402,6 +404,31 @@ def test_the_guard_counts_skips_and_stops_after_the_limit_in_a_row():
     assert isinstance(stop, faults.NonFiniteLimit) and stop.exit_code == EXIT_NON_FINITE
     assert str(stop).startswith("non-finite loss or gradients in 3 steps in a row (steps 15-17, none applied")
     assert str(stop).endswith("Samples of step 15: rank 0: shapes/15a, shapes/15b") and guard.total == 12
+
+
+def test_a_streak_of_skips_goes_on_across_a_resume(tmp_path, tiny_args, poisoned):
+    """The checkpoint keeps the skips in a row and where they began: a run saved (here: its final save) in the
+    middle of a streak and resumed stops at the limit counted from the streak's first step, not the limit
+    again after the resume; resuming the stopped run stops again at its first skipped step."""
+    from conftest import train_here
+    out = tmp_path / "run"
+    args = config(tiny_args, out, train__max_consecutive_skips=6, log__every=2, model__pretrained=str(poisoned("a")))
+    train_here(*args, "--train.max_steps=4")
+    _, meta = ckpt.load_checkpoint(out / "checkpoints" / "step_0000004.safetensors")
+    assert meta["faults"] == {"skipped_steps": 4, "skipped_in_a_row": 4, "skipped_since": 1}
+    with pytest.raises(faults.NonFiniteLimit, match=r"^non-finite loss or gradients in 6 steps in a row \(steps 1-6, "
+                                                     r".*Samples of step 1: not recorded \(before the resume\)$"):
+        train_here(*args, "--train.max_steps=20")
+    with pytest.raises(faults.NonFiniteLimit, match=r"in 7 steps in a row \(steps 1-7, "):
+        train_here(*args, "--train.max_steps=20")  # resumes at step 6 with 6 in a row: step 7 is over the limit
+
+
+def test_the_guard_state_round_trips():
+    guard = faults.NonFiniteGuard(limit=3, state={"skipped_steps": 9, "skipped_in_a_row": 2, "skipped_since": 20})
+    assert guard.state() == {"skipped_steps": 9, "skipped_in_a_row": 2, "skipped_since": 20}
+    guard.add(22, torch.tensor(False), ["shapes/22a"])
+    assert guard.check() is None and guard.state() == {"skipped_steps": 9, "skipped_in_a_row": 0}
+    assert faults.NonFiniteGuard(limit=3).state() == {"skipped_steps": 0, "skipped_in_a_row": 0}
 
 
 @pytest.mark.parametrize("raised, code, printed", [
