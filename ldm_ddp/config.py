@@ -310,6 +310,16 @@ def _require(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
+def warnings_for(cfg: Config) -> list[str]:
+    """Settings that run but work against each other: one line each, printed at the start of a run."""
+    found = []
+    if cfg.diffusion.min_snr_gamma and cfg.diffusion.zero_terminal_snr:
+        found.append("diffusion.min_snr_gamma with diffusion.zero_terminal_snr: min-SNR's weight "
+                     "min(SNR, gamma) / (SNR + 1) is 0 at the last timestep and ~0 near it, the ones zero terminal "
+                     "SNR is there to train; set diffusion.min_snr_gamma=0 for the plain v-loss")
+    return found
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError (one line, naming the key) for any value that cannot run."""
     for key, allowed in CHOICES.items():
@@ -347,6 +357,14 @@ def validate(cfg: Config) -> None:
              "0 < beta_start < beta_end < 1", (cfg.diffusion.beta_start, cfg.diffusion.beta_end))
     _require(all(isinstance(p, str) for p in cfg.sample.prompts), "sample.prompts", "a list of strings",
              cfg.sample.prompts)
+    # diffusers' pipelines guide only above 1: below it an exported pipeline would sample otherwise than ours
+    _require(cfg.sample.cfg_scale >= 1, "sample.cfg_scale", "a guidance scale >= 1 (1: no guidance)",
+             cfg.sample.cfg_scale)
+    _require(0 <= cfg.sample.guidance_rescale <= 1, "sample.guidance_rescale", "a fraction in [0, 1]",
+             cfg.sample.guidance_rescale)
+    most = cfg.diffusion.num_train_timesteps - (cfg.sample.spacing == "leading")  # sampling.ddim_timesteps
+    _require(cfg.sample.steps <= most, "sample.steps", f"at most {most} ({cfg.sample.spacing} spacing of "
+             f"{cfg.diffusion.num_train_timesteps} training timesteps)", cfg.sample.steps)
     _require(cfg.data.resolution % 8 == 0, "data.resolution", "a multiple of 8 px", cfg.data.resolution)
     if cfg.data.source == "shapes":
         _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",

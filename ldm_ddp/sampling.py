@@ -15,13 +15,16 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "tra
     """-> [num_steps] long, descending: the training timesteps DDIM visits (Lin et al. 2024, Table 2)."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps: expected an int in [1, {num_train_timesteps}], got {num_steps!r}")
+    most = num_train_timesteps - (spacing == "leading")  # leading's offset of 1 would reach t = T with T steps
+    if not 1 <= num_steps <= most:
+        raise ValueError(f"num_steps: expected an int in [1, {most}] for {spacing} spacing, got {num_steps!r}")
     T, n = num_train_timesteps, num_steps
     i = torch.arange(n, dtype=torch.long)
     if spacing == "leading":
-        # Stable Diffusion's original spacing: starts at (n - 1) * (T // n), so it never sees the last (noisiest) t.
-        return (n - 1 - i) * (T // n)
+        # Stable Diffusion's original spacing (CompVis make_ddim_timesteps; diffusers' steps_offset=1, which
+        # StableDiffusionPipeline enforces, so an exported pipeline visits the same t): (n - 1 - i) * (T // n) + 1,
+        # which never sees the last (noisiest) t.
+        return (n - 1 - i) * (T // n) + 1
     # "trailing": round(T - i * T / n) - 1, starting at T - 1. Integer arithmetic with round-half-to-even, where
     # diffusers uses np.arange on floats; that agrees except at exact halves and for counts (e.g. 61 of 1000) where
     # float error makes diffusers return n + 1 timesteps ending at -1.

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, dist, faults, speed
-from .config import Config, ConfigError, OptimConfig, resolve_batch
+from .config import Config, ConfigError, OptimConfig, resolve_batch, warnings_for
 from .data.latents import cache_fingerprint
 from .data.sources import build_source
 from .data.stream import ShardedStream, make_loader
@@ -65,6 +65,8 @@ def train(cfg: Config) -> dict:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         ckpt_dir.mkdir(exist_ok=True)
         (out_dir / "config.toml").write_text(cfg.to_toml())
+        for line in warnings_for(cfg):
+            print(f"warning: {line}", flush=True)
     use_amp = cfg.train.precision == "bf16"
     on_cuda = device.type == "cuda"
 

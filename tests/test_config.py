@@ -98,6 +98,10 @@ def one_line_error(overrides=(), config_file=None, preset="demo") -> str:
     ("--data.resolution=60", "data.resolution"),
     ("--train.global_batch=-8", "train.global_batch"),
     ("--ema.start_step=-1", "ema.start_step"),
+    ("--sample.cfg_scale=0.5", "sample.cfg_scale"),
+    ("--sample.guidance_rescale=1.5", "sample.guidance_rescale"),
+    ("--sample.steps=1001", "sample.steps"),
+    ("--train.layout_opt=maybe", "train.layout_opt"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, key):
     assert key in one_line_error([override])
@@ -159,6 +163,13 @@ def test_ddp_static_graph_is_refused_with_gradient_accumulation():
     assert "train.ddp_bucket_cap_mb" in one_line_error(["--train.ddp_bucket_cap_mb=0"])
 
 
+def test_leading_spacing_takes_one_step_fewer():
+    """sampling.ddim_timesteps' leading spacing starts one above a multiple of T // n: T steps would reach t = T."""
+    assert "sample.steps" in one_line_error(["--sample.spacing=leading", "--sample.steps=1000"])
+    assert load_config(overrides=["--sample.spacing=leading", "--sample.steps=999"]).sample.steps == 999
+    assert load_config(overrides=["--sample.steps=1000"]).sample.steps == 1000  # trailing
+
+
 def test_config_round_trips_through_its_dict():
     cfg = load_config(overrides=["--optim.betas=[0.8, 0.9]", "--train.max_steps=7"], preset="sd15_256")
     assert config_from_dict(cfg.to_dict()) == cfg
@@ -187,3 +198,14 @@ def test_bad_value_exits_2_with_one_line_and_does_no_work(tmp_path, run_script):
     assert "data.batch_per_gpu" in lines[0]
     assert result.stdout == ""
     assert not out_dir.exists()
+
+
+def test_min_snr_with_zero_terminal_snr_is_warned_about_and_the_presets_avoid_it():
+    """min(SNR, gamma) / (SNR + 1) is 0 at SNR 0: with zero terminal SNR the noisiest timesteps would not train."""
+    from ldm_ddp.config import warnings_for
+    both = load_config(overrides=["--diffusion.min_snr_gamma=5", "--diffusion.zero_terminal_snr=true"])
+    assert len(warnings_for(both)) == 1 and "diffusion.min_snr_gamma" in warnings_for(both)[0]
+    assert not warnings_for(load_config(overrides=["--diffusion.min_snr_gamma=5",
+                                                   "--diffusion.zero_terminal_snr=false"]))
+    for preset in ("demo", "sd15_256", "sd15_512"):
+        assert not warnings_for(load_config(preset=preset)), preset

@@ -42,3 +42,17 @@ def test_exported_pipeline_matches_our_sampler(tmp_path, trained_run, run_script
                   output_type="pt").images * 2 - 1
     assert theirs.shape == ours.shape
     assert (theirs - ours).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_the_exported_scheduler_visits_our_timesteps(spacing):
+    """StableDiffusionPipeline enforces steps_offset=1, which shifts "leading" spacing: ours is SD's original
+    leading spacing (with the offset), so the exported pipeline and sampling.ddim_sample visit the same t."""
+    from ldm_ddp.config import load_config
+    from ldm_ddp.export import scheduler_for
+    from ldm_ddp.sampling import ddim_timesteps
+    cfg = load_config(overrides=[f"--sample.spacing={spacing}", "--diffusion.zero_terminal_snr=false"])
+    scheduler = scheduler_for(cfg)
+    for n in (7, 25, 50):
+        scheduler.set_timesteps(n)
+        assert torch.equal(scheduler.timesteps, ddim_timesteps(cfg.diffusion.num_train_timesteps, n, spacing)), n
