@@ -317,6 +317,9 @@ def warnings_for(cfg: Config) -> list[str]:
         found.append("diffusion.min_snr_gamma with diffusion.zero_terminal_snr: min-SNR's weight "
                      "min(SNR, gamma) / (SNR + 1) is 0 at the last timestep and ~0 near it, the ones zero terminal "
                      "SNR is there to train; set diffusion.min_snr_gamma=0 for the plain v-loss")
+    if cfg.train.layout_opt == "on" and cfg.train.compile in ("off", "regional"):
+        found.append(f"train.layout_opt=on does nothing with train.compile={cfg.train.compile} (it applies to the "
+                     "whole-UNet compile, train.compile=full or auto on CUDA)")
     return found
 
 

@@ -209,3 +209,6 @@ def test_min_snr_with_zero_terminal_snr_is_warned_about_and_the_presets_avoid_it
                                                    "--diffusion.zero_terminal_snr=false"]))
     for preset in ("demo", "sd15_256", "sd15_512"):
         assert not warnings_for(load_config(preset=preset)), preset
+    ignored = warnings_for(load_config(overrides=["--train.layout_opt=on", "--train.compile=regional"]))
+    assert len(ignored) == 1 and ignored[0].startswith("train.layout_opt=on does nothing with train.compile=regional")
+    assert not warnings_for(load_config(overrides=["--train.layout_opt=on", "--train.compile=full"]))
