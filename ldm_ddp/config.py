@@ -305,6 +305,11 @@ def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int]:
     return accum, per_step * accum
 
 
+def max_sample_steps(num_train_timesteps: int, spacing: str) -> int:
+    """The most DDIM steps a spacing allows (sampling.ddim_timesteps): leading's offset of 1 would reach t = T."""
+    return num_train_timesteps - (spacing == "leading")
+
+
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
@@ -365,7 +370,7 @@ def validate(cfg: Config) -> None:
              cfg.sample.cfg_scale)
     _require(0 <= cfg.sample.guidance_rescale <= 1, "sample.guidance_rescale", "a fraction in [0, 1]",
              cfg.sample.guidance_rescale)
-    most = cfg.diffusion.num_train_timesteps - (cfg.sample.spacing == "leading")  # sampling.ddim_timesteps
+    most = max_sample_steps(cfg.diffusion.num_train_timesteps, cfg.sample.spacing)
     _require(cfg.sample.steps <= most, "sample.steps", f"at most {most} ({cfg.sample.spacing} spacing of "
              f"{cfg.diffusion.num_train_timesteps} training timesteps)", cfg.sample.steps)
     _require(cfg.data.resolution % 8 == 0, "data.resolution", "a multiple of 8 px", cfg.data.resolution)

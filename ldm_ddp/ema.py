@@ -161,9 +161,13 @@ class EMA:
     def probe(self, module: torch.nn.Module) -> None:
         """Build the compiled update now, with a weight of 0 (the shadow keeps its values): a compile error shows
         before step 1."""
-        params = dict(module.named_parameters())
-        current = [params[n].detach().float() for n in self.names]
+        current = self._weights(module)
         self.fused(self.shadows[0], current, torch.zeros((), device=current[0].device))
+
+    def _weights(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        """The module's trainable weights in the shadows' order, fp32 (no copy for fp32; one dtype for foreach)."""
+        params = dict(module.named_parameters())
+        return [params[n].detach().float() for n in self.names]
 
     @property
     def shadow(self) -> list[torch.Tensor]:
@@ -192,8 +196,7 @@ class EMA:
         without `ok`, so both give the same bits. For weights of 1/2 and above (the decay warmup's first updates,
         a power profile's first update, which copies) the result may differ from lerp's by one ulp of the shadow.
         """
-        params = dict(module.named_parameters())
-        current = [params[n].detach().float() for n in self.names]  # no copy for fp32; one dtype for the foreach
+        current = self._weights(module)
         take = torch.ones((), device=current[0].device) if ok is None else ok.float()
         for profile, shadow in zip(self.profiles, self.shadows):
             weight = take * (1.0 - profile.decay(self.num_updates, self.cfg.warmup))

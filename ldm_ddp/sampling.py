@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .config import max_sample_steps
 from .schedule import NoiseSchedule
 
 SPACINGS = ("leading", "trailing")
@@ -15,7 +16,7 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "tra
     """-> [num_steps] long, descending: the training timesteps DDIM visits (Lin et al. 2024, Table 2)."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
-    most = num_train_timesteps - (spacing == "leading")  # leading's offset of 1 would reach t = T with T steps
+    most = max_sample_steps(num_train_timesteps, spacing)
     if not 1 <= num_steps <= most:
         raise ValueError(f"num_steps: expected an int in [1, {most}] for {spacing} spacing, got {num_steps!r}")
     T, n = num_train_timesteps, num_steps

@@ -126,7 +126,7 @@ def train(cfg: Config) -> dict:
 
     # --- Training wrapper and logging ---------------------------------------------------------------
     compile_mode = speed.compile_mode(cfg.train.compile, device)
-    force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, dist.world_size())
+    force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, world)
     model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb),
                                 compile_mode, force_layout)
     sdpa_backend = cfg.model.sdpa_backend
@@ -242,9 +242,9 @@ def train(cfg: Config) -> dict:
         log_now = upkeep and (step % cfg.log.every == 0 or done or stop is not None)
         if log_now:
             last_record = metrics.flush(step, lr_at(cfg.optim, step - 1, cfg.train.max_steps)) or last_record
-        if upkeep and (log_now or step % cfg.ckpt.every == 0 or stop is not None):
-            # Reads the skipped-step flags here, where the loop syncs anyway; before every save (a preemption's
-            # included), so that the checkpoint counts every skip so far. Every rank calls it at the same step.
+        if upkeep and (log_now or step % cfg.ckpt.every == 0):
+            # Reads the skipped-step flags here, where the loop syncs anyway; before every save (log_now covers a
+            # stop's), so that the checkpoint counts every skip so far. Every rank calls it at the same step.
             hit = guard.check()
             stop = stop or hit
         if upkeep and cfg.sample.every and (step % cfg.sample.every == 0 or done) and stop is None:

@@ -32,6 +32,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
+# The switches the bare worker takes as it is given them (--name value) and each row records.
+SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "static_graph", "bucket_cap_mb",
+            "ema_every", "ema_compile")
 
 
 def make_bundle(root: Path) -> Path:
@@ -315,21 +318,13 @@ def main() -> int:
                       "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"], 1800,
                      work / "logs" / f"precompute_{res}.log")
         for gpus in args.gpus:
-            row = {"res": res, "gpus": gpus, "batch_per_gpu": batch, "switches": {
-                k: getattr(args, k) for k in ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
-                                              "static_graph", "bucket_cap_mb", "ema_every", "ema_compile",
-                                              "sample_every", "steps", "warmup")}}
+            row = {"res": res, "gpus": gpus, "batch_per_gpu": batch,
+                   "switches": {k: getattr(args, k) for k in (*SWITCHES, "sample_every", "steps", "warmup")}}
             if "bare" in args.parts:
                 out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
                                                           "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                                          "--compile", args.compile, "--sdpa", args.sdpa,
-                                                          "--cudnn-benchmark", args.cudnn_benchmark,
-                                                          "--channels-last", args.channels_last,
-                                                          "--static-graph", args.static_graph,
-                                                          "--bucket-cap-mb", str(args.bucket_cap_mb),
-                                                          "--ema-every", str(args.ema_every),
-                                                          "--ema-compile", args.ema_compile,
-                                                          "--layout-opt", args.layout_opt,
+                                                          *(x for k in SWITCHES for x in (
+                                                              "--" + k.replace("_", "-"), str(getattr(args, k)))),
                                                           "--work", str(work),
                                                           *(["--profile"] if args.profile else [])], 1800,
                                work / "logs" / f"bare_{res}_{gpus}.log")

@@ -161,14 +161,18 @@ def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args,
     assert (tmp_path / "compiled" / "samples" / "step_0000002.png").is_file()
 
 
-def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args):
+@pytest.fixture
+def bench(monkeypatch):
+    """scripts/bench.py as a module (with the scripts folder on the path only for the test)."""
+    import importlib
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    return importlib.import_module("bench")
+
+
+def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args, bench):
     """bench.py --parts resume (issue 7's check) on CPU: saved at step 10, killed -9 later, resumed by the
     same command; the steps done twice give the same losses."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import bench
-
     out = tmp_path / "run"
     run_args = [*tiny_args(out, train__max_steps=40, ckpt__every=10, log__every=1), "--ckpt.resume=auto"]
     result = bench.kill_and_resume(1, run_args, out, save_at=10, every=1, timeout=300)
@@ -209,13 +213,8 @@ def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "returned", (done.returncode, done.stderr[-500:])
 
 
-def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys):
+def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench):
     """The table bench.py prints after a GPU run, on rows of its JSON's shape (a crash here would lose a run)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import bench
-
     bare = {"img_per_s": 600.0, "flops_per_image": 0.5e12, "matmul_tflops": 780.0, "peak_mem_gib": 39.6,
             "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95}}
     cache = {"img_per_s": 570.0, "data_wait_share": 0.001, "peak_mem_gib": 41.0}
