@@ -109,14 +109,20 @@ class TrainConfig:
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     channels_last: bool = True  # on CUDA only: the UNet's weights (and so its activations) channels-last
     layout_opt: str = "auto"  # auto | on | off: with train.compile=full on CUDA, inductor keeps activations and
-    # gradients channels-last (speed.compile_model); auto: on for one process, off under DDP (not yet measured)
+    # gradients channels-last (speed.compile_model); auto: on where the UNet is one graph (one process, or
+    # train.ddp_compile=whole), off for DDP's split graphs
     compile: str = "auto"  # auto (full on CUDA, off on CPU) | off | full | regional: torch.compile of the UNet
     # (ldm_ddp/speed.py); probed at start. The first step compiles, about 2 minutes for SD1.5 (docs/performance.md)
+    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager / eager are for debugging a compile
+    # (dynamo's capture and AOT autograd without inductor's kernels / dynamo's capture alone)
     cudnn_benchmark: bool = True  # on CUDA: autotune each convolution shape once (the shapes are fixed for a run)
     ddp_static_graph: bool = False  # DDP static_graph (several ranks): the graph is the same every step; only with
     # grad_accum 1 (torch's static_graph breaks no_sync). Unmeasured on GPU, so off (docs/performance.md)
-    ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MB (torch's default); under torch.compile each
-    # bucket is also a graph break in the compiled backward
+    ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MB (torch's default); with train.ddp_compile=split
+    # each bucket is also a graph break in the compiled backward
+    ddp_compile: str = "whole"  # whole | split: how train.compile=full meets DDP (several ranks; speed.ddp_compile):
+    # whole = one graph, all-reduce after the backward (measured faster); split = a graph per bucket, all-reduce
+    # overlapping the backward (torch's default)
     fallback: bool = False  # a fast-path switch that fails at start (compile, attention kernel): warn and run
     # without it, instead of stopping with one line
     num_threads: int = 0  # torch CPU threads per process; 0 = torch default
@@ -193,6 +199,8 @@ CHOICES = {
     "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
     "model.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
     "train.compile": ("auto", "off", "full", "regional"), "train.layout_opt": ("auto", "on", "off"),
+    "train.ddp_compile": ("whole", "split"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"),
     "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
@@ -325,6 +333,9 @@ def warnings_for(cfg: Config) -> list[str]:
     if cfg.train.layout_opt == "on" and cfg.train.compile in ("off", "regional"):
         found.append(f"train.layout_opt=on does nothing with train.compile={cfg.train.compile} (it applies to the "
                      "whole-UNet compile, train.compile=full or auto on CUDA)")
+    if cfg.train.ddp_compile == "split" and cfg.train.compile in ("off", "regional"):
+        found.append(f"train.ddp_compile={cfg.train.ddp_compile} does nothing with train.compile={cfg.train.compile} "
+                     "(it decides how the whole-UNet compile meets DDP)")
     return found
 
 

@@ -74,14 +74,39 @@ def regions(unet) -> list[torch.nn.Module]:
     return found
 
 
-def layout_opt(setting: str, channels_last: bool, world_size: int) -> bool:
+def layout_opt(setting: str, channels_last: bool, world_size: int, ddp_mode: str = "split") -> bool:
     """train.layout_opt -> whether compile_model forces inductor's layout optimization: only for channels-last
-    weights; "auto" is on for one process and off under DDP (measured +1.8% on one H200; under DDP not yet
-    measured apart from the bucket size, docs/performance.md)."""
-    return channels_last and (setting == "on" or (setting == "auto" and world_size == 1))
+    weights; "auto" is on where the UNet compiles as one graph (one process, or DDP with train.ddp_compile
+    whole: measured +1.8% on one H200) and off for DDP's split graphs (there measured once, with 100 MB buckets,
+    worse: docs/performance.md)."""
+    whole_graph = world_size == 1 or ddp_mode != "split"
+    return channels_last and (setting == "on" or (setting == "auto" and whole_graph))
 
 
-def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = False) -> torch.nn.Module:
+# train.ddp_compile -> torch._dynamo.config.optimize_ddp (read when dynamo compiles the DDP-wrapped model)
+DDP_COMPILE = {"split": "ddp_optimizer", "whole": "no_optimization"}
+
+
+def ddp_compile(setting: str, compile_mode: str, world_size: int) -> str:
+    """train.ddp_compile -> the mode in effect: the setting where the whole UNet is compiled under DDP, else
+    "split" (torch's default; with one process or without train.compile=full there is nothing to decide).
+
+    split: dynamo cuts the graph at every DDP bucket (DDPOptimizer) so that each bucket's all-reduce starts while
+    the backward goes on, at the price of fusion and layout across the cuts (SD1.5: ~136 graphs at 25 MB).
+    whole: one graph, as on one GPU; DDP's reducer all-reduces the gradients after the backward (3.4 GB of fp32
+    for SD1.5, not overlapped). Measured on H200s at 256 px, batch 64: whole scales 94.8% on 2 GPUs and 89.6% on
+    4, split 80.6% on 2 (docs/performance.md). A third way, DDP's Python reducer traced into the backward by
+    compiled autograd (optimize_ddp="python_reducer"), measured 1.4% slower than whole and compiled 60% longer."""
+    return setting if compile_mode == "full" and world_size > 1 else "split"
+
+
+def use_ddp_compile(mode: str) -> None:
+    """Set the process's DDP compile mode (a dynamo setting) before the model is compiled."""
+    torch._dynamo.config.optimize_ddp = DDP_COMPILE[mode]
+
+
+def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = False,
+                  backend: str = "inductor") -> torch.nn.Module:
     """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, whose graph DDP's
     optimizer splits at bucket boundaries so communication still overlaps the backward. "regional": each
     repeated module (`regions`) compiled in place with static shapes; modules of one class and one shape
@@ -95,12 +120,13 @@ def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = 
     copies its incoming gradient into channels-last first (SD1.5, 256 px, batch 64: ~95 copies a step; forcing
     the layout measured 535.0 against 525.6 img/s on an H200, docs/performance.md)."""
     if mode == "full":  # the layout is measured for the whole graph only; the option covers its backward too
-        return torch.compile(model, **({"options": {"force_layout_optimization": True}} if force_layout else {}))
+        layout = {"options": {"force_layout_optimization": True}} if force_layout and backend == "inductor" else {}
+        return torch.compile(model, backend=backend, **layout)
     if mode == "regional":
         # One recompilation per distinct shape of a class: SD1.5's ResNet blocks alone have 14.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for region in regions(unet):
-            region.compile(dynamic=False)
+            region.compile(dynamic=False, backend=backend)
     return model
 
 

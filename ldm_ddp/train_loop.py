@@ -126,9 +126,11 @@ def train(cfg: Config) -> dict:
 
     # --- Training wrapper and logging ---------------------------------------------------------------
     compile_mode = speed.compile_mode(cfg.train.compile, device)
-    force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, world)
+    ddp_mode = speed.ddp_compile(cfg.train.ddp_compile, compile_mode, world)
+    speed.use_ddp_compile(ddp_mode)
+    force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, world, ddp_mode)
     model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb),
-                                compile_mode, force_layout)
+                                compile_mode, force_layout, cfg.train.compile_backend)
     sdpa_backend = cfg.model.sdpa_backend
     if compile_mode != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped
@@ -145,7 +147,8 @@ def train(cfg: Config) -> dict:
         # train.compile=auto was not asked for by name: where it cannot build (no compiler, an old GPU), the
         # run goes on eager with a warning instead of stopping.
         only_auto = cfg.train.compile == "auto" and sdpa_backend == "auto"
-        speed.probe(probe_step, f"train.compile={compile_mode}, model.sdpa_backend={sdpa_backend}",
+        ddp_part = f", train.ddp_compile={ddp_mode}" if ddp_mode != "split" else ""
+        speed.probe(probe_step, f"train.compile={compile_mode}{ddp_part}, model.sdpa_backend={sdpa_backend}",
                     cfg.train.fallback or only_auto, undo,
                     "train.fallback=true" if cfg.train.fallback else "train.compile=auto")
     if ema.fused is not None:

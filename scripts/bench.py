@@ -33,8 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
 # The switches the bare worker takes as it is given them (--name value) and each row records.
-SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "static_graph", "bucket_cap_mb",
-            "ema_every", "ema_compile")
+SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile", "static_graph",
+            "bucket_cap_mb", "ema_every", "ema_compile")
 
 
 def make_bundle(root: Path) -> Path:
@@ -106,7 +106,7 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
             f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
             f"--train.channels_last={str(args.channels_last == 'on').lower()}",
             f"--train.ddp_static_graph={str(args.static_graph == 'on').lower()}",
-            f"--train.layout_opt={args.layout_opt}",
+            f"--train.layout_opt={args.layout_opt}", f"--train.ddp_compile={args.ddp_compile}",
             f"--train.ddp_bucket_cap_mb={args.bucket_cap_mb}", *data]
 
 
@@ -214,8 +214,11 @@ def bare_worker(args) -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every, compile=args.ema_compile == "on"))
     calls = 0
+    ddp_mode = speed.ddp_compile(args.ddp_compile, args.compile, dist.world_size())
+    speed.use_ddp_compile(ddp_mode)
+    force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
     model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile,
-                                speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size()))
+                                force_layout)
     x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -283,6 +286,8 @@ def main() -> int:
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
     parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
     parser.add_argument("--layout-opt", default="auto", choices=["auto", "on", "off"], help="as train.layout_opt")
+    parser.add_argument("--ddp-compile", default="whole", choices=["whole", "split"],
+                        help="as train.ddp_compile")
     parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="as train.ddp_static_graph")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="as train.ddp_bucket_cap_mb")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")

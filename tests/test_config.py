@@ -102,6 +102,8 @@ def one_line_error(overrides=(), config_file=None, preset="demo") -> str:
     ("--sample.guidance_rescale=1.5", "sample.guidance_rescale"),
     ("--sample.steps=1001", "sample.steps"),
     ("--train.layout_opt=maybe", "train.layout_opt"),
+    ("--train.ddp_compile=compiled_autograd", "train.ddp_compile"),
+    ("--train.compile_backend=cudagraphs", "train.compile_backend"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, key):
     assert key in one_line_error([override])
@@ -212,3 +214,6 @@ def test_min_snr_with_zero_terminal_snr_is_warned_about_and_the_presets_avoid_it
     ignored = warnings_for(load_config(overrides=["--train.layout_opt=on", "--train.compile=regional"]))
     assert len(ignored) == 1 and ignored[0].startswith("train.layout_opt=on does nothing with train.compile=regional")
     assert not warnings_for(load_config(overrides=["--train.layout_opt=on", "--train.compile=full"]))
+    ignored = warnings_for(load_config(overrides=["--train.ddp_compile=split", "--train.compile=off"]))
+    assert len(ignored) == 1 and ignored[0].startswith("train.ddp_compile=split does nothing with train.compile=off")
+    assert not warnings_for(load_config(overrides=["--train.compile=off"]))  # the default, whole: not asked for

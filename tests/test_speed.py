@@ -131,13 +131,12 @@ def test_clip_grad_norm_is_torchs_and_returns_the_per_parameter_norms(max_norm):
                if a.grad is not None)
 
 
-def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args, monkeypatch):
+def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args):
     """train.compile=full end to end, in process. Inductor would take minutes on this CPU, so torch.compile gets
-    the aot_eager backend: dynamo's capture and AOT autograd's joint graph are real, only the kernels are eager.
+    the aot_eager backend (train.compile_backend): dynamo's capture and AOT autograd's joint graph are real,
+    only the kernels are eager.
     Checkpoints hold the eager module's names (a resume loads into the eager module before compiling), live
     samples come from the uncompiled copy, and the run's numbers match an eager run's."""
-    import functools
-
     from ldm_ddp import dist
     from ldm_ddp.checkpoint import load_checkpoint
     from ldm_ddp.config import load_config
@@ -145,14 +144,13 @@ def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args,
 
     def run(out, compile_mode, steps):
         cfg = load_config(overrides=[*tiny_args(out, train__max_steps=steps, sample__every=2),
-                                     f"--train.compile={compile_mode}"])
+                                     f"--train.compile={compile_mode}", "--train.compile_backend=aot_eager"])
         try:
             return train(cfg)
         finally:
             dist.shutdown()
 
     eager = run(tmp_path / "eager", "off", 2)
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     compiled = run(tmp_path / "compiled", "full", 2)
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
     tensors, meta = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step_0000002.safetensors")
@@ -182,8 +180,9 @@ def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args, ben
     assert math.isfinite(result["loss_before"]) and math.isfinite(result["loss_after"])
 
 
-def test_layout_opt_is_forced_only_for_channels_last_weights_and_auto_only_on_one_process(monkeypatch):
+def test_layout_opt_is_forced_only_for_channels_last_weights_and_auto_only_for_one_graph(monkeypatch):
     assert speed.layout_opt("auto", True, 1) and not speed.layout_opt("auto", True, 2)
+    assert speed.layout_opt("auto", True, 2, "whole") and not speed.layout_opt("auto", True, 2, "split")
     assert speed.layout_opt("on", True, 8) and not speed.layout_opt("off", True, 1)
     assert not speed.layout_opt("on", False, 1)  # contiguous weights: nothing to keep
     asked, real_compile = [], torch.compile
@@ -194,7 +193,9 @@ def test_layout_opt_is_forced_only_for_channels_last_weights_and_auto_only_on_on
     speed.compile_model(module, module, "regional", force_layout=True)  # measured for the whole graph only
     speed.compile_model(module, module, "full", force_layout=False)
     compiled = speed.compile_model(module, module, "full", force_layout=True)
-    assert asked == [{}, {"options": {"force_layout_optimization": True}}] and compiled is not module
+    speed.compile_model(module, module, "full", force_layout=True, backend="aot_eager")  # inductor's option only
+    assert asked == [{"backend": "inductor"}, {"backend": "inductor", "options": {"force_layout_optimization": True}},
+                     {"backend": "aot_eager"}] and compiled is not module
     import torch._inductor.config as inductor_config
     assert not inductor_config.force_layout_optimization  # for that compile only, not for the process
 
@@ -289,3 +290,16 @@ def test_kernel_sources_name_the_host_ops_that_launched_each_kernel():
                     ("aten::copy_", "copy_kernel", 2, 10.0),
                     ("", "nccl", 2, 2.0)]
     assert speed.kernel_sources({"traceEvents": events}, depth=1)[0][0] == "aten::copy_"
+
+
+def test_ddp_compile_applies_only_to_the_whole_unet_compile_under_ddp(monkeypatch):
+    import torch._dynamo
+
+    assert speed.ddp_compile("whole", "full", 2) == "whole" and speed.ddp_compile("split", "full", 8) == "split"
+    assert speed.ddp_compile("whole", "full", 1) == "split"  # one process: no DDP, torch's default left alone
+    assert speed.ddp_compile("whole", "regional", 2) == speed.ddp_compile("whole", "off", 2) == "split"
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    speed.use_ddp_compile("whole")
+    assert torch._dynamo.config.optimize_ddp == "no_optimization"  # dynamo: no graph cut at DDP's buckets
+    speed.use_ddp_compile("split")
+    assert torch._dynamo.config.optimize_ddp == "ddp_optimizer"
