@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,12 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _require(value in allowed, key, " | ".join(allowed), value)
+    for section in dataclasses.fields(cfg):  # inf passes "> 0"; a NaN or inf lr, eps or timeout would fail mid-run
+        for item in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), item.name)
+            numbers = value if isinstance(value, list) else [value]
+            _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)), f"{section.name}.{item.name}",
+                     "finite numbers", value)
     positive = ["data.resolution", "data.batch_per_gpu", "train.max_steps", "train.grad_accum",
                 "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps",
                 "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches",
@@ -374,8 +381,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.train.caption_dropout <= 1, "train.caption_dropout", "a probability", cfg.train.caption_dropout)
     _require(0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1, "diffusion.beta_end",
              "0 < beta_start < beta_end < 1", (cfg.diffusion.beta_start, cfg.diffusion.beta_end))
-    _require(all(isinstance(p, str) for p in cfg.sample.prompts), "sample.prompts", "a list of strings",
-             cfg.sample.prompts)
+    _require(all(isinstance(p, str) for p in cfg.sample.prompts) and (cfg.sample.prompts or not cfg.sample.every),
+             "sample.prompts", "a list of strings (at least one with sample.every > 0)", cfg.sample.prompts)
     # diffusers' pipelines guide only above 1: below it an exported pipeline would sample otherwise than ours
     _require(cfg.sample.cfg_scale >= 1, "sample.cfg_scale", "a guidance scale >= 1 (1: no guidance)",
              cfg.sample.cfg_scale)

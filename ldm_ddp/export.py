@@ -34,7 +34,8 @@ def scheduler_for(cfg: Config) -> DDIMScheduler:
 
 def export_diffusers(checkpoint: str, out_dir: str, dtype: str = "fp16", weights: str = "ema") -> Path:
     """Write a StableDiffusionPipeline folder to `out_dir`; -> its path."""
-    cfg, unet, frozen = load_trained(checkpoint, weights, torch.device("cpu"))
+    # The VAE and text encoder in fp32 (not the run's bf16 frozen_dtype), then cast once to the export's dtype.
+    cfg, unet, frozen = load_trained(checkpoint, weights, torch.device("cpu"), frozen_dtype="fp32")
     torch_dtype = EXPORT_DTYPES[dtype]
     pipe = StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer,
                                    unet=unet, scheduler=scheduler_for(cfg), safety_checker=None,

@@ -51,8 +51,10 @@ def unet_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
-    """Random-init UNet from `cfg.unet` (or load `cfg.unet_init`), in fp32, train mode."""
+def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
+               device: torch.device | str = "cpu") -> UNet2DConditionModel:
+    """Random-init UNet from `cfg.unet` (or load `cfg.unet_init`), in fp32, train mode, on `device` (where the
+    attention backend is probed: xformers has CUDA kernels only)."""
     if cfg.unet_init:
         unet = UNet2DConditionModel.from_pretrained(cfg.unet_init, torch_dtype=torch.float32)
     else:
@@ -64,12 +66,14 @@ def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int) -> 
                           f"the text encoder's hidden size {cross_attention_dim}")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    unet.to(device)
     set_attention(unet, cfg.attention)
     return unet.train()
 
 
 def set_attention(unet: UNet2DConditionModel, backend: str) -> str:
-    """Use xformers if asked and its kernels really run (probed once); otherwise PyTorch SDPA."""
+    """Use xformers if asked and its kernels really run on the UNet's device (probed once); otherwise PyTorch
+    SDPA."""
     if backend == "xformers":
         try:
             import xformers.ops
@@ -151,10 +155,12 @@ class FrozenModels:
         return images.float().clamp(-1, 1)
 
 
-def load_trained(path: str, weights: str, device: torch.device):
+def load_trained(path: str, weights: str, device: torch.device, frozen_dtype: str = ""):
     """A training checkpoint -> (its Config, its UNet in eval mode, FrozenModels).
 
     `weights`: raw, ema (the default EMA), or one of the checkpoint's other EMA profiles: ema:0.9999, ema:std=0.1.
+    `frozen_dtype`: the VAE's and text encoder's dtype; "" = the run's model.frozen_dtype (export asks for fp32,
+    so that it writes the pretrained weights themselves, not their bf16 rounding).
     """
     from .checkpoint import load_checkpoint
     from .config import config_from_dict
@@ -163,7 +169,7 @@ def load_trained(path: str, weights: str, device: torch.device):
     tensors, meta = load_checkpoint(path)
     prefix = weights_prefix(meta.get("ema", {}), weights) + "."  # ConfigError naming the profiles it has
     cfg = config_from_dict(meta["config"])
-    frozen = load_frozen(cfg.model.pretrained, cfg.model.frozen_dtype, device)
+    frozen = load_frozen(cfg.model.pretrained, frozen_dtype or cfg.model.frozen_dtype, device)
     config = unet_config(cfg.model.unet) if not cfg.model.unet_init else UNet2DConditionModel.load_config(
         cfg.model.unet_init)
     unet = UNet2DConditionModel.from_config({**config, "sample_size": cfg.data.resolution // frozen.downsample})
@@ -172,8 +178,9 @@ def load_trained(path: str, weights: str, device: torch.device):
     state.update(named)  # EMA holds the parameters; buffers (if any) come from the raw weights
     state.update({k[5:]: v for k, v in tensors.items() if k.startswith("unet.") and k[5:] not in named})
     unet.load_state_dict(state)
+    unet.to(device)
     set_attention(unet, cfg.model.attention)
-    return cfg, unet.to(device).eval().requires_grad_(False), frozen
+    return cfg, unet.eval().requires_grad_(False), frozen
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

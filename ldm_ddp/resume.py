@@ -87,8 +87,11 @@ def architecture(unet, frozen) -> dict:
 
 
 def _first_difference(then: dict, now: dict, prefix: str = "") -> str | None:
-    for key in sorted(then.keys() | now.keys()):
-        a, b = then.get(key, "(absent)"), now.get(key, "(absent)")
+    """The first key both sides have with different values. A key on one side only is no difference: library
+    releases add and drop config entries (transformers 5 dropped `torchscript`, diffusers adds UNet arguments),
+    and an upgrade must not block a resume; a real change of shape still fails loading the weights."""
+    for key in sorted(then.keys() & now.keys()):
+        a, b = then[key], now[key]
         if isinstance(a, dict) and isinstance(b, dict):
             if found := _first_difference(a, b, f"{prefix}{key}."):
                 return found

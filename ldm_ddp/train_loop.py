@@ -76,8 +76,8 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"data.resolution: {cfg.data.resolution} is not a multiple of the VAE's "
                           f"downsampling factor {frozen.downsample}")
     torch.manual_seed(cfg.train.seed)
-    unet = build_unet(cfg.model, cfg.data.resolution // frozen.downsample,
-                      frozen.text_encoder.config.hidden_size).to(device)
+    unet = build_unet(cfg.model, cfg.data.resolution // frozen.downsample, frozen.text_encoder.config.hidden_size,
+                      device)
     if on_cuda and cfg.train.channels_last:
         unet.to(memory_format=torch.channels_last)
     if on_cuda:
@@ -312,7 +312,7 @@ def train(cfg: Config) -> dict:
                          skipped=~ok)
         guard.add(step, ~ok, keys)
 
+    dist.barrier()  # before the close: rank 0's wandb finish may upload for minutes, past the collective timeout
     metrics.close()
-    dist.barrier()
     preemption.restore()
     return last_record or {}

@@ -208,7 +208,7 @@ def bare_worker(args) -> None:
     res, batch = args.res[0], args.worker_batch
     h = res // 8
     layout = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
-    unet = build_unet(ModelConfig(unet="sd15"), h, 768).to(device).to(memory_format=layout)
+    unet = build_unet(ModelConfig(unet="sd15"), h, 768, device).to(memory_format=layout)
     context = torch.randn(batch, 77, 768, device=device)
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)

@@ -104,6 +104,9 @@ def one_line_error(overrides=(), config_file=None, preset="demo") -> str:
     ("--train.layout_opt=maybe", "train.layout_opt"),
     ("--train.ddp_compile=compiled_autograd", "train.ddp_compile"),
     ("--train.compile_backend=cudagraphs", "train.compile_backend"),
+    ("--optim.lr=inf", "optim.lr"), ("--optim.eps=nan", "optim.eps"),
+    ("--train.startup_timeout_s=inf", "train.startup_timeout_s"), ("--ema.power_stds=[0.05, NaN]", "ema.power_stds"),
+    ("--sample.prompts=[]", "sample.prompts"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, key):
     assert key in one_line_error([override])

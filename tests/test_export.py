@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import run_main
+from conftest import run_main, train_here
 from test_train import check
 
 diffusers = pytest.importorskip("diffusers")
@@ -56,3 +56,26 @@ def test_the_exported_scheduler_visits_our_timesteps(spacing):
     for n in (7, 25, 50):
         scheduler.set_timesteps(n)
         assert torch.equal(scheduler.timesteps, ddim_timesteps(cfg.diffusion.num_train_timesteps, n, spacing)), n
+
+
+def test_export_writes_the_pretrained_frozen_weights_not_their_bf16_rounding(tmp_path, tiny_args):
+    """A run with model.frozen_dtype=bf16 (the sd15 presets') trains with a bf16 VAE and text encoder; its
+    fp32 export holds the pretrained fp32 weights themselves."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_ddp.config import load_config
+    from ldm_ddp.export import export_diffusers
+    from ldm_ddp.models import load_frozen
+
+    out = tmp_path / "run"
+    train_here(*tiny_args(out, train__max_steps=1, ckpt__every=1, model__frozen_dtype="bf16"))
+    export_diffusers(str(out / "checkpoints" / "step_0000001.safetensors"), str(tmp_path / "fp32"), "fp32")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "fp32")
+    pretrained = load_frozen(load_config(overrides=tiny_args(out)).model.pretrained, "fp32", torch.device("cpu"))
+    rounded = 0
+    for ours, theirs in ((pretrained.vae, pipe.vae), (pretrained.text_encoder, pipe.text_encoder)):
+        theirs_state = theirs.state_dict()
+        for key, value in ours.state_dict().items():
+            assert torch.equal(value, theirs_state[key]), key
+            rounded += not torch.equal(value, value.bfloat16().float())
+    assert rounded  # bf16 would have changed these: the comparison can tell the two apart

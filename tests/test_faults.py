@@ -522,6 +522,9 @@ def test_resume_refuses_what_changes_the_state_and_records_the_rest(tmp_path, ca
                 (arch, 4, "shapes:n=64", {"seed": 9}, "data.seed 9 in the checkpoint, 0 now"),
                 (arch, 4, "shards:n=64", {"fingerprint": "shards:n=64", "shuffle_window": 2},
                  "data.shuffle_window 2 in the checkpoint, 8 now")]
+    # A library upgrade adds or drops config entries: not a change of architecture.
+    upgraded = {"unet": {"block_out_channels": [16, 32], "new_argument": None}, "text_encoder": {}}
+    assert check_resumable(meta_of(then), now, upgraded, 4, "shapes:n=64", path)
     # The shuffle window orders only sharded sources: on others a change is allowed (and recorded).
     assert check_resumable(meta_of(then, shuffle_window=2), now, arch, 4, "shapes:n=64", path)
     for arch_now, batch, fingerprint, data, message in refusals:

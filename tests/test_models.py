@@ -63,3 +63,21 @@ def test_xformers_falls_back_to_sdpa_with_one_warning(tiny_unet_json, capsys, mo
     assert set_attention(unet, "xformers") == "sdpa"
     warning = [line for line in capsys.readouterr().out.splitlines() if "xformers" in line]
     assert len(warning) == 1 and "SDPA" in warning[0]
+
+
+def test_the_xformers_probe_runs_on_the_device_the_unet_trains_on(tiny_unet_json, monkeypatch):
+    """xformers has CUDA kernels only: probing before the UNet reached the GPU would always fail. A stand-in
+    xformers records the probe's device; "meta" stands for a device other than the CPU the UNet is built on."""
+    import sys
+    import types
+
+    probed = []
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = lambda q, k, v: probed.append(q.device.type)
+    package = types.ModuleType("xformers")
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    unet = build_unet(ModelConfig(unet=str(tiny_unet_json), attention="xformers"), latent_size=8,
+                      cross_attention_dim=64, device="meta")
+    assert probed == ["meta"] and unet.device.type == "meta"

@@ -150,7 +150,8 @@ def test_global_order_is_a_permutation_per_epoch():
 
 
 def next_good(source, i: int) -> tuple[int, list[str]]:
-    """The replacement rule: the next index (wrapping) that loads and has a caption, and the skipped keys."""
+    """The replacement rule for a set of at most 2 x MAX_SUBSTITUTIONS samples (stride 1): the next index
+    (wrapping) that loads and has a caption, and the skipped keys."""
     skipped = []
     while i in source.broken or i in source.uncaptioned:
         skipped.append(source.key(i))
@@ -195,8 +196,21 @@ def test_bad_sample_reasons_are_named():
 def test_an_unbroken_run_of_bad_samples_fails_with_a_clear_error():
     source = FakeSource(40, broken=range(40))
     stream = ShardedStream(source, tokenize, RES, 1, 1, 0, 1, seed=0)
-    with pytest.raises(RuntimeError, match="consecutive bad samples"):
+    with pytest.raises(RuntimeError, match="16 bad samples in a row for position 0"):
         stream.load(0)
+
+
+def test_a_shard_that_fails_as_a_whole_is_replaced_from_elsewhere():
+    """Substitutes are spread over the dataset: 40 neighbouring indices broken (one shard) cost each position
+    at most two substitutions, where the next 16 neighbours would all have failed."""
+    from ldm_ddp.data.stream import MAX_SUBSTITUTIONS, substitutes
+    assert substitutes(5, 24)[:3] == [5, 6, 7]  # small sets: the next indices
+    assert substitutes(0, 320) == [20 * a for a in range(MAX_SUBSTITUTIONS)]
+    source = FakeSource(320, broken=range(100, 140))
+    stream = ShardedStream(source, tokenize, RES, 1, 1, 0, 1, seed=0)
+    for index in (100, 119, 139):
+        sample, bad = stream.load(index)
+        assert 1 <= len(bad) <= 2 and not 100 <= int(sample["key"].split("/")[1]) < 140
 
 
 def test_images_are_resized_and_centre_cropped():

@@ -19,11 +19,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .samples import sample_from_raw
 from .transforms import ImageTransform, pixel_limit
 
-MAX_SUBSTITUTIONS = 16  # a bad sample is replaced by the next good index, looking this far
+MAX_SUBSTITUTIONS = 16  # a bad sample is replaced by the first good one of this many candidates (substitutes)
 AUGMENT_STREAM = 1  # seeds crop/flip draws apart from the order's (seed, epoch) permutations
 
 
 WINDOW_STREAM = 3  # seeds the within-window permutations apart from the shard order (seed, epoch)
+
+
+def substitutes(index: int, n: int) -> list[int]:
+    """`index`, then the dataset indices tried in its place if it fails: MAX_SUBSTITUTIONS in all, spread evenly
+    over the dataset (a stride of n / MAX_SUBSTITUTIONS, 1 for small sets). Neighbouring indices share a shard,
+    and a shard that fails as a whole (a file gone, an object store down) must not exhaust them."""
+    stride = max(1, n // MAX_SUBSTITUTIONS)
+    return [(index + a * stride) % n for a in range(MAX_SUBSTITUTIONS)]
 
 
 class GlobalOrder:
@@ -92,13 +100,12 @@ class ShardedStream(IterableDataset):
         return range(start, start + self.batch)
 
     def load(self, index: int, position: int = 0) -> tuple[dict, list[str]]:
-        """Sample at `index`, or the next good one if it fails (deterministic); -> (sample, bad keys).
+        """Sample at `index`, or the first good substitute if it fails (deterministic); -> (sample, bad keys).
 
         Random crop/flip draw from (seed, position), whichever index ends up filling the position.
         """
-        n = len(self.source)
-        return self._first_good(position, (((index + a) % n, lambda i=(index + a) % n: self.source[i])
-                                           for a in range(MAX_SUBSTITUTIONS)))  # lazily: usually one
+        return self._first_good(position, ((i, lambda i=i: self.source[i])  # lazily: usually one
+                                           for i in substitutes(index, len(self.source))))
 
     def load_streamed(self, position: int) -> tuple[dict, list[str]]:
         """Sequential sources: the record at `position` of the stream, or the next good one after it."""
@@ -120,7 +127,8 @@ class ShardedStream(IterableDataset):
                     return {**sample, "image": self.transform(sample["image"], rng)}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
                 bad.append(f"{self.key_of(index)} ({type(err).__name__}: {str(err)[:80]})")
-        raise RuntimeError(f"data: {MAX_SUBSTITUTIONS} consecutive bad samples from position {position}: {bad[-1]}")
+        raise RuntimeError(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} (its own and "
+                           f"every substitute): {bad[-1]}")
 
     def key_of(self, index: int) -> str:
         if self.sequential:
