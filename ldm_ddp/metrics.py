@@ -101,14 +101,16 @@ class Metrics:
         self.loss_sum, self.grad_norm_sum, self.skipped_sum, self.steps = zeros(()), zeros(()), zeros(()), 0
         self.bucket_sum, self.bucket_count = zeros(NUM_T_BUCKETS), zeros(NUM_T_BUCKETS)
         self.group_sum = zeros(len(self.group_names))
+        # The current step's share, added to the sums above by add_step unless the step was skipped.
+        self.step_buckets, self.step_groups = zeros(2, NUM_T_BUCKETS), zeros(len(self.group_names))
         self.data_wait_s, self.bad_samples, self.bad_keys = 0.0, 0, []
         self.t0 = time.perf_counter()
 
     def add_micro_batch(self, loss_per_sample: torch.Tensor, t: torch.Tensor) -> None:
         """Per-sample loss [B] and its timesteps [B], on the device (no sync)."""
         bucket = (t * NUM_T_BUCKETS // self.T).clamp_(max=NUM_T_BUCKETS - 1)
-        self.bucket_sum.index_add_(0, bucket, loss_per_sample.detach().double())
-        self.bucket_count.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
+        self.step_buckets[0].index_add_(0, bucket, loss_per_sample.detach().double())
+        self.step_buckets[1].index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
 
     @torch.no_grad()
     def add_grad_norms(self, module: torch.nn.Module, norms: list[torch.Tensor] | None = None) -> None:
@@ -125,6 +127,7 @@ class Metrics:
             self._group_index = torch.tensor([self.group_names.index(block_group(n)) for n, _ in named],
                                              device=self.device)
             self.group_sum = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float64)
+            self.step_groups = torch.zeros_like(self.group_sum)
         present = [(p.grad, i) for i, p in enumerate(self._grad_params) if p.grad is not None]
         if not present:
             return
@@ -133,12 +136,20 @@ class Metrics:
         norms = norms if norms is not None else torch._foreach_norm([g for g, _ in present])
         squares = torch.stack(norms).double().square()
         group_sq = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float64)
-        # A non-finite group (a step the loop skips) adds 0, as the loop's grad_norm does for that step.
-        self.group_sum += group_sq.index_add_(0, index.to(squares.device), squares).sqrt().nan_to_num(0, 0, 0)
+        self.step_groups = group_sq.index_add_(0, index.to(squares.device), squares).sqrt()
 
     def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, data_wait_s: float,
                  bad: list[str], skipped: torch.Tensor | bool = False) -> None:
-        """One optimizer step; `skipped` (a device bool or a Python bool) counts a step the optimizer did not take."""
+        """One optimizer step; `skipped` (a device bool or a Python bool) counts a step the optimizer did not take.
+        A skipped step adds nothing to the loss by timestep and the per-block norms either (its micro-batches'
+        and gradients' share is dropped on the device), as the loop passes it 0 loss and grad norm: every mean
+        of a record is over the steps taken."""
+        taken = (~skipped).double() if isinstance(skipped, torch.Tensor) else float(not skipped)
+        self.bucket_sum += taken * self.step_buckets[0].nan_to_num(0, 0, 0)
+        self.bucket_count += taken * self.step_buckets[1]
+        self.group_sum += taken * self.step_groups.nan_to_num(0, 0, 0)  # 0 * NaN would be NaN
+        self.step_buckets.zero_()
+        self.step_groups.zero_()
         self.loss_sum += loss.detach()
         if grad_norm is not None:
             self.grad_norm_sum += grad_norm.detach()
@@ -165,7 +176,8 @@ class Metrics:
         record = {
             # Skipped steps add 0 to the loss and grad-norm sums: average over the steps taken.
             "step": step, "loss": sums[0] / max(1.0, n - sums[2]), "lr": lr, "grad_norm": sums[1] / max(1.0, n - sums[2]),
-            "grad_norm_by_block": {g: s / n for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
+            "grad_norm_by_block": {g: s / max(1.0, n - sums[2])
+                                   for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
             "img_per_s": img_per_s, "img_per_s_per_gpu": img_per_s / world,
             "data_wait_share": sums[4] / world / elapsed, "skipped_steps": round(sums[2] / world),  # every rank skips the same steps
             "bad_samples": round(sums[3]),

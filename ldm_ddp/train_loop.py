@@ -294,7 +294,7 @@ def train(cfg: Config) -> dict:
                 loss = (loss_per_sample * schedule.loss_weights(t, cfg.diffusion.min_snr_gamma or None)).mean()
                 (loss / grad_accum).backward()
             step_loss = step_loss + loss.detach() / grad_accum
-            metrics.add_micro_batch(loss_per_sample.nan_to_num(0.0, 0.0, 0.0), t)  # a skipped step's NaN stays out
+            metrics.add_micro_batch(loss_per_sample, t)  # a skipped step's share is dropped in add_step
         grad_norm, norms = speed.clip_grad_norm(unet, cfg.optim.grad_clip)  # one pass of norms for both:
         metrics.add_grad_norms(unet, norms)  # per block group, before clipping; stays on the device
         # A NaN or Inf anywhere (any rank, any micro-batch) makes the all-reduced gradients' norm non-finite, the

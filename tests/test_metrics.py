@@ -56,10 +56,10 @@ def test_grad_norms_per_block_group_mfu_and_the_summary_line(tmp_path, capsys):
                 squares[block_group(name)] += p.grad.double().square().sum().item()
         total = torch.nn.utils.clip_grad_norm_(unet.parameters(), float("inf"))
         assert sum(squares.values()) == pytest.approx(total.item() ** 2, rel=1e-5)  # the groups partition the norm
-        for group, sq in squares.items():
-            expected[group] += math.sqrt(sq) / 2
+        for group, sq in squares.items():  # step 0 is skipped: its norms are left out of the record's means
+            expected[group] += math.sqrt(sq) if step == 1 else 0.0
         metrics.add_step(loss_per_sample.mean().detach(), total, data_wait_s=0.0, bad=[],
-                         skipped=torch.tensor(step == 1))
+                         skipped=torch.tensor(step == 0))
         unet.zero_grad(set_to_none=True)
     record = metrics.flush(2, lr=1e-3)
     assert list(record["grad_norm_by_block"]) == list(expected)
@@ -86,19 +86,27 @@ def test_grad_norms_per_block_group_mfu_and_the_summary_line(tmp_path, capsys):
     assert "bad 1 (e.g. bad-key)" in capsys.readouterr().out
 
 
-def test_a_non_finite_gradient_adds_zero_to_its_group(tmp_path):
-    """A step the loop skips (NaN somewhere) adds 0 for the non-finite group, as the loop does for grad_norm."""
+def test_a_skipped_step_adds_nothing_to_the_means_of_its_record(tmp_path):
+    """A step the loop skips (NaN somewhere) counts in no mean of the record: not in the loss by timestep (its
+    finite losses included) and not in the per-block norms (its finite groups included), as the loop gives it
+    0 loss and grad norm and the record divides by the steps taken."""
     unet = tiny_unet()
     metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines")
-    for p in unet.parameters():
-        p.grad = torch.ones_like(p)
-    unet.mid_block.resnets[0].conv1.weight.grad[0] = float("nan")
-    metrics.add_grad_norms(unet)
-    metrics.add_step(torch.tensor(0.0), torch.tensor(0.0), 0.0, [], skipped=torch.tensor(True))
-    record = metrics.flush(1, 1e-3)
+    for grad, loss, skipped in ((1.0, 0.5, False), (3.0, 0.9, True)):
+        for p in unet.parameters():
+            p.grad = torch.full_like(p, grad)
+        if skipped:
+            unet.mid_block.resnets[0].conv1.weight.grad[0] = float("nan")
+        metrics.add_micro_batch(torch.tensor([loss, float("nan") if skipped else loss]), torch.tensor([10, 990]))
+        metrics.add_grad_norms(unet)
+        metrics.add_step(torch.tensor(0.0 if skipped else loss), torch.tensor(0.0 if skipped else 1.0), 0.0, [],
+                         skipped=torch.tensor(skipped))
+    record = metrics.flush(2, 1e-3)
+    assert record["skipped_steps"] == 1 and record["loss"] == pytest.approx(0.5)
+    assert record["loss_by_t"][0] == pytest.approx(0.5) and record["loss_by_t"][-1] == pytest.approx(0.5)
     norms = record["grad_norm_by_block"]
-    assert norms["mid_block"] == 0 and record["skipped_steps"] == 1
     assert norms["conv_in"] == pytest.approx(math.sqrt(sum(p.numel() for p in unet.conv_in.parameters())))
+    assert all(math.isfinite(v) for v in norms.values())
 
 
 def test_train_flops_are_forward_plus_backward_per_image():
