@@ -18,8 +18,10 @@ against this card's measured bf16 matmul rate. --profile adds a torch.profiler r
 path (Chrome trace, op table; the share of wall time the GPU was busy goes into the table).
 """
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +119,7 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
                 "--ckpt.resume=none",
                 # profiled: 3 steps in the last log interval, which the figures leave out
                 *([f"--log.profile_at={args.steps - every + 1}"] if args.profile else [])]
+    shutil.rmtree(out, ignore_errors=True)  # an earlier bench's run here would add its records and profile
     start = time.perf_counter()
     torchrun(nproc, "scripts/train.py", run_args, 1800, out.parent / "logs" / f"{out.name}.log")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -316,7 +319,8 @@ def main() -> int:
     for res in args.res:
         batch = batches[res]
         images = make_images(work / f"images_{res}", args.images, res) if trainer_parts else None
-        cache = work / f"latents_{res}"
+        # One cache per image count and VAE: another --images or --pretrained must not reuse a stale one.
+        cache = work / f"latents_{res}_{hashlib.sha1(f'{args.images}|{args.pretrained}'.encode()).hexdigest()[:8]}"
         if {"cache", "resume"} & set(args.parts) and not (cache / "manifest.json").is_file():
             torchrun(max(args.gpus), "scripts/precompute_latents.py",
                      [str(cache), f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}",

@@ -20,7 +20,8 @@ def save(path, size=(12, 10), colour=(200, 30, 30)):
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "csv", "txt"])
-def test_caption_layouts_and_keys(tmp_path, layout):
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])  # -sig: with a byte-order mark, as Excel writes CSV
+def test_caption_layouts_and_keys(tmp_path, layout, encoding):
     names = {"b.png": "a red thing", "a.jpg": "another", "sub/c.png": "in a subfolder"}
     for name in names:
         save(tmp_path / name)
@@ -28,15 +29,15 @@ def test_caption_layouts_and_keys(tmp_path, layout):
     column = "caption" if layout == "csv" else "text"
     if layout == "jsonl":
         (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": c}) + "\n"
-                                                         for n, c in names.items()))
+                                                         for n, c in names.items()), encoding=encoding)
     elif layout == "csv":
-        with open(tmp_path / "metadata.csv", "w", newline="") as f:
+        with open(tmp_path / "metadata.csv", "w", newline="", encoding=encoding) as f:
             writer = csv.writer(f)
             writer.writerow(["file_name", "caption"])
             writer.writerows(names.items())
     else:
         for name, caption in names.items():
-            (tmp_path / name).with_suffix(".txt").write_text(caption + "\n")
+            (tmp_path / name).with_suffix(".txt").write_text(caption + "\n", encoding=encoding)
     source = build_source(DataConfig(source="folder", path=str(tmp_path), caption_column=column))
     assert [source.key(i) for i in range(len(source))] == ["a.jpg", "b.png", "sub/c.png"]
     for i in range(len(source)):

@@ -100,6 +100,13 @@ def test_local_parquet_files_through_load_dataset(tmp_path):
     assert len(source) == 9 and sorted(source[i]["image"].size[0] for i in range(9)) == list(range(10, 19))
     single = HFDatasetSource(str(folder / "b.parquet"))  # one file: the builder from its extension
     assert len(single) == 4 and single[0]["caption"] == "image 5"
+    # A copy elsewhere, made later (a node-local copy): the same data, the same fingerprint on every rank.
+    import shutil
+    copy = tmp_path / "elsewhere" / "pq"
+    shutil.copytree(folder, copy)
+    os.utime(copy / "a.parquet", (1e9, 1e9))
+    assert HFDatasetSource(str(copy)).fingerprint() == source.fingerprint()
+    assert HFDatasetSource(str(copy / "b.parquet")).fingerprint() == single.fingerprint() != source.fingerprint()
     with pytest.raises(ConfigError, match=r"data.hf_split: 'test'") as err:
         HFDatasetSource(str(folder), split="test")
     assert "\n" not in str(err.value)

@@ -101,8 +101,11 @@ def test_a_cache_for_another_config_is_refused_in_one_line(images, cache):
         with pytest.raises(ConfigError, match=f"made with {key}=") as err:
             source.check_matches(cache_fingerprint(frozen, cfg.data, "fp32"))
         assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="vae_dtype"):
-        source.check_matches(cache_fingerprint(frozen, config(images).data, "bf16"))
+    # A run loading the VAE in bf16 against an fp32 cache: named as the dtype, not as other weights.
+    in_bf16 = load_frozen(config(images).model.pretrained, "bf16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="made with the VAE in fp32, this run loads it in bf16; set "
+                                          "--model.frozen_dtype=fp32"):
+        source.check_matches(cache_fingerprint(in_bf16, config(images).data, "bf16"))
     with torch.no_grad():
         next(frozen.vae.parameters()).add_(1e-3)  # other VAE weights
     with pytest.raises(ConfigError, match="made with vae="):
@@ -173,3 +176,19 @@ def test_a_remade_cache_is_no_cache_until_done_and_its_id_covers_the_images(imag
     again = write_manifest(str(tmp_path), manifest["fingerprint"], manifest["shards"], manifest["made_with"])
     assert again["id"] == manifest["id"]  # the same inputs, the same id
     assert write_manifest(str(tmp_path), manifest["fingerprint"], manifest["shards"], other)["id"] != manifest["id"]
+
+
+def test_the_demos_shapes_source_can_be_cached(tmp_path, tiny_args):
+    """scripts/precompute_latents.py's default preset (demo: the shapes source) makes a cache whose moments are
+    the online encoding's: the shapes are rendered, stored losslessly and encoded as the trainer would."""
+    from ldm_ddp.precompute import precompute_latents
+    cfg = load_config(None, [*tiny_args(tmp_path / "run"), "--data.shapes_num_samples=6", "--train.device=cpu",
+                             "--data.random_flip=false"], preset="demo")
+    manifest = precompute_latents(cfg, str(tmp_path / "cache"), batch=3, shard_size=4)
+    assert manifest["num_samples"] == 6 and [s["count"] for s in manifest["shards"]] == [4, 2]
+    frozen = load_frozen(cfg.model.pretrained, cfg.model.frozen_dtype, torch.device("cpu"))
+    shapes, transform = build_source(cfg.data), ImageTransform(cfg.data.resolution, "center", False)
+    with safe_open(tmp_path / "cache" / "latents-000000.safetensors", framework="pt") as f:
+        moments = f.get_tensor("moments")
+    expected = frozen.encode_moments(torch.stack([transform(shapes[i]["image"]) for i in range(4)]))
+    torch.testing.assert_close(moments.float(), expected.float(), atol=2e-3, rtol=2e-3)

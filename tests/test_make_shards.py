@@ -150,3 +150,17 @@ def test_make_shards_script_and_training_config(tmp_path):
                           str(tmp_path / "nowhere"), str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr
+
+
+def test_a_cameras_multi_picture_jpeg_is_kept_as_a_jpeg():
+    """MPO (a phone's or camera's multi-picture JPEG): stored as it is, as a .jpg, not re-encoded as PNG."""
+    from ldm_ddp.data.convert import prepare
+    first, second = Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("RGB", (64, 48), (10, 200, 10))
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second])
+    data = buf.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    kept = prepare({"key": "photo", "image": data, "captions": "a photo"}, 0, 0, False, 90)
+    assert kept["ext"] == "jpg" and kept["image"] == data
+    shrunk = prepare({"key": "photo", "image": data, "captions": "a photo"}, 24, 0, False, 90)
+    assert shrunk["ext"] == "jpg" and Image.open(io.BytesIO(shrunk["image"])).size == (32, 24)

@@ -23,7 +23,8 @@ from .samples import caption_list, open_image
 from .shards import write_index, write_shard
 from .transforms import pixel_limit, to_rgb
 
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
+# Stored as they are; others become PNG. MPO is a camera's multi-picture JPEG: a JPEG to every reader.
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _job: dict = {}  # the source and options, set before the worker processes fork
 
 
@@ -39,7 +40,7 @@ def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -
         shrink = resize and min(image.size) > resize
         if not (verify or shrink or image.format not in KEPT_FORMATS):
             return {"key": raw["key"], "image": data, "ext": KEPT_FORMATS[image.format], "captions": captions}
-        if shrink and image.format == "JPEG":  # decode at the smallest DCT scale that stays >= resize
+        if shrink and image.format in ("JPEG", "MPO"):  # decode at the smallest DCT scale that stays >= resize
             scale = min(image.size) / resize
             image.draft("RGB", (max(resize, round(image.size[0] / scale)), max(resize, round(image.size[1] / scale))))
         image.load()  # a truncated or corrupt file raises here

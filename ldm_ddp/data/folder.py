@@ -45,7 +45,7 @@ def list_images(root: str) -> list[str]:
 def read_metadata(path: str, column: str) -> dict[str, str]:
     """metadata.jsonl / metadata.csv -> {relative file name: caption(s)}; ConfigError if unreadable."""
     try:
-        text = files.read_bytes(path).decode("utf-8")
+        text = files.read_bytes(path).decode("utf-8-sig")  # -sig: a byte-order mark (Excel's "CSV UTF-8") dropped
         if path.endswith(".csv"):
             rows = list(csv.DictReader(io.StringIO(text)))
         else:
@@ -143,7 +143,7 @@ class ImageFolderSource(RawSource):
             return text
         txt = str(PurePosixPath(name).with_suffix(".txt"))
         try:
-            return files.read_bytes(self.path(txt)).decode("utf-8")
+            return files.read_bytes(self.path(txt)).decode("utf-8-sig")
         except FileNotFoundError:
             raise ValueError(f"no caption file {PurePosixPath(txt).name}") from None
 

@@ -71,6 +71,14 @@ def load_hf_dataset(path: str, split: str, streaming: bool = False):
                           f"({type(err).__name__}: {_one_line(err)})") from None
 
 
+def local_fingerprint(root: Path) -> str:
+    """A local data file or folder -> a digest of its files' relative names and sizes (hidden ones left out)."""
+    found = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    entries = [[p.name if p == root else str(p.relative_to(root)), p.stat().st_size] for p in found]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
 def image_bytes(value):
     """An image cell: encoded bytes, or an Image feature's {"bytes", "path"} (a path is read: local or URL)."""
     if isinstance(value, dict):
@@ -95,7 +103,11 @@ class HFDatasetSource(RawSource):
                 raise ConfigError(f"{key}: no column {column!r} in {path} split {split!r} (has {sorted(ds.column_names)})")
         if not len(ds):
             raise ConfigError(f"data.path: no rows in split {split!r} of {path}")
-        self.base_fingerprint = getattr(ds, "_fingerprint", None) or ""  # of the dataset as loaded
+        # A local dataset: its files' names and sizes (datasets' own fingerprint of local files depends on their
+        # modification time and absolute path, so node-local copies or a touched file would differ); a hub
+        # dataset: datasets' fingerprint of it as loaded (its revision).
+        local = Path(path).exists()
+        self.base_fingerprint = local_fingerprint(Path(path)) if local else getattr(ds, "_fingerprint", None) or ""
         ds = ds.select_columns([image_column, caption_column])  # other (image) columns are never read
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes/path: decoded here

@@ -107,6 +107,12 @@ class LatentSource:
     def check_matches(self, fingerprint: dict) -> None:
         """Refuse (one line) a cache made for another VAE, tokenizer, resolution, crop, flip or dtype."""
         cached = self.manifest["fingerprint"]
+        # The dtype first: the run hashes the VAE as it loads it (model.frozen_dtype), so another dtype also
+        # changes the weights' digest, and "made with vae=..." would wrongly read as other weights.
+        if cached.get("vae_dtype") != fingerprint["vae_dtype"]:
+            raise ConfigError(f"data.path: the latent cache {self.root} was made with the VAE in "
+                              f"{cached.get('vae_dtype')}, this run loads it in {fingerprint['vae_dtype']}; set "
+                              f"--model.frozen_dtype={cached.get('vae_dtype')} (or make a new cache)")
         for key, value in fingerprint.items():
             if cached.get(key) != value:
                 raise ConfigError(f"data.path: the latent cache {self.root} was made with {key}={cached.get(key)!r}, "

@@ -7,6 +7,7 @@ and its tests need no downloads and a checker (`ldm_ddp.shapes_check`) can
 score how well generated images follow their prompts.
 """
 
+import io
 import random
 import re
 
@@ -171,9 +172,19 @@ class ShapesSource:
         return {
             "image": render(attrs, self.resolution),
             "caption": caption(attrs),
-            "key": f"shapes/{index:08d}",
+            "key": self.key(index),
             "attrs": attrs,
         }
+
+    def key(self, index: int) -> str:
+        return f"shapes/{index:08d}"
+
+    def raw(self, index: int) -> dict:
+        """The sample as a source's raw record (lossless PNG bytes), for scripts/precompute_latents.py."""
+        sample = self[index]
+        buf = io.BytesIO()
+        sample["image"].save(buf, format="PNG")
+        return {"key": sample["key"], "image": buf.getvalue(), "captions": sample["caption"]}
 
     def fingerprint(self) -> str:
         return f"shapes-v{GENERATOR_VERSION}:seed={self.seed}:n={self.num_samples}:res={self.resolution}"
