@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
@@ -87,14 +88,29 @@ def end_with_launcher() -> None:
     the same command resumes from. With this they stop: before `Preemption` is installed at once (nothing to
     save yet), afterwards as if preempted (all of them at once: they agree, save and exit 75). Armed first thing
     in the entry point; a launcher already gone by then has left this rank a child of init, and it stops the
-    same way (under a subreaper, e.g. systemd --user, the orphan's new parent is not init: not detected)."""
+    same way, unless init is the launcher itself (a container whose command is torchrun). Under a subreaper
+    (e.g. systemd --user) the orphan's new parent is not init: not detected."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
         return
+    if _arm_parent_death_signal() and os.getppid() == 1 and not _init_is_a_launcher():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _arm_parent_death_signal() -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM): the kernel sends this process SIGTERM when its parent dies."""
     import ctypes
     pr_set_pdeathsig = 1  # <linux/prctl.h>
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0 \
-            and os.getppid() == 1:
-        os.kill(os.getpid(), signal.SIGTERM)
+    return ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0
+
+
+def _init_is_a_launcher(cmdline_file: str = "/proc/1/cmdline") -> bool:
+    """Whether PID 1 (of this PID namespace) is torchrun itself: `docker run ... torchrun ...` and Kubernetes
+    pods without an init process start it as PID 1, and its ranks are then its children, not orphans."""
+    try:
+        cmdline = Path(cmdline_file).read_bytes()
+    except OSError:
+        return False
+    return any(name in cmdline for name in (b"torchrun", b"torch.distributed.run", b"torch.distributed.launch"))
 
 
 def shield_worker(worker_id: int) -> None:

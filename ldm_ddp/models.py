@@ -174,6 +174,9 @@ def load_trained(path: str, weights: str, device: torch.device, frozen_dtype: st
         cfg.model.unet_init)
     unet = UNet2DConditionModel.from_config({**config, "sample_size": cfg.data.resolution // frozen.downsample})
     named = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not named:  # e.g. a stage-1 (autoencoder) checkpoint: the random UNet would sample noise without a word
+        raise ConfigError(f"{path}: no UNet weights ({prefix}*) in this checkpoint; is it a stage-1 (VAE) "
+                          "checkpoint?")
     state = unet.state_dict()
     state.update(named)  # EMA holds the parameters; buffers (if any) come from the raw weights
     state.update({k[5:]: v for k, v in tensors.items() if k.startswith("unet.") and k[5:] not in named})

@@ -530,3 +530,21 @@ def test_resume_refuses_what_changes_the_state_and_records_the_rest(tmp_path, ca
     for arch_now, batch, fingerprint, data, message in refusals:
         with pytest.raises(ConfigError, match=f"^step_0000100.safetensors: {re.escape(message)}"):
             check_resumable(meta_of(then, **data), now, arch_now, batch, fingerprint, path)
+
+
+@pytest.mark.parametrize("init_is_torchrun", [False, True])
+def test_an_orphaned_rank_stops_unless_init_is_its_launcher(init_is_torchrun, monkeypatch, tmp_path):
+    """A rank whose parent is PID 1 at start lost its launcher (it stops), unless PID 1 is torchrun itself (a
+    container started with torchrun as its command: its ranks are its children and must train)."""
+    cmdline = tmp_path / "cmdline"  # what /proc/1/cmdline holds in either case
+    cmdline.write_bytes(b"/usr/bin/python3\0/usr/local/bin/torchrun\0--standalone\0" if init_is_torchrun
+                        else b"/sbin/init\0splash\0")
+    assert faults._init_is_a_launcher(str(cmdline)) == init_is_torchrun
+    sent = []
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(faults, "_arm_parent_death_signal", lambda: True)  # not on the test process itself
+    monkeypatch.setattr(faults, "_init_is_a_launcher", lambda: init_is_torchrun)
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+    faults.end_with_launcher()
+    assert sent == ([] if init_is_torchrun else [signal.SIGTERM])

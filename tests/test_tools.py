@@ -51,6 +51,17 @@ def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and "step_0000002.safetensors" in lines[0], lines
 
+    # A checkpoint without UNet weights (a stage-1 VAE run's): refused, not sampled from a random UNet.
+    from ldm_ddp.checkpoint import _RESERVED, load_checkpoint, save_checkpoint
+    tensors, meta = load_checkpoint(ckpt)
+    vae_only = save_checkpoint(tmp_path / "vae_only", 2, {k: v for k, v in tensors.items()
+                                                          if not k.startswith(("unet.", "ema"))},
+                               {k: v for k, v in meta.items() if k not in _RESERVED})
+    for script, extra in (("sample", ["--prompt", "a red circle"]), ("evaluate_demo", [])):
+        assert run_main(script, vae_only, *extra) != 0
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "no UNet weights" in lines[0], lines
+
 
 def test_wandb_offline_run_continues_after_restart(tmp_path, tiny_args, run_script):
     out = tmp_path / "run"
