@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from . import checkpoint, dist
+from . import checkpoint, dist, faults
 from .config import Config, ConfigError, resolve_batch
 from .data.shapes import vocabulary
 from .data.sources import build_source
@@ -24,7 +24,8 @@ from .data.stream import ShardedStream, make_loader
 from .data.transforms import ImageTransform, to_unit_range
 from .metrics import Metrics
 from .models import PRESET_DIR, write_demo_text_encoder
-from .train_loop import lr_at, resume_point, step_generator
+from .resume import architecture_from, check_resumable, record_resume, resume_point
+from .train_loop import lr_at, step_generator
 
 
 class Reconstruction(torch.nn.Module):
@@ -65,9 +66,10 @@ def measure_scaling_factor(vae: AutoencoderKL, batches, num_batches: int, device
 def train_autoencoder(cfg: Config) -> Path:
     """Train the VAE until cfg.train.max_steps (resuming like the UNet trainer); -> the bundle folder."""
     # --- Distributed setup and run folder
-    device = dist.init(cfg.train.device)
+    device = dist.init(cfg.train.device, cfg.train.startup_timeout_s)
     rank, world = dist.rank(), dist.world_size()
     grad_accum, global_batch = resolve_batch(cfg, world)
+    preemption = faults.Preemption()  # SIGTERM / SIGUSR1: save at the next step and exit 75, as train_loop
     out_dir, ckpt_dir = Path(cfg.train.out_dir), Path(cfg.train.out_dir) / "checkpoints"
     if dist.is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -81,13 +83,17 @@ def train_autoencoder(cfg: Config) -> Path:
     names = {id(p): n for n, p in vae.named_parameters()}
     source = build_source(cfg.data)
     step = 0
+    arch = architecture_from({"vae": dict(vae.config)})
     resume_path = resume_point(cfg, ckpt_dir)
     if resume_path is not None:
         tensors, meta = checkpoint.load_checkpoint(resume_path)
+        # The same refusals as the UNet trainer's (architecture, global batch, data fingerprint and seed).
+        changes = check_resumable(meta, cfg, arch, global_batch, source.fingerprint(), resume_path)
         vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
         checkpoint.load_optimizer_tensors(optimizer, dict(vae.named_parameters()), tensors, meta["optim"],
                                           live_hyperparameters=True)
         step = int(meta["step"])
+        record_resume(out_dir, resume_path, step, changes)
     start_step = step
     if dist.is_main():
         checkpoint.set_aside_after(ckpt_dir, start_step)
@@ -96,7 +102,8 @@ def train_autoencoder(cfg: Config) -> Path:
     stream = ShardedStream(source, no_tokens, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,
                            rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data),
                            cfg.data.shuffle_window)
-    batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, device.type == "cuda"))
+    batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, device.type == "cuda",
+                               faults.shield_worker))
     model = dist.wrap_ddp(Reconstruction(vae), cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb)
     metrics = Metrics(out_dir, device, 1, cfg.train.max_steps, global_batch, cfg.log.progress)
 
@@ -104,10 +111,11 @@ def train_autoencoder(cfg: Config) -> Path:
         if dist.is_main():
             tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
             optim_tensors, groups = checkpoint.optimizer_tensors(optimizer, names)
-            meta = {"samples_seen": step * global_batch, "config": cfg.to_dict(), "optim": groups,
+            meta = {"samples_seen": step * global_batch, "config": cfg.to_dict(), "optim": groups, "architecture": arch,
                     "world_size": world, "versions": checkpoint.versions(),
                     "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed,
-                             "global_batch": global_batch, "fingerprint": source.fingerprint()}}
+                             "global_batch": global_batch, "fingerprint": source.fingerprint(),
+                             "shuffle_window": cfg.data.shuffle_window}}
             path = checkpoint.save_checkpoint(ckpt_dir, step, {**tensors, **optim_tensors}, meta)
             checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep, just_saved=path)
         dist.barrier()
@@ -115,10 +123,17 @@ def train_autoencoder(cfg: Config) -> Path:
     # --- The loop: upkeep first, then one optimizer step
     while True:
         done = step >= cfg.train.max_steps
-        if step > start_step and (step % cfg.log.every == 0 or done):
+        if step == start_step + 1:  # the first step is done: a peer that dies or hangs stops us soon
+            dist.set_timeout(cfg.train.collective_timeout_s)
+        stop = preemption.agreed(step, checkpoint.checkpoint_path(ckpt_dir, step))
+        if step > start_step and (step % cfg.log.every == 0 or done or stop is not None):
             metrics.flush(step, lr_at(cfg.optim, step - 1, cfg.train.max_steps))
-        if step > start_step and (step % cfg.ckpt.every == 0 or done):
+        if (step > start_step and (step % cfg.ckpt.every == 0 or done)) or stop is not None:
             save()
+        if stop is not None:
+            metrics.close()
+            preemption.ignore()
+            raise stop
         if done:
             break
         for group in optimizer.param_groups:
@@ -156,4 +171,5 @@ def train_autoencoder(cfg: Config) -> Path:
         write_demo_text_encoder(bundle, vocabulary(), seed=cfg.train.seed)
         print(f"wrote {bundle} (latent scaling factor {scaling:.4f})", flush=True)
     dist.barrier()
+    preemption.restore()
     return bundle

@@ -80,8 +80,12 @@ def _json(value):
 
 def architecture(unet, frozen) -> dict:
     """What the weights mean: the configs of the UNet, the VAE and the text encoder as built (JSON values)."""
-    configs = {"unet": dict(unet.config), "vae": dict(frozen.vae.config),
-               "text_encoder": frozen.text_encoder.config.to_dict()}
+    return architecture_from({"unet": dict(unet.config), "vae": dict(frozen.vae.config),
+                              "text_encoder": frozen.text_encoder.config.to_dict()})
+
+
+def architecture_from(configs: dict) -> dict:
+    """{name: a model's config dict} -> the same as JSON values, without bookkeeping keys."""
     return {name: {k: v for k, v in _json(config).items() if not k.startswith("_") and k not in _BOOKKEEPING}
             for name, config in configs.items()}
 

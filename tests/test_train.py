@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -113,17 +114,39 @@ def test_grad_accum_with_bf16_autocast(tmp_path, tiny_args):
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("unet."))
 
 
-def test_train_autoencoder_writes_a_loadable_bundle(tmp_path, tiny_vae_json, run_script):
+def test_train_autoencoder_is_preempted_resumes_and_writes_a_loadable_bundle(tmp_path, tiny_vae_json, run_script):
+    """Stage 1 with the UNet trainer's machinery: SIGTERM saves and exits 75, the same command resumes (and is
+    refused with one line when the data order would change), and the end writes the bundle."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, script_env
     out = tmp_path / "vae"
-    args = [f"--model.vae_config={tiny_vae_json}", f"--train.out_dir={out}", "--train.max_steps=2",
-            "--data.batch_per_gpu=2", "--data.resolution=32", "--data.num_workers=0", "--data.shapes_num_samples=64",
-            "--train.num_threads=1", "--log.every=1", "--log.progress=lines", "--ckpt.every=2"]
-    stdout = check(run_script("scripts/train_autoencoder.py", *args, timeout=150))
+    args = [f"--model.vae_config={tiny_vae_json}", f"--train.out_dir={out}", "--data.batch_per_gpu=2",
+            "--data.resolution=32", "--data.num_workers=1", "--data.shapes_num_samples=64",
+            "--train.num_threads=1", "--log.every=1", "--log.progress=lines", "--ckpt.every=1000"]
+    long_run = subprocess.Popen([sys.executable, "scripts/train_autoencoder.py", *args, "--train.max_steps=1000"],
+                                cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and long_run.poll() is None, long_run.communicate()[0][-2000:]
+        time.sleep(0.05)
+    long_run.send_signal(signal.SIGTERM)
+    text = long_run.communicate(timeout=60)[0]
+    assert long_run.returncode == 75, text[-2000:]
+    [saved] = list_checkpoints(out / "checkpoints")
+    step = int(saved.stem.split("_")[1])
+    refused = run_script("scripts/train_autoencoder.py", *args, f"--train.max_steps={step + 2}", "--data.seed=5")
+    assert refused.returncode == 2 and "data.seed 0 in the checkpoint, 5 now" in refused.stderr + refused.stdout
+    stdout = check(run_script("scripts/train_autoencoder.py", *args, f"--train.max_steps={step + 2}", timeout=150))
+    assert f"resumed from {saved} at step {step}" in stdout
     bundle = out / "bundle"
     assert f"wrote {bundle}" in stdout
     assert {p.name for p in bundle.iterdir()} >= {"vae", "text_encoder", "tokenizer"}
-    assert [r["step"] for r in metrics(out)] == [1, 2]
-    assert (out / "checkpoints" / "step_0000002.safetensors").is_file()
+    assert [r["step"] for r in metrics(out)][-2:] == [step + 1, step + 2]
+    assert (out / "checkpoints" / f"step_{step + 2:07d}.safetensors").is_file()
     frozen = load_frozen(str(bundle), "fp32", torch.device("cpu"))
     assert list(frozen.vae.config.block_out_channels) == [8, 16] and frozen.downsample == 2
     assert frozen.scaling_factor != 1.0 and math.isfinite(frozen.scaling_factor)  # measured, not the default
