@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,18 +186,27 @@ def main() -> int:
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
 
-    reference = root / "reference"
-    if not checkpoint.checkpoint_path(reference / "checkpoints", args.steps).exists():
-        proc = launch(train_args(reference, args.steps, unet_json), logs / "reference.log")
-        if proc.wait(timeout=args.attempt_timeout * 2) != 0:
-            print(f"the uninterrupted run failed: see {logs / 'reference.log'}")
-            return 1
+    # Both runs from scratch, every time: a finished run left here would resume with no fault to inject, and a
+    # reference left by earlier code would compare against that code.
+    reference, run = root / "reference", root / "chaos"
+    for folder in (reference, run):
+        shutil.rmtree(folder, ignore_errors=True)
+    proc = launch(train_args(reference, args.steps, unet_json), logs / "reference.log")
+    try:
+        failed = proc.wait(timeout=args.attempt_timeout * 2) != 0
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        wait_for_exit_of_all(reference, timeout=0)
+        failed = True
+    if failed:
+        print(f"the uninterrupted run failed or timed out: see {logs / 'reference.log'}")
+        return 1
     print(f"reference: {args.steps} steps uninterrupted ({time.time() - began:.0f} s)", flush=True)
 
     # Every kind as often as the others, in a random order.
     plan = [KINDS[i % len(KINDS)] for i in range(args.faults)]
     rng.shuffle(plan)
-    run, injected, lost, late, attempt = root / "chaos", Counter(), 0, [], 0
+    injected, lost, late, attempt = Counter(), 0, [], 0
     chaos_began = time.time()
     while True:
         attempt += 1
@@ -244,7 +254,9 @@ def main() -> int:
     print(f"preemption checkpoints later than 20 s: {len(late)}")
     print(f"final state vs the uninterrupted run: {'bitwise equal' if not differ else 'DIFFERENT: ' + ', '.join(differ[:5])}")
     print(f"wall time: {time.time() - chaos_began:.0f} s with faults, {time.time() - began:.0f} s in all")
-    return 0 if not differ and not late else 1
+    if total < args.faults:  # the run reached its end before every planned fault found its moment
+        print(f"only {total} of the {args.faults} faults asked for were injected: use more --steps")
+    return 0 if not differ and not late and total == args.faults else 1
 
 
 if __name__ == "__main__":
