@@ -14,6 +14,7 @@ from pathlib import Path
 from . import dist, faults
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
+from .data.stream import DataFailure
 from .resume import run_folder_lock
 
 
@@ -51,6 +52,9 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
         if dist.is_main():
             print(err, file=sys.stderr, flush=True)
         return err.exit_code
+    except DataFailure as err:  # on whichever rank met it; the others stop as after a peer's failure
+        print(f"error: {err.one_line()}", file=sys.stderr, flush=True)
+        return 1
     except Exception as err:
         line = dist.peer_failure(err)
         if line is None:

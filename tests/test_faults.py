@@ -29,6 +29,7 @@ from test_train import assert_bitwise_equal
 
 from ldm_ddp import checkpoint as ckpt
 from ldm_ddp import faults
+from ldm_ddp.data.stream import DataFailure
 from ldm_ddp.config import Config, ConfigError, EMAConfig
 from ldm_ddp.ema import EMA
 from ldm_ddp.faults import (
@@ -436,7 +437,10 @@ def test_the_guard_state_round_trips():
      EXIT_PREEMPTED, "preempted by SIGTERM at step 4"),
     (lambda: RuntimeError("a bug"), 1, "Traceback (most recent call last)"),  # unexpected: its traceback
     (KeyboardInterrupt, 130, "interrupted"),
-], ids=["stop", "error", "ctrl-c"])
+    (lambda: DataFailure("Caught DataFailure in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                         "call last):\n  ...\nldm_ddp.data.stream.DataFailure: data: 16 bad samples in a row"),
+     1, "error: data: 16 bad samples in a row\n"),  # one line, whichever rank met it
+], ids=["stop", "error", "ctrl-c", "data"])
 def test_a_stopped_run_is_freed_before_the_process_group_is_torn_down(monkeypatch, capsys, tmp_path, raised, code,
                                                                      printed):
     """An exception raised from the loop keeps the loop's frame (DDP, the loader) alive through a reference cycle

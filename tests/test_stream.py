@@ -200,6 +200,26 @@ def test_an_unbroken_run_of_bad_samples_fails_with_a_clear_error():
         stream.load(0)
 
 
+def test_a_data_failure_from_a_worker_reads_as_one_line():
+    """Re-raised in the training process, a DataLoader worker's exception carries the worker's traceback in its
+    message: the entry point prints DataFailure.one_line(), the original message alone."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from ldm_ddp.data.stream import DataFailure
+
+    class Failing(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise DataFailure("data: 16 bad samples in a row for position 7 (its own and every substitute): k")
+
+    with pytest.raises(DataFailure) as err:
+        next(iter(DataLoader(Failing(), num_workers=1)))
+    assert "Traceback" in str(err.value)  # what the worker's re-raise looks like
+    assert err.value.one_line() == "data: 16 bad samples in a row for position 7 (its own and every substitute): k"
+
+
 def test_a_shard_that_fails_as_a_whole_is_replaced_from_elsewhere():
     """Substitutes are spread over the dataset: 40 neighbouring indices broken (one shard) cost each position
     at most two substitutions, where the next 16 neighbours would all have failed."""

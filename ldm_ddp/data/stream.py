@@ -26,6 +26,15 @@ AUGMENT_STREAM = 1  # seeds crop/flip draws apart from the order's (seed, epoch)
 WINDOW_STREAM = 3  # seeds the within-window permutations apart from the shard order (seed, epoch)
 
 
+class DataFailure(RuntimeError):
+    """A position none of whose substitutes loads: the run stops with one line (cli.run_training), exit 1."""
+
+    def one_line(self) -> str:
+        """The message alone; re-raised from a DataLoader worker it comes with the worker's traceback."""
+        last = str(self).strip().splitlines()[-1]
+        return last.split("DataFailure: ", 1)[-1]
+
+
 def substitutes(index: int, n: int) -> list[int]:
     """`index`, then the dataset indices tried in its place if it fails: MAX_SUBSTITUTIONS in all, spread evenly
     over the dataset (a stride of n / MAX_SUBSTITUTIONS, 1 for small sets). Neighbouring indices share a shard,
@@ -127,7 +136,7 @@ class ShardedStream(IterableDataset):
                     return {**sample, "image": self.transform(sample["image"], rng)}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
                 bad.append(f"{self.key_of(index)} ({type(err).__name__}: {str(err)[:80]})")
-        raise RuntimeError(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} (its own and "
+        raise DataFailure(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} (its own and "
                            f"every substitute): {bad[-1]}")
 
     def key_of(self, index: int) -> str:
