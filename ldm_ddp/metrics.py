@@ -173,11 +173,10 @@ class Metrics:
         world, n = dist.world_size(), self.steps * dist.world_size()
         buckets = sums[5:5 + 2 * NUM_T_BUCKETS]
         img_per_s = self.steps * self.images_per_step / elapsed
+        taken = max(1.0, n - sums[2])  # skipped steps add 0 to the loss and norm sums: means over the steps taken
         record = {
-            # Skipped steps add 0 to the loss and grad-norm sums: average over the steps taken.
-            "step": step, "loss": sums[0] / max(1.0, n - sums[2]), "lr": lr, "grad_norm": sums[1] / max(1.0, n - sums[2]),
-            "grad_norm_by_block": {g: s / max(1.0, n - sums[2])
-                                   for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
+            "step": step, "loss": sums[0] / taken, "lr": lr, "grad_norm": sums[1] / taken,
+            "grad_norm_by_block": {g: s / taken for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
             "img_per_s": img_per_s, "img_per_s_per_gpu": img_per_s / world,
             "data_wait_share": sums[4] / world / elapsed, "skipped_steps": round(sums[2] / world),  # every rank skips the same steps
             "bad_samples": round(sums[3]),

@@ -107,8 +107,8 @@ def use_ddp_compile(mode: str) -> None:
 
 def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = False,
                   backend: str = "inductor") -> torch.nn.Module:
-    """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, whose graph DDP's
-    optimizer splits at bucket boundaries so communication still overlaps the backward. "regional": each
+    """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, as one graph or split at
+    DDP's buckets as `use_ddp_compile` set (train.ddp_compile). "regional": each
     repeated module (`regions`) compiled in place with static shapes; modules of one class and one shape
     share one compiled graph (SD1.5: 38 ResNet blocks and transformers, 18 distinct shapes), so compilation
     is shorter than the whole UNet's, and nn.Module.compile keeps parameter names (checkpoints and the

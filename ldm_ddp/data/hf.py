@@ -73,9 +73,12 @@ def load_hf_dataset(path: str, split: str, streaming: bool = False):
 
 def local_fingerprint(root: Path) -> str:
     """A local data file or folder -> a digest of its files' relative names and sizes (hidden ones left out)."""
-    found = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    entries = [[p.name if p == root else str(p.relative_to(root)), p.stat().st_size] for p in found]
+    if root.is_file():
+        entries = [[root.name, root.stat().st_size]]
+    else:
+        found = sorted(p for p in root.rglob("*") if p.is_file())
+        entries = [[str(p.relative_to(root)), p.stat().st_size] for p in found
+                   if not any(part.startswith(".") for part in p.relative_to(root).parts)]
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
