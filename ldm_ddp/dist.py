@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -169,3 +170,19 @@ def wrap_ddp(module: torch.nn.Module, static_graph: bool = False, bucket_cap_mb:
     ids = [_device.index] if _device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph,
                                    bucket_cap_mb=bucket_cap_mb)
+
+
+def on_first_bucket(ddp_model: torch.nn.Module, work: Callable[[], None]) -> None:
+    """Call `work()` whenever `ddp_model` launches the all-reduce of its first gradient bucket (DDP launches the
+    buckets in order, once per synced backward). With the UNet compiled as one graph (train.ddp_compile=whole),
+    every backward kernel is queued by then, so work queued on another CUDA stream runs beside the all-reduce.
+    The all-reduce itself is torch's averaging allreduce_hook, DDP's own in Python (the gradients are divided by
+    the world size first, as DDP's built-in reducer does)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        if bucket.index() == 0:
+            work()
+        return allreduce_hook(state, bucket)
+
+    ddp_model.register_comm_hook(None, hook)

@@ -146,6 +146,10 @@ class EMA:
         self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
         self.fused = None  # the compiled update (ema.compile), built by compile()
+        # ema.overlap (defer_updates): update() leaves its update pending, launch_pending() runs it on `stream`.
+        self.deferring, self.stream = False, None
+        self.pending = None  # (module, weight per profile) of the update not applied yet
+        self.in_flight = None  # the weights an update on `stream` reads, kept alive until settle()
         if cfg.compile:
             self.compile()
 
@@ -171,7 +175,8 @@ class EMA:
 
     @property
     def shadow(self) -> list[torch.Tensor]:
-        """The default profile's shadow (`ema.decay`)."""
+        """The default profile's shadow (`ema.decay`), every update applied."""
+        self.settle()
         return self.shadows[0]
 
     def decay(self) -> float:
@@ -181,6 +186,40 @@ class EMA:
     def wants_update(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based count of updates done) updates the EMA."""
         return step >= self.cfg.start_step and step % self.cfg.update_every == 0
+
+    def defer_updates(self, device: torch.device) -> None:
+        """ema.overlap under DDP: update() only computes the update's weights; the shadows move when DDP launches
+        the next step's gradient all-reduce (launch_pending, called from dist.on_first_bucket), on a side CUDA
+        stream, so the EMA's passes over the weights run beside the all-reduce instead of after the optimizer.
+        The weights it reads are unchanged until then (the optimizer step settles first), so every bit is the
+        same as updating at once. (CPU: no side stream; the update runs inside the hook.)"""
+        self.deferring = True
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @torch.no_grad()
+    def launch_pending(self) -> None:
+        """Apply the pending update now, on the side stream after the work queued so far on the current one."""
+        if self.pending is None:
+            return
+        (module, weights), self.pending = self.pending, None
+        if self.stream is None:
+            self._apply(module, weights)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self._apply(module, weights)
+        self.in_flight = weights
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Every update so far in the shadows, as the current stream sees them: before the optimizer changes the
+        weights a pending update reads, and before the shadows are read or written (each method here does)."""
+        if self.pending is not None:
+            (module, weights), self.pending = self.pending, None
+            self._apply(module, weights)
+        if self.in_flight is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.in_flight = None
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, ok: torch.Tensor | None = None) -> None:
@@ -195,11 +234,20 @@ class EMA:
         multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary. One path with or
         without `ok`, so both give the same bits. For weights of 1/2 and above (the decay warmup's first updates,
         a power profile's first update, which copies) the result may differ from lerp's by one ulp of the shadow.
+        After defer_updates (ema.overlap) the update is left pending, for launch_pending or settle to apply.
         """
+        self.settle()
+        take = torch.ones((), device=self.shadows[0][0].device) if ok is None else ok.float()
+        weights = [take * (1.0 - p.decay(self.num_updates, self.cfg.warmup)) for p in self.profiles]
+        self.num_updates += 1
+        if self.deferring:
+            self.pending = (module, weights)
+        else:
+            self._apply(module, weights)
+
+    def _apply(self, module: torch.nn.Module, weights: list[torch.Tensor]) -> None:
         current = self._weights(module)
-        take = torch.ones((), device=current[0].device) if ok is None else ok.float()
-        for profile, shadow in zip(self.profiles, self.shadows):
-            weight = take * (1.0 - profile.decay(self.num_updates, self.cfg.warmup))
+        for weight, shadow in zip(weights, self.shadows):
             if self.fused is not None:
                 self.fused(shadow, current, weight)
                 continue
@@ -207,11 +255,11 @@ class EMA:
                 step = torch._foreach_sub(current[a:b], shadow[a:b])
                 torch._foreach_mul_(step, weight)
                 torch._foreach_add_(shadow[a:b], step)
-        self.num_updates += 1
 
     @torch.no_grad()
     def copy_from(self, module: torch.nn.Module) -> None:
         """Reset every shadow to the module's weights (before ema.start_step)."""
+        self.settle()
         params = dict(module.named_parameters())
         for shadow in self.shadows:
             torch._foreach_copy_(shadow, [params[n].detach() for n in self.names])
@@ -219,12 +267,14 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module, weights: str = "ema") -> None:
         """Write a profile's shadow (by `--weights` name, default the default profile) into `module`."""
+        self.settle()
         index = [p.prefix for p in self.profiles].index(weights_prefix(self.state_meta(), weights))
         params = dict(module.named_parameters())
         for name, value in zip(self.names, self.shadows[index]):
             params[name].copy_(value)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        self.settle()
         return {f"{p.prefix}.{n}": t for p, shadow in zip(self.profiles, self.shadows)
                 for n, t in zip(self.names, shadow)}
 
@@ -236,6 +286,7 @@ class EMA:
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore every configured profile, matched by value; the default one from `ema.*` if ema.decay changed."""
+        self.settle()
         stored = checkpoint_profiles(meta)
         for profile, shadow in zip(self.profiles, self.shadows):
             prefix = _stored_prefix(stored, profile.kind, profile.value) or ("ema" if profile.default else None)

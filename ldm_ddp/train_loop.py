@@ -129,8 +129,11 @@ def train(cfg: Config) -> dict:
     ddp_mode = speed.ddp_compile(cfg.train.ddp_compile, compile_mode, world)
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, world, ddp_mode)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb),
-                                compile_mode, force_layout, cfg.train.compile_backend)
+    ddp_model = dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb)
+    if cfg.ema.overlap and ddp_model is not unet:  # the EMA update behind the next step's all-reduce
+        ema.defer_updates(device)
+        dist.on_first_bucket(ddp_model, ema.launch_pending)
+    model = speed.compile_model(unet, ddp_model, compile_mode, force_layout, cfg.train.compile_backend)
     sdpa_backend = cfg.model.sdpa_backend
     if compile_mode != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped
@@ -301,6 +304,7 @@ def train(cfg: Config) -> dict:
         # same on every rank: the update is skipped on the device (weights, moments, EMA untouched; the lr and
         # EMA decay schedules still follow the step count), and nobody waits for the decision on the host.
         ok = torch.isfinite(grad_norm)
+        ema.settle()  # a pending EMA update (ema.overlap) has read the weights before they change
         faults.optimizer_step(optimizer, ok)
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -305,3 +305,29 @@ def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
         assert all(torch.equal(a, b) for x, y in zip(eager.shadows, compiled.shadows) for a, b in zip(x, y)), i
     assert not torch.equal(eager.shadows[0][0], Net().linear.weight.float())  # they moved
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_deferred_updates_give_the_same_bits_and_wait_for_their_launch():
+    """ema.overlap (defer_updates): an update waits for launch_pending (DDP's next all-reduce) or settle (the next
+    optimizer step, any read of the shadows); either way every shadow ends bit-identical to updating at once,
+    skipped steps and several profiles included."""
+    cfg = EMAConfig(decay=0.9, extra_decays=[0.5], power_stds=[0.1])
+    at_once, deferred = Net(), Net()
+    ema_now, ema_later = EMA(at_once, cfg), EMA(deferred, cfg)
+    ema_later.defer_updates(torch.device("cpu"))
+    for step, (value, ok) in enumerate(zip([1.0, -2.0, 3.5, 0.25, 10.0], [True, True, False, True, True])):
+        for net in (at_once, deferred):
+            set_weights(net, value)
+        flag = torch.tensor(ok)
+        ema_now.update(at_once, flag)
+        before = [s.clone() for s in ema_later.shadows[0]]
+        ema_later.update(deferred, flag)
+        assert ema_later.pending is not None and ema_later.num_updates == step + 1
+        assert all(torch.equal(a, b) for a, b in zip(before, ema_later.shadows[0]))  # nothing moved yet
+        (ema_later.launch_pending if step % 2 else ema_later.settle)()  # the hook, or the optimizer step first
+        assert ema_later.pending is None
+    ema_later.update(deferred)  # pending at save time: state_tensors applies it first
+    ema_now.update(at_once)
+    later, now = ema_later.state_tensors(), ema_now.state_tensors()
+    assert sorted(later) == sorted(now) and all(torch.equal(later[k], now[k]) for k in now)
+    assert ema_later.state_meta() == ema_now.state_meta()
