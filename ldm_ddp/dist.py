@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 _device = torch.device("cpu")
 _control = None  # the gloo group of the host-side agreements (the default group itself on CPU)
 _timeout_s = 0.0  # the collective timeout now in force
@@ -28,8 +30,11 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
     global _device, _control, _timeout_s
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda was asked for but torch.cuda.is_available() is False")
+        raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"this is local rank {local_rank} but the node has {torch.cuda.device_count()} visible "
+                          "GPU(s): start at most that many processes per node (torchrun --nproc_per_node), one per GPU")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         _device = torch.device("cuda", local_rank)

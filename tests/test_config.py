@@ -3,6 +3,7 @@
 import tomllib
 
 import pytest
+import torch
 
 from ldm_ddp.config import (
     Config,
@@ -220,3 +221,17 @@ def test_min_snr_with_zero_terminal_snr_is_warned_about_and_the_presets_avoid_it
     ignored = warnings_for(load_config(overrides=["--train.ddp_compile=split", "--train.compile=off"]))
     assert len(ignored) == 1 and ignored[0].startswith("train.ddp_compile=split does nothing with train.compile=off")
     assert not warnings_for(load_config(overrides=["--train.compile=off"]))  # the default, whole: not asked for
+
+
+def test_a_rank_without_its_gpu_is_refused_in_one_line(monkeypatch):
+    """train.device=cuda without CUDA, and more processes on a node than it has GPUs (torchrun
+    --nproc_per_node 8 on a 4-GPU node), are config errors naming the fix, not a CUDA traceback."""
+    from ldm_ddp import dist
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="cuda was asked for"):
+        dist.init("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ConfigError, match=r"local rank 5 but the node has 4 visible GPU\(s\).*--nproc_per_node"):
+        dist.init("cuda")
