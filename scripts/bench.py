@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
 # The switches the bare worker takes as it is given them (--name value) and each row records.
 SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile", "static_graph",
-            "bucket_cap_mb", "ema_every", "ema_compile")
+            "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
 
 
 def make_bundle(root: Path) -> Path:
@@ -104,6 +104,7 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
             f"--ema.update_every={args.ema_every}", f"--ema.compile={str(args.ema_compile == 'on').lower()}",
+            f"--ema.overlap={str(args.ema_overlap == 'on').lower()}",
             *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
             f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
             f"--train.channels_last={str(args.channels_last == 'on').lower()}",
@@ -220,8 +221,12 @@ def bare_worker(args) -> None:
     ddp_mode = speed.ddp_compile(args.ddp_compile, args.compile, dist.world_size())
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile,
-                                force_layout)
+    ddp_model = dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb)
+    overlap = args.ema_overlap == "on" and ddp_model is not unet
+    if overlap:
+        ema.defer_updates(device)
+        dist.on_first_bucket(ddp_model, ema.launch_pending)
+    model = speed.compile_model(unet, ddp_model, args.compile, force_layout)
     x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -233,6 +238,7 @@ def bare_worker(args) -> None:
             v_pred = model(x_t, t, context).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
         speed.clip_grad_norm(unet, 1.0)  # as the trainer clips
+        ema.settle()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema.wants_update(calls):
@@ -246,13 +252,30 @@ def bare_worker(args) -> None:
             print(f"warmup step {i + 1}: {time.perf_counter() - t0:.1f} s since start", flush=True)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    torch.cuda.synchronize()
-    elapsed = torch.tensor([time.perf_counter() - t0], device=device)
-    elapsed = float(dist.all_gather_tensor(elapsed).max())
+
+    def timed(steps: int) -> float:
+        """Seconds for `steps` steps (the slowest rank's)."""
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return float(dist.all_gather_tensor(torch.tensor([time.perf_counter() - t0], device=device)).max())
+
+    inline = None
+    if overlap:  # also the same compiled step with the EMA after the optimizer (the hook stays, with nothing to
+        # launch), in alternating halves so that a drift of the clocks weighs on both alike
+        seconds = {True: 0.0, False: 0.0}
+        for deferring, steps in ((True, args.steps // 2), (False, args.steps // 2),
+                                 (True, args.steps - args.steps // 2), (False, args.steps - args.steps // 2)):
+            ema.settle()  # a pending update, outside the timed steps
+            torch.cuda.synchronize()
+            ema.deferring = deferring
+            seconds[deferring] += timed(steps)
+        ema.deferring = True
+        elapsed, inline = seconds[True], args.steps * batch * dist.world_size() / seconds[False]
+    else:
+        elapsed = timed(args.steps)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
     profile = None
     if args.profile:  # after the timed steps, so that they are not slowed down
@@ -270,6 +293,7 @@ def bare_worker(args) -> None:
         print("BENCH " + json.dumps({
             "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak, "warmup_s": warmup_s,
             "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
+            **({"img_per_s_ema_inline": inline} if inline else {}),
             **({"profile": profile} if profile else {})}))
     dist.shutdown()
 
@@ -295,6 +319,8 @@ def main() -> int:
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="as train.ddp_bucket_cap_mb")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
     parser.add_argument("--ema-compile", default="off", choices=["on", "off"], help="as ema.compile")
+    parser.add_argument("--ema-overlap", default="on", choices=["on", "off"],
+                        help="as ema.overlap (several GPUs: the bare step then also times the EMA after the step)")
     parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
@@ -381,6 +407,9 @@ def print_table(rows: list[dict]) -> None:
     if rows:
         print("switches: " + ", ".join(f"{k}={v}" for k, v in rows[0]["switches"].items()))
     for row in rows:
+        inline = row.get("bare", {}).get("img_per_s_ema_inline")
+        if inline:
+            print(f"bare {row['res']} px, {row['gpus']} GPUs, ema.overlap off (same process): {inline:.1f} img/s")
         if "resume" in row:
             r = row["resume"]
             diff = "n/a" if r["redone_max_rel_diff"] is None else f"{r['redone_max_rel_diff']:.2e}"

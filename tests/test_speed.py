@@ -217,7 +217,7 @@ def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
 def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench):
     """The table bench.py prints after a GPU run, on rows of its JSON's shape (a crash here would lose a run)."""
     bare = {"img_per_s": 600.0, "flops_per_image": 0.5e12, "matmul_tflops": 780.0, "peak_mem_gib": 39.6,
-            "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95}}
+            "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95}, "img_per_s_ema_inline": 545.5}
     cache = {"img_per_s": 570.0, "data_wait_share": 0.001, "peak_mem_gib": 41.0}
     resume = {"saved_at": 20, "killed_after_step": 25, "final_step": 40, "redone": [[25, 0.5, 0.5]],
               "redone_max_rel_diff": 0.0, "loss_before": 0.51, "loss_after": 0.49, "wall_s": 100.0}
@@ -232,6 +232,7 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
     assert cache_line[4] == "570.0" and cache_line[8] == "95.0%"  # vs the bare step
     assert "card: NVIDIA H200" in lines and "switches: compile=full, layout_opt=auto, bucket_cap_mb=25.0" in lines
     assert any(line.startswith("resume 256 px, 2 GPUs: saved at step 20, killed after step 25") for line in lines)
+    assert "bare 256 px, 2 GPUs, ema.overlap off (same process): 545.5 img/s" in lines
 
 
 def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
