@@ -262,20 +262,29 @@ def bare_worker(args) -> None:
         torch.cuda.synchronize()
         return float(dist.all_gather_tensor(torch.tensor([time.perf_counter() - t0], device=device)).max())
 
-    inline = None
-    if overlap:  # also the same compiled step with the EMA after the optimizer (the hook stays, with nothing to
-        # launch), in alternating halves so that a drift of the clocks weighs on both alike
-        seconds = {True: 0.0, False: 0.0}
-        for deferring, steps in ((True, args.steps // 2), (False, args.steps // 2),
-                                 (True, args.steps - args.steps // 2), (False, args.steps - args.steps // 2)):
+    # Variants of the EMA timed in this process beside the step as configured (the same compiled UNet), name ->
+    # switch(on): ema_inline, the update after the optimizer (ema.overlap off; DDP's comm hook stays, with
+    # nothing to launch); ema_compiled (--ema-compile both), the update through torch.compile.
+    variants = {}
+    if overlap:
+        variants["ema_inline"] = lambda on: setattr(ema, "deferring", not on)
+    if args.ema_compile == "both":
+        ema.compile()
+        ema.probe(unet)  # compiles it here, not in the timed steps
+        compiled, ema.fused = ema.fused, None
+        variants["ema_compiled"] = lambda on: setattr(ema, "fused", compiled if on else None)
+    seconds = dict.fromkeys(["", *variants], 0.0)
+    for steps in (args.steps // 2, args.steps - args.steps // 2):  # in alternating halves: a drift of the
+        for name in seconds:  # clocks weighs on every variant alike
             ema.settle()  # a pending update, outside the timed steps
             torch.cuda.synchronize()
-            ema.deferring = deferring
-            seconds[deferring] += timed(steps)
-        ema.deferring = True
-        elapsed, inline = seconds[True], args.steps * batch * dist.world_size() / seconds[False]
-    else:
-        elapsed = timed(args.steps)
+            for other, switch in variants.items():
+                switch(other == name)
+            seconds[name] += timed(steps) if steps else 0.0
+    for switch in variants.values():
+        switch(False)
+    elapsed = seconds.pop("")
+    variant_img_per_s = {name: args.steps * batch * dist.world_size() / t for name, t in seconds.items()}
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
     profile = None
     if args.profile:  # after the timed steps, so that they are not slowed down
@@ -293,7 +302,7 @@ def bare_worker(args) -> None:
         print("BENCH " + json.dumps({
             "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak, "warmup_s": warmup_s,
             "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
-            **({"img_per_s_ema_inline": inline} if inline else {}),
+            **({"variants": variant_img_per_s} if variant_img_per_s else {}),
             **({"profile": profile} if profile else {})}))
     dist.shutdown()
 
@@ -318,7 +327,8 @@ def main() -> int:
     parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="as train.ddp_static_graph")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="as train.ddp_bucket_cap_mb")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
-    parser.add_argument("--ema-compile", default="off", choices=["on", "off"], help="as ema.compile")
+    parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
+                        help="as ema.compile; both: the bare step eager, and compiled in the same process")
     parser.add_argument("--ema-overlap", default="on", choices=["on", "off"],
                         help="as ema.overlap (several GPUs: the bare step then also times the EMA after the step)")
     parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")
@@ -407,9 +417,9 @@ def print_table(rows: list[dict]) -> None:
     if rows:
         print("switches: " + ", ".join(f"{k}={v}" for k, v in rows[0]["switches"].items()))
     for row in rows:
-        inline = row.get("bare", {}).get("img_per_s_ema_inline")
-        if inline:
-            print(f"bare {row['res']} px, {row['gpus']} GPUs, ema.overlap off (same process): {inline:.1f} img/s")
+        for name, img_per_s in row.get("bare", {}).get("variants", {}).items():
+            print(f"bare {row['res']} px, {row['gpus']} GPUs, {name} (same process): {img_per_s:.1f} img/s "
+                  f"({img_per_s / row['bare']['img_per_s']:.1%} of the bare row)")
         if "resume" in row:
             r = row["resume"]
             diff = "n/a" if r["redone_max_rel_diff"] is None else f"{r['redone_max_rel_diff']:.2e}"

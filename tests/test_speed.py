@@ -217,7 +217,8 @@ def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
 def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench):
     """The table bench.py prints after a GPU run, on rows of its JSON's shape (a crash here would lose a run)."""
     bare = {"img_per_s": 600.0, "flops_per_image": 0.5e12, "matmul_tflops": 780.0, "peak_mem_gib": 39.6,
-            "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95}, "img_per_s_ema_inline": 545.5}
+            "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95},
+            "variants": {"ema_inline": 545.5, "ema_compiled": 630.0}}
     cache = {"img_per_s": 570.0, "data_wait_share": 0.001, "peak_mem_gib": 41.0}
     resume = {"saved_at": 20, "killed_after_step": 25, "final_step": 40, "redone": [[25, 0.5, 0.5]],
               "redone_max_rel_diff": 0.0, "loss_before": 0.51, "loss_after": 0.49, "wall_s": 100.0}
@@ -232,7 +233,54 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
     assert cache_line[4] == "570.0" and cache_line[8] == "95.0%"  # vs the bare step
     assert "card: NVIDIA H200" in lines and "switches: compile=full, layout_opt=auto, bucket_cap_mb=25.0" in lines
     assert any(line.startswith("resume 256 px, 2 GPUs: saved at step 20, killed after step 25") for line in lines)
-    assert "bare 256 px, 2 GPUs, ema.overlap off (same process): 545.5 img/s" in lines
+    assert "bare 256 px, 2 GPUs, ema_inline (same process): 545.5 img/s (90.9% of the bare row)" in lines
+    assert "bare 256 px, 2 GPUs, ema_compiled (same process): 630.0 img/s (105.0% of the bare row)" in lines
+
+
+def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, bench):
+    """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that DDP,
+    its comm hook and ema.overlap are on: the step as configured and both EMA variants (the update after the
+    optimizer, the compiled update) are timed and reported in the BENCH line. On a GPU a crash here costs a
+    device call; the CUDA-only calls are stood in for."""
+    import sys
+
+    import torch.distributed as torch_dist
+    from conftest import free_port
+    from diffusers import UNet2DConditionModel
+
+    import ldm_ddp.dist as ldm_dist
+    import ldm_ddp.ema as ema_module
+    import ldm_ddp.models as models
+
+    def small_unet(cfg, latent_size, context_dim, device):
+        return UNet2DConditionModel(sample_size=latent_size, block_out_channels=(32, 64), layers_per_block=1,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                                    cross_attention_dim=context_dim, attention_head_dim=8).train()
+
+    real_init = ldm_dist.init
+
+    def one_rank(device):
+        torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        return real_init("cpu")
+
+    monkeypatch.setattr(models, "build_unet", small_unet)
+    monkeypatch.setattr(ldm_dist, "init", one_rank)
+    monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(bench, "matmul_tflops", lambda device: 1.0)
+    for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0), ("get_device_name", "cpu")):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--worker", "--res", "64", "--worker-batch", "2", "--steps", "3",
+                                      "--warmup", "1", "--compile", "off", "--ema-compile", "both"])
+    try:
+        assert bench.main() == 0
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("BENCH "))
+    result = json.loads(line[len("BENCH "):])
+    assert result["img_per_s"] > 0 and result["flops_per_image"] > 0
+    assert sorted(result["variants"]) == ["ema_compiled", "ema_inline"] and min(result["variants"].values()) > 0
 
 
 def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
