@@ -181,13 +181,15 @@ def on_first_bucket(ddp_model: torch.nn.Module, work: Callable[[], None]) -> Non
     """Call `work()` whenever `ddp_model` launches the all-reduce of its first gradient bucket (DDP launches the
     buckets in order, once per synced backward). With the UNet compiled as one graph (train.ddp_compile=whole),
     every backward kernel is queued by then, so work queued on another CUDA stream runs beside the all-reduce.
-    The all-reduce itself is torch's averaging allreduce_hook, DDP's own in Python (the gradients are divided by
-    the world size first, as DDP's built-in reducer does)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    The hook then averages as DDP's built-in reducer does (its gradients scaled by the float reciprocal of the
+    world size, then summed): the same bits on CPU and GPU at any world size (torch's allreduce_hook divides,
+    which on CPU rounds differently where the world size is not a power of two)."""
+    scale = 1.0 / dist.get_world_size()
 
     def hook(state, bucket):
         if bucket.index() == 0:
             work()
-        return allreduce_hook(state, bucket)
+        grads = bucket.buffer().mul_(scale)
+        return dist.all_reduce(grads, async_op=True).get_future().then(lambda done: done.value()[0])
 
     ddp_model.register_comm_hook(None, hook)

@@ -206,7 +206,8 @@ class EMA:
             self._apply(module, weights)
             return
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        # Autocast off: the caller's may leak into a backward's hooks; ema.compile's graph is built without it.
+        with torch.cuda.stream(self.stream), torch.autocast("cuda", enabled=False):
             self._apply(module, weights)
         self.in_flight = weights
 

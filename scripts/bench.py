@@ -34,6 +34,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
+# The bare step's variants timed in its own process (bare_worker), as the table names them.
+VARIANTS = {"ema_inline": "the EMA after the optimizer step, DDP's comm hook kept: not DDP's built-in all-reduce",
+            "ema_compiled": "the EMA update through torch.compile"}
 # The switches the bare worker takes as it is given them (--name value) and each row records.
 SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile", "static_graph",
             "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
@@ -254,11 +257,12 @@ def bare_worker(args) -> None:
     warmup_s = time.perf_counter() - t0
 
     def timed(steps: int) -> float:
-        """Seconds for `steps` steps (the slowest rank's)."""
+        """Seconds for `steps` steps (the slowest rank's), the EMA updates of those steps included."""
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        ema.settle()  # with ema.overlap the last update is still pending
         torch.cuda.synchronize()
         return float(dist.all_gather_tensor(torch.tensor([time.perf_counter() - t0], device=device)).max())
 
@@ -273,18 +277,19 @@ def bare_worker(args) -> None:
         ema.probe(unet)  # compiles it here, not in the timed steps
         compiled, ema.fused = ema.fused, None
         variants["ema_compiled"] = lambda on: setattr(ema, "fused", compiled if on else None)
+    # Two halves per variant, alternating, so that a drift of the clocks weighs on every variant alike; each half
+    # a multiple of --ema-every steps, so that every variant's halves hold the same number of EMA updates.
+    half = max(1, round(args.steps / 2 / args.ema_every)) * args.ema_every
     seconds = dict.fromkeys(["", *variants], 0.0)
-    for steps in (args.steps // 2, args.steps - args.steps // 2):  # in alternating halves: a drift of the
-        for name in seconds:  # clocks weighs on every variant alike
-            ema.settle()  # a pending update, outside the timed steps
-            torch.cuda.synchronize()
+    for _ in range(2):
+        for name in seconds:
             for other, switch in variants.items():
                 switch(other == name)
-            seconds[name] += timed(steps) if steps else 0.0
+            seconds[name] += timed(half)
     for switch in variants.values():
         switch(False)
-    elapsed = seconds.pop("")
-    variant_img_per_s = {name: args.steps * batch * dist.world_size() / t for name, t in seconds.items()}
+    elapsed, timed_steps = seconds.pop(""), 2 * half
+    variant_img_per_s = {name: timed_steps * batch * dist.world_size() / t for name, t in seconds.items()}
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
     profile = None
     if args.profile:  # after the timed steps, so that they are not slowed down
@@ -298,7 +303,7 @@ def bare_worker(args) -> None:
     peak = matmul_tflops(device)
     world = dist.world_size()
     if dist.is_main():
-        img_per_s = args.steps * batch * world / elapsed
+        img_per_s = timed_steps * batch * world / elapsed
         print("BENCH " + json.dumps({
             "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak, "warmup_s": warmup_s,
             "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
@@ -418,8 +423,8 @@ def print_table(rows: list[dict]) -> None:
         print("switches: " + ", ".join(f"{k}={v}" for k, v in rows[0]["switches"].items()))
     for row in rows:
         for name, img_per_s in row.get("bare", {}).get("variants", {}).items():
-            print(f"bare {row['res']} px, {row['gpus']} GPUs, {name} (same process): {img_per_s:.1f} img/s "
-                  f"({img_per_s / row['bare']['img_per_s']:.1%} of the bare row)")
+            print(f"bare {row['res']} px, {row['gpus']} GPUs, {name} ({VARIANTS.get(name, '')}; same process): "
+                  f"{img_per_s:.1f} img/s ({img_per_s / row['bare']['img_per_s']:.1%} of the bare row)")
         if "resume" in row:
             r = row["resume"]
             diff = "n/a" if r["redone_max_rel_diff"] is None else f"{r['redone_max_rel_diff']:.2e}"
