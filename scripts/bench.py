@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
 # The bare step's variants timed in its own process (bare_worker), as the table names them.
 VARIANTS = {"ema_inline": "the EMA after the optimizer step, DDP's comm hook kept: not DDP's built-in all-reduce",
+            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward",
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches the bare worker takes as it is given them (--name value) and each row records.
 SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile", "static_graph",
@@ -234,9 +235,13 @@ def bare_worker(args) -> None:
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
 
+    beside_forward = [False]  # the ema_beside_forward variant
+
     def step():
         nonlocal calls
         calls += 1
+        if beside_forward[0]:
+            ema.launch_pending()
         with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             v_pred = model(x_t, t, context).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
@@ -268,10 +273,19 @@ def bare_worker(args) -> None:
 
     # Variants of the EMA timed in this process beside the step as configured (the same compiled UNet), name ->
     # switch(on): ema_inline, the update after the optimizer (ema.overlap off; DDP's comm hook stays, with
-    # nothing to launch); ema_compiled (--ema-compile both), the update through torch.compile.
+    # nothing to launch); ema_beside_forward (one process, or ema.overlap off), the update on a side stream as
+    # the next step's forward starts; ema_compiled (--ema-compile both), the update through torch.compile.
     variants = {}
     if overlap:
         variants["ema_inline"] = lambda on: setattr(ema, "deferring", not on)
+    else:
+        ema.defer_updates(device)
+        ema.deferring = False
+
+        def beside(on: bool) -> None:
+            beside_forward[0] = ema.deferring = on
+
+        variants["ema_beside_forward"] = beside
     if args.ema_compile == "both":
         ema.compile()
         ema.probe(unet)  # compiles it here, not in the timed steps

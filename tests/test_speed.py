@@ -241,8 +241,9 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
 
 def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, bench):
     """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that DDP,
-    its comm hook and ema.overlap are on: the step as configured and both EMA variants (the update after the
-    optimizer, the compiled update) are timed and reported in the BENCH line. On a GPU a crash here costs a
+    its comm hook and ema.overlap are on: the step as configured and the EMA variants (the update after the
+    optimizer, the compiled update; with ema.overlap off the update beside the forward) are timed and reported
+    in the BENCH line. On a GPU a crash here costs a
     device call; the CUDA-only calls are stood in for."""
     import sys
 
@@ -272,17 +273,19 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     monkeypatch.setattr(bench, "matmul_tflops", lambda device: 1.0)
     for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0), ("get_device_name", "cpu")):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--worker", "--res", "64", "--worker-batch", "2", "--steps", "3",
-                                      "--warmup", "1", "--compile", "off", "--ema-compile", "both"])
-    try:
-        assert bench.main() == 0
-    finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("BENCH "))
-    result = json.loads(line[len("BENCH "):])
-    assert result["img_per_s"] > 0 and result["flops_per_image"] > 0
-    assert sorted(result["variants"]) == ["ema_compiled", "ema_inline"] and min(result["variants"].values()) > 0
+    for switches, variants in ((["--ema-compile", "both"], ["ema_compiled", "ema_inline"]),
+                               (["--ema-overlap", "off"], ["ema_beside_forward"])):
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--worker", "--res", "64", "--worker-batch", "2", "--steps",
+                                          "3", "--warmup", "1", "--compile", "off", *switches])
+        try:
+            assert bench.main() == 0
+        finally:
+            if torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("BENCH "))
+        result = json.loads(line[len("BENCH "):])
+        assert result["img_per_s"] > 0 and result["flops_per_image"] > 0
+        assert sorted(result["variants"]) == variants and min(result["variants"].values()) > 0
 
 
 def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
