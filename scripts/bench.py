@@ -3,7 +3,8 @@ cache and from online VAE encoding; SD1.5 UNet; one GPU and several under torchr
 
     python scripts/bench.py [--gpus 1 2] [--res 256 512] [--batch 256=64 512=16] [--steps 40]
         [--compile off|full|regional] [--sdpa auto|flash|cudnn|efficient|math] [--cudnn-benchmark on|off]
-        [--channels-last on|off] [--profile] [--pretrained DIR] [--work DIR] [--json OUT.json]
+        [--channels-last on|off] [--ema-compile on|off|both] [--ema-overlap on|off] [--profile]
+        [--pretrained DIR] [--work DIR] [--json OUT.json]
 
 Without --pretrained it writes a random-init SD1.5-shaped VAE, 12-layer CLIP text encoder and a
 77-token tokenizer (same shapes and FLOPs as the real ones; no download). It makes pre-resized
@@ -12,6 +13,9 @@ JPEGs, caches their latents with scripts/precompute_latents.py, then for each re
            channels-last), grad clip, fused AdamW, EMA, on random tensors; DDP as the trainer wraps it
   cache    scripts/train.py --data.source=latents (the trainer: loader, text encoder, draws, metrics)
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
+The bare step also times variants of its EMA in the same process (no second compile), alternating with
+the step as configured: the update after the optimizer (under DDP with ema.overlap), beside the next
+forward (one process), compiled (--ema-compile both); they are printed below the table.
 img/s come from steady-state steps (the first log interval, with compilation, is dropped). MFU counts
 the UNet's training FLOPs (torch.utils.flop_counter) against 989 TFLOP/s (H100 SXM dense bf16) and
 against this card's measured bf16 matmul rate. --profile adds a torch.profiler record of 3 steps of each
