@@ -299,16 +299,21 @@ def bare_worker(args) -> None:
     # a multiple of --ema-every steps, so that every variant's halves hold the same number of EMA updates.
     half = max(1, round(args.steps / 2 / args.ema_every)) * args.ema_every
     seconds = dict.fromkeys(["", *variants], 0.0)
+    peak = torch.cuda.max_memory_allocated(device)  # the peak memory of the step as configured, warmup included
     for _ in range(2):
         for name in seconds:
             for other, switch in variants.items():
                 switch(other == name)
+            if not name:
+                torch.cuda.reset_peak_memory_stats(device)
             seconds[name] += timed(half)
+            if not name:
+                peak = max(peak, torch.cuda.max_memory_allocated(device))
     for switch in variants.values():
         switch(False)
     elapsed, timed_steps = seconds.pop(""), 2 * half
     variant_img_per_s = {name: timed_steps * batch * dist.world_size() / t for name, t in seconds.items()}
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    peak_mem = peak / 2**30
     profile = None
     if args.profile:  # after the timed steps, so that they are not slowed down
         profiler = speed.StepProfiler(1, 3, Path(args.work) / f"profile_bare_{res}_{dist.world_size()}",

@@ -271,7 +271,8 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     monkeypatch.setattr(ldm_dist, "init", one_rank)
     monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(bench, "matmul_tflops", lambda device: 1.0)
-    for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0), ("get_device_name", "cpu")):
+    for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0), ("reset_peak_memory_stats", None),
+                           ("get_device_name", "cpu")):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
     for switches, variants in ((["--ema-compile", "both"], ["ema_compiled", "ema_inline"]),
                                (["--ema-overlap", "off"], ["ema_beside_forward"])):
