@@ -197,12 +197,13 @@ class EMA:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @torch.no_grad()
-    def launch_pending(self) -> None:
-        """Apply the pending update now, on the side stream after the work queued so far on the current one."""
+    def launch_pending(self, beside: bool = True) -> None:
+        """Apply the pending update now: on the side stream after the work queued so far on the current one, or
+        (`beside` False, or no side stream) on the current stream."""
         if self.pending is None:
             return
         (module, weights), self.pending = self.pending, None
-        if self.stream is None:
+        if not beside or self.stream is None:
             self._apply(module, weights)
             return
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -215,9 +216,7 @@ class EMA:
     def settle(self) -> None:
         """Every update so far in the shadows, as the current stream sees them: before the optimizer changes the
         weights a pending update reads, and before the shadows are read or written (each method here does)."""
-        if self.pending is not None:
-            (module, weights), self.pending = self.pending, None
-            self._apply(module, weights)
+        self.launch_pending(beside=False)
         if self.in_flight is not None:
             torch.cuda.current_stream().wait_stream(self.stream)
             self.in_flight = None

@@ -239,12 +239,10 @@ def bare_worker(args) -> None:
     v_target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch,), device=device)
 
-    beside_forward = [False]  # the ema_beside_forward variant
-
     def step():
         nonlocal calls
         calls += 1
-        if beside_forward[0]:
+        if ema.deferring and not overlap:  # the ema_beside_forward variant
             ema.launch_pending()
         with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             v_pred = model(x_t, t, context).sample
@@ -283,13 +281,9 @@ def bare_worker(args) -> None:
     if overlap:
         variants["ema_inline"] = lambda on: setattr(ema, "deferring", not on)
     else:
-        ema.defer_updates(device)
+        ema.defer_updates(device)  # for the side stream; the step as configured updates at once
         ema.deferring = False
-
-        def beside(on: bool) -> None:
-            beside_forward[0] = ema.deferring = on
-
-        variants["ema_beside_forward"] = beside
+        variants["ema_beside_forward"] = lambda on: setattr(ema, "deferring", on)
     if args.ema_compile == "both":
         ema.compile()
         ema.probe(unet)  # compiles it here, not in the timed steps
@@ -299,21 +293,20 @@ def bare_worker(args) -> None:
     # a multiple of --ema-every steps, so that every variant's halves hold the same number of EMA updates.
     half = max(1, round(args.steps / 2 / args.ema_every)) * args.ema_every
     seconds = dict.fromkeys(["", *variants], 0.0)
-    peak = torch.cuda.max_memory_allocated(device)  # the peak memory of the step as configured, warmup included
+    peak_bytes = torch.cuda.max_memory_allocated(device)  # of the step as configured, warmup included
     for _ in range(2):
         for name in seconds:
             for other, switch in variants.items():
                 switch(other == name)
-            if not name:
-                torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.reset_peak_memory_stats(device)
             seconds[name] += timed(half)
             if not name:
-                peak = max(peak, torch.cuda.max_memory_allocated(device))
+                peak_bytes = max(peak_bytes, torch.cuda.max_memory_allocated(device))
     for switch in variants.values():
         switch(False)
     elapsed, timed_steps = seconds.pop(""), 2 * half
     variant_img_per_s = {name: timed_steps * batch * dist.world_size() / t for name, t in seconds.items()}
-    peak_mem = peak / 2**30
+    peak_mem = peak_bytes / 2**30
     profile = None
     if args.profile:  # after the timed steps, so that they are not slowed down
         profiler = speed.StepProfiler(1, 3, Path(args.work) / f"profile_bare_{res}_{dist.world_size()}",

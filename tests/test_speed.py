@@ -243,8 +243,7 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that DDP,
     its comm hook and ema.overlap are on: the step as configured and the EMA variants (the update after the
     optimizer, the compiled update; with ema.overlap off the update beside the forward) are timed and reported
-    in the BENCH line. On a GPU a crash here costs a
-    device call; the CUDA-only calls are stood in for."""
+    in the BENCH line. On a GPU a crash here costs a device call; the CUDA-only calls are stood in for."""
     import sys
 
     import torch.distributed as torch_dist
