@@ -94,10 +94,11 @@ class EMAConfig:
     update_every: int = 1  # optimizer steps between EMA updates; ema.decay is per update, so k multiplies the
     # average's span in steps by k (the power profiles span a fraction of the run either way)
     start_step: int = 0  # first step that updates the EMA (before it the EMA copies the weights)
-    compile: bool = False  # torch.compile the update: inductor fuses its three passes over the weights into one
-    # (the eager update is 8% of an SD1.5 step at 256 px batch 64 on an H200); not yet measured, so off
-    overlap: bool = True  # under DDP: the update runs while the next step's gradients are all-reduced (a side
-    # CUDA stream) instead of after the optimizer; bit-identical, only the time it takes moves (EMA.defer_updates)
+    compile: bool = False  # torch.compile the update: inductor fuses its three passes over the weights into one;
+    # off: measured on H200s from -4% to +6% of a step, no steady gain (docs/performance.md)
+    overlap: bool = False  # the update runs on a side CUDA stream beside the next step's forward instead of after
+    # the optimizer, meant bit-identical (EMA.defer_updates; +2-6% at 256 px on H200s). Off until
+    # tests/test_ema.py's CUDA test has passed on a GPU (docs/performance.md)
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -175,21 +174,3 @@ def wrap_ddp(module: torch.nn.Module, static_graph: bool = False, bucket_cap_mb:
     ids = [_device.index] if _device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph,
                                    bucket_cap_mb=bucket_cap_mb)
-
-
-def on_first_bucket(ddp_model: torch.nn.Module, work: Callable[[], None]) -> None:
-    """Call `work()` whenever `ddp_model` launches the all-reduce of its first gradient bucket (DDP launches the
-    buckets in order, once per synced backward). With the UNet compiled as one graph (train.ddp_compile=whole),
-    every backward kernel is queued by then, so work queued on another CUDA stream runs beside the all-reduce.
-    The hook then averages as DDP's built-in reducer does (its gradients scaled by the float reciprocal of the
-    world size, then summed): the same bits on CPU and GPU at any world size (torch's allreduce_hook divides,
-    which on CPU rounds differently where the world size is not a power of two)."""
-    scale = 1.0 / dist.get_world_size()
-
-    def hook(state, bucket):
-        if bucket.index() == 0:
-            work()
-        grads = bucket.buffer().mul_(scale)
-        return dist.all_reduce(grads, async_op=True).get_future().then(lambda done: done.value()[0])
-
-    ddp_model.register_comm_hook(None, hook)

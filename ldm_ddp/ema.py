@@ -188,11 +188,11 @@ class EMA:
         return step >= self.cfg.start_step and step % self.cfg.update_every == 0
 
     def defer_updates(self, device: torch.device) -> None:
-        """ema.overlap under DDP: update() only computes the update's weights; the shadows move when DDP launches
-        the next step's gradient all-reduce (launch_pending, called from dist.on_first_bucket), on a side CUDA
-        stream, so the EMA's passes over the weights run beside the all-reduce instead of after the optimizer.
+        """ema.overlap: update() only computes the update's weights; the shadows move when the next step starts
+        (launch_pending, called by the training loop before the forward), on a side CUDA stream, so the EMA's
+        memory-bound passes over the weights run beside the forward's matmuls instead of after the optimizer.
         The weights it reads are unchanged until then (the optimizer step settles first), so every bit is the
-        same as updating at once. (CPU: no side stream; the update runs inside the hook.)"""
+        same as updating at once. (CPU: no side stream; launch_pending applies the update there and then.)"""
         self.deferring = True
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 

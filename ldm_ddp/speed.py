@@ -94,9 +94,9 @@ def ddp_compile(setting: str, compile_mode: str, world_size: int) -> str:
     split: dynamo cuts the graph at every DDP bucket (DDPOptimizer) so that each bucket's all-reduce starts while
     the backward goes on, at the price of fusion and layout across the cuts (SD1.5: ~136 graphs at 25 MB).
     whole: one graph, as on one GPU; DDP's reducer all-reduces the gradients after the backward (3.4 GB of fp32
-    for SD1.5, not overlapped with the backward; ema.overlap puts the EMA update beside it). Measured on H200s at
-    256 px, batch 64: whole scales 94.8% on 2 GPUs and 89.6% on 4, split 80.6% on 2 at 25 MB buckets and 70.4%
-    on 4 at 800 MB (docs/performance.md). A third way, DDP's Python reducer traced into the backward by compiled
+    for SD1.5, not overlapped with the backward). Measured on H200s at 256 px, batch 64: whole scales 94.8%
+    on 2 GPUs and 89.6-90.3% on 4, split 80.6% on 2 at 25 MB buckets and 70.4% on 4 at 800 MB
+    (docs/performance.md). A third way, DDP's Python reducer traced into the backward by compiled
     autograd (optimize_ddp="python_reducer"), measured 1.4% slower than whole and compiled 60% longer."""
     return setting if compile_mode == "full" and world_size > 1 else "split"
 

@@ -130,9 +130,8 @@ def train(cfg: Config) -> dict:
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, world, ddp_mode)
     ddp_model = dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb)
-    if cfg.ema.overlap and ddp_model is not unet:  # the EMA update behind the next step's all-reduce
+    if cfg.ema.overlap:  # each EMA update runs beside the next step's forward (launch_pending below)
         ema.defer_updates(device)
-        dist.on_first_bucket(ddp_model, ema.launch_pending)
     model = speed.compile_model(unet, ddp_model, compile_mode, force_layout, cfg.train.compile_backend)
     sdpa_backend = cfg.model.sdpa_backend
     if compile_mode != "off" or sdpa_backend != "auto":
@@ -271,6 +270,7 @@ def train(cfg: Config) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         data_wait, bad, keys, step_loss = 0.0, [], [], 0.0
+        ema.launch_pending()  # ema.overlap: the last step's EMA update, on a side stream beside this step's work
         for micro in range(grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)

@@ -14,8 +14,8 @@ JPEGs, caches their latents with scripts/precompute_latents.py, then for each re
   cache    scripts/train.py --data.source=latents (the trainer: loader, text encoder, draws, metrics)
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
 The bare step also times variants of its EMA in the same process (no second compile), alternating with
-the step as configured: the update after the optimizer (under DDP with ema.overlap), beside the next
-forward (one process), compiled (--ema-compile both); they are printed below the table.
+the step as configured: beside the next forward (ema.overlap, off by default) or after the optimizer (with
+it on), and compiled (--ema-compile both); they are printed below the table.
 img/s come from steady-state steps (the first log interval, with compilation, is dropped). MFU counts
 the UNet's training FLOPs (torch.utils.flop_counter) against 989 TFLOP/s (H100 SXM dense bf16) and
 against this card's measured bf16 matmul rate. --profile adds a torch.profiler record of 3 steps of each
@@ -39,8 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
 # The bare step's variants timed in its own process (bare_worker), as the table names them.
-VARIANTS = {"ema_inline": "the EMA after the optimizer step, DDP's comm hook kept: not DDP's built-in all-reduce",
-            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward",
+VARIANTS = {"ema_inline": "the EMA after the optimizer step: ema.overlap off",
+            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward: ema.overlap on",
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches the bare worker takes as it is given them (--name value) and each row records.
 SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile", "static_graph",
@@ -230,10 +230,9 @@ def bare_worker(args) -> None:
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
     ddp_model = dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb)
-    overlap = args.ema_overlap == "on" and ddp_model is not unet
-    if overlap:
-        ema.defer_updates(device)
-        dist.on_first_bucket(ddp_model, ema.launch_pending)
+    overlap = args.ema_overlap == "on"
+    ema.defer_updates(device)  # its side stream; the step as configured defers with ema.overlap only
+    ema.deferring = overlap
     model = speed.compile_model(unet, ddp_model, args.compile, force_layout)
     x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
@@ -242,8 +241,7 @@ def bare_worker(args) -> None:
     def step():
         nonlocal calls
         calls += 1
-        if ema.deferring and not overlap:  # the ema_beside_forward variant
-            ema.launch_pending()
+        ema.launch_pending()  # as the trainer does: the last step's EMA update, if pending, beside this one
         with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             v_pred = model(x_t, t, context).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
@@ -274,16 +272,13 @@ def bare_worker(args) -> None:
         return float(dist.all_gather_tensor(torch.tensor([time.perf_counter() - t0], device=device)).max())
 
     # Variants of the EMA timed in this process beside the step as configured (the same compiled UNet), name ->
-    # switch(on): ema_inline, the update after the optimizer (ema.overlap off; DDP's comm hook stays, with
-    # nothing to launch); ema_beside_forward (one process, or ema.overlap off), the update on a side stream as
-    # the next step's forward starts; ema_compiled (--ema-compile both), the update through torch.compile.
-    variants = {}
+    # switch(on): the other setting of ema.overlap (ema_inline, the update after the optimizer, or
+    # ema_beside_forward, on a side stream as the next step starts); ema_compiled (--ema-compile both), the
+    # update through torch.compile.
     if overlap:
-        variants["ema_inline"] = lambda on: setattr(ema, "deferring", not on)
+        variants = {"ema_inline": lambda on: setattr(ema, "deferring", not on)}
     else:
-        ema.defer_updates(device)  # for the side stream; the step as configured updates at once
-        ema.deferring = False
-        variants["ema_beside_forward"] = lambda on: setattr(ema, "deferring", on)
+        variants = {"ema_beside_forward": lambda on: setattr(ema, "deferring", on)}
     if args.ema_compile == "both":
         ema.compile()
         ema.probe(unet)  # compiles it here, not in the timed steps
@@ -350,8 +345,8 @@ def main() -> int:
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
     parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
                         help="as ema.compile; both: the bare step eager, and compiled in the same process")
-    parser.add_argument("--ema-overlap", default="on", choices=["on", "off"],
-                        help="as ema.overlap (several GPUs: the bare step then also times the EMA after the step)")
+    parser.add_argument("--ema-overlap", default="off", choices=["on", "off"],
+                        help="as ema.overlap (the bare step also times the other setting, in the same process)")
     parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],

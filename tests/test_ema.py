@@ -308,8 +308,8 @@ def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
 
 
 def test_deferred_updates_give_the_same_bits_and_wait_for_their_launch():
-    """ema.overlap (defer_updates): an update waits for launch_pending (DDP's next all-reduce) or settle (the next
-    optimizer step, any read of the shadows); either way every shadow ends bit-identical to updating at once,
+    """ema.overlap (defer_updates): an update waits for launch_pending (the next step's start) or settle (the
+    next optimizer step, any read of the shadows); either way every shadow ends bit-identical to updating at once,
     skipped steps and several profiles included."""
     cfg = EMAConfig(decay=0.9, extra_decays=[0.5], power_stds=[0.1])
     at_once, deferred = Net(), Net()
@@ -324,10 +324,39 @@ def test_deferred_updates_give_the_same_bits_and_wait_for_their_launch():
         ema_later.update(deferred, flag)
         assert ema_later.pending is not None and ema_later.num_updates == step + 1
         assert all(torch.equal(a, b) for a, b in zip(before, ema_later.shadows[0]))  # nothing moved yet
-        (ema_later.launch_pending if step % 2 else ema_later.settle)()  # the hook, or the optimizer step first
+        (ema_later.launch_pending if step % 2 else ema_later.settle)()  # the next step, or the optimizer step first
         assert ema_later.pending is None
     ema_later.update(deferred)  # pending at save time: state_tensors applies it first
     ema_now.update(at_once)
     later, now = ema_later.state_tensors(), ema_now.state_tensors()
     assert sorted(later) == sorted(now) and all(torch.equal(later[k], now[k]) for k in now)
     assert ema_later.state_meta() == ema_now.state_meta()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream of ema.overlap needs a GPU")
+def test_deferred_updates_on_a_cuda_side_stream_give_the_same_bits():
+    """ema.overlap on a GPU: every update launched on the side stream while the next step's forward and backward
+    run, settled before the optimizer step, ends bit-identical to updating after the optimizer. The weights stay
+    finite (checked: NaN would fail any comparison of bits)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(12)]).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+    cfg = EMAConfig(decay=0.99, extra_decays=[0.9])
+    now, later = EMA(net, cfg), EMA(net, cfg)
+    later.defer_updates(device)
+    x = torch.randn(8192, 4096, device=device)
+    for step in range(8):
+        later.launch_pending()  # as the training loop does: beside this step's work
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            net(x).float().square().mean().backward()
+        later.settle()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ok = torch.tensor(step != 3, device=device)
+        now.update(net, ok)
+        later.update(net, ok)
+    at_once, deferred = now.state_tensors(), later.state_tensors()
+    assert all(torch.isfinite(t).all() for t in at_once.values())
+    assert not torch.equal(at_once["ema.0.weight"], net[0].weight)  # the weights moved, the EMA behind them
+    assert sorted(at_once) == sorted(deferred) and all(torch.equal(at_once[k], deferred[k]) for k in at_once)
+
+

@@ -240,10 +240,10 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
 
 
 def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, bench):
-    """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that DDP,
-    its comm hook and ema.overlap are on: the step as configured and the EMA variants (the update after the
-    optimizer, the compiled update; with ema.overlap off the update beside the forward) are timed and reported
-    in the BENCH line. On a GPU a crash here costs a device call; the CUDA-only calls are stood in for."""
+    """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that DDP
+    is on: the step as configured and the EMA variants (the other setting of ema.overlap, the compiled update)
+    are timed and reported in the BENCH line. On a GPU a crash here costs a device call; the CUDA-only calls
+    are stood in for."""
     import sys
 
     import torch.distributed as torch_dist
@@ -273,8 +273,8 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0), ("reset_peak_memory_stats", None),
                            ("get_device_name", "cpu")):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
-    for switches, variants in ((["--ema-compile", "both"], ["ema_compiled", "ema_inline"]),
-                               (["--ema-overlap", "off"], ["ema_beside_forward"])):
+    for switches, variants in ((["--ema-compile", "both"], ["ema_beside_forward", "ema_compiled"]),
+                               (["--ema-overlap", "on"], ["ema_inline"])):
         monkeypatch.setattr(sys, "argv", ["bench.py", "--worker", "--res", "64", "--worker-batch", "2", "--steps",
                                           "3", "--warmup", "1", "--compile", "off", *switches])
         try:
@@ -291,7 +291,8 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
 def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
     """ema.compile=true is probed before step 1: a compiler that fails stops the run with one line naming the
     switch, or with train.fallback=true warns and updates the EMA eager; the run then ends as an eager one. One
-    that works gives the eager run's checkpoint, resumed halfway, two profiles and a start step included."""
+    that works gives the eager run's checkpoint, resumed halfway, two profiles and a start step included. (The
+    eager run updates after each optimizer step; the compiled one as the next step starts, ema.overlap=true.)"""
     import ldm_ddp.ema as ema_module
 
     def no_compiler(graph, example_inputs):
@@ -303,6 +304,7 @@ def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(t
         train_here(*tiny_args(tmp_path / "stopped", train__max_steps=2), "--ema.compile=true")
     assert not (tmp_path / "stopped" / "checkpoints" / "step_0000001.safetensors").exists()
     profiles = {"ema__extra_decays": [0.9], "ema__start_step": 2, "ckpt__every": 1, "train__max_steps": 3}
+    overlap = {**profiles, "ema__overlap": True}
     stdout = train_here(*tiny_args(tmp_path / "fallback", **profiles), "--ema.compile=true", "--train.fallback=true")
     assert "warning: ema.compile=true failed at start" in stdout  # and it updated its EMA eager:
     # A compiler that works (aot_eager: the same graph, no C++): the same run, across a resume (the shadows
@@ -310,8 +312,8 @@ def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(t
     monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    train_here(*tiny_args(tmp_path / "compiled", **{**profiles, "train__max_steps": 2}), "--ema.compile=true")
-    train_here(*tiny_args(tmp_path / "compiled", **profiles), "--ema.compile=true")
+    train_here(*tiny_args(tmp_path / "compiled", **{**overlap, "train__max_steps": 2}), "--ema.compile=true")
+    train_here(*tiny_args(tmp_path / "compiled", **overlap), "--ema.compile=true")
     final = "checkpoints/step_0000003.safetensors"
     assert_bitwise_equal(tmp_path / "compiled" / final, tmp_path / "fallback" / final)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the update was compiled (UNet: eager)
