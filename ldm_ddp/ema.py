@@ -149,7 +149,7 @@ class EMA:
         # ema.overlap (defer_updates): update() leaves its update pending, launch_pending() runs it on `stream`.
         self.deferring, self.stream = False, None
         self.pending = None  # (module, weight per profile) of the update not applied yet
-        self.in_flight = None  # the weights an update on `stream` reads, kept alive until settle()
+        self.in_flight = None  # the weights the updates on `stream` read, kept alive until settle()
         if cfg.compile:
             self.compile()
 
@@ -210,16 +210,18 @@ class EMA:
         # Autocast off: the caller's may leak into a backward's hooks; ema.compile's graph is built without it.
         with torch.cuda.stream(self.stream), torch.autocast("cuda", enabled=False):
             self._apply(module, weights)
-        self.in_flight = weights
+        self.in_flight = (self.in_flight or []) + weights
 
     @torch.no_grad()
     def settle(self) -> None:
         """Every update so far in the shadows, as the current stream sees them: before the optimizer changes the
-        weights a pending update reads, and before the shadows are read or written (each method here does)."""
-        self.launch_pending(beside=False)
+        weights a pending update reads, and before the shadows are read or written (each method here does). The
+        update in flight on the side stream first, then any pending one on this stream: they write the same
+        shadows."""
         if self.in_flight is not None:
             torch.cuda.current_stream().wait_stream(self.stream)
             self.in_flight = None
+        self.launch_pending(beside=False)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, ok: torch.Tensor | None = None) -> None:
