@@ -331,6 +331,8 @@ def test_deferred_updates_give_the_same_bits_and_wait_for_their_launch():
     later, now = ema_later.state_tensors(), ema_now.state_tensors()
     assert sorted(later) == sorted(now) and all(torch.equal(later[k], now[k]) for k in now)
     assert ema_later.state_meta() == ema_now.state_meta()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream of ema.overlap needs a GPU")
 def test_deferred_updates_on_a_cuda_side_stream_give_the_same_bits():
     """ema.overlap on a GPU: every update launched on the side stream while the next step's forward and backward
@@ -358,5 +360,3 @@ def test_deferred_updates_on_a_cuda_side_stream_give_the_same_bits():
     assert all(torch.isfinite(t).all() for t in at_once.values())
     assert not torch.equal(at_once["ema.0.weight"], net[0].weight)  # the weights moved, the EMA behind them
     assert sorted(at_once) == sorted(deferred) and all(torch.equal(at_once[k], deferred[k]) for k in at_once)
-
-
