@@ -335,21 +335,27 @@ def test_deferred_updates_give_the_same_bits_and_wait_for_their_launch():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream of ema.overlap needs a GPU")
 def test_deferred_updates_on_a_cuda_side_stream_give_the_same_bits():
-    """ema.overlap on a GPU: every update launched on the side stream while the next step's forward and backward
-    run, settled before the optimizer step, ends bit-identical to updating after the optimizer. The weights stay
-    finite (checked: NaN would fail any comparison of bits)."""
+    """ema.overlap on a GPU: every update launched on the side stream as a step starts, settled before the
+    optimizer step, ends bit-identical to updating after the optimizer. Steps alternate between a forward and
+    backward beside the update (the training loop's case) and next to no work on the current stream (gradients
+    filled in), where the optimizer would overwrite the weights under the update's reads without the stream
+    waits: four profiles make the update outlast it. The weights stay finite (NaN would fail any comparison)."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(12)]).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
-    cfg = EMAConfig(decay=0.99, extra_decays=[0.9])
+    cfg = EMAConfig(decay=0.99, extra_decays=[0.9, 0.95, 0.999])
     now, later = EMA(net, cfg), EMA(net, cfg)
     later.defer_updates(device)
     x = torch.randn(8192, 4096, device=device)
-    for step in range(8):
-        later.launch_pending()  # as the training loop does: beside this step's work
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            net(x).float().square().mean().backward()
+    for step in range(10):
+        later.launch_pending()  # as the training loop does, before the step's work
+        if step % 2:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                net(x).float().square().mean().backward()
+        else:
+            for p in net.parameters():
+                p.grad = torch.full_like(p, 1e-3 * (step + 1))
         later.settle()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
