@@ -207,7 +207,7 @@ class EMA:
             self._apply(module, weights)
             return
         self.stream.wait_stream(torch.cuda.current_stream())
-        # Autocast off: the caller's may leak into a backward's hooks; ema.compile's graph is built without it.
+        # Autocast off, should the caller be under it: ema.compile's graph is built without it.
         with torch.cuda.stream(self.stream), torch.autocast("cuda", enabled=False):
             self._apply(module, weights)
         self.in_flight = (self.in_flight or []) + weights

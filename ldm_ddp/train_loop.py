@@ -129,10 +129,10 @@ def train(cfg: Config) -> dict:
     ddp_mode = speed.ddp_compile(cfg.train.ddp_compile, compile_mode, world)
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(cfg.train.layout_opt, on_cuda and cfg.train.channels_last, world, ddp_mode)
-    ddp_model = dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb),
+                                compile_mode, force_layout, cfg.train.compile_backend)
     if cfg.ema.overlap:  # each EMA update runs beside the next step's forward (launch_pending below)
         ema.defer_updates(device)
-    model = speed.compile_model(unet, ddp_model, compile_mode, force_layout, cfg.train.compile_backend)
     sdpa_backend = cfg.model.sdpa_backend
     if compile_mode != "off" or sdpa_backend != "auto":
         def probe_step() -> None:  # one forward + backward of a micro-batch's shape; gradients dropped

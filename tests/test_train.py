@@ -84,8 +84,8 @@ def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path,
     common = {"train__grad_accum": grad_accum, "ckpt__every": half, "train__seed": 3,
               "ema__update_every": grad_accum, "ema__start_step": 1}
     overlap = {**common, "ema__overlap": True}
-    check(run_script("scripts/train.py", *tiny_args(straight, train__max_steps=steps, data__num_workers=1,
-                                                    **common), nproc=2, timeout=150))
+    check(run_script("scripts/train.py", *tiny_args(straight, train__max_steps=steps, data__num_workers=1, **common),
+                     nproc=2, timeout=150))
     workers = 2 if grad_accum == 2 else 0
     first_half = tiny_args(resumed, train__max_steps=half, data__num_workers=workers, **overlap)
     check(run_script("scripts/train.py", *first_half, nproc=2, timeout=150))
