@@ -145,8 +145,8 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
 
 
 def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, every: int, timeout: float) -> dict:
-    """The run of issue 7: the trainer saves at step `save_at`, rank 0 is killed -9 one log interval later,
-    and the same command resumes from that checkpoint to the end. -> where it stopped and resumed, the losses
+    """Kill and resume under torchrun: the trainer saves at step `save_at`, rank 0 is killed -9 one log interval
+    later, and the same command resumes from that checkpoint to the end. -> where it stopped and resumed, the losses
     of the steps done twice (same data and draws: they should agree), and the mean loss over two log intervals
     on either side of the resume point (a jump would show here)."""
     import chaos
@@ -352,7 +352,7 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
                         choices=["bare", "cache", "online", "resume"],
                         help="resume: the trainer from the cache saves at --steps/2, rank 0 is killed -9, and the "
-                             "same command resumes (issue 7's check; reported below the table)")
+                             "same command resumes (reported below the table)")
     parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
     parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
