@@ -79,8 +79,8 @@ def precompute_latents(cfg: Config, out_dir: str, vae_dtype: str = "", batch: in
     vae_dtype = vae_dtype or cfg.model.frozen_dtype
     device = dist.init(cfg.train.device)
     rank, world = dist.rank(), dist.world_size()
-    source = build_source(cfg.data)
-    if getattr(source, "sequential", False) or not hasattr(source, "raw"):
+    source = build_source(cfg.data, is_main=dist.is_main())
+    if not (source.random_access and source.has_raw):
         raise ConfigError(f"data.source: {cfg.data.source} has no random access to cache from; "
                           "use make_shards.py first")
     frozen = load_frozen(cfg.model.pretrained, vae_dtype, device)

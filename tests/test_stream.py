@@ -7,13 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm_ddp.data.sources import DataSource
 from ldm_ddp.data.stream import GlobalOrder, ShardedStream, make_loader
 
 RES = 8
 
 
-class FakeSource:
+class FakeSource(DataSource):
     """`n` 8 px images; index i is red = i % 256, green = i // 256. Some indices raise or have no caption."""
+
+    random_access = True
+    latent = False
+    has_raw = False
 
     def __init__(self, n: int, broken=(), uncaptioned=()):
         self.n, self.broken, self.uncaptioned = n, set(broken), set(uncaptioned)
@@ -23,6 +28,9 @@ class FakeSource:
 
     def key(self, i: int) -> str:
         return f"fake/{i:05d}"
+
+    def shard_sizes(self) -> None:
+        return None
 
     def __getitem__(self, i: int) -> dict:
         if i in self.broken:

@@ -69,8 +69,7 @@ def _make_shard(number: int) -> tuple[dict | None, list[list[str]]]:
                 records.append(prepare(source.raw(i), opts["resize"], opts["min_size"], opts["verify"],
                                        opts["quality"]))
         except Exception as err:  # any failure leaves the sample out, named; the conversion goes on
-            key = source.key(i) if hasattr(source, "key") else f"index {i}"
-            skipped.append([key, f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"])
+            skipped.append([source.key(i), f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"])
     entry = write_shard(_job["out_dir"], number, records, number * opts["shard_size"]) if records else None
     return entry, skipped
 

@@ -73,7 +73,12 @@ def shorter_side(path: str) -> int | None:
 class ImageFolderSource(RawSource):
     """Images under `path` with captions; `source[i]` -> {"image": lazily opened PIL image, "caption", "key"}."""
 
-    def __init__(self, path: str, caption_column: str = "text", min_size: int = 0, seed: int = 0):
+    random_access = True
+    latent = False
+    has_raw = True
+
+    def __init__(self, path: str, caption_column: str = "text", min_size: int = 0, seed: int = 0,
+                 is_main: bool = True):
         self.root, self.caption_column, self.min_size, self.seed = str(path), caption_column, min_size, seed
         names = list_images(self.root)
         self.filtered = 0
@@ -83,8 +88,7 @@ class ImageFolderSource(RawSource):
             kept = [f for f in names if (shorter_side(self.path(f)) or min_size) >= min_size]
             self.filtered = len(names) - len(kept)
             names = kept
-            from .. import dist
-            if dist.is_main():
+            if is_main:
                 print(f"data: data.min_size={min_size} left out {self.filtered} of {len(names) + self.filtered} "
                       f"images under {self.root}", flush=True)
         if not names:
@@ -132,6 +136,9 @@ class ImageFolderSource(RawSource):
 
     def key(self, index: int) -> str:
         return self.files[index]
+
+    def shard_sizes(self) -> None:
+        return None  # one file per image: any order reads alike
 
     def captions_of(self, index: int):
         """The caption cell of image `index` (a string or a list); raises if there is none."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..config import ConfigError
 from . import files
 from .samples import RawSource
+from .sources import DataSource
 
 # One file of these extensions as data.path: loaded with the matching `datasets` packaged builder.
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
@@ -94,6 +95,10 @@ def image_bytes(value):
 class HFDatasetSource(RawSource):
     """Rows of a `datasets.Dataset`; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<split>/<i>"}."""
 
+    random_access = True
+    latent = False
+    has_raw = True
+
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
                  split: str = "train"):
         if not path:
@@ -125,6 +130,9 @@ class HFDatasetSource(RawSource):
             raise IndexError(f"row {index} out of range ({len(self)} rows)")
         return f"{self.split}/{index}"
 
+    def shard_sizes(self) -> None:
+        return None  # one memory-mapped table: any order reads alike
+
     def raw(self, index: int) -> dict:
         key = self.key(index)
         row = self.dataset[index]
@@ -137,10 +145,12 @@ class HFDatasetSource(RawSource):
         return f"hf:n={len(self)}:{digest.hexdigest()[:16]}"
 
 
-class HFStreamSource:
+class HFStreamSource(DataSource):
     """A streamed `datasets` dataset: records in the stream's order (see the module docstring)."""
 
-    sequential = True  # the stream (stream.StreamReader) reads it in order; there is no source[i]
+    random_access = False  # the stream (stream.StreamReader) reads it in order; there is no source[i]
+    latent = False
+    has_raw = False  # records(epoch) instead: raw(i) would need an index
 
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
                  split: str = "train", shuffle_buffer: int = 1000):
@@ -167,6 +177,14 @@ class HFStreamSource:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def key(self, position: int) -> str:
+        """The record at global `position`, named as records() names it: "<split>/<epoch>/<n>"."""
+        epoch, n = divmod(position, len(self))
+        return f"{self.split}/{epoch}/{n}"
+
+    def shard_sizes(self) -> None:
+        return None  # read in the stream's order, not shuffled by shard
 
     def records(self, epoch: int):
         """Raw records of `epoch` in order: {"key": "<split>/<epoch>/<n>", "image": bytes, "captions"}."""

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from ..checkpoint import fsync
 from ..config import ConfigError
 from .samples import CAPTION_STREAM, locate
+from .sources import DataSource
 
 FORMAT = "ldm_ddp.latents/1"
 MANIFEST = "manifest.json"
@@ -73,10 +74,12 @@ def write_manifest(folder: str, fingerprint: dict, shards: list[dict], made_with
     return manifest
 
 
-class LatentSource:
+class LatentSource(DataSource):
     """Cached samples; `source.latent_item(i, flip)` -> {"moments" [2C, h, w] fp16, "input_ids" [L], "key"}."""
 
+    random_access = True
     latent = True  # the stream batches moments and token ids instead of images and captions
+    has_raw = False  # the images are not kept
 
     def __init__(self, path: str, seed: int = 0):
         try:

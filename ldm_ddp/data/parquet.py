@@ -60,8 +60,12 @@ def parquet_file(path: str) -> pq.ParquetFile:
 class ParquetSource(RawSource):
     """Rows of Parquet files; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<stem>/<row>"}."""
 
+    random_access = True
+    latent = False
+    has_raw = True
+
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
-                 bad_shard: str = "stop", cached_groups: int = 8):
+                 bad_shard: str = "stop", cached_groups: int = 8, is_main: bool = True):
         self.files, self.skipped = [], []
         self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
         self.row_counts, self.groups, self.sizes = [], [], []  # groups: (file number, row group number)
@@ -71,7 +75,8 @@ class ParquetSource(RawSource):
                     raise FileNotFoundError("no such file")
                 meta = parquet_file(name).metadata
             except Exception as err:  # any footer error: stop naming the file, or skip it (data.bad_shard)
-                skip_or_stop(name, ShardError(f"cannot read {name} as Parquet ({err})".replace("\n", " ")), bad_shard)
+                skip_or_stop(name, ShardError(f"cannot read {name} as Parquet ({err})".replace("\n", " ")), bad_shard,
+                             is_main)
                 self.skipped.append(files.name_of(name))
                 continue
             f = len(self.files)

@@ -3,6 +3,7 @@
 A source implements `raw(i) -> {"key", "image": encoded bytes, "captions": str | list[str]}`, which
 `scripts/make_shards.py` copies as it is, and inherits `source[i]` from `RawSource`: the image opened
 lazily (decoded later by the transform, so JPEG draft mode stays possible) and one caption chosen.
+The rest of what a source offers is `sources.DataSource`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import io
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .sources import DataSource
 
 CAPTION_STREAM = 2  # seeds the caption choice apart from the order (stream 0) and augmentations (stream 1)
 
@@ -66,7 +69,7 @@ def sample_from_raw(record: dict, seed: int, index: int) -> dict:
     return {"image": open_image(record["image"]), "caption": caption, "key": record["key"]}
 
 
-class RawSource:
+class RawSource(DataSource):
     """`source[i]` from `self.raw(i)` and `self.seed` (the caption choice)."""
 
     seed = 0

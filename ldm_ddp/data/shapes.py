@@ -13,6 +13,8 @@ import re
 
 from PIL import Image, ImageDraw
 
+from .sources import DataSource
+
 # Bump when rendering or captions change: cached latents keyed by the
 # fingerprint must not be reused across generator versions.
 GENERATOR_VERSION = 2
@@ -150,8 +152,12 @@ def all_prompts() -> list[dict]:
     return prompts
 
 
-class ShapesSource:
+class ShapesSource(DataSource):
     """Random-access source of `num_samples` shapes samples; index i is always the same sample."""
+
+    random_access = True
+    latent = False
+    has_raw = True
 
     def __init__(self, seed: int = 0, num_samples: int = 100_000, resolution: int = 64):
         if num_samples <= 0:
@@ -178,6 +184,9 @@ class ShapesSource:
 
     def key(self, index: int) -> str:
         return f"shapes/{index:08d}"
+
+    def shard_sizes(self) -> None:
+        return None  # rendered on demand: any order reads as fast as any other
 
     def raw(self, index: int) -> dict:
         """The sample as a source's raw record (lossless PNG bytes), for scripts/precompute_latents.py."""

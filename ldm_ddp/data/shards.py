@@ -101,7 +101,11 @@ def read_index(root: str) -> dict:
 class ShardsSource(RawSource):
     """Samples of an indexed shard set; `source[i]` -> {"image", "caption", "key": "<shard>/<source key>"}."""
 
-    def __init__(self, path: str, seed: int = 0, bad_shard: str = "stop"):
+    random_access = True
+    latent = False
+    has_raw = True
+
+    def __init__(self, path: str, seed: int = 0, bad_shard: str = "stop", is_main: bool = True):
         self.root = path.removesuffix(INDEX).rstrip("/") or path
         index = read_index(self.root)
         self.seed, self.id = seed, index["id"]
@@ -115,7 +119,7 @@ class ShardsSource(RawSource):
                 if files.size_of(path) != entry["bytes"]:
                     raise ShardError(f"shard {path} has {files.size_of(path)} bytes, its index says {entry['bytes']}")
             except ShardError as err:
-                skip_or_stop(path or entry["file"], err, bad_shard)
+                skip_or_stop(path or entry["file"], err, bad_shard, is_main)
                 self.skipped.append(entry["file"])
                 continue
             self.shards.append(path)

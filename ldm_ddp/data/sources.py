@@ -1,36 +1,94 @@
-"""Data sources by name. A source is a sized, random-access collection:
-`len(source)`, `source[i] -> {"image": PIL image, "caption": str, "key": str}`, `source.key(i)`
-and `source.fingerprint()`; sharded sources also give `source.shard_sizes()` (the unit of the two-level
-shuffle) and all but shapes `source.raw(i)` (encoded bytes and every caption, for make_shards.py).
-The sharded stream (stream.py) does ordering, splitting and batching.
+"""Data sources: what every source offers (`DataSource`), and the configured one by name (`build_source`).
+
+The sharded stream (stream.py) does ordering, splitting and batching; a source only says what it holds.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from ..config import DataConfig
-from .folder import ImageFolderSource
-from .hf import HFDatasetSource, HFStreamSource
-from .latents import LatentSource
-from .parquet import ParquetSource
-from .shapes import ShapesSource
-from .shards import ShardsSource
-from .webdataset import WebDatasetSource
 
 
-def build_source(cfg: DataConfig):
-    """The configured source (data.source)."""
+class DataSource(ABC):
+    """A sized collection of samples, indexed 0..len-1. Each source sets the three flags as class attributes
+    (no defaults here, so a source that forgets one fails where it is read) and implements the methods.
+
+    random_access  source[i] (or latent_item(i, flip)) for any i, so a resume seeks. False for the streamed hf
+                   source: it is read in order through records(epoch), and a resume fast-forwards the stream
+                   (stream.StreamReader).
+    latent         the latent cache: latent_item(i, flip) -> moments and token ids instead of source[i]
+                   -> image and caption; the trainer checks it with check_matches(fingerprint) first.
+    has_raw        raw(i) -> {"key", "image": encoded bytes, "captions": str | list[str]}, copied as it is by
+                   scripts/make_shards.py and encoded by scripts/precompute_latents.py. True for folder,
+                   shards, parquet, webdataset, hf and shapes (its render as PNG); False for the streamed hf
+                   source (no index) and the latent cache (no images).
+
+    len(source)         samples per epoch.
+    key(i)              the name of sample i in logs and skipped lists; for a source without random access,
+                        i is a global position (a stream's records have no index apart from their order).
+    shard_sizes()       samples per shard in index order (shard j holds the next shard_sizes()[j] indices):
+                        the unit of the two-level shuffle (stream.GlobalOrder); None = not sharded.
+    fingerprint()       a short string that changes when the data does; a checkpoint records it.
+    """
+
+    random_access: bool
+    latent: bool
+    has_raw: bool
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def key(self, index: int) -> str: ...
+
+    @abstractmethod
+    def shard_sizes(self) -> list[int] | None: ...
+
+    @abstractmethod
+    def fingerprint(self) -> str: ...
+
+    def __getitem__(self, index: int) -> dict:
+        """{"image": PIL image (opened, maybe undecoded), "caption", "key"}; random-access image sources."""
+        raise NotImplementedError(f"{type(self).__name__} has no source[i]")
+
+    def raw(self, index: int) -> dict:
+        """The encoded record of sample `index` (see has_raw)."""
+        raise NotImplementedError(f"{type(self).__name__} has no raw records")
+
+    def records(self, epoch: int):
+        """Raw records of `epoch` in the stream's order; sources without random access only."""
+        raise NotImplementedError(f"{type(self).__name__} is read by index, not as a stream")
+
+    def latent_item(self, index: int, flip: bool) -> dict:
+        """{"moments", "input_ids", "key"} of sample `index`; latent sources only."""
+        raise NotImplementedError(f"{type(self).__name__} holds images, not latents")
+
+
+def build_source(cfg: DataConfig, *, is_main: bool = True) -> DataSource:
+    """The configured source (data.source). `is_main`: this process prints what a source reports (left-out
+    images, skipped shards); under torchrun pass dist.is_main(), so that one rank prints for all."""
+    # Imported here, not at the top: each of these modules imports DataSource from this one.
+    from .folder import ImageFolderSource
+    from .hf import HFDatasetSource, HFStreamSource
+    from .latents import LatentSource
+    from .parquet import ParquetSource
+    from .shapes import ShapesSource
+    from .shards import ShardsSource
+    from .webdataset import WebDatasetSource
+
     if cfg.source == "shapes":
         return ShapesSource(seed=cfg.shapes_seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
     if cfg.source == "latents":
         return LatentSource(cfg.path, cfg.seed)
     if cfg.source == "shards":
-        return ShardsSource(cfg.path, cfg.seed, cfg.bad_shard)
+        return ShardsSource(cfg.path, cfg.seed, cfg.bad_shard, is_main=is_main)
     if cfg.source == "folder":
-        return ImageFolderSource(cfg.path, cfg.caption_column, cfg.min_size, cfg.seed)
+        return ImageFolderSource(cfg.path, cfg.caption_column, cfg.min_size, cfg.seed, is_main=is_main)
     if cfg.source == "parquet":  # keeps as many row groups as the shuffle window spans
         return ParquetSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed, cfg.bad_shard,
-                             cached_groups=cfg.shuffle_window or 64)
+                             cached_groups=cfg.shuffle_window or 64, is_main=is_main)
     if cfg.source == "webdataset":
-        return WebDatasetSource(cfg.path, cfg.caption_column, cfg.seed, cfg.bad_shard)
+        return WebDatasetSource(cfg.path, cfg.caption_column, cfg.seed, cfg.bad_shard, is_main=is_main)
     if cfg.source == "hf" and cfg.hf_streaming:
         return HFStreamSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed, cfg.hf_split,
                               cfg.hf_shuffle_buffer)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .samples import sample_from_raw
+from .sources import DataSource
 from .transforms import ImageTransform, pixel_limit
 
 MAX_SUBSTITUTIONS = 16  # a bad sample is replaced by the first good one of this many candidates (substitutes)
@@ -90,17 +91,16 @@ class GlobalOrder:
 class ShardedStream(IterableDataset):
     """Endless micro-batches of this rank's slice of the global order, from `start_step` on."""
 
-    def __init__(self, source, tokenize, resolution: int, batch_per_gpu: int, grad_accum: int,
+    def __init__(self, source: DataSource, tokenize, resolution: int, batch_per_gpu: int, grad_accum: int,
                  rank: int, world_size: int, seed: int, start_step: int = 0,
                  transform: ImageTransform | None = None, shuffle_window: int = 0):
         self.source, self.tokenize = source, tokenize
         self.transform = transform or ImageTransform(resolution)  # default: centre crop, no flip
         self.batch, self.accum, self.rank, self.world = batch_per_gpu, grad_accum, rank, world_size
         self.global_batch = batch_per_gpu * world_size * grad_accum
-        shard_sizes = source.shard_sizes() if hasattr(source, "shard_sizes") else None
-        self.order = GlobalOrder(len(source), seed, shard_sizes, shuffle_window)
+        self.order = GlobalOrder(len(source), seed, source.shard_sizes(), shuffle_window)
         self.start_step = start_step
-        self.sequential = getattr(source, "sequential", False)  # a stream: read in order, no random access
+        self.random_access = source.random_access  # False: a stream, read in order (StreamReader)
 
     def positions(self, k: int) -> range:
         """Global positions of this rank's micro-batch number k."""
@@ -117,7 +117,7 @@ class ShardedStream(IterableDataset):
                                            for i in substitutes(index, len(self.source))))
 
     def load_streamed(self, position: int) -> tuple[dict, list[str]]:
-        """Sequential sources: the record at `position` of the stream, or the next good one after it."""
+        """A source without random access: the record at `position` of the stream, or the next good one."""
         def fetch(p: int) -> dict:
             return sample_from_raw(self._reader.get(p), self.order.seed, p)
         return self._first_good(position, ((position + a, lambda p=position + a: fetch(p))
@@ -140,9 +140,9 @@ class ShardedStream(IterableDataset):
                            f"every substitute): {bad[-1]}")
 
     def key_of(self, index: int) -> str:
-        if self.sequential:
+        if not self.random_access:  # `index` is a position: named by the record read there, if any
             return self._reader.key(index)
-        return self.source.key(index) if hasattr(self.source, "key") else f"index {index}"
+        return self.source.key(index)
 
     def latent_batch(self, k: int) -> dict:
         """From a latent cache: moments and token ids; the flip is the transform's draw for the position."""
@@ -156,12 +156,12 @@ class ShardedStream(IterableDataset):
                 "keys": [i["key"] for i in items], "bad": [], "k": k}
 
     def micro_batch(self, k: int) -> dict:
-        if getattr(self.source, "latent", False):
+        if self.source.latent:
             return self.latent_batch(k)
         samples, bad = [], []
         for position in self.positions(k):
-            sample, failures = (self.load_streamed(position) if self.sequential
-                                else self.load(self.order.index(position), position))
+            sample, failures = (self.load(self.order.index(position), position) if self.random_access
+                                else self.load_streamed(position))
             samples.append(sample)
             bad += failures
         captions = [s["caption"] for s in samples]
@@ -171,7 +171,7 @@ class ShardedStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        if self.sequential:
+        if not self.random_access:
             self._reader = StreamReader(self.source)  # per worker: each reads the stream itself
         k = self.start_step * self.accum + worker
         while True:
@@ -184,7 +184,7 @@ class _StreamEnded(RuntimeError):
 
 
 class StreamReader:
-    """Raw records of a sequential source (no random access) by global position.
+    """Raw records of a source without random access, by global position.
 
     Reads forward, keeping the last `keep` records (a bad sample's substitutes are the records after it,
     and the next micro-batch may start before them). A position behind that window, e.g. the first one

@@ -92,21 +92,26 @@ class ShardError(Exception):
     """A shard that cannot be opened at all; data.bad_shard decides: stop the run, or skip it."""
 
 
-def skip_or_stop(path: str, err: ShardError, policy: str) -> None:
-    """data.bad_shard: "stop" -> ConfigError naming the shard; "skip" -> one warning line (every rank
-    applies the same rule; the source's fingerprint lists skipped shards, and the trainer checks that all
-    ranks agree on it, so a shard readable on one rank only cannot split the order)."""
+def skip_or_stop(path: str, err: ShardError, policy: str, is_main: bool) -> None:
+    """data.bad_shard: "stop" -> ConfigError naming the shard; "skip" -> one warning line, printed where
+    `is_main` (every rank applies the same rule; the source's fingerprint lists skipped shards, and the
+    trainer checks that all ranks agree on it, so a shard readable on one rank only cannot split the
+    order)."""
     if policy != "skip":
         raise ConfigError(f"data.path: {err} (data.bad_shard=skip leaves such shards out)")
-    from .. import dist
-    if dist.is_main():
+    if is_main:
         print(f"data: skipping shard {files.name_of(path)}: {err} (data.bad_shard=skip)", flush=True)
 
 
 class WebDatasetSource(RawSource):
     """Samples of tar shards; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<shard>/<key>"}."""
 
-    def __init__(self, path: str, caption_column: str = "text", seed: int = 0, bad_shard: str = "stop"):
+    random_access = True
+    latent = False
+    has_raw = True
+
+    def __init__(self, path: str, caption_column: str = "text", seed: int = 0, bad_shard: str = "stop",
+                 is_main: bool = True):
         self.caption_column, self.seed = caption_column, seed
         self.shards, self.skipped = [], []
         self.samples, self.member_counts = [], []  # samples: (shard number, key, {ext: (offset, size)})
@@ -114,7 +119,7 @@ class WebDatasetSource(RawSource):
             try:
                 found, count = scan_shard(shard)
             except ShardError as err:
-                skip_or_stop(shard, err, bad_shard)
+                skip_or_stop(shard, err, bad_shard, is_main)
                 self.skipped.append(files.name_of(shard))
                 continue
             self.samples += [(len(self.shards), key, members) for key, members in found]
