@@ -94,7 +94,8 @@ def script_env() -> dict:
     """The environment of a child run: one thread per process (2 procs share 2 cores), no launcher vars."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false",
                PYTHONFAULTHANDLER="1")  # a child that crashes in native code prints its Python stacks
     return env
 
@@ -136,7 +137,8 @@ def run_script():
 
 def train_here(*args) -> str:
     """scripts/train.py's training in this process, one rank (no interpreter start-up, ~6 s less than a
-    command): -> what it printed. Errors raise (ConfigError, CheckpointError, faults.Stop) instead of exiting."""
+    command): -> what it printed. Errors raise (ConfigError, CheckpointError, faults.Stop) instead of
+    exiting."""
     import contextlib
     import io
 
@@ -147,7 +149,8 @@ def train_here(*args) -> str:
     from ldm_ddp.train_loop import train
 
     printed, threads = io.StringIO(), torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # a stopped run ignores them
+    # restored after the run: a stopped run ignores these signals
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         with contextlib.redirect_stdout(printed):
             train(load_config(overrides=[str(a) for a in args]))

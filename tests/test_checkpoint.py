@@ -178,7 +178,8 @@ def test_every_header_byte_and_sampled_data_bytes_are_covered(tmp_path):
     """A flip anywhere in the header (two masks) or the data region is refused."""
     model = torch.nn.Linear(3, 2)
     path = ckpt.save_checkpoint(tmp_path, 7, {"unet.w": model.weight, "unet.b": model.bias,
-                                              "other.bf16": torch.ones(3, dtype=torch.bfloat16)}, {"note": "x"})
+                                              "other.bf16": torch.ones(3, dtype=torch.bfloat16)},
+                                              {"note": "x"})
     pristine = path.read_bytes()
     offsets = [(i, m) for i in range(header_len(path)) for m in (0x01, 0xFF)]
     offsets += [(i, 0x80) for i in range(header_len(path), len(pristine))]
@@ -233,13 +234,15 @@ def test_prune_trusts_a_just_saved_newest_file_without_rereading(tmp_path, train
     monkeypatch.setattr(ckpt, "find_latest_valid", lambda *a, **k: calls.append(1) or real(*a, **k))
     ckpt.prune_checkpoints(tmp_path, keep=2, log=lambda line: None, just_saved=paths[2])
     assert calls == [] and ckpt.list_checkpoints(tmp_path) == paths[1:]
-    ckpt.prune_checkpoints(tmp_path, keep=1, log=lambda line: None, just_saved=paths[1])  # not the newest file
+    # not the newest file
+    ckpt.prune_checkpoints(tmp_path, keep=1, log=lambda line: None, just_saved=paths[1])
     assert calls == [1] and ckpt.list_checkpoints(tmp_path) == paths[1:]  # re-read; just_saved itself kept
 
 
 def test_a_run_below_the_newest_checkpoint_sets_the_later_ones_aside(tmp_path, trained):
-    """Another timeline's later steps (--ckpt.resume=none, a rollback): moved aside before the run saves, so that
-    retention does not delete the run's own saves as the oldest, and no later resume picks the old ones."""
+    """Another timeline's later steps (--ckpt.resume=none, a rollback): moved aside before the run saves, so
+    that retention does not delete the run's own saves as the oldest, and no later resume picks the old
+    ones."""
     old = saved_steps(tmp_path, trained, [800, 900, 1000])
     logs = []
     assert ckpt.set_aside_after(tmp_path, 1000, logs.append) is None and not logs  # nothing later: no-op
@@ -310,7 +313,8 @@ def test_versions_never_fail():
 def test_describe_groups_and_blocks(tmp_path, trained):
     (path,) = saved_steps(tmp_path, trained, [3])
     described = ckpt.describe_checkpoint(path, max_rows_per_group=2)
-    assert described["groups"]["unet"] == {"tensors": 8, "params": sum(p.numel() for p in trained[0].parameters()),
+    assert described["groups"]["unet"] == {"tensors": 8,
+                                           "params": sum(p.numel() for p in trained[0].parameters()),
                                            "dtypes": ["float32"]}
     rows = {r["name"]: r for r in described["tensors"]}
     assert rows["unet.blocks.1.*"]["tensors"] == 2
@@ -323,13 +327,15 @@ def inspect(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow
 def test_inspect_script(tmp_path, trained, capsys):
     """The command once; then its main() in process (no interpreter start-up)."""
     model, opt = trained
     path = save(tmp_path, 3, model, opt, config={"train": {"max_steps": 10}})
     report = inspect(path)
     assert report.returncode == 0, report.stderr
-    for part in ("ldm_ddp/1", "verified", "unet.conv_in.weight", "optim.blocks.0.bias.exp_avg", '"max_steps": 10'):
+    for part in ("ldm_ddp/1", "verified", "unet.conv_in.weight", "optim.blocks.0.bias.exp_avg",
+                 '"max_steps": 10'):
         assert part in report.stdout
     assert run_main("inspect_checkpoint", path, "--json") == 0
     described = json.loads(capsys.readouterr().out)
@@ -345,7 +351,8 @@ def test_inspect_script(tmp_path, trained, capsys):
 
 
 def test_large_tensors_hashed_in_threads_are_verified(tmp_path):
-    big = {"unet.big": torch.randn(3_000_000), "unet.big2": torch.randn(2_000_000)}  # 20 MB: over the thread cut-off
+    # 20 MB: over the thread cut-off
+    big = {"unet.big": torch.randn(3_000_000), "unet.big2": torch.randn(2_000_000)}
     path = ckpt.save_checkpoint(tmp_path, 1, big, {})
     assert all(torch.equal(big[k], v) for k, v in ckpt.load_checkpoint(path)[0].items())
     flip(path, path.stat().st_size - 5, 0x01)
@@ -356,7 +363,8 @@ def test_large_tensors_hashed_in_threads_are_verified(tmp_path):
 def test_odd_tensors_round_trip(tmp_path):
     """Non-contiguous, shared-storage, 0-d, empty, bf16, bool and int tensors all save and verify."""
     base = torch.randn(3, 4)
-    odd = {"unet.t": base.t(), "ema.t": base, "other.scalar": torch.tensor(2.5), "other.empty": torch.zeros(0, 3),
+    odd = {"unet.t": base.t(), "ema.t": base, "other.scalar": torch.tensor(2.5),
+           "other.empty": torch.zeros(0, 3),
            "other.bf16": torch.randn(5, dtype=torch.bfloat16), "other.mask": torch.tensor([True, False]),
            "other.rng": torch.get_rng_state(), "other.seed": torch.tensor([2**40], dtype=torch.int64)}
     tensors, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path, 1, odd, {}))
@@ -365,8 +373,9 @@ def test_odd_tensors_round_trip(tmp_path):
 
 
 def test_a_real_write_error_is_an_oserror_and_leaves_no_trace(tmp_path, trained):
-    """The file size limit (EFBIG) makes the kernel refuse the write, as a full disk does (ENOSPC): safetensors
-    reports it as its own error type, save_checkpoint as the OSError it is, with the previous checkpoint intact."""
+    """The file size limit (EFBIG) makes the kernel refuse the write, as a full disk does (ENOSPC):
+    safetensors reports it as its own error type, save_checkpoint as the OSError it is, with the previous
+    checkpoint intact."""
     (previous,) = saved_steps(tmp_path, trained, [100])
     before = previous.read_bytes()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

@@ -59,7 +59,8 @@ def test_a_string_field_keeps_a_value_that_looks_like_a_number():
 
 def test_config_file_applies_over_the_preset_and_overrides_over_the_file(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[data]\nbatch_per_gpu = 5\nnum_workers = 0\n[optim]\nlr = 3e-4\n[train]\nout_dir = "from_file"\n')
+    path.write_text('[data]\nbatch_per_gpu = 5\nnum_workers = 0\n[optim]\nlr = 3e-4\n'
+                    '[train]\nout_dir = "from_file"\n')
     cfg = load_config(str(path), ["--optim.lr=1e-5"], preset="sd15_256")
     assert cfg.data.batch_per_gpu == 5 and cfg.data.num_workers == 0  # the file beats the preset
     assert cfg.data.resolution == 256 and cfg.model.unet == "sd15"  # the rest of the preset stays
@@ -106,7 +107,8 @@ def one_line_error(overrides=(), config_file=None, preset="demo") -> str:
     ("--train.ddp_compile=compiled_autograd", "train.ddp_compile"),
     ("--train.compile_backend=cudagraphs", "train.compile_backend"),
     ("--optim.lr=inf", "optim.lr"), ("--optim.eps=nan", "optim.eps"),
-    ("--train.startup_timeout_s=inf", "train.startup_timeout_s"), ("--ema.power_stds=[0.05, NaN]", "ema.power_stds"),
+    ("--train.startup_timeout_s=inf", "train.startup_timeout_s"),
+    ("--ema.power_stds=[0.05, NaN]", "ema.power_stds"),
     ("--sample.prompts=[]", "sample.prompts"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, key):
@@ -170,7 +172,8 @@ def test_ddp_static_graph_is_refused_with_gradient_accumulation():
 
 
 def test_leading_spacing_takes_one_step_fewer():
-    """sampling.ddim_timesteps' leading spacing starts one above a multiple of T // n: T steps would reach t = T."""
+    """sampling.ddim_timesteps' leading spacing starts one above a multiple of T // n: T steps would
+    reach t = T."""
     assert "sample.steps" in one_line_error(["--sample.spacing=leading", "--sample.steps=1000"])
     assert load_config(overrides=["--sample.spacing=leading", "--sample.steps=999"]).sample.steps == 999
     assert load_config(overrides=["--sample.steps=1000"]).sample.steps == 1000  # trailing
@@ -181,6 +184,7 @@ def test_config_round_trips_through_its_dict():
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.slow
 def test_dry_run_prints_toml_that_round_trips(tmp_path, run_script):
     args = ["--preset", "sd15_256", "--optim.lr=3e-5", "--train.out_dir=" + str(tmp_path / "run"),
             '--sample.prompts=["a \\"quoted\\" cat", "a dog"]', "--ema.warmup=false"]
@@ -195,9 +199,11 @@ def test_dry_run_prints_toml_that_round_trips(tmp_path, run_script):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_value_exits_2_with_one_line_and_does_no_work(tmp_path, run_script):
     out_dir = tmp_path / "run"
-    result = run_script("scripts/train.py", "--data.batch_per_gpu=abc", f"--train.out_dir={out_dir}", timeout=60)
+    result = run_script("scripts/train.py", "--data.batch_per_gpu=abc", f"--train.out_dir={out_dir}",
+                        timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -207,7 +213,8 @@ def test_bad_value_exits_2_with_one_line_and_does_no_work(tmp_path, run_script):
 
 
 def test_min_snr_with_zero_terminal_snr_is_warned_about_and_the_presets_avoid_it():
-    """min(SNR, gamma) / (SNR + 1) is 0 at SNR 0: with zero terminal SNR the noisiest timesteps would not train."""
+    """min(SNR, gamma) / (SNR + 1) is 0 at SNR 0: with zero terminal SNR the noisiest timesteps would not
+    train."""
     from ldm_ddp.config import warnings_for
     both = load_config(overrides=["--diffusion.min_snr_gamma=5", "--diffusion.zero_terminal_snr=true"])
     assert len(warnings_for(both)) == 1 and "diffusion.min_snr_gamma" in warnings_for(both)[0]
@@ -233,5 +240,6 @@ def test_a_rank_without_its_gpu_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "5")
-    with pytest.raises(ConfigError, match=r"local rank 5 but the node has 4 visible GPU\(s\).*--nproc_per_node"):
+    with pytest.raises(ConfigError,
+                       match=r"local rank 5 but the node has 4 visible GPU\(s\).*--nproc_per_node"):
         dist.init("cuda")

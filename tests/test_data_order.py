@@ -65,13 +65,15 @@ def build(kind: str, root) -> DataConfig:
             for i in range(bounds[s], bounds[s + 1]):
                 members[f"s{i:03d}.png"], members[f"s{i:03d}.txt"] = png(10 + i), f"image {i}".encode()
             write_tar(root / "wds" / f"shards-{s:03d}.tar", members)
-        return DataConfig(source="webdataset", path=str(root / "wds" / "shards-{000..002}.tar"), shuffle_window=2)
+        return DataConfig(source="webdataset", path=str(root / "wds" / "shards-{000..002}.tar"),
+                          shuffle_window=2)
     if kind in ("hf", "hf_stream"):
         features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
         data = {"image": [{"bytes": png(10 + i), "path": None} for i in range(N)],
                 "text": [f"image {i}" for i in range(N)]}
         datasets.Dataset.from_dict(data, features=features).save_to_disk(str(root / "hf"))
-        return DataConfig(source="hf", path=str(root / "hf"), hf_streaming=kind == "hf_stream", hf_shuffle_buffer=4)
+        return DataConfig(source="hf", path=str(root / "hf"), hf_streaming=kind == "hf_stream",
+                          hf_shuffle_buffer=4)
     if kind == "shards":  # shards of 4 samples (the last has 2), converted from a folder
         folder = build("folder", root)
         make_shards(build_source(folder), str(root / "shards"), shard_size=4, log=lambda _: None)
@@ -88,11 +90,13 @@ def consume(cfg, world, batch, accum, num_workers, steps, start_step=0) -> dict[
     """{global position: (key, caption, image)} for `steps` optimizer steps of every rank, from start_step."""
     seen = {}
     for rank in range(world):
-        stream = ShardedStream(build_source(cfg), tokenize, R, batch, accum, rank, world, cfg.seed, start_step,
+        stream = ShardedStream(build_source(cfg), tokenize, R, batch, accum, rank, world, cfg.seed,
+                               start_step,
                                ImageTransform(R, crop="random", random_flip=True), cfg.shuffle_window)
         loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
         for b in itertools.islice(iter(loader), steps * accum):
-            for position, key, caption, image in zip(stream.positions(b["k"]), b["keys"], b["captions"], b["images"]):
+            for position, key, caption, image in zip(stream.positions(b["k"]), b["keys"], b["captions"],
+                                                     b["images"]):
                 assert position not in seen, f"position {position} delivered twice"
                 seen[position] = (key, caption, image)
     return seen
@@ -121,7 +125,8 @@ def test_each_source_delivers_every_sample_once_per_epoch_in_the_global_order(co
     assert sorted(seen) == list(range(2 * N))
     ident = 1 if kind == "hf_stream" else 0  # a stream's keys name positions; its captions are unique here
     for epoch in range(2):
-        assert len({seen[p][ident] for p in range(epoch * N, (epoch + 1) * N)}) == N  # each sample once per epoch
+        # each sample once per epoch
+        assert len({seen[p][ident] for p in range(epoch * N, (epoch + 1) * N)}) == N
     assert_same(seen, reference[kind])
 
 
@@ -129,7 +134,8 @@ def test_each_source_delivers_every_sample_once_per_epoch_in_the_global_order(co
 def test_resume_at_random_steps_continues_the_uninterrupted_stream(configs, reference, kind):
     rng = np.random.default_rng(SOURCES.index(kind))
     for start_step in sorted(rng.choice(np.arange(1, 5), size=2, replace=False)):
-        resumed = consume(configs[kind], 2, 1, 2, 2, steps=1, start_step=int(start_step))  # G = 4, grad accum 2
+        # G = 4, grad accum 2
+        resumed = consume(configs[kind], 2, 1, 2, 2, steps=1, start_step=int(start_step))
         assert sorted(resumed) == list(range(4 * start_step, 4 * start_step + 4))
         assert_same(resumed, reference[kind])
 
@@ -152,7 +158,8 @@ def test_two_level_shuffle_reads_a_window_of_shards_and_reshuffles_each_epoch():
     assert all(sorted(e) == list(range(29)) for e in epochs)  # a permutation per epoch
     assert len({tuple(e) for e in epochs}) == 3  # reshuffled every epoch
     again = GlobalOrder(sum(sizes), seed=3, shard_sizes=sizes, window=2)
-    assert [again.index(g) for g in reversed(range(87))] == [i for e in epochs for i in e][::-1]  # pure function
+    # pure function
+    assert [again.index(g) for g in reversed(range(87))] == [i for e in epochs for i in e][::-1]
     for e in epochs:
         # Cut the epoch where the shards met so far are complete: every piece spans at most 2 whole shards.
         shards = [int(np.searchsorted(starts, i, side="right")) - 1 for i in e]
@@ -163,7 +170,8 @@ def test_two_level_shuffle_reads_a_window_of_shards_and_reshuffles_each_epoch():
                 pieces.append(met)
                 begin = end
         assert begin == 29 and all(len(p) <= 2 for p in pieces)
-        assert set().union(*pieces) == set(range(6)) and any(len(p) == 2 for p in pieces)  # samples mix in a window
+        # samples mix in a window
+        assert set().union(*pieces) == set(range(6)) and any(len(p) == 2 for p in pieces)
     assert GlobalOrder(29, seed=3, shard_sizes=sizes, window=0).window == len(sizes)  # 0: one window of all
 
 
@@ -185,9 +193,11 @@ def test_shards_in_memory_filesystem(configs):
     for name in os.listdir(local):
         with open(os.path.join(local, name), "rb") as f:
             fs.pipe(f"/set/{name}", f.read())
-    on_disk, in_memory = build_source(configs["shards"]), build_source(DataConfig(source="shards", path="memory://set"))
+    on_disk = build_source(configs["shards"])
+    in_memory = build_source(DataConfig(source="shards", path="memory://set"))
     assert len(in_memory) == len(on_disk) and in_memory.fingerprint() == on_disk.fingerprint()
-    assert [in_memory[i]["caption"] for i in range(len(on_disk))] == [on_disk[i]["caption"] for i in range(len(on_disk))]
+    assert ([in_memory[i]["caption"] for i in range(len(on_disk))]
+            == [on_disk[i]["caption"] for i in range(len(on_disk))])
 
 
 @pytest.mark.parametrize("kind", ["shards", "webdataset"])
@@ -206,4 +216,5 @@ def test_an_unreadable_shard_stops_with_its_name_or_is_skipped_alike(configs, tm
     skipping = build_source(DataConfig(**{**vars(cfg), "path": path, "bad_shard": "skip"}))
     whole = build_source(cfg)
     assert len(skipping) < len(whole) and skipping.fingerprint() != whole.fingerprint()
-    assert skipping.fingerprint() == build_source(DataConfig(**{**vars(cfg), "path": path, "bad_shard": "skip"})).fingerprint()
+    assert (skipping.fingerprint()
+            == build_source(DataConfig(**{**vars(cfg), "path": path, "bad_shard": "skip"})).fingerprint())

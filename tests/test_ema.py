@@ -194,10 +194,11 @@ def test_several_profiles_update_independently():
     for shadow, d in zip(ema.shadows[:2], (0.5, 0.9)):
         for name, s in zip(ema.names, shadow):
             torch.testing.assert_close(s.double(), fixed[d][name], rtol=1e-6, atol=1e-6)
-    # The power-function EMA after N updates is sum_i w_i (i^(g+1) - (i-1)^(g+1)) / N^(g+1) (Karras et al. 2024,
-    # eq. 2 in discrete form): independent of the initial weights, since its first update has decay 0.
+    # The power-function EMA after N updates is sum_i w_i (i^(g+1) - (i-1)^(g+1)) / N^(g+1) (Karras et al.
+    # 2024, eq. 2 in discrete form): independent of the initial weights, since its first update has decay 0.
     g, n = power_exponent(0.1), len(weights)
-    expected = sum(w * (i ** (g + 1) - (i - 1) ** (g + 1)) for i, w in enumerate(weights, start=1)) / n ** (g + 1)
+    expected = (sum(w * (i ** (g + 1) - (i - 1) ** (g + 1)) for i, w in enumerate(weights, start=1))
+                / n ** (g + 1))
     for s in ema.shadows[2]:
         torch.testing.assert_close(s.double(), torch.full_like(s.double(), expected), rtol=1e-5, atol=1e-5)
     target = Net(seed=3)
@@ -251,7 +252,8 @@ def test_weights_names_resolve_or_fail_naming_the_profiles():
                                           r"ema:0.9999, ema:std=0.1"):
         weights_prefix(meta, "ema:0.5")
     for bad in ("ema:fast", "best", "ema:std=x"):
-        with pytest.raises(ConfigError, match=r"^--weights: expected ema \| raw \| ema:DECAY \| ema:std=SIGMA_REL"):
+        with pytest.raises(ConfigError,
+                           match=r"^--weights: expected ema \| raw \| ema:DECAY \| ema:std=SIGMA_REL"):
             weights_prefix(meta, bad)
 
 
@@ -265,7 +267,8 @@ def test_bad_profiles_fail_naming_the_key(changes, key):
 
 
 def test_update_with_ok_false_keeps_every_shadow():
-    """A skipped step (ok False on the device) leaves all profiles as they were; the schedule still advances."""
+    """A skipped step (ok False on the device) leaves all profiles as they were; the schedule still
+    advances."""
     net = Net()
     ema = EMA(net, EMAConfig(decay=0.5, warmup=False, extra_decays=[0.9], power_stds=[0.1]))
     set_weights(net, 1.0)
@@ -285,8 +288,8 @@ def test_update_with_ok_false_keeps_every_shadow():
 
 def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
     """ema.compile: the same shadows as the eager update, step by step, a skipped step (ok False) and every
-    profile included; one compiled graph serves all profiles and steps (the weight is a tensor). The backend is
-    aot_eager here (the same graph, no C++ compiler); on CUDA inductor fuses it."""
+    profile included; one compiled graph serves all profiles and steps (the weight is a tensor). The backend
+    is aot_eager here (the same graph, no C++ compiler); on CUDA inductor fuses it."""
     import ldm_ddp.ema as ema_module
     monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
@@ -302,15 +305,16 @@ def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
         set_weights(net, float(i + 2))
         for ema in (eager, compiled):
             ema.update(net, torch.tensor(ok))
-        assert all(torch.equal(a, b) for x, y in zip(eager.shadows, compiled.shadows) for a, b in zip(x, y)), i
+        assert all(torch.equal(a, b)
+                   for x, y in zip(eager.shadows, compiled.shadows) for a, b in zip(x, y)), i
     assert not torch.equal(eager.shadows[0][0], Net().linear.weight.float())  # they moved
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_deferred_updates_give_the_same_bits_and_wait_for_their_launch():
     """ema.overlap (defer_updates): an update waits for launch_pending (the next step's start) or settle (the
-    next optimizer step, any read of the shadows); either way every shadow ends bit-identical to updating at once,
-    skipped steps and several profiles included."""
+    next optimizer step, any read of the shadows); either way every shadow ends bit-identical to updating at
+    once, skipped steps and several profiles included."""
     cfg = EMAConfig(decay=0.9, extra_decays=[0.5], power_stds=[0.1])
     at_once, deferred = Net(), Net()
     ema_now, ema_later = EMA(at_once, cfg), EMA(deferred, cfg)
@@ -324,7 +328,8 @@ def test_deferred_updates_give_the_same_bits_and_wait_for_their_launch():
         ema_later.update(deferred, flag)
         assert ema_later.pending is not None and ema_later.num_updates == step + 1
         assert all(torch.equal(a, b) for a, b in zip(before, ema_later.shadows[0]))  # nothing moved yet
-        (ema_later.launch_pending if step % 2 else ema_later.settle)()  # the next step, or the optimizer step first
+        # the next step, or the optimizer step first
+        (ema_later.launch_pending if step % 2 else ema_later.settle)()
         assert ema_later.pending is None
     ema_later.update(deferred)  # pending at save time: state_tensors applies it first
     ema_now.update(at_once)
@@ -339,7 +344,8 @@ def test_deferred_updates_on_a_cuda_side_stream_give_the_same_bits():
     optimizer step, ends bit-identical to updating after the optimizer. Steps alternate between a forward and
     backward beside the update (the training loop's case) and next to no work on the current stream (gradients
     filled in), where the optimizer would overwrite the weights under the update's reads without the stream
-    waits: four profiles make the update outlast it. The weights stay finite (NaN would fail any comparison)."""
+    waits: four profiles make the update outlast it. The weights stay finite (NaN would fail any
+    comparison)."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(12)]).to(device)

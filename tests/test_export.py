@@ -10,6 +10,7 @@ from test_train import check
 diffusers = pytest.importorskip("diffusers")
 
 
+@pytest.mark.slow
 def test_exported_pipeline_matches_our_sampler(tmp_path, trained_run, run_script, caplog):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -30,11 +31,13 @@ def test_exported_pipeline_matches_our_sampler(tmp_path, trained_run, run_script
     assert not [r for r in caplog.records if "missing" in r.getMessage().lower()
                 or "not initialized" in r.getMessage().lower()]
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert (pipe.scheduler.config.rescale_betas_zero_snr
+            and pipe.scheduler.config.timestep_spacing == "trailing")
 
     cfg, unet, frozen = load_trained(str(ckpt), "ema", torch.device("cpu"))
     d = cfg.diffusion
-    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.zero_terminal_snr)
+    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
+                             d.zero_terminal_snr)
     prompts, seeds = ["a large red circle in the center", "a small blue square in the top left"], [3, 4]
     ours = generate(unet, frozen, schedule, prompts, seeds, 8, 3.0, 0.7, "trailing", autocast=False)
     noise = initial_noise(seeds, (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size))
@@ -55,7 +58,8 @@ def test_the_exported_scheduler_visits_our_timesteps(spacing):
     scheduler = scheduler_for(cfg)
     for n in (7, 25, 50):
         scheduler.set_timesteps(n)
-        assert torch.equal(scheduler.timesteps, ddim_timesteps(cfg.diffusion.num_train_timesteps, n, spacing)), n
+        assert torch.equal(scheduler.timesteps,
+                           ddim_timesteps(cfg.diffusion.num_train_timesteps, n, spacing)), n
 
 
 def test_export_writes_the_pretrained_frozen_weights_not_their_bf16_rounding(tmp_path, tiny_args):
@@ -71,7 +75,8 @@ def test_export_writes_the_pretrained_frozen_weights_not_their_bf16_rounding(tmp
     train_here(*tiny_args(out, train__max_steps=1, ckpt__every=1, model__frozen_dtype="bf16"))
     export_diffusers(str(out / "checkpoints" / "step_0000001.safetensors"), str(tmp_path / "fp32"), "fp32")
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "fp32")
-    pretrained = load_frozen(load_config(overrides=tiny_args(out)).model.pretrained, "fp32", torch.device("cpu"))
+    pretrained = load_frozen(load_config(overrides=tiny_args(out)).model.pretrained, "fp32",
+                             torch.device("cpu"))
     rounded = 0
     for ours, theirs in ((pretrained.vae, pipe.vae), (pretrained.text_encoder, pipe.text_encoder)):
         theirs_state = theirs.state_dict()

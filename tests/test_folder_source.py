@@ -1,4 +1,5 @@
-"""The image-folder source: caption layouts, index order, fingerprint, min_size, bad files through the stream."""
+"""The image-folder source: caption layouts, index order, fingerprint, min_size, bad files through the
+stream."""
 
 import csv
 import json
@@ -20,7 +21,8 @@ def save(path, size=(12, 10), colour=(200, 30, 30)):
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "csv", "txt"])
-@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])  # -sig: with a byte-order mark, as Excel writes CSV
+# -sig: with a byte-order mark, as Excel writes CSV
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
 def test_caption_layouts_and_keys(tmp_path, layout, encoding):
     names = {"b.png": "a red thing", "a.jpg": "another", "sub/c.png": "in a subfolder"}
     for name in names:
@@ -80,7 +82,8 @@ def test_min_size_filters_by_the_shorter_side(tmp_path):
     assert ImageFolderSource(str(tmp_path)).files == ["big.png", "broken.png", "small.png"]
     # Unreadable headers stay indexed: they fail (named) when loaded, not silently at index time.
     assert ImageFolderSource(str(tmp_path), min_size=16).files == ["big.png", "broken.png"]
-    assert ImageFolderSource(str(tmp_path), min_size=16).fingerprint() != ImageFolderSource(str(tmp_path)).fingerprint()
+    assert (ImageFolderSource(str(tmp_path), min_size=16).fingerprint()
+            != ImageFolderSource(str(tmp_path)).fingerprint())
 
 
 def bad_folder(root) -> set[str]:
@@ -128,13 +131,16 @@ def test_random_crops_follow_the_position_across_world_sizes(tmp_path):
     assert torch.equal(by_position, spread)
 
 
+@pytest.mark.slow
 def test_train_dry_run_with_a_folder_and_a_missing_path(tmp_path, run_script):
     save(tmp_path / "a.png")
-    done = run_script("scripts/train.py", "--data.source=folder", f"--data.path={tmp_path}", "--dry-run", timeout=60)
+    done = run_script("scripts/train.py", "--data.source=folder", f"--data.path={tmp_path}", "--dry-run",
+                      timeout=60)
     assert done.returncode == 0, done.stderr
     assert 'source = "folder"' in done.stdout and f'path = "{tmp_path}"' in done.stdout
     missing = tmp_path / "nowhere"
-    done = run_script("scripts/train.py", "--data.source=folder", f"--data.path={missing}", "--dry-run", timeout=60)
+    done = run_script("scripts/train.py", "--data.source=folder", f"--data.path={missing}", "--dry-run",
+                      timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.path" in lines[0] and str(missing) in lines[0]

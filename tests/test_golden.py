@@ -39,7 +39,8 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, exact: bool, name:
     if exact:
         assert torch.equal(actual, expected), f"{name} differs from the golden run"
     else:
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6, msg=f"{name} differs from the golden run")
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6,
+                                   msg=f"{name} differs from the golden run")
 
 
 def test_twenty_steps_match_the_golden_run(tmp_path):
@@ -66,7 +67,8 @@ def test_twenty_steps_match_the_golden_run(tmp_path):
 
 
 def test_a_checkpoint_of_the_first_format_release_resumes(tmp_path):
-    """The golden checkpoint was written by the format's first release: it loads and a run continues from it."""
+    """The golden checkpoint was written by the format's first release: it loads and a run continues from
+    it."""
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copy(GOLDEN_CKPT, out / "checkpoints" / "step_0000020.safetensors")

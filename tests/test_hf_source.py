@@ -1,5 +1,6 @@
 """The Hugging Face `datasets` source: save_to_disk and local-file datasets, Image feature and raw bytes,
-caption lists, bad rows through the stream, splits, streaming refused, one-line config errors. Never the hub."""
+caption lists, bad rows through the stream, splits, streaming refused, one-line config errors. Never the
+hub."""
 
 import os
 
@@ -40,7 +41,8 @@ def saved(root, images=None, captions=None, image_feature=True, splits=None, **e
         features = None
         data = {"image": images, "text": captions, **extra}
     if isinstance(captions[0], list):
-        features = features and datasets.Features({**features, "text": datasets.Sequence(datasets.Value("string"))})
+        features = features and datasets.Features({**features,
+                                                   "text": datasets.Sequence(datasets.Value("string"))})
     ds = datasets.Dataset.from_dict(data, features=features)
     if splits:
         ds = datasets.DatasetDict({name: ds for name in splits})
@@ -58,8 +60,10 @@ def test_save_to_disk_random_access_keys_and_fingerprint(tmp_path):
         assert sample["key"] == f"train/{i}"
     with pytest.raises(IndexError):
         source[N]
-    assert source.fingerprint() == HFDatasetSource(path).fingerprint() and source.fingerprint().startswith("hf:n=12:")
-    assert HFDatasetSource(saved(tmp_path / "other", captions=["y"] * N)).fingerprint() != source.fingerprint()
+    assert (source.fingerprint() == HFDatasetSource(path).fingerprint()
+            and source.fingerprint().startswith("hf:n=12:"))
+    assert (HFDatasetSource(saved(tmp_path / "other", captions=["y"] * N)).fingerprint()
+            != source.fingerprint())
 
 
 def test_raw_bytes_column_and_configured_names(tmp_path):
@@ -85,7 +89,8 @@ def test_dataset_dict_splits_and_split_errors(tmp_path):
     source = HFDatasetSource(path, split="validation")
     assert source.key(3) == "validation/3" and source[3]["caption"] == "image 3"
     assert source.fingerprint() != HFDatasetSource(path).fingerprint()
-    with pytest.raises(ConfigError, match=r"data.hf_split: no split 'test' .*\['train', 'validation'\]") as err:
+    with pytest.raises(ConfigError,
+                       match=r"data.hf_split: no split 'test' .*\['train', 'validation'\]") as err:
         HFDatasetSource(path, split="test")
     assert "\n" not in str(err.value)
 
@@ -106,7 +111,8 @@ def test_local_parquet_files_through_load_dataset(tmp_path):
     shutil.copytree(folder, copy)
     os.utime(copy / "a.parquet", (1e9, 1e9))
     assert HFDatasetSource(str(copy)).fingerprint() == source.fingerprint()
-    assert HFDatasetSource(str(copy / "b.parquet")).fingerprint() == single.fingerprint() != source.fingerprint()
+    assert (HFDatasetSource(str(copy / "b.parquet")).fingerprint() == single.fingerprint()
+            != source.fingerprint())
     with pytest.raises(ConfigError, match=r"data.hf_split: 'test'") as err:
         HFDatasetSource(str(folder), split="test")
     assert "\n" not in str(err.value)
@@ -154,7 +160,8 @@ def test_streaming_reads_every_epoch_once_in_a_seeded_shuffle_and_substitutes_ba
     bad = {b.split(" ")[0] for batch in batches for b in batch["bad"]}
     assert len(bad) == 4  # the unreadable image and the empty caption, once in each epoch
     stream = [c for e in epochs for c in e] + [r["captions"] for r in source.records(2)]
-    good = [c for c in stream if c not in ("", "image 4")]  # row 4's image is unreadable, row 6 has no caption
+    # row 4's image is unreadable, row 6 has no caption
+    good = [c for c in stream if c not in ("", "image 4")]
     for p, caption in by_position.items():  # a bad record is replaced by the next good record of the stream
         assert caption == next(c for c in stream[p:] if c in good)
 

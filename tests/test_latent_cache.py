@@ -29,7 +29,8 @@ def images(tmp_path_factory):
         pixels = np.random.default_rng(i).integers(0, 256, (64, 80, 3), dtype=np.uint8)
         pixels[:, :40] //= 3  # a left-right asymmetry, so a flip shows
         Image.fromarray(pixels).save(root / f"{i:02d}.png")
-        rows.append({"file_name": f"{i:02d}.png", "text": [f"image {i}", f"picture {i}"] if i % 2 else f"image {i}"})
+        rows.append({"file_name": f"{i:02d}.png",
+                     "text": [f"image {i}", f"picture {i}"] if i % 2 else f"image {i}"})
     (root / "broken.png").write_bytes(b"not a png")
     rows.append({"file_name": "broken.png", "text": "broken"})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -38,7 +39,8 @@ def images(tmp_path_factory):
 
 def config(images, *extra):
     return load_config(None, ["--data.source=folder", f"--data.path={images}", "--data.random_flip=true",
-                              "--model.frozen_dtype=fp32", "--train.device=cpu", "--data.num_workers=0", *extra])
+                              "--model.frozen_dtype=fp32", "--train.device=cpu",
+                              "--data.num_workers=0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +53,13 @@ def cache(images, tmp_path_factory):
 
 def test_cache_layout_manifest_and_skipped(cache):
     out, manifest = cache
-    assert manifest["num_samples"] == N and [s["count"] for s in manifest["shards"]] == [4, 4, 2]  # broken.png sorts last
-    assert [json.loads(line)["key"] for line in (out / "skipped.jsonl").read_text().splitlines()] == ["broken.png"]
+    # broken.png sorts last
+    assert manifest["num_samples"] == N and [s["count"] for s in manifest["shards"]] == [4, 4, 2]
+    assert [json.loads(line)["key"]
+            for line in (out / "skipped.jsonl").read_text().splitlines()] == ["broken.png"]
     with safe_open(out / "latents-000000.safetensors", framework="pt") as f:
-        assert f.get_slice("moments").get_dtype() == "F16" and f.get_slice("moments").get_shape() == [4, 8, 8, 8]
+        assert (f.get_slice("moments").get_dtype() == "F16"
+                and f.get_slice("moments").get_shape() == [4, 8, 8, 8])
         assert f.get_slice("input_ids").get_shape()[:2] == [4, 2]  # two captions at most, padded
     assert manifest["fingerprint"]["random_flip"] is True and manifest["fingerprint"]["vae_dtype"] == "fp32"
 
@@ -96,7 +101,8 @@ def test_a_cache_for_another_config_is_refused_in_one_line(images, cache):
     out, _ = cache
     frozen = load_frozen(config(images).model.pretrained, "fp32", torch.device("cpu"))
     source = LatentSource(str(out))
-    for extra, key in ((["--data.random_flip=false"], "random_flip"), (["--data.resolution=32"], "resolution")):
+    for extra, key in ((["--data.random_flip=false"], "random_flip"),
+                       (["--data.resolution=32"], "resolution")):
         cfg = config(images, *extra)
         with pytest.raises(ConfigError, match=f"made with {key}=") as err:
             source.check_matches(cache_fingerprint(frozen, cfg.data, "fp32"))
@@ -120,10 +126,13 @@ def test_random_crop_is_refused(images, tmp_path):
         precompute_latents(config(images, "--data.crop=random"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_torchrun_precompute_writes_the_same_cache(images, cache, tmp_path, run_script):
     out, manifest = cache
-    args = [str(tmp_path / "cache2"), "--batch=4", "--shard-size=4", "--data.source=folder", f"--data.path={images}",
-            "--data.random_flip=true", "--model.frozen_dtype=fp32", "--train.device=cpu", "--data.num_workers=0"]
+    args = [str(tmp_path / "cache2"), "--batch=4", "--shard-size=4", "--data.source=folder",
+            f"--data.path={images}",
+            "--data.random_flip=true", "--model.frozen_dtype=fp32", "--train.device=cpu",
+            "--data.num_workers=0"]
     done = run_script("scripts/precompute_latents.py", *args, nproc=2, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((tmp_path / "cache2" / "manifest.json").read_text())
@@ -137,20 +146,24 @@ def test_torchrun_precompute_writes_the_same_cache(images, cache, tmp_path, run_
                 torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_and_refusing_a_mismatched_one(cache, tmp_path, tiny_args, run_script):
     out, _ = cache
     args = [*tiny_args(tmp_path / "run", train__max_steps=2), "--data.source=latents", f"--data.path={out}",
             "--model.frozen_dtype=fp32", "--data.random_flip=true", "--data.num_workers=1"]
     train_here(*args)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
-    refused = run_script("scripts/train.py", *args, "--data.random_flip=false", "--train.max_steps=3", timeout=120)
+    assert ([r["step"] for r in records if "loss" in r] == [1, 2]
+            and all(np.isfinite(r["loss"]) for r in records if "loss" in r))
+    refused = run_script("scripts/train.py", *args, "--data.random_flip=false", "--train.max_steps=3",
+                         timeout=120)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "made with random_flip=True" in lines[0]
 
 
-def test_a_remade_cache_is_no_cache_until_done_and_its_id_covers_the_images(images, cache, tmp_path, monkeypatch):
+def test_a_remade_cache_is_no_cache_until_done_and_its_id_covers_the_images(images, cache, tmp_path,
+                                                                            monkeypatch):
     """Remaking a cache in the same folder removes the old manifest first (a killed remake must not leave it
     vouching for a mix of old and new shards); the id a checkpoint records differs for other images."""
     import shutil
@@ -175,14 +188,16 @@ def test_a_remade_cache_is_no_cache_until_done_and_its_id_covers_the_images(imag
     other = {**manifest["made_with"], "source_fingerprint": "folder:n=10:otherimages"}
     again = write_manifest(str(tmp_path), manifest["fingerprint"], manifest["shards"], manifest["made_with"])
     assert again["id"] == manifest["id"]  # the same inputs, the same id
-    assert write_manifest(str(tmp_path), manifest["fingerprint"], manifest["shards"], other)["id"] != manifest["id"]
+    assert write_manifest(str(tmp_path), manifest["fingerprint"], manifest["shards"],
+                          other)["id"] != manifest["id"]
 
 
 def test_the_demos_shapes_source_can_be_cached(tmp_path, tiny_args):
-    """scripts/precompute_latents.py's default preset (demo: the shapes source) makes a cache whose moments are
-    the online encoding's: the shapes are rendered, stored losslessly and encoded as the trainer would."""
+    """scripts/precompute_latents.py's default preset (demo: the shapes source) makes a cache whose moments
+    are the online encoding's: the shapes are rendered, stored losslessly and encoded as the trainer would."""
     from ldm_ddp.precompute import precompute_latents
-    cfg = load_config(None, [*tiny_args(tmp_path / "run"), "--data.shapes_num_samples=6", "--train.device=cpu",
+    cfg = load_config(None,
+                      [*tiny_args(tmp_path / "run"), "--data.shapes_num_samples=6", "--train.device=cpu",
                              "--data.random_flip=false"], preset="demo")
     manifest = precompute_latents(cfg, str(tmp_path / "cache"), batch=3, shard_size=4)
     assert manifest["num_samples"] == 6 and [s["count"] for s in manifest["shards"]] == [4, 2]

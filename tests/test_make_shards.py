@@ -34,7 +34,8 @@ def jpeg(size, seed=0, mode="RGB", exif_rotate=False) -> bytes:
 
 
 def every_kind_of_input(root) -> tuple[dict, dict]:
-    """A folder with good images of many modes and every kind of bad file; -> ({good name: caption}, {bad name: reason})."""
+    """A folder with good images of many modes and every kind of bad file;
+    -> ({good name: caption}, {bad name: reason})."""
     root.mkdir(parents=True, exist_ok=True)
     good, bad, rows = {}, {}, []
 
@@ -48,7 +49,8 @@ def every_kind_of_input(root) -> tuple[dict, dict]:
     buffers = {"cmyk.jpg": jpeg((50, 50), mode="CMYK"), "rotated.jpg": jpeg((64, 40), exif_rotate=True)}
     for name, image in {"grey16.png": Image.fromarray(np.full((40, 56), 30000, np.uint16)),
                         "alpha.png": Image.new("RGBA", (48, 48), (255, 0, 0, 128)),
-                        "palette.gif": Image.new("P", (48, 40), 3), "la.png": Image.new("LA", (40, 44), (90, 200))}.items():
+                        "palette.gif": Image.new("P", (48, 40), 3),
+                        "la.png": Image.new("LA", (40, 44), (90, 200))}.items():
         out = io.BytesIO()
         image.save(out, format=name.rsplit(".", 1)[1].replace("jpg", "jpeg").upper())
         buffers[name] = out.getvalue()
@@ -64,7 +66,8 @@ def every_kind_of_input(root) -> tuple[dict, dict]:
     big = io.BytesIO()
     Image.new("L", (400, 400)).save(big, format="PNG")
     add("bomb.png", big.getvalue(), "too many pixels")
-    bad = {"truncated.jpg": "OSError", "zero.png": "zero-byte", "notes.jpg": "not an image", "uncaptioned.png":
+    bad = {"truncated.jpg": "OSError", "zero.png": "zero-byte", "notes.jpg": "not an image",
+           "uncaptioned.png":
            "empty caption", "small.jpg": "smaller than data.min_size", "bomb.png": "Decompression"}
     (root / "orphan.png").write_bytes(buffers["alpha.png"])  # no metadata row
     bad["orphan.png"] = "no row in metadata.jsonl"
@@ -118,14 +121,15 @@ def test_resize_shrinks_the_shorter_side_and_never_enlarges(tmp_path):
     sizes = {"wide.jpg": (200, 100), "tall.png": (90, 180), "small.jpg": (40, 50)}
     for name, size in sizes.items():
         out = io.BytesIO()
-        Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-            out, format="PNG" if name.endswith("png") else "JPEG")
+        pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(out, format="PNG" if name.endswith("png") else "JPEG")
         (root / name).write_bytes(out.getvalue())
         (root / name).with_suffix(".txt").write_text(name)
     convert(ImageFolderSource(str(root)), tmp_path / "out", resize=64, min_size=0)
     source = ShardsSource(str(tmp_path / "out"))
     got = {source[i]["caption"]: (source[i]["image"].size, source[i]["image"].format) for i in range(3)}
-    assert got == {"wide.jpg": ((128, 64), "JPEG"), "tall.png": ((64, 128), "JPEG"), "small.jpg": ((40, 50), "JPEG")}
+    assert got == {"wide.jpg": ((128, 64), "JPEG"), "tall.png": ((64, 128), "JPEG"),
+                   "small.jpg": ((40, 50), "JPEG")}
 
 
 def test_shard_set_errors_are_one_line(tmp_path):
@@ -137,17 +141,21 @@ def test_shard_set_errors_are_one_line(tmp_path):
         build_source(DataConfig(source="shards", path=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_make_shards_script_and_training_config(tmp_path):
     every_kind_of_input(tmp_path / "in")
     done = subprocess.run([sys.executable, "scripts/make_shards.py", "--source", "folder", "--path",
-                           str(tmp_path / "in"), str(tmp_path / "out"), "--shard-size", "4", "--min-size", "32",
+                           str(tmp_path / "in"), str(tmp_path / "out"), "--shard-size", "4",
+                           "--min-size", "32",
                            "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "samples in" in done.stdout and "left out" in done.stdout
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert [s["count"] for s in index["shards"]] and sum(s["count"] for s in index["shards"]) == index["num_samples"]
+    assert ([s["count"] for s in index["shards"]]
+            and sum(s["count"] for s in index["shards"]) == index["num_samples"])
     bad = subprocess.run([sys.executable, "scripts/make_shards.py", "--source", "folder", "--path",
-                          str(tmp_path / "nowhere"), str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True,
+                          str(tmp_path / "nowhere"), str(tmp_path / "x")], cwd=REPO, capture_output=True,
+                          text=True,
                          timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr
 

@@ -1,5 +1,5 @@
-"""Training signals in-process on a tiny UNet: grad norm per block group, FLOPs per image and MFU, skipped steps,
-the console summary line; TensorBoard scalars and images; wandb checkpoint artifacts (offline)."""
+"""Training signals in-process on a tiny UNet: grad norm per block group, FLOPs per image and MFU, skipped
+steps, the console summary line; TensorBoard scalars and images; wandb checkpoint artifacts (offline)."""
 
 import json
 import math
@@ -33,7 +33,8 @@ def tiny_unet() -> UNet2DConditionModel:
 
 def test_block_groups_of_the_unet():
     groups = list(dict.fromkeys(block_group(n) for n, _ in tiny_unet().named_parameters()))
-    assert groups == ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1",
+    assert groups == ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "up_blocks.0",
+                      "up_blocks.1",
                       "mid_block", "conv_norm_out", "conv_out"]
 
 
@@ -47,7 +48,8 @@ def test_grad_norms_per_block_group_mfu_and_the_summary_line(tmp_path, capsys):
         loss_per_sample = unet(x_t, t, context).sample.square().mean(dim=(1, 2, 3))
         loss_per_sample.mean().backward()
         if step == 1:
-            unet.conv_out.bias.grad = None  # a parameter without a gradient this step is left out, not an error
+            # a parameter without a gradient this step is left out, not an error
+            unet.conv_out.bias.grad = None
         metrics.add_micro_batch(loss_per_sample.detach(), t)
         metrics.add_grad_norms(unet)
         squares = defaultdict(float)
@@ -55,7 +57,8 @@ def test_grad_norms_per_block_group_mfu_and_the_summary_line(tmp_path, capsys):
             if p.grad is not None:
                 squares[block_group(name)] += p.grad.double().square().sum().item()
         total = torch.nn.utils.clip_grad_norm_(unet.parameters(), float("inf"))
-        assert sum(squares.values()) == pytest.approx(total.item() ** 2, rel=1e-5)  # the groups partition the norm
+        # the groups partition the norm
+        assert sum(squares.values()) == pytest.approx(total.item() ** 2, rel=1e-5)
         for group, sq in squares.items():  # step 0 is skipped: its norms are left out of the record's means
             expected[group] += math.sqrt(sq) if step == 1 else 0.0
         metrics.add_step(loss_per_sample.mean().detach(), total, data_wait_s=0.0, bad=[],
@@ -72,8 +75,9 @@ def test_grad_norms_per_block_group_mfu_and_the_summary_line(tmp_path, capsys):
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == record
     line = capsys.readouterr().out.strip().splitlines()[-1]
     number = r"[\d.e+-]+"
-    assert re.fullmatch(rf"step +2  loss {number}  lr 1\.00e-03  grad {number} \(max \S+ {number}\)  {number} img/s "
-                        rf"\({number}/GPU\)  {number} TFLOP/s/GPU  MFU {number}%  data-wait \d+%  skipped 1  bad 0",
+    assert re.fullmatch(rf"step +2  loss {number}  lr 1\.00e-03  grad {number} \(max \S+ {number}\)  "
+                        rf"{number} img/s \({number}/GPU\)  {number} TFLOP/s/GPU  MFU {number}%  "
+                        rf"data-wait \d+%  skipped 1  bad 0",
                         line), line
 
     # On CPU without a configured peak: achieved TFLOP/s only, no MFU; without a FLOP count, neither.
@@ -97,9 +101,11 @@ def test_a_skipped_step_adds_nothing_to_the_means_of_its_record(tmp_path):
             p.grad = torch.full_like(p, grad)
         if skipped:
             unet.mid_block.resnets[0].conv1.weight.grad[0] = float("nan")
-        metrics.add_micro_batch(torch.tensor([loss, float("nan") if skipped else loss]), torch.tensor([10, 990]))
+        metrics.add_micro_batch(torch.tensor([loss, float("nan") if skipped else loss]),
+                                torch.tensor([10, 990]))
         metrics.add_grad_norms(unet)
-        metrics.add_step(torch.tensor(0.0 if skipped else loss), torch.tensor(0.0 if skipped else 1.0), 0.0, [],
+        metrics.add_step(torch.tensor(0.0 if skipped else loss),
+                         torch.tensor(0.0 if skipped else 1.0), 0.0, [],
                          skipped=torch.tensor(skipped))
     record = metrics.flush(2, 1e-3)
     assert record["skipped_steps"] == 1 and record["loss"] == pytest.approx(0.5)
@@ -109,6 +115,7 @@ def test_a_skipped_step_adds_nothing_to_the_means_of_its_record(tmp_path):
     assert all(math.isfinite(v) for v in norms.values())
 
 
+@pytest.mark.slow
 def test_train_flops_are_forward_plus_backward_per_image():
     unet = tiny_unet()
     context = torch.zeros(1, 5, 64)
@@ -134,6 +141,7 @@ def test_train_flops_are_forward_plus_backward_per_image():
     assert unet.is_gradient_checkpointing
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_scalars_and_sample_grids(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -141,7 +149,8 @@ def test_tensorboard_gets_scalars_and_sample_grids(tmp_path):
     writer = start_tensorboard(True, tmp_path, start_step=0, config_toml="[log]\ntensorboard = true")
     metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines", tensorboard=writer)
     unet = tiny_unet()
-    unet(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, 5, 64)).sample.mean().backward()
+    unet(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long),
+         torch.zeros(1, 5, 64)).sample.mean().backward()
     metrics.add_micro_batch(torch.tensor([0.5, 0.25]), torch.tensor([10, 990]))
     metrics.add_grad_norms(unet)
     metrics.add_step(torch.tensor(0.375), torch.tensor(1.5), 0.0, [])
@@ -154,7 +163,8 @@ def test_tensorboard_gets_scalars_and_sample_grids(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = events.Tags()
-    assert {"loss", "lr", "grad_norm", "img_per_s_per_gpu", "data_wait_share", "skipped_steps", "loss_t0", "loss_t9",
+    assert {"loss", "lr", "grad_norm", "img_per_s_per_gpu", "data_wait_share", "skipped_steps", "loss_t0",
+            "loss_t9",
             "grad_norm/down_blocks.0", "grad_norm/mid_block"} <= set(tags["scalars"])
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == [3] and loss[0].value == pytest.approx(0.375)
@@ -164,6 +174,7 @@ def test_tensorboard_gets_scalars_and_sample_grids(tmp_path):
     assert image.step == 3 and (image.width, image.height) == grid.size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["reference", "upload"])
 def test_checkpoint_artifacts_in_wandb_offline(mode, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
@@ -180,10 +191,12 @@ def test_checkpoint_artifacts_in_wandb_offline(mode, tmp_path, monkeypatch):
     metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines", run, wandb_checkpoints=mode)
     metrics.log_checkpoint(ckpt, 2)
     metrics.close()
-    wandb.teardown()  # finish() may return before wandb's service has written the run file; teardown waits for it
+    # finish() may return before wandb's service has written the run file; teardown waits for it
+    wandb.teardown()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads later
     data = run_file.read_bytes()
-    assert f"checkpoints-{run.id}".encode() in data and b"step_0000002.safetensors" in data and b"step_2" in data
+    assert (f"checkpoints-{run.id}".encode() in data and b"step_0000002.safetensors" in data
+            and b"step_2" in data)
     assert (ckpt.as_uri().encode() in data) == (mode == "reference")
     staged = list((tmp_path / "wandb_data_dir").rglob("*"))
     assert any(p.is_file() and p.stat().st_size == ckpt.stat().st_size for p in staged) == (mode == "upload")

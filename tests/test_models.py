@@ -13,7 +13,8 @@ def test_unet_from_config_and_from_folder_agree(tmp_path, tiny_unet_json):
     torch.manual_seed(0)
     unet = build_unet(ModelConfig(unet=str(tiny_unet_json)), latent_size=8, cross_attention_dim=64)
     assert unet.training and unet.config.sample_size == 8
-    assert json.loads(tiny_unet_json.read_text())["block_out_channels"] == list(unet.config.block_out_channels)
+    assert (json.loads(tiny_unet_json.read_text())["block_out_channels"]
+            == list(unet.config.block_out_channels))
     unet.save_pretrained(tmp_path / "unet")
     loaded = build_unet(ModelConfig(unet_init=str(tmp_path / "unet")), latent_size=8, cross_attention_dim=64)
     for (name, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
@@ -39,7 +40,8 @@ def test_frozen_models_load_from_a_local_folder_and_encode():
     assert torch.equal(drawn, frozen.encode_images(images, torch.Generator().manual_seed(0)))
     assert frozen.decode_latents(latents).shape == images.shape
     pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # what the loader carries
-    assert torch.equal(frozen.encode_images(pixels, None), frozen.encode_images(pixels.float() / 127.5 - 1, None))
+    assert torch.equal(frozen.encode_images(pixels, None),
+                       frozen.encode_images(pixels.float() / 127.5 - 1, None))
 
 
 def test_missing_pretrained_folder_is_one_config_error(tmp_path):
@@ -67,7 +69,8 @@ def test_xformers_falls_back_to_sdpa_with_one_warning(tiny_unet_json, capsys, mo
 
 def test_the_xformers_probe_runs_on_the_device_the_unet_trains_on(tiny_unet_json, monkeypatch):
     """xformers has CUDA kernels only: probing before the UNet reached the GPU would always fail. A stand-in
-    xformers records the probe's device; "meta" stands for a device other than the CPU the UNet is built on."""
+    xformers records the probe's device; "meta" stands for a device other than the CPU the UNet is built
+    on."""
     import sys
     import types
 

@@ -1,4 +1,5 @@
-"""The Parquet source: footer index, random access, caption lists, bad rows through the stream, rank x worker split."""
+"""The Parquet source: footer index, random access, caption lists, bad rows through the stream, rank x worker
+split."""
 
 
 import pyarrow as pa
@@ -15,11 +16,13 @@ SIZES = {"a": 5, "b": 1, "c": 9}  # uneven files: row groups and files cross mic
 
 
 def write(path, images: list, captions: list, image_column="image", caption_column="text", row_group_size=2):
-    pq.write_table(pa.table({image_column: images, caption_column: captions}), path, row_group_size=row_group_size)
+    pq.write_table(pa.table({image_column: images, caption_column: captions}), path,
+                   row_group_size=row_group_size)
 
 
 def uneven(root, bad=False) -> list[str]:
-    """Files a, b, c of 5, 1 and 9 rows; image i is (10 + i) px wide. With `bad`, three bad rows; -> their keys."""
+    """Files a, b, c of 5, 1 and 9 rows; image i is (10 + i) px wide. With `bad`, three bad rows;
+    -> their keys."""
     n = 0
     for stem, rows in SIZES.items():
         images = [png(10 + n + r) for r in range(rows)]
@@ -39,7 +42,8 @@ def test_index_keys_and_random_access(tmp_path):
     assert keys == [f"a/{r}" for r in range(5)] + ["b/0"] + [f"c/{r}" for r in range(9)]
     for i in [14, 0, 5, 6, 3, 4, 13]:  # random access across files and row groups
         sample = source[i]
-        assert sample["image"].size == (10 + i, 9) and sample["caption"] == f"image {i}" and sample["key"] == keys[i]
+        assert (sample["image"].size == (10 + i, 9) and sample["caption"] == f"image {i}"
+                and sample["key"] == keys[i])
     files = [str(tmp_path / f"{s}.parquet") for s in "cab"]
     for path in [str(tmp_path / "*.parquet"), ",".join(files)]:  # glob and list: same sorted index
         other = ParquetSource(path)
@@ -112,5 +116,6 @@ def test_config_with_parquet_and_a_missing_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ConfigError) as err:
         load_config(None, ["--data.source=parquet", f"--data.path={missing}"])
-    assert len(str(err.value).splitlines()) == 1 and "data.path" in str(err.value) and str(missing) in str(err.value)
+    assert (len(str(err.value).splitlines()) == 1 and "data.path" in str(err.value)
+            and str(missing) in str(err.value))
 

@@ -1,4 +1,5 @@
-"""DDIM sampling with classifier-free guidance, checked against diffusers' DDIMScheduler and rescale_noise_cfg."""
+"""DDIM sampling with classifier-free guidance, checked against diffusers' DDIMScheduler and
+rescale_noise_cfg."""
 
 import pytest
 import torch
@@ -29,7 +30,8 @@ def diffusers_ddim(spacing: str, zero_snr: bool, float64_tables: bool = False) -
         prediction_type="v_prediction",
         clip_sample=False,
         set_alpha_to_one=True,
-        steps_offset=1,  # as the exported pipeline (StableDiffusionPipeline enforces it); shifts "leading" only
+        # as the exported pipeline (StableDiffusionPipeline enforces it); shifts "leading" only
+        steps_offset=1,
         timestep_spacing=spacing,
         rescale_betas_zero_snr=zero_snr,
     )
@@ -54,9 +56,10 @@ def test_ddim_timesteps_equal_diffusers(spacing, num_steps):
 
 
 def test_trailing_timesteps_all_counts():
-    # Every count gives num_steps distinct descending timesteps in [0, T), from T - 1. diffusers agrees wherever
-    # its float np.arange gives num_steps values (for 62 counts of 1000, e.g. 61, it gives one more, ending at -1),
-    # except by one at exact halves, where its rounding follows float error and ours rounds half to even.
+    # Every count gives num_steps distinct descending timesteps in [0, T), from T - 1. diffusers agrees
+    # wherever its float np.arange gives num_steps values (for 62 counts of 1000, e.g. 61, it gives one more,
+    # ending at -1), except by one at exact halves, where its rounding follows float error and ours rounds
+    # half to even.
     scheduler = diffusers_ddim("trailing", zero_snr=False)
     for n in range(1, T + 1):
         ours = ddim_timesteps(T, n, "trailing")
@@ -107,7 +110,8 @@ def test_rescale_guidance_matches_diffusers(guidance_rescale):
 
 
 class LinearModel:
-    """A fixed map (x_t [B, C, h, w], t [B], cond [B, L, D]) -> v [B, C, h, w] that records each batch size."""
+    """A fixed map (x_t [B, C, h, w], t [B], cond [B, L, D]) -> v [B, C, h, w] that records each batch
+    size."""
 
     def __init__(self, out_dtype=torch.float32):
         self.batch_sizes, self.out_dtype = [], out_dtype
@@ -150,7 +154,8 @@ def test_ddim_sample_matches_manual_diffusers_loop(spacing, zero_snr, num_steps,
     ours = ddim_sample(model, schedule, noise, cond, uncond if cfg_scale != 1 else None, num_steps, cfg_scale,
                        guidance_rescale, spacing)
     assert model.batch_sizes == [4 if cfg_scale != 1 else 2] * num_steps  # cond and uncond in one forward
-    expected = reference_sample(LinearModel(), diffusers_ddim(spacing, zero_snr), noise, cond, uncond, num_steps,
+    expected = reference_sample(LinearModel(), diffusers_ddim(spacing, zero_snr), noise, cond, uncond,
+                                num_steps,
                                 cfg_scale, guidance_rescale)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
@@ -165,13 +170,15 @@ def test_ddim_sample_runs_in_float32_for_low_precision_models():
 
 def test_ddim_sample_needs_uncond_for_guidance():
     with pytest.raises(ValueError, match="^uncond: "):
-        ddim_sample(LinearModel(), NoiseSchedule(), torch.zeros(1, 4, 8, 8), torch.zeros(1, 5, 6), None, 5, 7.5)
+        ddim_sample(LinearModel(), NoiseSchedule(), torch.zeros(1, 4, 8, 8), torch.zeros(1, 5, 6),
+                    None, 5, 7.5)
 
 
 def test_make_grid():
     images = torch.cat([torch.ones(3, 3, 8, 6), -torch.ones(2, 3, 8, 6)])
     grid = make_grid(images, nrow=3)
-    assert grid.mode == "RGB" and grid.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)  # PIL size is (width, height)
+    # PIL size is (width, height)
+    assert grid.mode == "RGB" and grid.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)
     assert grid.getpixel((0, 0)) == (0, 0, 0)  # padding
     assert grid.getpixel((2, 2)) == (255, 255, 255)  # first image, value 1
     assert grid.getpixel((2, 2 + 8 + 2)) == (0, 0, 0)  # fourth image (second row), value -1
@@ -179,7 +186,8 @@ def test_make_grid():
 
 
 def test_make_side_by_side():
-    """Two batches (EMA, raw) -> their grids left to right with a white gap: equal positions, same prompt and seed."""
+    """Two batches (EMA, raw) -> their grids left to right with a white gap: equal positions, same prompt
+    and seed."""
     ema, raw = torch.ones(3, 3, 8, 6), torch.zeros(3, 3, 8, 6)
     image = make_side_by_side([ema, raw], nrow=2, gap=5)
     left = make_grid(ema, nrow=2)  # 2 x 2 cells, the last one empty

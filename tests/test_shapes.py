@@ -30,9 +30,11 @@ def test_same_seed_and_index_give_identical_samples():
     assert [a[i]["caption"] for i in range(20)] != [other[i]["caption"] for i in range(20)]
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_the_process_hash_seed():
     code = (
-        "import hashlib, numpy as np; from ldm_ddp.data.shapes import ShapesSource; s = ShapesSource(seed=5)[123];"
+        "import hashlib, numpy as np; from ldm_ddp.data.shapes import ShapesSource; "
+        "s = ShapesSource(seed=5)[123];"
         "print(hashlib.sha256(np.asarray(s['image']).tobytes()).hexdigest(), s['caption'])"
     )
     outputs = {
@@ -68,7 +70,8 @@ def test_all_combinations_and_phrasings_reachable_in_a_few_thousand_indices():
         seen.add(tuple(attrs[a] for a in ATTRIBUTES))
         phrasings.add(attrs["phrasing"])
     prompts = shapes.all_prompts()
-    assert len(prompts) == len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.SIZES) * len(shapes.POSITIONS)
+    assert (len(prompts)
+            == len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.SIZES) * len(shapes.POSITIONS))
     assert seen == {tuple(p[a] for a in ATTRIBUTES) for p in prompts}
     assert phrasings == set(range(5))
 
@@ -87,7 +90,8 @@ def test_vocabulary_covers_every_caption():
 def test_large_shapes_in_corners_stay_inside_and_dwarf_small_ones(resolution):
     background = (240, 240, 240)
     j = shapes.JITTER
-    for position, (sx, sy) in {"top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1), "bottom right": (1, 1)}.items():
+    for position, (sx, sy) in {"top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1),
+                               "bottom right": (1, 1)}.items():
         areas = {}
         for size in shapes.SIZES:
             attrs = {"colour": "yellow", "shape": "square", "size": size, "position": position,
@@ -123,7 +127,7 @@ def _dataset(resolution, seed=7):
     return [item["image"] for item in items], [item["attrs"] for item in items]
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("resolution", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_checker_reads_dataset_images(resolution):
     images, targets = _dataset(resolution)
     result = score(images, targets)
@@ -132,7 +136,7 @@ def test_checker_reads_dataset_images(resolution):
         assert result[attribute] >= 0.99, result
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("resolution", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_checker_tolerates_mild_noise_and_blur(resolution):
     images, targets = _dataset(resolution, seed=8)
     rng = np.random.default_rng(0)

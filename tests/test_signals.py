@@ -1,5 +1,5 @@
-"""Issue 6 signals through the real entry point: per-block grad norms, MFU, the console summary, EMA and raw side by
-side, several EMA profiles in the checkpoint, TensorBoard, wandb checkpoint artifacts offline."""
+"""Training signals through the real entry point: per-block grad norms, MFU, the console summary, EMA and raw
+side by side, several EMA profiles in the checkpoint, TensorBoard, wandb checkpoint artifacts offline."""
 
 import re
 
@@ -12,13 +12,15 @@ from ldm_ddp.checkpoint import load_checkpoint
 from ldm_ddp.config import ConfigError, load_config
 
 
+@pytest.mark.slow
 def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_args, run_script):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     env = {"WANDB_MODE": None, "WANDB_DIR": None, "WANDB_API_KEY": None, "WANDB_SILENT": "true",
-           **{k: str(tmp_path / k.lower()) for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")}}
+           **{k: str(tmp_path / k.lower())
+              for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")}}
     args = tiny_args(out, train__max_steps=2, sample__every=2, sample__side_by_side=True, ema__extra_decays=[0.9],
                      ema__power_stds=[0.1], log__tensorboard=True, log__wandb="offline",
                      log__wandb_checkpoints="reference", log__peak_tflops=0.001)
@@ -28,9 +30,11 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
     groups = ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1",
               "mid_block", "conv_norm_out", "conv_out"]
     for r in records:
-        assert list(r["grad_norm_by_block"]) == groups and all(v > 0 for v in r["grad_norm_by_block"].values())
+        assert (list(r["grad_norm_by_block"]) == groups
+                and all(v > 0 for v in r["grad_norm_by_block"].values()))
         # Block norms are taken before clipping, as grad_norm is: together they make up the total.
-        assert sum(v ** 2 for v in r["grad_norm_by_block"].values()) == pytest.approx(r["grad_norm"] ** 2, rel=1e-4)
+        assert (sum(v ** 2 for v in r["grad_norm_by_block"].values())
+                == pytest.approx(r["grad_norm"] ** 2, rel=1e-4))
         assert r["tflops_per_gpu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.001)
         assert r["skipped_steps"] == 0 and r["bad_samples"] == 0 and 0 <= r["data_wait_share"] <= 1
     lines = re.findall(r"^step +\d+  loss .*$", stdout, re.MULTILINE)
@@ -57,7 +61,8 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
     (run_file,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     data = run_file.read_bytes()
     assert f"checkpoints-{run_id}".encode() in data and b"step_0000002.safetensors" in data
-    assert (out / "checkpoints" / "step_0000002.safetensors").resolve().as_uri().encode() in data  # by reference
+    # by reference
+    assert (out / "checkpoints" / "step_0000002.safetensors").resolve().as_uri().encode() in data
 
 
 @pytest.mark.parametrize("override, key", [("--ema.extra_decays=[1.5]", "ema.extra_decays"),

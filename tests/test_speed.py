@@ -14,6 +14,7 @@ from ldm_ddp import speed
 from ldm_ddp.config import ConfigError
 
 
+@pytest.mark.slow
 def test_a_kernel_that_cannot_run_stops_the_run_at_start_with_one_line(tmp_path, tiny_args, run_script):
     # cuDNN attention does not exist on CPU: the switch fails in the start-up probe, not in step 1.
     args = [*tiny_args(tmp_path / "run", train__max_steps=1), "--model.sdpa_backend=cudnn"]
@@ -40,9 +41,10 @@ def test_probe_falls_back_only_when_asked(capsys):
     assert speed.probe(lambda: None, "x", False, lambda: undone.append(2)) is True and undone == [1]
 
 
+@pytest.mark.slow
 def test_auto_compile_that_cannot_build_runs_eager_with_a_warning(tmp_path, tiny_args, monkeypatch):
-    """train.compile=auto (the GPU default) where the compiler fails (no C compiler, an old GPU): the run was not
-    asked to compile by name, so it warns and trains eager instead of stopping. Compilation fails for real
+    """train.compile=auto (the GPU default) where the compiler fails (no C compiler, an old GPU): the run was
+    not asked to compile by name, so it warns and trains eager instead of stopping. Compilation fails for real
     here: dynamo traces the UNet and hands the graph to a backend that raises."""
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no working C compiler found")
@@ -59,6 +61,7 @@ def test_auto_compile_that_cannot_build_runs_eager_with_a_warning(tmp_path, tiny
     assert (tmp_path / "run" / "checkpoints" / "step_0000002.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_preempted_run_writes_its_open_profile(tmp_path, tiny_args, monkeypatch):
     """A stop inside the log.profile_at window still writes the record, with the steps it has."""
     from ldm_ddp.faults import Preempted
@@ -107,7 +110,8 @@ def test_regional_compile_compiles_each_repeated_module_in_place_and_is_undone()
 
 def test_device_busy_time_merges_overlapping_kernels():
     events = [{"cat": "kernel", "ts": 0, "dur": 10}, {"cat": "kernel", "ts": 5, "dur": 10},  # overlap: 0-15
-              {"cat": "gpu_memcpy", "ts": 20, "dur": 5}, {"cat": "cpu_op", "ts": 0, "dur": 100},  # host ops: ignored
+              {"cat": "gpu_memcpy", "ts": 20, "dur": 5},
+              {"cat": "cpu_op", "ts": 0, "dur": 100},  # host ops: ignored
               {"cat": "kernel", "ts": 21, "dur": 2}]  # inside the copy
     assert speed.device_busy_us({"traceEvents": events}) == 20
 
@@ -131,6 +135,7 @@ def test_clip_grad_norm_is_torchs_and_returns_the_per_parameter_norms(max_norm):
                if a.grad is not None)
 
 
+@pytest.mark.slow
 def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args):
     """train.compile=full end to end, in process. Inductor would take minutes on this CPU, so torch.compile gets
     the aot_eager backend (train.compile_backend): dynamo's capture and AOT autograd's joint graph are real,
@@ -168,9 +173,10 @@ def bench(monkeypatch):
     return importlib.import_module("bench")
 
 
+@pytest.mark.slow
 def test_bench_kill_and_resume_continues_the_loss_curve(tmp_path, tiny_args, bench):
-    """bench.py --parts resume (issue 7's check) on CPU: saved at step 10, killed -9 later, resumed by the
-    same command; the steps done twice give the same losses."""
+    """bench.py --parts resume (its kill-and-resume check) on CPU: saved at step 10, killed -9 later, resumed
+    by the same command; the steps done twice give the same losses."""
     out = tmp_path / "run"
     run_args = [*tiny_args(out, train__max_steps=40, ckpt__every=10, log__every=1), "--ckpt.resume=auto"]
     result = bench.kill_and_resume(1, run_args, out, save_at=10, every=1, timeout=300)
@@ -193,29 +199,34 @@ def test_layout_opt_is_forced_only_for_channels_last_weights_and_auto_only_for_o
     speed.compile_model(module, module, "regional", force_layout=True)  # measured for the whole graph only
     speed.compile_model(module, module, "full", force_layout=False)
     compiled = speed.compile_model(module, module, "full", force_layout=True)
-    speed.compile_model(module, module, "full", force_layout=True, backend="aot_eager")  # inductor's option only
-    assert asked == [{"backend": "inductor"}, {"backend": "inductor", "options": {"force_layout_optimization": True}},
+    # inductor's option only
+    speed.compile_model(module, module, "full", force_layout=True, backend="aot_eager")
+    assert asked == [{"backend": "inductor"},
+                     {"backend": "inductor", "options": {"force_layout_optimization": True}},
                      {"backend": "aot_eager"}] and compiled is not module
     import torch._inductor.config as inductor_config
     assert not inductor_config.force_layout_optimization  # for that compile only, not for the process
 
 
+@pytest.mark.slow
 def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
     """chaos.wait_for_exit_of_all kills what is left of an attempt after its timeout; a caller whose own
-    command line names the run folder is not part of it (it used to kill itself after the timeout)."""
+    command line names the run folder is not part of it and is not killed with it."""
     import subprocess
     import sys
     from pathlib import Path
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); import chaos; "
             "chaos.wait_for_exit_of_all(Path(sys.argv[1]), timeout=0.3); print('returned')")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(scripts)], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(scripts)],
+                          capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "returned", (done.returncode, done.stderr[-500:])
 
 
 def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench):
-    """The table bench.py prints after a GPU run, on rows of its JSON's shape (a crash here would lose a run)."""
+    """The table bench.py prints after a GPU run, on rows of its JSON's shape (a crash here would lose a
+    run)."""
     bare = {"img_per_s": 600.0, "flops_per_image": 0.5e12, "matmul_tflops": 780.0, "peak_mem_gib": 39.6,
             "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95},
             "variants": {"ema_inline": 545.5, "ema_compiled": 630.0}}
@@ -226,24 +237,29 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
            "switches": {"compile": "full", "layout_opt": "auto", "bucket_cap_mb": 25.0}}
     bench.print_table([row])
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[3]: line.split() for line in lines if len(line.split()) > 3 and line.split()[0] == "256"}
+    rows = {line.split()[3]: line.split() for line in lines if len(line.split()) > 3
+            and line.split()[0] == "256"}
     bare_line, cache_line = rows["bare"], rows["cache"]
     assert bare_line[:6] == ["256", "2", "128", "bare", "600.0", "300.0"]
     assert bare_line[6] == f"{300.0 * 0.5 / 989.0:.1%}"  # MFU per GPU against 989 TFLOP/s
     assert cache_line[4] == "570.0" and cache_line[8] == "95.0%"  # vs the bare step
-    assert "card: NVIDIA H200" in lines and "switches: compile=full, layout_opt=auto, bucket_cap_mb=25.0" in lines
-    assert any(line.startswith("resume 256 px, 2 GPUs: saved at step 20, killed after step 25") for line in lines)
+    assert ("card: NVIDIA H200" in lines
+            and "switches: compile=full, layout_opt=auto, bucket_cap_mb=25.0" in lines)
+    assert any(line.startswith("resume 256 px, 2 GPUs: saved at step 20, killed after step 25")
+               for line in lines)
     variants = [line for line in lines if line.startswith("bare 256 px, 2 GPUs, ema_")]
-    assert len(variants) == 2 and "EMA after the optimizer step" in variants[0] and "torch.compile" in variants[1]
+    assert (len(variants) == 2 and "EMA after the optimizer step" in variants[0]
+            and "torch.compile" in variants[1])
     assert variants[0].endswith("same process): 545.5 img/s (90.9% of the bare row)")
     assert variants[1].endswith("same process): 630.0 img/s (105.0% of the bare row)")
 
 
+@pytest.mark.slow
 def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, bench):
-    """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that DDP
-    is on: the step as configured and the EMA variants (the other setting of ema.overlap, the compiled update)
-    are timed and reported in the BENCH line. On a GPU a crash here costs a device call; the CUDA-only calls
-    are stood in for."""
+    """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that
+    DDP is on: the step as configured and the EMA variants (the other setting of ema.overlap, the compiled
+    update) are timed and reported in the BENCH line, so that a crash shows here rather than in a GPU run; the
+    CUDA-only calls are stood in for."""
     import sys
 
     import torch.distributed as torch_dist
@@ -263,19 +279,22 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     real_init = ldm_dist.init
 
     def one_rank(device):
-        torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                      world_size=1)
         return real_init("cpu")
 
     monkeypatch.setattr(models, "build_unet", small_unet)
     monkeypatch.setattr(ldm_dist, "init", one_rank)
     monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(bench, "matmul_tflops", lambda device: 1.0)
-    for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0), ("reset_peak_memory_stats", None),
+    for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0),
+                           ("reset_peak_memory_stats", None),
                            ("get_device_name", "cpu")):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
     for switches, variants in ((["--ema-compile", "both"], ["ema_beside_forward", "ema_compiled"]),
                                (["--ema-overlap", "on"], ["ema_inline"])):
-        monkeypatch.setattr(sys, "argv", ["bench.py", "--worker", "--res", "64", "--worker-batch", "2", "--steps",
+        monkeypatch.setattr(sys, "argv",
+                            ["bench.py", "--worker", "--res", "64", "--worker-batch", "2", "--steps",
                                           "3", "--warmup", "1", "--compile", "off", *switches])
         try:
             assert bench.main() == 0
@@ -288,6 +307,7 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
         assert sorted(result["variants"]) == variants and min(result["variants"].values()) > 0
 
 
+@pytest.mark.slow
 def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
     """ema.compile=true is probed before step 1: a compiler that fails stops the run with one line naming the
     switch, or with train.fallback=true warns and updates the EMA eager; the run then ends as an eager one. One
@@ -330,7 +350,8 @@ def test_kernel_sources_name_the_host_ops_that_launched_each_kernel():
                 "args": {"correlation": corr}}
 
     def kernel(name, corr, dur):
-        return {"cat": "kernel", "name": name, "ts": 1000 + corr, "dur": dur, "tid": 7, "args": {"correlation": corr}}
+        return {"cat": "kernel", "name": name, "ts": 1000 + corr, "dur": dur, "tid": 7,
+                "args": {"correlation": corr}}
 
     events = []
     for step, t0 in enumerate((0, 100)):
@@ -351,7 +372,8 @@ def test_kernel_sources_name_the_host_ops_that_launched_each_kernel():
 def test_ddp_compile_applies_only_to_the_whole_unet_compile_under_ddp(monkeypatch):
     import torch._dynamo
 
-    assert speed.ddp_compile("whole", "full", 2) == "whole" and speed.ddp_compile("split", "full", 8) == "split"
+    assert (speed.ddp_compile("whole", "full", 2) == "whole"
+            and speed.ddp_compile("split", "full", 8) == "split")
     assert speed.ddp_compile("whole", "full", 1) == "split"  # one process: no DDP, torch's default left alone
     assert speed.ddp_compile("whole", "regional", 2) == speed.ddp_compile("whole", "off", 2) == "split"
     monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)

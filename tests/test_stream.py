@@ -36,7 +36,8 @@ class FakeSource(DataSource):
         if i in self.broken:
             raise OSError(f"cannot decode {self.key(i)}")
         image = Image.new("RGB", (RES, RES), (i % 256, i // 256, 7))
-        return {"image": image, "caption": "" if i in self.uncaptioned else f"caption {i}", "key": self.key(i)}
+        return {"image": image, "caption": "" if i in self.uncaptioned else f"caption {i}",
+                "key": self.key(i)}
 
     def fingerprint(self) -> str:
         return f"fake:n={self.n}"
@@ -105,7 +106,8 @@ def test_ranks_and_workers_cover_the_global_sequence(world, num_workers, accum):
 
 def test_the_sequence_continues_across_epochs():
     source = FakeSource(10)
-    by_step = keys_by_step(source, world=2, batch=2, accum=1, num_workers=2, steps=5)  # 20 positions, 2 epochs
+    # 20 positions, 2 epochs
+    by_step = keys_by_step(source, world=2, batch=2, accum=1, num_workers=2, steps=5)
     consumed = [k for s in range(5) for k in by_step[s]]
     assert sorted(consumed) == sorted(global_keys(source, 0, 20))
     assert sorted(consumed) == sorted([source.key(i) for i in range(10)] * 2)  # each sample once per epoch
@@ -196,7 +198,8 @@ def test_bad_sample_reasons_are_named():
     stream = ShardedStream(source, tokenize, RES, 1, 1, 0, 1, seed=0)
     sample, bad = stream.load(2)
     assert sample["key"] == "fake/00004"
-    assert bad[0].startswith("fake/00002 (OSError") and bad[1].startswith("fake/00003 (ValueError: empty caption")
+    assert (bad[0].startswith("fake/00002 (OSError")
+            and bad[1].startswith("fake/00003 (ValueError: empty caption"))
     sample, bad = stream.load(6)
     assert sample["key"] == "fake/00006" and bad == []
 
@@ -209,8 +212,8 @@ def test_an_unbroken_run_of_bad_samples_fails_with_a_clear_error():
 
 
 def test_a_data_failure_from_a_worker_reads_as_one_line():
-    """Re-raised in the training process, a DataLoader worker's exception carries the worker's traceback in its
-    message: the entry point prints DataFailure.one_line(), the original message alone."""
+    """Re-raised in the training process, a DataLoader worker's exception carries the worker's traceback in
+    its message: the entry point prints DataFailure.one_line(), the original message alone."""
     from torch.utils.data import DataLoader, Dataset
 
     from ldm_ddp.data.stream import DataFailure
@@ -220,12 +223,14 @@ def test_a_data_failure_from_a_worker_reads_as_one_line():
             return 1
 
         def __getitem__(self, i):
-            raise DataFailure("data: 16 bad samples in a row for position 7 (its own and every substitute): k")
+            raise DataFailure("data: 16 bad samples in a row for position 7 "
+                              "(its own and every substitute): k")
 
     with pytest.raises(DataFailure) as err:
         next(iter(DataLoader(Failing(), num_workers=1)))
     assert "Traceback" in str(err.value)  # what the worker's re-raise looks like
-    assert err.value.one_line() == "data: 16 bad samples in a row for position 7 (its own and every substitute): k"
+    assert err.value.one_line() == ("data: 16 bad samples in a row for position 7 "
+                                    "(its own and every substitute): k")
 
 
 def test_a_shard_that_fails_as_a_whole_is_replaced_from_elsewhere():

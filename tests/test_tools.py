@@ -4,6 +4,7 @@ wandb offline; picking an EMA profile in sample.py, export_diffusers.py and insp
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import REPO, run_main
 from PIL import Image
@@ -15,11 +16,14 @@ from ldm_ddp.export import export_diffusers
 from ldm_ddp.models import load_trained
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script, capsys):
-    """sample.py as a command; the other runs call the scripts' main() in process (no interpreter start-up)."""
+    """sample.py as a command; the other runs call the scripts' main() in process (no interpreter
+    start-up)."""
     out = trained_run
     ckpt = out / "checkpoints" / "step_0000002.safetensors"
-    prompts = ["--prompt", "a large red circle in the center", "--prompt", "a small blue square in the top left"]
+    prompts = ["--prompt", "a large red circle in the center", "--prompt",
+               "a small blue square in the top left"]
     stdout = check(run_script("scripts/sample.py", ckpt, *prompts, "--n", "2", "--steps", "2",
                               "--out", tmp_path / "a.png", timeout=90))
     assert "4 images" in stdout  # (seeded sampling is deterministic: tests/test_sampling.py)
@@ -27,7 +31,8 @@ def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script, capsys):
     assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 2 x 2 images of 64 px with 2 px padding
     assert not np.array_equal(grid[2:66, 2:66], grid[2:66, 68:132])  # seeds differ within a prompt
     raw = tmp_path / "raw.png"
-    assert run_main("sample", ckpt, *prompts, "--n", "2", "--steps", "2", "--weights", "raw", "--out", raw) == 0
+    assert run_main("sample", ckpt, *prompts, "--n", "2", "--steps", "2", "--weights", "raw", "--out",
+                    raw) == 0
     assert not np.array_equal(np.asarray(Image.open(raw)), grid)  # EMA and raw weights differ after 2 steps
 
     capsys.readouterr()
@@ -63,6 +68,7 @@ def test_sample_and_evaluate_scripts(tmp_path, trained_run, run_script, capsys):
         assert len(lines) == 1 and "no UNet weights" in lines[0], lines
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_continues_after_restart(tmp_path, tiny_args, run_script):
     out = tmp_path / "run"
     env = {"WANDB_MODE": None, "WANDB_DIR": None, "WANDB_API_KEY": None, "WANDB_SILENT": "true"}
@@ -83,12 +89,14 @@ def rewrite(ckpt, out_dir, change) -> str:
     """A copy of `ckpt` in out_dir after change(tensors, meta); -> its path."""
     tensors, meta = load_checkpoint(ckpt)
     change(tensors, meta)
-    meta = {k: v for k, v in meta.items() if k not in ("format", "step", "integrity")}  # the format's own keys
+    # the format's own keys
+    meta = {k: v for k, v in meta.items() if k not in ("format", "step", "integrity")}
     return str(save_checkpoint(out_dir, 2, tensors, meta))
 
 
 def add_profiles(tensors, meta) -> None:
-    """Two more EMA profiles with known contents: ema:0.9 holds the raw weights, ema:std=0.1 the default EMA's."""
+    """Two more EMA profiles with known contents: ema:0.9 holds the raw weights, ema:std=0.1 the default
+    EMA's."""
     names = [k[4:] for k in tensors if k.startswith("ema.")]
     tensors.update({f"ema_0p9.{n}": tensors[f"unet.{n}"].clone() for n in names})
     tensors.update({f"ema_std0p1.{n}": tensors[f"ema.{n}"].clone() for n in names})
@@ -98,13 +106,15 @@ def add_profiles(tensors, meta) -> None:
 
 def test_pick_an_ema_profile_in_sample_export_and_inspect(tmp_path, trained_run, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    ckpt = rewrite(trained_run / "checkpoints" / "step_0000002.safetensors", tmp_path / "profiles", add_profiles)
+    ckpt = rewrite(trained_run / "checkpoints" / "step_0000002.safetensors", tmp_path / "profiles",
+                   add_profiles)
     tensors, _ = load_checkpoint(ckpt)
     for weights, prefix in (("raw", "unet"), ("ema", "ema"), ("ema:0.9", "unet"), ("ema:std=0.1", "ema")):
         _, unet, _ = load_trained(ckpt, weights, torch.device("cpu"))
         assert all(torch.equal(v, tensors[f"{prefix}.{k}"]) for k, v in unet.state_dict().items()), weights
     assert not torch.equal(tensors["unet.conv_in.weight"], tensors["ema.conv_in.weight"])
-    assert run_main("sample", ckpt, "--prompt", "a large red circle in the center", "--n", "1", "--steps", "2",
+    assert run_main("sample", ckpt, "--prompt", "a large red circle in the center", "--n", "1",
+                    "--steps", "2",
                     "--weights", "ema:std=0.1", "--out", tmp_path / "std.png") == 0
     assert Image.open(tmp_path / "std.png").size == (68, 68)
     capsys.readouterr()
@@ -114,7 +124,8 @@ def test_pick_an_ema_profile_in_sample_export_and_inspect(tmp_path, trained_run,
 
     export_diffusers(ckpt, str(tmp_path / "export"), "fp32", "ema:0.9")
     exported = load_file(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(v, tensors[f"unet.{k}"]) for k, v in exported.items())  # ema:0.9 holds the raw weights
+    # ema:0.9 holds the raw weights
+    assert all(torch.equal(v, tensors[f"unet.{k}"]) for k, v in exported.items())
 
     capsys.readouterr()
     assert run_main("inspect_checkpoint", ckpt, "--no-verify") == 0

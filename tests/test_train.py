@@ -1,4 +1,5 @@
-"""Subprocess runs of the real entry points: train, resume bitwise under torchrun, accum + bf16, stage 1, fallback."""
+"""Subprocess runs of the real entry points: train, resume bitwise under torchrun, accum + bf16, stage 1,
+fallback."""
 
 import json
 import math
@@ -17,7 +18,8 @@ from ldm_ddp.models import load_frozen
 
 def check(result) -> str:
     """The run's stdout; fails with its output when it did not exit 0."""
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"exit {result.returncode}\n{result.stdout[-3000:]}\n"
+                                    f"{result.stderr[-3000:]}")
     return result.stdout
 
 
@@ -37,10 +39,12 @@ def assert_bitwise_equal(path_a, path_b) -> None:
     assert meta_a["ema"] == meta_b["ema"] and meta_a["optim"] == meta_b["optim"]
 
 
+@pytest.mark.slow
 def test_train_end_to_end(tmp_path, tiny_args, run_script, capsys):
     out = tmp_path / "run"
     stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=4, sample__every=2,
-                                                              data__num_workers=1, optim__lr=1e-3, log__profile_at=1,
+                                                              data__num_workers=1, optim__lr=1e-3,
+                                                              log__profile_at=1,
                                                               log__profile_steps=2), timeout=120))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002.safetensors",
                                                                        "step_0000004.safetensors"]
@@ -74,17 +78,19 @@ def test_train_end_to_end(tmp_path, tiny_args, run_script, capsys):
 
 
 # grad_accum 1 is covered by the kill -9 and preemption resumes of test_faults.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum, steps", [(2, 4)])
 def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path, tiny_args, run_script):
-    """2 gloo ranks: `steps` in one go == steps/2, then the same command again with max_steps=steps. The run in
-    one go updates its EMA after each optimizer step (the default), the resumed one as the next step starts
+    """2 gloo ranks: `steps` in one go == steps/2, then the same command again with max_steps=steps. The run
+    in one go updates its EMA after each optimizer step (the default), the resumed one as the next step starts
     (ema.overlap=true): the same bits either way."""
     half = steps // 2
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = {"train__grad_accum": grad_accum, "ckpt__every": half, "train__seed": 3,
               "ema__update_every": grad_accum, "ema__start_step": 1}
     overlap = {**common, "ema__overlap": True}
-    check(run_script("scripts/train.py", *tiny_args(straight, train__max_steps=steps, data__num_workers=1, **common),
+    check(run_script("scripts/train.py",
+                     *tiny_args(straight, train__max_steps=steps, data__num_workers=1, **common),
                      nproc=2, timeout=150))
     workers = 2 if grad_accum == 2 else 0
     first_half = tiny_args(resumed, train__max_steps=half, data__num_workers=workers, **overlap)
@@ -117,7 +123,9 @@ def test_grad_accum_with_bf16_autocast(tmp_path, tiny_args):
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("unet."))
 
 
-def test_train_autoencoder_is_preempted_resumes_and_writes_a_loadable_bundle(tmp_path, tiny_vae_json, run_script):
+@pytest.mark.slow
+def test_train_autoencoder_is_preempted_resumes_and_writes_a_loadable_bundle(tmp_path, tiny_vae_json,
+                                                                             run_script):
     """Stage 1 with the UNet trainer's machinery: SIGTERM saves and exits 75, the same command resumes (and is
     refused with one line when the data order would change), and the end writes the bundle."""
     import subprocess
@@ -129,7 +137,8 @@ def test_train_autoencoder_is_preempted_resumes_and_writes_a_loadable_bundle(tmp
     args = [f"--model.vae_config={tiny_vae_json}", f"--train.out_dir={out}", "--data.batch_per_gpu=2",
             "--data.resolution=32", "--data.num_workers=1", "--data.shapes_num_samples=64",
             "--train.num_threads=1", "--log.every=1", "--log.progress=lines", "--ckpt.every=1000"]
-    long_run = subprocess.Popen([sys.executable, "scripts/train_autoencoder.py", *args, "--train.max_steps=1000"],
+    long_run = subprocess.Popen([sys.executable, "scripts/train_autoencoder.py", *args,
+                                 "--train.max_steps=1000"],
                                 cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     deadline = time.monotonic() + 120
@@ -141,9 +150,12 @@ def test_train_autoencoder_is_preempted_resumes_and_writes_a_loadable_bundle(tmp
     assert long_run.returncode == 75, text[-2000:]
     [saved] = list_checkpoints(out / "checkpoints")
     step = int(saved.stem.split("_")[1])
-    refused = run_script("scripts/train_autoencoder.py", *args, f"--train.max_steps={step + 2}", "--data.seed=5")
-    assert refused.returncode == 2 and "data.seed 0 in the checkpoint, 5 now" in refused.stderr + refused.stdout
-    stdout = check(run_script("scripts/train_autoencoder.py", *args, f"--train.max_steps={step + 2}", timeout=150))
+    refused = run_script("scripts/train_autoencoder.py", *args, f"--train.max_steps={step + 2}",
+                         "--data.seed=5")
+    assert (refused.returncode == 2
+            and "data.seed 0 in the checkpoint, 5 now" in refused.stderr + refused.stdout)
+    stdout = check(run_script("scripts/train_autoencoder.py", *args, f"--train.max_steps={step + 2}",
+                              timeout=150))
     assert f"resumed from {saved} at step {step}" in stdout
     bundle = out / "bundle"
     assert f"wrote {bundle}" in stdout
@@ -189,15 +201,18 @@ def test_resume_takes_the_new_optimizer_settings_and_a_fresh_start_sets_old_step
     _, meta = load_checkpoint(out / "checkpoints" / "step_0000003.safetensors")
     assert meta["optim"][0]["weight_decay"] == 0.0 and meta["optim"][0]["betas"] == [0.9, 0.99]
 
-    stdout = train_here(*tiny_args(out, train__max_steps=1, ckpt__every=1, ckpt__keep=1), "--ckpt.resume=none")
+    stdout = train_here(*tiny_args(out, train__max_steps=1, ckpt__every=1, ckpt__keep=1),
+                        "--ckpt.resume=none")
     assert "this run starts at step 0: moved 2 later checkpoint(s)" in stdout
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000001.safetensors"]
     _, meta = load_checkpoint(out / "checkpoints" / "step_0000001.safetensors")
     assert meta["samples_seen"] == 2  # this run's step 1, not the old run's
     [aside] = (out / "checkpoints").glob("superseded-*")
-    assert [p.name for p in list_checkpoints(aside)] == ["step_0000002.safetensors", "step_0000003.safetensors"]
+    assert [p.name for p in list_checkpoints(aside)] == ["step_0000002.safetensors",
+                                                         "step_0000003.safetensors"]
 
 
+@pytest.mark.slow
 def test_live_samples_split_across_ranks_draw_the_same_grid(tmp_path, tiny_args, run_script):
     # A learning rate far below fp32 resolution keeps the weights at their (seeded) init, so the one-process
     # and two-process runs sample from identical weights; the grid must not depend on how prompts are split.
@@ -219,17 +234,20 @@ def test_live_samples_split_across_ranks_draw_the_same_grid(tmp_path, tiny_args,
     assert np.abs(grids[0][2:66, 2:66] - grids[0][2:66, 68:132]).max() > 20  # different prompts and seeds
 
 
+@pytest.mark.slow
 def test_compiled_ddp_trains_like_eager_ddp(tmp_path, tiny_args, run_script):
     """train.compile=full under torchrun (2 gloo ranks) with train.ddp_compile=whole, the default: one graph,
-    DDP's reducer all-reducing after the backward. Compiled with the aot_eager backend (dynamo's capture and AOT
-    autograd are real, inductor's kernels left out): losses and weights follow the eager DDP run's."""
+    DDP's reducer all-reducing after the backward. Compiled with the aot_eager backend (dynamo's capture and
+    AOT autograd are real, inductor's kernels left out): losses and weights follow the eager DDP run's."""
     runs = {}
     for name, extra in (("eager", {"train__compile": "off"}),
                         ("whole", {"train__compile": "full", "train__compile_backend": "aot_eager"})):
         out = tmp_path / name
-        stdout = check(run_script("scripts/train.py", *tiny_args(out, train__max_steps=3, ckpt__every=3, **extra),
+        stdout = check(run_script("scripts/train.py",
+                                  *tiny_args(out, train__max_steps=3, ckpt__every=3, **extra),
                                   nproc=2, timeout=300))
-        runs[name] = (metrics(out), load_checkpoint(out / "checkpoints" / "step_0000003.safetensors")[0], stdout)
+        runs[name] = (metrics(out),
+                      load_checkpoint(out / "checkpoints" / "step_0000003.safetensors")[0], stdout)
     (eager_log, eager, _), (log, compiled, stdout) = runs["eager"], runs["whole"]
     assert "failed at start" not in stdout
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in eager_log], rel=1e-5)

@@ -77,6 +77,7 @@ def train(run_script, tiny_args, out, data_args, nproc, resume=False):
     return meta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["folder", "webdataset"])
 def test_two_process_training_on_a_real_source(tmp_path, tiny_args, run_script, kind):
     path = folder(tmp_path / "data", bad=6) if kind == "folder" else webdataset(tmp_path / "data")
@@ -87,7 +88,8 @@ def test_two_process_training_on_a_real_source(tmp_path, tiny_args, run_script, 
     assert meta["data"]["fingerprint"].startswith(kind + (":n=30:" if kind == "folder" else ":n=24:"))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     replaced = sum(r.get("bad_samples", 0) for r in records)
-    assert meta["data"]["bad_samples"] == replaced and (replaced > 0) == (kind == "folder")  # counted, all ranks
+    # counted, all ranks
+    assert meta["data"]["bad_samples"] == replaced and (replaced > 0) == (kind == "folder")
 
 
 @pytest.mark.parametrize("kind", ["shards", "hf_stream", "hf", "parquet"])
@@ -107,8 +109,10 @@ def test_training_on_the_other_sources(tmp_path, tiny_args, run_script, kind):
                            tmp_path / f"part-{f}.parquet", row_group_size=5)
         args = ["--data.source=parquet", f"--data.path={tmp_path}", "--data.shuffle_window=2"]
     else:  # the datasets "imagefolder" builder over the folder, map-style or streamed
-        args = ["--data.source=hf", f"--data.path={source}", f"--data.hf_streaming={str(kind == 'hf_stream').lower()}",
+        args = ["--data.source=hf", f"--data.path={source}",
+                f"--data.hf_streaming={str(kind == 'hf_stream').lower()}",
                 "--data.num_workers=2"]
     meta = train(run_script, tiny_args, tmp_path / "run", args, nproc=1)  # resume: test_data_order.py
     prefix = {"shards": "shards", "hf_stream": "hf-stream", "hf": "hf", "parquet": "parquet"}[kind]
-    assert meta["data"]["fingerprint"].startswith(f"{prefix}:n=24:") and meta["data"]["source"] == kind.split("_")[0]
+    assert (meta["data"]["fingerprint"].startswith(f"{prefix}:n=24:")
+            and meta["data"]["source"] == kind.split("_")[0])

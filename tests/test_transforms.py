@@ -1,4 +1,5 @@
-"""Image transforms: mode conversion, EXIF orientation, JPEG draft, bomb refusal, seeded crop/flip, uint8 out."""
+"""Image transforms: mode conversion, EXIF orientation, JPEG draft, bomb refusal, seeded crop/flip, uint8
+out."""
 
 import numpy as np
 import pytest
@@ -124,7 +125,8 @@ def test_images_already_at_resolution_are_cropped_not_resampled():
     array = np.random.default_rng(3).integers(0, 256, (R, 13, 3), dtype=np.uint8)  # shorter side already R
     image = Image.fromarray(array)
     assert torch.equal(ImageTransform(R)(image), torch.from_numpy(array[:, 2:10]).permute(2, 0, 1))
-    windows = {torch.from_numpy(array[:, x:x + R]).permute(2, 0, 1).numpy().tobytes() for x in range(13 - R + 1)}
+    windows = {torch.from_numpy(array[:, x:x + R]).permute(2, 0, 1).numpy().tobytes()
+               for x in range(13 - R + 1)}
     for p in range(8):
         out = ImageTransform(R, crop="random", random_flip=True)(image, np.random.default_rng(p))
         assert out.numpy().tobytes() in windows or out.flip(2).numpy().tobytes() in windows
@@ -132,8 +134,8 @@ def test_images_already_at_resolution_are_cropped_not_resampled():
 
 def test_unit_range_on_the_device_side():
     pixels = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
-    old = pixels.float().div_(127.5).sub_(1.0)  # what workers computed before the loader carried uint8
-    assert to_unit_range(pixels).dtype == torch.float32 and torch.equal(to_unit_range(pixels), old)
+    reference = pixels.float().div_(127.5).sub_(1.0)  # x / 127.5 - 1 in float32 on the host
+    assert to_unit_range(pixels).dtype == torch.float32 and torch.equal(to_unit_range(pixels), reference)
     assert to_unit_range(pixels)[[0, -1]].tolist() == [-1.0, 1.0]
     floats = torch.rand(2, 3, 4, 4) * 2 - 1
     assert to_unit_range(floats) is floats

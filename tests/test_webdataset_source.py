@@ -1,4 +1,5 @@
-"""The WebDataset source: brace expansion, tar header index, random access, bad samples and the rank x worker split."""
+"""The WebDataset source: brace expansion, tar header index, random access, bad samples and the rank x worker
+split."""
 
 import io
 import json
@@ -24,7 +25,8 @@ def write_shard(path, members: dict[str, bytes]):
 
 
 def shards(root, bad=False) -> list[str]:
-    """shards-000..002 of 5, 1 and 9 samples; sample i is (10 + i) px wide. With `bad`, four bad ones; -> their keys."""
+    """shards-000..002 of 5, 1 and 9 samples; sample i is (10 + i) px wide. With `bad`, four bad ones;
+    -> their keys."""
     n = 0
     for s, count in enumerate(SIZES):
         members = {}
@@ -42,7 +44,8 @@ def shards(root, bad=False) -> list[str]:
             del members["dir/s013.png"]
         write_shard(root / f"shards-{s:03d}.tar", members)
         n += count
-    return ["shards-002/dir/s008", "shards-002/dir/s010", "shards-002/dir/s012", "shards-002/dir/s013"] if bad else []
+    return ["shards-002/dir/s008", "shards-002/dir/s010", "shards-002/dir/s012",
+            "shards-002/dir/s013"] if bad else []
 
 
 def test_brace_expansion():
@@ -62,7 +65,8 @@ def test_index_keys_and_random_access(tmp_path):
     assert keys[:6] == [f"shards-000/dir/s{i:03d}" for i in range(5)] + ["shards-001/dir/s005"]
     for i in [14, 0, 5, 6, 3, 4, 13]:
         sample = source[i]
-        assert sample["image"].size == (10 + i, 9) and sample["caption"] == f"image {i}" and sample["key"] == keys[i]
+        assert (sample["image"].size == (10 + i, 9) and sample["caption"] == f"image {i}"
+                and sample["key"] == keys[i])
     folder = build_source(DataConfig(source="webdataset", path=str(tmp_path)))
     assert [folder.key(i) for i in range(15)] == keys and folder.fingerprint() == source.fingerprint()
     assert WebDatasetSource(str(tmp_path / "shards-{000..001}.tar")).fingerprint() != source.fingerprint()
@@ -79,7 +83,8 @@ def test_json_caption_field_and_lists(tmp_path):
     assert source[0]["caption"] == "alt 0"  # the configured field
     drawn = [source[i]["caption"] for i in range(1, 30, 2)]  # no "alt": falls back to "caption"
     assert set(drawn) == {"one", "two", "three"}
-    assert drawn == [WebDatasetSource(str(tmp_path / "one.tar"), "alt", seed=3)[i]["caption"] for i in range(1, 30, 2)]
+    assert drawn == [WebDatasetSource(str(tmp_path / "one.tar"), "alt", seed=3)[i]["caption"]
+                     for i in range(1, 30, 2)]
 
 
 def test_missing_and_unreadable_shards_fail_at_construction(tmp_path):
@@ -113,7 +118,8 @@ def test_two_ranks_two_workers_cover_each_epoch_once(tmp_path):
     by_position = {p: key for b in batches for p, key in zip(b["positions"], b["keys"])}
     assert sorted(by_position) == list(range(30))
     for epoch in range(2):
-        assert sorted(by_position[p] for p in range(15 * epoch, 15 * epoch + 15)) == sorted(map(source.key, range(15)))
+        assert (sorted(by_position[p] for p in range(15 * epoch, 15 * epoch + 15))
+                == sorted(map(source.key, range(15))))
 
 
 def test_config_with_webdataset_and_a_missing_path(tmp_path):
@@ -123,5 +129,6 @@ def test_config_with_webdataset_and_a_missing_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ConfigError) as err:
         load_config(None, ["--data.source=webdataset", f"--data.path={missing}"])
-    assert len(str(err.value).splitlines()) == 1 and "data.path" in str(err.value) and str(missing) in str(err.value)
+    assert (len(str(err.value).splitlines()) == 1 and "data.path" in str(err.value)
+            and str(missing) in str(err.value))
 
