@@ -7,7 +7,6 @@ is measured (1 / std of the latents, as SD's 0.18215 was) and a model bundle is 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,16 +15,17 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from . import checkpoint, dist, faults
-from .config import Config, ConfigError, resolve_batch
+from . import dist, faults, speed
+from .checkpoint import TrainingState
+from .config import Config, ConfigError
 from .data.shapes import vocabulary
 from .data.sources import build_source
 from .data.stream import ShardedStream, make_loader
 from .data.transforms import ImageTransform, to_unit_range
 from .metrics import Metrics
 from .models import PRESET_DIR, write_demo_text_encoder
-from .resume import architecture_from, check_resumable, record_resume, resume_point
-from .train_loop import lr_at, step_generator
+from .resume import architecture_from
+from .run import Run, lr_at, step_generator
 
 
 class Reconstruction(torch.nn.Module):
@@ -65,111 +65,78 @@ def measure_scaling_factor(vae: AutoencoderKL, batches, num_batches: int, device
 
 def train_autoencoder(cfg: Config) -> Path:
     """Train the VAE until cfg.train.max_steps (resuming like the UNet trainer); -> the bundle folder."""
-    # --- Distributed setup and run folder
-    device = dist.init(cfg.train.device, cfg.train.startup_timeout_s)
-    rank, world = dist.rank(), dist.world_size()
-    grad_accum, global_batch = resolve_batch(cfg, world)
-    preemption = faults.Preemption()  # SIGTERM / SIGUSR1: save at the next step and exit 75, as train_loop
-    out_dir, ckpt_dir = Path(cfg.train.out_dir), Path(cfg.train.out_dir) / "checkpoints"
-    if dist.is_main():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(cfg.to_toml())
+    # --- Run: process group, run folder, step counter (the UNet trainer's lifecycle and fault contract)
+    run = Run(cfg)
+    device = run.device
 
     # --- Model and optimizer (same init on every rank)
     torch.manual_seed(cfg.train.seed)
     vae = AutoencoderKL.from_config(vae_config(cfg.model.vae_config)).to(device).train()
+    # Fused AdamW skips a non-finite step on the device (faults.optimizer_step), as in the UNet trainer.
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    names = {id(p): n for n, p in vae.named_parameters()}
-    source = build_source(cfg.data)
-    step = 0
-    arch = architecture_from({"vae": dict(vae.config)})
-    resume_path = resume_point(cfg, ckpt_dir)
-    if resume_path is not None:
-        tensors, meta = checkpoint.load_checkpoint(resume_path)
-        # The same refusals as the UNet trainer's (architecture, global batch, data fingerprint and seed).
-        changes = check_resumable(meta, cfg, arch, global_batch, source.fingerprint(), resume_path)
-        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
-        checkpoint.load_optimizer_tensors(optimizer, dict(vae.named_parameters()), tensors, meta["optim"],
-                                          live_hyperparameters=True)
-        step = int(meta["step"])
-        record_resume(out_dir, resume_path, step, changes)
-    start_step = step
-    if dist.is_main():
-        checkpoint.set_aside_after(ckpt_dir, start_step)
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
+    state = TrainingState("vae", vae, optimizer)
+    source = build_source(cfg.data, is_main=dist.is_main())
+    if source.latent:
+        raise ConfigError("data.source: latents holds VAE latents; the autoencoder trains on images")
+    run.resume(state, architecture_from({"vae": dict(vae.config)}), source.fingerprint())
 
     # --- Data and logging
-    stream = ShardedStream(source, no_tokens, cfg.data.resolution, cfg.data.batch_per_gpu, grad_accum,
-                           rank, world, cfg.data.seed, start_step, ImageTransform.from_config(cfg.data),
-                           cfg.data.shuffle_window)
-    batches = iter(make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_batches, device.type == "cuda",
-                               faults.shield_worker))
-    model = dist.wrap_ddp(Reconstruction(vae), cfg.train.ddp_static_graph, cfg.train.ddp_bucket_cap_mb)
-    metrics = Metrics(out_dir, device, 1, cfg.train.max_steps, global_batch, cfg.log.progress)
-
-    def save() -> None:
-        if dist.is_main():
-            tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
-            optim_tensors, groups = checkpoint.optimizer_tensors(optimizer, names)
-            meta = {"samples_seen": step * global_batch, "config": cfg.to_dict(), "optim": groups, "architecture": arch,
-                    "world_size": world, "versions": checkpoint.versions(),
-                    "data": {"samples_seen": step * global_batch, "seed": cfg.data.seed,
-                             "global_batch": global_batch, "fingerprint": source.fingerprint(),
-                             "shuffle_window": cfg.data.shuffle_window}}
-            path = checkpoint.save_checkpoint(ckpt_dir, step, {**tensors, **optim_tensors}, meta)
-            checkpoint.prune_checkpoints(ckpt_dir, cfg.ckpt.keep, just_saved=path)
-        dist.barrier()
+    stream = ShardedStream(source, no_tokens, cfg.data.resolution, cfg.data.batch_per_gpu,
+                           grad_accum=run.grad_accum, rank=run.rank, world_size=run.world, seed=cfg.data.seed,
+                           start_step=run.start_step, transform=ImageTransform.from_config(cfg.data),
+                           shuffle_window=cfg.data.shuffle_window)
+    batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4, pin_memory=device.type == "cuda",
+                               worker_init_fn=faults.shield_worker))
+    model = dist.wrap_ddp(Reconstruction(vae))
+    metrics = Metrics(run.out_dir, device, 1, cfg.train.max_steps, run.global_batch, cfg.log.progress)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # --- The loop: upkeep first, then one optimizer step
     while True:
-        done = step >= cfg.train.max_steps
-        if step == start_step + 1:  # the first step is done: a peer that dies or hangs stops us soon
-            dist.set_timeout(cfg.train.collective_timeout_s)
-        stop = preemption.agreed(step, checkpoint.checkpoint_path(ckpt_dir, step))
-        if step > start_step and (step % cfg.log.every == 0 or done or stop is not None):
-            metrics.flush(step, lr_at(cfg.optim, step - 1, cfg.train.max_steps))
-        if (step > start_step and (step % cfg.ckpt.every == 0 or done)) or stop is not None:
-            save()
-        if stop is not None:
+        due = run.upkeep()
+        if due.log:
+            metrics.flush(run.step, lr_at(cfg.optim, run.step - 1, cfg.train.max_steps))
+        if due.save:
+            run.save(state, must_commit=due.done or due.stop is not None)
+        if due.stop is not None:
             metrics.close()
-            preemption.ignore()
-            raise stop
-        if done:
+            run.stop(due.stop)
+        if due.done:
             break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg.optim, step, cfg.train.max_steps)
-        data_wait, step_loss = 0.0, 0.0
-        for micro in range(grad_accum):
+            group["lr"] = lr_at(cfg.optim, run.step, cfg.train.max_steps)
+        data_wait, bad, keys, step_loss = 0.0, [], [], 0.0
+        for micro in range(run.grad_accum):
             t0 = time.perf_counter()
-            images = next(batches)["images"].to(device, non_blocking=True)
-            data_wait += time.perf_counter() - t0
-            images = to_unit_range(images)  # uint8 pixels -> [-1, 1], on the device
-            gen = step_generator(cfg.train.seed, step, rank, micro, device)
-            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            batch = next(batches)
+            data_wait, bad, keys = data_wait + time.perf_counter() - t0, bad + batch["bad"], keys + batch["keys"]
+            images = to_unit_range(batch["images"].to(device, non_blocking=True))  # uint8 -> [-1, 1], on the device
+            gen = step_generator(cfg.train.seed, run.step, run.rank, micro, device)
             noise = torch.randn(images.shape[0], vae.config.latent_channels, images.shape[2] // factor,
                                 images.shape[3] // factor, generator=gen, device=device)
-            sync = micro == grad_accum - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
+            with dist.accumulating(model, sync=micro == run.grad_accum - 1):
                 recon, kl = model(images, noise)
                 loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + cfg.model.vae_kl_weight * kl.mean()
-                (loss / grad_accum).backward()
-            step_loss = step_loss + loss.detach() / grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
+                (loss / run.grad_accum).backward()
+            step_loss = step_loss + loss.detach() / run.grad_accum
+        grad_norm, _ = speed.clip_grad_norm(vae, cfg.optim.grad_clip)
+        ok = torch.isfinite(grad_norm)  # a non-finite step is skipped on the device, counted, limited
+        faults.optimizer_step(optimizer, ok)
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        metrics.add_step(step_loss, grad_norm, data_wait, [])
-    metrics.close()
+        run.count_step(~ok, bad, keys)
+        metrics.add_step(torch.where(ok, step_loss, 0.0), torch.where(ok, grad_norm, 0.0), data_wait, bad,
+                         skipped=~ok)
+    run.close(metrics.close)
 
     # --- Export: the bundle that `model.pretrained` points at
     vae.eval()
     scaling = measure_scaling_factor(vae, batches, 8, device)
-    bundle = out_dir / "bundle"
+    bundle = run.out_dir / "bundle"
     if dist.is_main():
         vae.register_to_config(scaling_factor=scaling)
         vae.save_pretrained(bundle / "vae")
         write_demo_text_encoder(bundle, vocabulary(), seed=cfg.train.seed)
         print(f"wrote {bundle} (latent scaling factor {scaling:.4f})", flush=True)
     dist.barrier()
-    preemption.restore()
     return bundle

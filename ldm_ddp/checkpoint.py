@@ -1,6 +1,9 @@
 """The training-state checkpoint: one safetensors file per save, verified on load, JSON metadata only.
 
-Tensors: `unet.<name>`, `ema.<name>`, `optim.<param name>.<state>`. Metadata values are JSON strings;
+This module owns the format. Named parts, each written and read here (save_training_state,
+load_training_state): the trained module's weights under its name (`unet.<name>`, or `vae.<name>` for stage
+1), the EMA profiles (`ema.<name>`, `ema_<profile>.<name>`), the optimizer state keyed by parameter name
+(`optim.<param name>.<state>`), and the run's metadata. Metadata values are JSON strings;
 `integrity` holds a sha256 per tensor (over dtype, shape and raw bytes) and one over every other
 metadata entry, so a flipped, missing or extra byte anywhere in the file is refused on load.
 """
@@ -20,6 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +339,49 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named_params: dict[
         merged = {**hyper, **group} if live_hyperparameters else {**group, **hyper}
         param_groups.append({**merged, "params": [index[n] for n in names]})
     optimizer.load_state_dict({"state": dict(state), "param_groups": param_groups})
+
+
+@dataclass
+class TrainingState:
+    """The named parts of a training checkpoint: the trained module under its name ("unet", "vae"), its optimizer
+    (state keyed by parameter name) and, for the UNet, its EMA (ldm_ddp.ema.EMA)."""
+    name: str
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Any = None
+
+
+def module_tensors(tensors: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """A module's state dict out of a checkpoint's tensors: the `part.` group ("unet", "ema", "vae", ...)."""
+    return {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")}
+
+
+def save_training_state(ckpt_dir, step: int, state: TrainingState, run_meta: dict[str, Any]) -> Path:
+    """Write every part of `state` at `step` (atomic, save_checkpoint) with the run's metadata (config, data,
+    architecture, ...); the optimizer's and EMA's metadata and the library versions are added here. -> path."""
+    tensors = {f"{state.name}.{k}": v for k, v in state.module.state_dict().items()}
+    names = {id(p): n for n, p in state.module.named_parameters()}
+    optim_tensors, groups = optimizer_tensors(state.optimizer, names)
+    tensors.update(optim_tensors)
+    meta = {**run_meta, "optim": groups, "versions": versions()}
+    if state.ema is not None:
+        tensors.update(state.ema.state_tensors())
+        meta["ema"] = state.ema.state_meta()
+    return save_checkpoint(ckpt_dir, step, tensors, meta)
+
+
+def load_training_state(path, state: TrainingState, check: Callable[[dict], Any] = lambda meta: None) -> dict:
+    """Verify the checkpoint at `path`, call `check(meta)` (which refuses a resume by raising), then restore
+    every part of `state`: weights, EMA, optimizer state matched by parameter name (the optimizer keeps its own
+    hyperparameters: the config's, where a change is allowed and recorded). -> the metadata."""
+    tensors, meta = load_checkpoint(path)
+    check(meta)
+    state.module.load_state_dict(module_tensors(tensors, state.name))
+    if state.ema is not None:
+        state.ema.load(tensors, meta["ema"])
+    load_optimizer_tensors(state.optimizer, dict(state.module.named_parameters()), tensors, meta["optim"],
+                           live_hyperparameters=True)
+    return meta
 
 
 def versions() -> dict[str, str]:

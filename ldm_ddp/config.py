@@ -12,7 +12,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -21,50 +21,44 @@ class ConfigError(ValueError):
     """A config problem; the message is one line naming the key."""
 
 
+Precision = Literal["bf16", "fp32"]
+
+
 @dataclass
 class ModelConfig:
     unet: str = "demo"  # builtin UNet config name (presets/unet_<name>.json), a config.json, or a UNet folder
     unet_init: str = ""  # UNet folder (diffusers layout) to start from; "" = random init from `unet`
     pretrained: str = "builtin:demo"  # folder or hub id with vae/, text_encoder/, tokenizer/ subfolders
-    frozen_dtype: str = "bf16"  # dtype of the frozen VAE and text encoder: bf16 | fp32
-    attention: str = "sdpa"  # sdpa | xformers (falls back to sdpa with one warning if its kernels do not load)
-    sdpa_backend: str = "auto"  # auto (PyTorch's choice) | flash | cudnn | efficient | math: the SDPA kernel
+    frozen_dtype: Precision = "bf16"  # dtype of the frozen VAE and text encoder
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers falls back to sdpa with one warning if it fails
     gradient_checkpointing: bool = False
-    vae_config: str = "demo"  # stage 1 (scripts/train_autoencoder.py): builtin presets/vae_<name>.json or a config.json
+    vae_config: str = "demo"  # stage 1 (train_autoencoder.py): builtin presets/vae_<name>.json or a config.json
     vae_kl_weight: float = 1e-6  # stage 1: weight of the KL term against the L1 + L2 reconstruction loss
 
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes (built-in) | shards (make_shards.py) | latents (precompute_latents.py) | folder
-    # | parquet | webdataset | hf
-    path: str = ""  # local path or fsspec URL. shards: folder with index.json; folder: image folder (captions in
-    # metadata.jsonl, metadata.csv or <image>.txt); parquet: folder of *.parquet, glob or comma-separated files;
-    # webdataset: shards-{000..009}.tar or a folder; hf: save_to_disk folder, data file/folder or hub name
-    caption_column: str = "text"  # caption column (folder: metadata.jsonl/.csv; parquet; hf; webdataset: .json field)
-    image_column: str = "image"  # parquet/hf source: column of encoded image bytes (or a struct with a bytes field)
-    min_size: int = 0  # folder source: px; images whose shorter side is smaller are left out of the index
-    hf_split: str = "train"  # hf source: split of the `datasets` dataset at data.path (name, file or folder)
-    hf_streaming: bool = False  # hf source: stream (no random access; resumes by fast-forward, see README)
-    hf_shuffle_buffer: int = 1000  # hf streaming: samples in the shuffle buffer (0 = stream order)
+    source: Literal["shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"] = "shapes"
+    path: str = ""  # local path or fsspec URL of the source; layouts in docs/data.md
+    caption_column: str = "text"  # caption column (folder metadata, parquet, hf) or .json field (webdataset)
+    image_column: str = "image"  # parquet/hf: column of encoded image bytes (or a struct with a bytes field)
+    hf_split: str = "train"  # hf source: split of the `datasets` dataset at data.path
+    hf_streaming: bool = False  # hf source: stream (no random access; resumes by fast-forward, docs/data.md)
     shuffle_window: int = 8  # sharded sources: shards whose samples are shuffled together (0 = all shards)
-    bad_shard: str = "stop"  # a shard that cannot be opened: stop (one line naming it) | skip (on every rank alike)
+    bad_shard: Literal["stop", "skip"] = "stop"  # a shard that cannot be opened: stop, or skip on every rank
     resolution: int = 64  # px, square
     batch_per_gpu: int = 32  # images per micro-batch per process
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
-    seed: int = 0  # seeds the global sample order
-    shapes_seed: int = 0  # seeds the synthetic shapes images themselves
+    seed: int = 0  # seeds the global sample order (and the synthetic shapes images)
     shapes_num_samples: int = 100_000  # size of the synthetic set (samples per epoch)
-    prefetch_batches: int = 4  # micro-batches prefetched per worker
-    crop: str = "center"  # center | random (drawn from (data.seed, global position))
+    crop: Literal["center", "random"] = "center"  # random: drawn from (data.seed, global position)
     random_flip: bool = False  # horizontal flip with probability 1/2, drawn like the crop
-    max_image_pixels: int = 178_956_970  # px; larger images are refused as decompression bombs (PIL's default)
 
 
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | cosine
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
     zero_terminal_snr: bool = True  # Lin et al. 2024: rescale betas so the last timestep has SNR 0
@@ -80,56 +74,31 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     warmup_steps: int = 50  # linear warmup, in optimizer steps
-    schedule: str = "cosine"  # constant | cosine (after warmup, down to min_lr_ratio * lr at train.max_steps)
+    schedule: Literal["constant", "cosine"] = "cosine"  # after warmup; cosine ends at min_lr_ratio * lr
     min_lr_ratio: float = 0.1
-    fused: bool = True  # fused AdamW (CPU and GPU); also skips a non-finite step on the device, no host sync
 
 
 @dataclass
 class EMAConfig:
-    decay: float = 0.995  # target decay per update of the default EMA (`--weights ema`)
+    decay: float = 0.995  # decay per update of the default EMA (`--weights ema`)
     extra_decays: list = field(default_factory=list)  # more fixed decays kept beside it, e.g. [0.999, 0.9999]
     power_stds: list = field(default_factory=list)  # power-function EMAs (Karras et al. 2024) by sigma_rel, e.g. [0.1]
     warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) for update n, so early EMA tracks the weights
-    update_every: int = 1  # optimizer steps between EMA updates; ema.decay is per update, so k multiplies the
-    # average's span in steps by k (the power profiles span a fraction of the run either way)
-    start_step: int = 0  # first step that updates the EMA (before it the EMA copies the weights)
-    compile: bool = False  # torch.compile the update: inductor fuses its three passes over the weights into one;
-    # off: measured on H200s from -4% to +6% of a step, no steady gain (docs/performance.md)
-    overlap: bool = False  # the update runs on a side CUDA stream beside the next step's forward instead of after
-    # the optimizer, meant bit-identical (EMA.defer_updates; +2-6% at 256 px on H200s). Off until
-    # tests/test_ema.py's CUDA test has passed on a GPU (docs/performance.md)
+    update_every: int = 1  # optimizer steps between EMA updates; ema.decay is per update
+    overlap: bool = False  # CUDA: each update runs on a side stream beside the next step's forward (same bits)
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/demo"  # run folder: checkpoints/, samples/, metrics.jsonl
     max_steps: int = 1200  # optimizer steps
-    grad_accum: int = 1  # micro-batches per optimizer step per process
-    global_batch: int = 0  # images per optimizer step; 0 = batch_per_gpu * world_size * grad_accum
+    global_batch: int = 0  # images per optimizer step; 0 = batch_per_gpu * world size (no accumulation)
     seed: int = 0  # seeds init and the per-step draws (noise, timesteps, caption dropout)
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Precision = "bf16"  # bf16: autocast around the UNet, fp32 master weights
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
-    channels_last: bool = True  # on CUDA only: the UNet's weights (and so its activations) channels-last
-    layout_opt: str = "auto"  # auto | on | off: with train.compile=full on CUDA, inductor keeps activations and
-    # gradients channels-last (speed.compile_model); auto: on where the UNet is one graph (one process, or
-    # train.ddp_compile=whole), off for DDP's split graphs
-    compile: str = "auto"  # auto (full on CUDA, off on CPU) | off | full | regional: torch.compile of the UNet
-    # (ldm_ddp/speed.py); probed at start. The first step compiles, about 2 minutes for SD1.5 (docs/performance.md)
-    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager / eager are for debugging a compile
-    # (dynamo's capture and AOT autograd without inductor's kernels / dynamo's capture alone)
-    cudnn_benchmark: bool = True  # on CUDA: autotune each convolution shape once (the shapes are fixed for a run)
-    ddp_static_graph: bool = False  # DDP static_graph (several ranks): the graph is the same every step; only with
-    # grad_accum 1 (torch's static_graph breaks no_sync). Unmeasured on GPU, so off (docs/performance.md)
-    ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size, MB (torch's default); with train.ddp_compile=split
-    # each bucket is also a graph break in the compiled backward
-    ddp_compile: str = "whole"  # whole | split: how train.compile=full meets DDP (several ranks; speed.ddp_compile):
-    # whole = one graph, all-reduce after the backward (measured faster); split = a graph per bucket, all-reduce
-    # overlapping the backward (torch's default)
-    fallback: bool = False  # a fast-path switch that fails at start (compile, attention kernel): warn and run
-    # without it, instead of stopping with one line
-    num_threads: int = 0  # torch CPU threads per process; 0 = torch default
+    compile: Literal["auto", "off", "full", "regional"] = "auto"  # torch.compile of the UNet; auto: full on
+    # CUDA (falls back to eager with a warning if it fails), off on CPU. docs/performance.md
     startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done, and while a save runs
     collective_timeout_s: float = 120.0  # s; afterwards: a rank whose peer died or hangs stops within this
     max_consecutive_skips: int = 10  # steps in a row with non-finite loss/gradients (skipped) before the run stops
@@ -140,22 +109,18 @@ class CkptConfig:
     every: int = 250  # optimizer steps between checkpoints (and one at the end)
     keep: int = 3  # checkpoints kept; the newest valid one is never deleted
     resume: str = "auto"  # auto (newest valid in out_dir) | none | path to a checkpoint
-    on_save_error: str = "stop"  # a save fails (disk full, I/O error): stop (exit 5) | continue (warn, retry later)
+    on_save_error: Literal["stop", "continue"] = "stop"  # a save fails (disk full): stop (exit 5) or warn and go on
 
 
 @dataclass
 class LogConfig:
     every: int = 25  # optimizer steps between metric lines
-    wandb: str = "disabled"  # online | offline | disabled (online falls back to offline, never blocks)
-    wandb_project: str = "ldm_ddp"
-    run_name: str = ""  # "" = out_dir's name
-    progress: str = "auto"  # auto (bar on a terminal) | bar | lines
-    peak_tflops: float = 0.0  # per-GPU peak, TFLOP/s, for MFU; 0 = 989 (H100 SXM dense bf16) on CUDA, no MFU on CPU
+    wandb: Literal["online", "offline", "disabled"] = "disabled"  # online falls back to offline, never blocks;
+    # project and run name from WANDB_PROJECT / WANDB_NAME (default: ldm_ddp / out_dir's name)
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
     tensorboard: bool = False  # also write scalars and sample grids to <out_dir>/tensorboard (needs tensorboard)
-    wandb_checkpoints: str = "off"  # off | reference (a file:// link, no upload) | upload: checkpoints as artifacts
-    profile_at: int = 0  # optimizer step from which torch.profiler records log.profile_steps steps into
-    # <out_dir>/profile (Chrome trace, op table, device-busy summary); 0 = off
-    profile_steps: int = 3
+    wandb_checkpoints: Literal["off", "reference", "upload"] = "off"  # checkpoints as wandb artifacts
+    profile_at: int = 0  # optimizer step from which torch.profiler records 3 steps into <out_dir>/profile; 0 = off
 
 
 @dataclass
@@ -170,9 +135,8 @@ class SampleConfig:
     steps: int = 25  # DDIM steps
     cfg_scale: float = 3.0
     guidance_rescale: float = 0.7
-    spacing: str = "trailing"  # leading | trailing
-    use_ema: bool = True
-    side_by_side: bool = False  # with use_ema: EMA (left) and raw weights (right) in one grid; twice the sampling
+    spacing: Literal["leading", "trailing"] = "trailing"
+    weights: Literal["ema", "raw", "both"] = "ema"  # both: EMA (left) and raw (right) in one grid, twice the work
 
 
 @dataclass
@@ -199,25 +163,13 @@ class Config:
         return "\n".join(lines)
 
 
-CHOICES = {
-    "model.frozen_dtype": ("bf16", "fp32"), "model.attention": ("sdpa", "xformers"),
-    "model.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
-    "train.compile": ("auto", "off", "full", "regional"), "train.layout_opt": ("auto", "on", "off"),
-    "train.ddp_compile": ("whole", "split"),
-    "train.compile_backend": ("inductor", "aot_eager", "eager"),
-    "data.source": ("shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"),
-    "data.bad_shard": ("stop", "skip"), "data.crop": ("center", "random"),
-    "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
-    "optim.schedule": ("constant", "cosine"), "train.precision": ("bf16", "fp32"),
-    "train.device": ("auto", "cpu", "cuda"), "log.wandb": ("online", "offline", "disabled"),
-    "ckpt.on_save_error": ("stop", "continue"),
-    "log.progress": ("auto", "bar", "lines"), "sample.spacing": ("leading", "trailing"),
-    "log.wandb_checkpoints": ("off", "reference", "upload"),
-}
-
-
 def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """Return `value` as the field's type or raise ConfigError naming `key`."""
+    """Return `value` as the field's type or raise ConfigError naming `key`. A Literal's values are the choices."""
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected {' | '.join(choices)}, got {value!r}")
+        return value
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -235,8 +187,9 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _merge(cfg: Config, tree: dict, origin: str) -> None:
-    """Set values from a {section: {key: value}} tree, checking names and types."""
+def _merge(cfg: Config, tree: dict, origin: str, unknown_keys: str = "refuse") -> None:
+    """Set values from a {section: {key: value}} tree, checking names and types. unknown_keys="ignore" drops
+    keys this version does not have (a checkpoint's config written by a release with other keys)."""
     for section, values in tree.items():
         if section not in cfg.__dataclass_fields__ or not isinstance(values, dict):
             raise ConfigError(f"{section}: unknown config section in {origin}")
@@ -244,6 +197,8 @@ def _merge(cfg: Config, tree: dict, origin: str) -> None:
         hints = get_type_hints(type(sub))
         for key, value in values.items():
             if key not in hints:
+                if unknown_keys == "ignore":
+                    continue
                 raise ConfigError(f"{section}.{key}: unknown config key in {origin}")
             setattr(sub, key, _check_type(f"{section}.{key}", value, hints[key]))
 
@@ -293,28 +248,19 @@ def load_config(config_file: str | None = None, overrides: list[str] = (), prese
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. a checkpoint's metadata)."""
     cfg = Config()
-    _merge(cfg, tree, "the checkpoint")
+    _merge(cfg, tree, "the checkpoint", unknown_keys="ignore")
     return cfg
 
 
 def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int]:
-    """-> (grad_accum, global_batch) for this world size; ConfigError when the batch does not divide, or when
-    train.ddp_static_graph meets gradient accumulation."""
+    """-> (grad_accum, global_batch) for this world size; ConfigError when the global batch does not divide."""
     per_step = cfg.data.batch_per_gpu * world_size
     if cfg.train.global_batch == 0:
-        accum = cfg.train.grad_accum
-    elif cfg.train.global_batch % per_step:
+        return 1, per_step
+    if cfg.train.global_batch % per_step:
         raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not divisible by "
                           f"data.batch_per_gpu * world_size = {per_step}")
-    else:
-        accum = cfg.train.global_batch // per_step
-        if cfg.train.grad_accum not in (1, accum):
-            raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} contradicts train.global_batch "
-                              f"{cfg.train.global_batch} (which implies {accum} at world size {world_size})")
-    if cfg.train.ddp_static_graph and accum > 1:
-        raise ConfigError(f"train.ddp_static_graph: needs grad_accum 1, this run accumulates {accum} micro-batches "
-                          "(DDP's static_graph mis-counts gradients under no_sync, pytorch/pytorch#187732)")
-    return accum, per_step * accum
+    return cfg.train.global_batch // per_step, cfg.train.global_batch
 
 
 def max_sample_steps(num_train_timesteps: int, spacing: str) -> int:
@@ -334,44 +280,33 @@ def warnings_for(cfg: Config) -> list[str]:
         found.append("diffusion.min_snr_gamma with diffusion.zero_terminal_snr: min-SNR's weight "
                      "min(SNR, gamma) / (SNR + 1) is 0 at the last timestep and ~0 near it, the ones zero terminal "
                      "SNR is there to train; set diffusion.min_snr_gamma=0 for the plain v-loss")
-    if cfg.train.layout_opt == "on" and cfg.train.compile in ("off", "regional"):
-        found.append(f"train.layout_opt=on does nothing with train.compile={cfg.train.compile} (it applies to the "
-                     "whole-UNet compile, train.compile=full or auto on CUDA)")
-    if cfg.train.ddp_compile == "split" and cfg.train.compile in ("off", "regional"):
-        found.append(f"train.ddp_compile={cfg.train.ddp_compile} does nothing with train.compile={cfg.train.compile} "
-                     "(it decides how the whole-UNet compile meets DDP)")
     return found
 
 
+def _fields(cfg: Config):
+    """-> ("section.key", value) for every field."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for item in dataclasses.fields(sub):
+            yield f"{section.name}.{item.name}", getattr(sub, item.name)
+
+
+POSITIVE = ("data.resolution", "data.batch_per_gpu", "data.shapes_num_samples", "train.max_steps", "ckpt.every",
+            "ckpt.keep", "log.every", "diffusion.num_train_timesteps", "ema.update_every", "sample.steps",
+            "train.startup_timeout_s", "train.collective_timeout_s", "train.max_consecutive_skips")
+NON_NEGATIVE = ("data.num_workers", "data.shuffle_window", "train.global_batch",
+                "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
+                "diffusion.offset_noise", "sample.every", "log.profile_at")
+
+
 def validate(cfg: Config) -> None:
-    """Raise ConfigError (one line, naming the key) for any value that cannot run."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _require(value in allowed, key, " | ".join(allowed), value)
-    for section in dataclasses.fields(cfg):  # inf passes "> 0"; a NaN or inf lr, eps or timeout would fail mid-run
-        for item in dataclasses.fields(getattr(cfg, section.name)):
-            value = getattr(getattr(cfg, section.name), item.name)
-            numbers = value if isinstance(value, list) else [value]
-            _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)), f"{section.name}.{item.name}",
-                     "finite numbers", value)
-    positive = ["data.resolution", "data.batch_per_gpu", "train.max_steps", "train.grad_accum",
-                "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps",
-                "ema.update_every", "sample.steps", "data.shapes_num_samples", "data.prefetch_batches",
-                "train.startup_timeout_s", "train.collective_timeout_s", "train.max_consecutive_skips",
-                "data.max_image_pixels", "log.profile_steps", "train.ddp_bucket_cap_mb"]
-    for key in positive:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _require(value > 0, key, "a positive integer", value)
-    non_negative = ["data.num_workers", "train.global_batch", "optim.warmup_steps", "sample.every",
-                    "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
-                    "diffusion.offset_noise", "ema.start_step", "train.num_threads", "data.min_size",
-                    "log.peak_tflops", "log.profile_at"]
-    for key in non_negative:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _require(value >= 0, key, "a value >= 0", value)
+    """Raise ConfigError (one line, naming the key) for any value that cannot run. Types and choices are checked
+    as values are set (_check_type); the dataclass defaults are valid."""
+    for key, value in _fields(cfg):  # inf passes "> 0"; a NaN or inf lr, eps or timeout would fail mid-run
+        numbers = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, float)]
+        _require(all(math.isfinite(v) for v in numbers), key, "finite numbers", value)
+        _require(key not in POSITIVE or value > 0, key, "a positive number", value)
+        _require(key not in NON_NEGATIVE or value >= 0, key, "a value >= 0", value)
     _require(cfg.optim.lr > 0, "optim.lr", "a positive learning rate", cfg.optim.lr)
     betas_ok = all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas)
     _require(len(cfg.optim.betas) == 2 and betas_ok, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
@@ -398,23 +333,16 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "shapes":
         _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",
                  cfg.data.resolution)
-    _require(cfg.data.shuffle_window >= 0, "data.shuffle_window", "shards per window >= 0", cfg.data.shuffle_window)
-    _require(cfg.data.hf_shuffle_buffer >= 0, "data.hf_shuffle_buffer", "samples >= 0", cfg.data.hf_shuffle_buffer)
     if cfg.data.source != "shapes":  # URLs and patterns ({..}, *, a,b) are resolved by the source itself
         plain = "://" not in cfg.data.path and not any(c in cfg.data.path for c in "{*?[,")
         local = cfg.data.source != "hf" and plain  # an hf data.path may be a hub name
         _require(bool(cfg.data.path.strip()) and (not local or Path(cfg.data.path).exists()), "data.path",
                  f"an existing path or URL for the {cfg.data.source} source", cfg.data.path)
     for key, name, kind in (("model.unet", cfg.model.unet, "unet"), ("model.vae_config", cfg.model.vae_config, "vae")):
+        builtin = ", ".join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + "_*.json"))
         _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
-                 f"a builtin {kind} config ({', '.join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + '_*.json'))})"
-                 " or an existing path", name)
+                 f"a builtin {kind} config ({builtin}) or an existing path", name)
     _require(not cfg.model.unet_init or Path(cfg.model.unet_init).is_dir(), "model.unet_init",
              "a UNet folder (diffusers layout)", cfg.model.unet_init)
-    if cfg.train.global_batch:  # the exact split needs the world size: resolve_batch() at launch
-        _require(cfg.train.global_batch % cfg.data.batch_per_gpu == 0, "train.global_batch",
-                 f"a multiple of data.batch_per_gpu = {cfg.data.batch_per_gpu}", cfg.train.global_batch)
-        _require(cfg.train.global_batch % (cfg.data.batch_per_gpu * cfg.train.grad_accum) == 0, "train.grad_accum",
-                 "1 or a divisor of train.global_batch / data.batch_per_gpu", cfg.train.grad_accum)
-    _require(not cfg.train.ddp_static_graph or cfg.train.grad_accum == 1, "train.ddp_static_graph",
-             "false with train.grad_accum > 1 (DDP's static_graph breaks under no_sync)", cfg.train.ddp_static_graph)
+    _require(cfg.train.global_batch % cfg.data.batch_per_gpu == 0, "train.global_batch",
+             f"a multiple of data.batch_per_gpu = {cfg.data.batch_per_gpu}", cfg.train.global_batch)

@@ -174,3 +174,11 @@ def wrap_ddp(module: torch.nn.Module, static_graph: bool = False, bucket_cap_mb:
     ids = [_device.index] if _device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph,
                                    bucket_cap_mb=bucket_cap_mb)
+
+
+def accumulating(model: torch.nn.Module, sync: bool):
+    """A context for one micro-batch's backward: DDP's no_sync (gradients kept local, not all-reduced) unless
+    `sync` (the last micro-batch of a step); nothing to do for a model that is not DDP-wrapped."""
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
+    return contextlib.nullcontext() if sync or not isinstance(ddp, DistributedDataParallel) else ddp.no_sync()

@@ -114,7 +114,7 @@ def weights_prefix(meta: dict, weights: str) -> str:
 
 
 CHUNK_ELEMENTS = 2**26  # EMA update temporaries: 256 MiB of fp32 at a time
-COMPILE_BACKEND = "inductor"  # of ema.compile (the tests use another: no C++ compiles there)
+COMPILE_BACKEND = "inductor"  # of EMA.compile (the tests use another: no C++ compiles there)
 
 
 def _lerp_toward(shadow: list[torch.Tensor], current: list[torch.Tensor], weight: torch.Tensor) -> None:
@@ -145,21 +145,16 @@ class EMA:
         self.shadows = [[params[n].detach().float().clone() for n in self.names] for _ in self.profiles]
         self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
-        self.fused = None  # the compiled update (ema.compile), built by compile()
+        self.fused = None  # the compiled update, built by compile() (scripts/bench.py --ema-compile)
         # ema.overlap (defer_updates): update() leaves its update pending, launch_pending() runs it on `stream`.
         self.deferring, self.stream = False, None
         self.pending = None  # (module, weight per profile) of the update not applied yet
         self.in_flight = None  # the weights the updates on `stream` read, kept alive until settle()
-        if cfg.compile:
-            self.compile()
 
     def compile(self) -> None:
         """Update through torch.compile of _lerp_toward (one graph for every profile and step: the weight is a
         device tensor; compiled at the first update, or at probe())."""
         self.fused = torch.compile(_lerp_toward, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
-
-    def uncompile(self) -> None:
-        self.fused = None
 
     @torch.no_grad()
     def probe(self, module: torch.nn.Module) -> None:
@@ -185,7 +180,7 @@ class EMA:
 
     def wants_update(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based count of updates done) updates the EMA."""
-        return step >= self.cfg.start_step and step % self.cfg.update_every == 0
+        return step % self.cfg.update_every == 0
 
     def defer_updates(self, device: torch.device) -> None:
         """ema.overlap: update() only computes the update's weights; the shadows move when the next step starts
@@ -282,7 +277,7 @@ class EMA:
 
     def state_meta(self) -> dict:
         return {"num_updates": self.num_updates, "decay": self.cfg.decay, "warmup": self.cfg.warmup,
-                "update_every": self.cfg.update_every, "start_step": self.cfg.start_step,
+                "update_every": self.cfg.update_every, "start_step": 0,
                 "profiles": [p.meta() for p in self.profiles]}
 
     @torch.no_grad()

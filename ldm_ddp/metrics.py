@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 import uuid
@@ -18,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import dist
 
 NUM_T_BUCKETS = 10  # loss per timestep bucket: t in [i*T/10, (i+1)*T/10)
-CUDA_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16: the default MFU denominator on CUDA (log.peak_tflops overrides)
+CUDA_PEAK_TFLOPS = 989.0  # H100 and H200 SXM, dense bf16: the MFU denominator on CUDA
 
 
 def block_group(name: str) -> str:
@@ -83,12 +84,13 @@ class Metrics:
     """Accumulates per-step figures between log lines; rank 0 writes them."""
 
     def __init__(self, out_dir: Path, device: torch.device, num_train_timesteps: int, max_steps: int,
-                 images_per_step: int, progress: str, wandb_run=None, tensorboard=None,
-                 train_flops_per_image: float = 0.0, peak_tflops: float = 0.0, wandb_checkpoints: str = "off"):
+                 images_per_step: int, progress: str, *, wandb_run=None, tensorboard=None,
+                 train_flops_per_image: float = 0.0, wandb_checkpoints: str = "off", peak_tflops: float = 0.0):
         self.path = out_dir / "metrics.jsonl"
         self.device, self.T, self.images_per_step = device, num_train_timesteps, images_per_step
         self.wandb_run, self.tensorboard, self.wandb_checkpoints = wandb_run, tensorboard, wandb_checkpoints
         self.flops_per_image = train_flops_per_image
+        # MFU's denominator per GPU: dense bf16 of an H100/H200 on CUDA unless given; none on a CPU
         self.peak_tflops = peak_tflops or (CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
         self.group_names, self.bar = [], None
         if dist.is_main() and (progress == "bar" or (progress == "auto" and sys.stdout.isatty())):
@@ -299,8 +301,10 @@ def start_tensorboard(enabled: bool, out_dir: Path, start_step: int = 0, config_
     return writer
 
 
-def start_wandb(mode: str, out_dir: Path, project: str, name: str, config: dict):
-    """A wandb run (rank 0 only) that continues after a restart, or None; never blocks on the network."""
+def start_wandb(mode: str, out_dir: Path, config: dict):
+    """A wandb run (rank 0 only) that continues after a restart, or None; never blocks on the network. Project
+    and run name come from WANDB_PROJECT / WANDB_NAME (default: ldm_ddp / the run folder's name), its files go
+    to WANDB_DIR (default: the run folder)."""
     if mode == "disabled" or not dist.is_main():
         return None
     try:
@@ -311,11 +315,13 @@ def start_wandb(mode: str, out_dir: Path, project: str, name: str, config: dict)
     id_file = out_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
+    project, name = os.environ.get("WANDB_PROJECT", "ldm_ddp"), os.environ.get("WANDB_NAME", out_dir.name)
     for attempt_mode in ([mode, "offline"] if mode == "online" else [mode]):
         try:
             settings = wandb.Settings(init_timeout=30, silent=True)
             return wandb.init(project=project, name=name, id=run_id, resume="allow", mode=attempt_mode,
-                              dir=str(out_dir), config=config, settings=settings)
+                              dir=os.environ.get("WANDB_DIR", str(out_dir)), config=config, settings=settings)
         except Exception as err:  # noqa: BLE001 (network down, auth missing: fall back, never stop the run)
-            print(f"warning: wandb {attempt_mode} failed ({type(err).__name__}: {str(err)[:100]})")
+            then = "; logging offline instead" if attempt_mode == "online" else ""
+            print(f"warning: wandb {attempt_mode} failed ({type(err).__name__}: {str(err)[:100]}){then}")
     return None

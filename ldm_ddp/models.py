@@ -117,6 +117,13 @@ class FrozenModels:
         # non_blocking: the loader's ids are pinned, and a blocking copy would wait for the whole queued step
         return self.text_encoder(input_ids.to(self.text_encoder.device, non_blocking=True))[0].float()
 
+    def latents_of(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        """A loader batch -> scaled latents [B, C, h, w] fp32: drawn from the latent cache's moments, or by
+        encoding its images (the same draw either way)."""
+        if "moments" in batch:
+            return self.latents_from_moments(batch["moments"].to(self.vae.device, non_blocking=True), generator)
+        return self.encode_images(batch["images"].to(self.vae.device, non_blocking=True), generator)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """images [B, 3, H, W], uint8 pixels (the loader's) or float in [-1, 1] -> scaled latents [B, C, H/f, W/f] fp32.

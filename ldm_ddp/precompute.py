@@ -86,7 +86,7 @@ def precompute_latents(cfg: Config, out_dir: str, vae_dtype: str = "", batch: in
     frozen = load_frozen(cfg.model.pretrained, vae_dtype, device)
     if device.type == "cuda":
         frozen.vae.to(memory_format=torch.channels_last)
-    transform = ImageTransform(cfg.data.resolution, "center", False, cfg.data.max_image_pixels)
+    transform = ImageTransform(cfg.data.resolution, "center", False)
     os.makedirs(out_dir, exist_ok=True)
     if dist.is_main() and os.path.exists(os.path.join(out_dir, MANIFEST)):
         # A cache is being remade here: until the new manifest is written, the folder is no cache (a killed

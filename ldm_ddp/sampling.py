@@ -1,12 +1,16 @@
-"""DDIM sampling (Song et al. 2021) for v-prediction models, with classifier-free guidance; image grids."""
+"""DDIM sampling (Song et al. 2021) for v-prediction models, with classifier-free guidance; image grids; the
+live sample grids of a training run."""
 
+import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
-from .config import max_sample_steps
+from . import dist
+from .config import SampleConfig, max_sample_steps
 from .schedule import NoiseSchedule
 
 SPACINGS = ("leading", "trailing")
@@ -149,3 +153,41 @@ def generate(unet, frozen, schedule: NoiseSchedule, prompts: list[str], seeds: l
         latents = ddim_sample(model, schedule, noise, cond, uncond, num_steps, cfg_scale, guidance_rescale, spacing)
         images.append(frozen.decode_latents(latents).cpu())
     return torch.cat(images)
+
+
+class LiveSamples:
+    """The sample grids of a training run (sample.every), written to <out_dir>/samples/step_NNNNNNN.png.
+
+    Prompts are split across ranks (seed fixed per prompt, so any world size draws the same grid) and gathered
+    on rank 0; every rank samples about len(prompts) / world, so none waits long. Sampling uses its own copy of
+    the UNet: the trained one (and its compiled graphs) stays put."""
+
+    def __init__(self, unet, frozen, schedule: NoiseSchedule, cfg: SampleConfig, out_dir: Path, autocast: bool):
+        self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        self.frozen, self.schedule, self.cfg, self.autocast = frozen, schedule, cfg, autocast
+        self.folder = out_dir / "samples"
+        if dist.is_main():
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, unet, ema, metrics) -> None:
+        """Sample with the EMA and/or the raw weights of `unet` (sample.weights); every rank calls it."""
+        prompts, world, rank = self.cfg.prompts, dist.world_size(), dist.rank()
+        per_rank = math.ceil(len(prompts) / world)
+        # This rank's prompts; the last rank pads with repeats of the final prompt so the gather is even.
+        mine = [min(i, len(prompts) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        both = self.cfg.weights == "both"  # EMA left, raw right, same prompts and seeds
+        grids = []
+        for use_ema in ([True, False] if both else [self.cfg.weights == "ema"]):
+            if use_ema:
+                ema.copy_to(self.unet)
+            else:
+                self.unet.load_state_dict(unet.state_dict())
+            images = generate(self.unet, self.frozen, self.schedule, [prompts[i] for i in mine],
+                              [self.cfg.seed + i for i in mine], self.cfg.steps, self.cfg.cfg_scale,
+                              self.cfg.guidance_rescale, self.cfg.spacing, autocast=self.autocast)
+            grids.append(dist.all_gather_tensor(images.to(dist.device()))[:len(prompts)].cpu())
+        if dist.is_main():
+            path = self.folder / f"step_{step:07d}.png"
+            nrow = math.ceil(math.sqrt(len(prompts)))
+            (make_side_by_side(grids, nrow) if both else make_grid(grids[0], nrow)).save(path)
+            metrics.log_image(step, path, " | ".join(prompts) + ("  (left: EMA, right: raw)" if both else ""))

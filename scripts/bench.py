@@ -106,19 +106,14 @@ def torchrun(nproc: int, script: str, args: list[str], timeout: float, log: Path
 
 
 def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: int) -> list[str]:
-    """scripts/train.py's arguments for a bench run: the sd15 preset, the bench's switches (live samples only
-    with --sample-every)."""
+    """scripts/train.py's arguments for a bench run: the sd15 preset and the trainer's own settings (live samples
+    only with --sample-every). The fast-path switches of the bare step are not the trainer's: it runs its
+    defaults (channels-last, cuDNN autotuning, one compiled graph under DDP)."""
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
-            f"--ema.update_every={args.ema_every}", f"--ema.compile={str(args.ema_compile == 'on').lower()}",
-            f"--ema.overlap={str(args.ema_overlap == 'on').lower()}",
-            *([f"--model.sdpa_backend={args.sdpa}"] if args.sdpa != "auto" else []),
-            f"--train.cudnn_benchmark={str(args.cudnn_benchmark == 'on').lower()}",
-            f"--train.channels_last={str(args.channels_last == 'on').lower()}",
-            f"--train.ddp_static_graph={str(args.static_graph == 'on').lower()}",
-            f"--train.layout_opt={args.layout_opt}", f"--train.ddp_compile={args.ddp_compile}",
-            f"--train.ddp_bucket_cap_mb={args.bucket_cap_mb}", *data]
+            f"--ema.update_every={args.ema_every}", f"--ema.overlap={str(args.ema_overlap == 'on').lower()}",
+            *data]
 
 
 def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
@@ -224,7 +219,9 @@ def bare_worker(args) -> None:
     context = torch.randn(batch, 77, 768, device=device)
     flops_per_image = count_train_flops(unet, context[:1], autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every, compile=args.ema_compile == "on"))
+    ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
+    if args.ema_compile == "on":
+        ema.compile()
     calls = 0
     ddp_mode = speed.ddp_compile(args.ddp_compile, args.compile, dist.world_size())
     speed.use_ddp_compile(ddp_mode)
@@ -334,17 +331,17 @@ def main() -> int:
     parser.add_argument("--compile", default="full", choices=["off", "full", "regional"],
                         help="torch.compile of the UNet, as train.compile (bare and trainer)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
-                        help="attention kernel, as model.sdpa_backend")
-    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="as train.cudnn_benchmark")
-    parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="as train.channels_last")
-    parser.add_argument("--layout-opt", default="auto", choices=["auto", "on", "off"], help="as train.layout_opt")
+                        help="bare step: the SDPA kernel (auto: PyTorch's choice)")
+    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="bare step: cuDNN autotuning (the trainer: on)")
+    parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="bare step: channels-last weights (the trainer: on)")
+    parser.add_argument("--layout-opt", default="auto", choices=["auto", "on", "off"], help="bare step: inductor's layout optimization forced (auto: where the graph is whole)")
     parser.add_argument("--ddp-compile", default="whole", choices=["whole", "split"],
-                        help="as train.ddp_compile")
-    parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="as train.ddp_static_graph")
-    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="as train.ddp_bucket_cap_mb")
+                        help="bare step: one compiled graph under DDP, or one per bucket (the trainer: whole)")
+    parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="bare step: DDP static_graph (the trainer: off)")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="bare step: DDP bucket size, MB (the trainer: 25)")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
     parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
-                        help="as ema.compile; both: the bare step eager, and compiled in the same process")
+                        help="bare step: the EMA update through torch.compile; both: eager and compiled in one process")
     parser.add_argument("--ema-overlap", default="off", choices=["on", "off"],
                         help="as ema.overlap (the bare step also times the other setting, in the same process)")
     parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")

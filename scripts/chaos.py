@@ -40,7 +40,7 @@ KINDS = ("kill -9 a rank", "kill -9 in a save", "SIGTERM to torchrun", "SIGTERM 
 
 def train_args(out: Path, steps: int, unet_json: Path) -> list[str]:
     values = {"model.unet": str(unet_json), "train.out_dir": str(out), "train.max_steps": steps, "train.seed": 3,
-              "train.num_threads": 1, "train.precision": "fp32", "data.batch_per_gpu": 2, "data.num_workers": 1,
+              "train.precision": "fp32", "data.batch_per_gpu": 2, "data.num_workers": 1,
               "data.shapes_num_samples": 256, "optim.schedule": "cosine", "optim.warmup_steps": 10,
               "ckpt.every": 25, "ckpt.keep": 3, "log.every": 1, "log.progress": "lines", "sample.every": 100,
               "sample.steps": 4, "sample.prompts": '["a large red circle in the center"]'}

@@ -69,11 +69,9 @@ def tiny_args(tiny_unet_json):
             "model.unet": str(tiny_unet_json),
             "train.out_dir": str(out_dir),
             "train.max_steps": 4,
-            "train.num_threads": 1,
             "train.precision": "fp32",
             "data.batch_per_gpu": 2,
             "data.num_workers": 0,
-            "data.prefetch_batches": 2,
             "data.shapes_num_samples": 64,
             "optim.schedule": "constant",
             "optim.warmup_steps": 2,
@@ -152,11 +150,12 @@ def train_here(*args) -> str:
     # restored after the run: a stopped run ignores these signals
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
+        torch.set_num_threads(1)  # as a child run's OMP_NUM_THREADS=1 (script_env)
         with contextlib.redirect_stdout(printed):
             train(load_config(overrides=[str(a) for a in args]))
     finally:
         dist.shutdown()
-        torch.set_num_threads(threads)  # train.num_threads would stay set for the tests after
+        torch.set_num_threads(threads)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return printed.getvalue()

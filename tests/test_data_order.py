@@ -72,8 +72,7 @@ def build(kind: str, root) -> DataConfig:
         data = {"image": [{"bytes": png(10 + i), "path": None} for i in range(N)],
                 "text": [f"image {i}" for i in range(N)]}
         datasets.Dataset.from_dict(data, features=features).save_to_disk(str(root / "hf"))
-        return DataConfig(source="hf", path=str(root / "hf"), hf_streaming=kind == "hf_stream",
-                          hf_shuffle_buffer=4)
+        return DataConfig(source="hf", path=str(root / "hf"), hf_streaming=kind == "hf_stream")
     if kind == "shards":  # shards of 4 samples (the last has 2), converted from a folder
         folder = build("folder", root)
         make_shards(build_source(folder), str(root / "shards"), shard_size=4, log=lambda _: None)

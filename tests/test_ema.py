@@ -68,31 +68,11 @@ def test_warmup_reaches_the_target_decay():
     assert EMA(Net(), EMAConfig(decay=0.9, warmup=False)).decay() == 0.9
 
 
-def test_update_every_and_start_step_pick_the_steps():
-    ema = EMA(Net(), EMAConfig(update_every=3, start_step=5))
-    assert [s for s in range(1, 16) if ema.wants_update(s)] == [6, 9, 12, 15]
+def test_update_every_picks_the_steps():
+    ema = EMA(Net(), EMAConfig(update_every=3))
+    assert [s for s in range(1, 13) if ema.wants_update(s)] == [3, 6, 9, 12]
     ema = EMA(Net(), EMAConfig())
     assert [s for s in range(1, 5) if ema.wants_update(s)] == [1, 2, 3, 4]
-    ema = EMA(Net(), EMAConfig(start_step=3, update_every=1))
-    assert [s for s in range(1, 6) if ema.wants_update(s)] == [3, 4, 5]
-
-
-def test_before_start_step_the_ema_copies_the_weights():
-    """The training loop's rule: update on wanted steps, else copy the weights while step < start_step."""
-    cfg = EMAConfig(decay=0.5, warmup=False, start_step=3, update_every=1)
-    net = Net()
-    ema = EMA(net, cfg)
-    for step, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
-        set_weights(net, value)
-        if ema.wants_update(step):
-            ema.update(net)
-        elif step < cfg.start_step:
-            ema.copy_from(net)
-        if step == 2:  # still copying: the shadow is exactly the weights, no update counted
-            assert all(torch.all(s == 2.0) for s in ema.shadow) and ema.num_updates == 0
-    # step 3: 0.5 * 2 + 0.5 * 4 = 3; step 4: 0.5 * 3 + 0.5 * 8 = 5.5
-    assert all(torch.all(s == 5.5) for s in ema.shadow)
-    assert ema.num_updates == 2
 
 
 def test_copy_to_writes_the_shadow_and_leaves_buffers():
@@ -114,7 +94,7 @@ def test_copy_to_writes_the_shadow_and_leaves_buffers():
 
 
 def test_state_round_trip_through_safetensors(tmp_path):
-    cfg = EMAConfig(decay=0.99, warmup=True, update_every=2, start_step=4)
+    cfg = EMAConfig(decay=0.99, warmup=True, update_every=2)
     net = Net()
     ema = EMA(net, cfg)
     for value in (1.0, 2.0, 3.0):
@@ -123,7 +103,7 @@ def test_state_round_trip_through_safetensors(tmp_path):
     tensors = ema.state_tensors()
     assert sorted(tensors) == sorted(f"ema.{n}" for n in ema.names)
     meta = json.loads(json.dumps(ema.state_meta()))  # as stored in checkpoint metadata
-    assert meta == {"num_updates": 3, "decay": 0.99, "warmup": True, "update_every": 2, "start_step": 4,
+    assert meta == {"num_updates": 3, "decay": 0.99, "warmup": True, "update_every": 2, "start_step": 0,
                     "profiles": [{"name": "ema", "tensors": "ema", "decay": 0.99}]}
     save_file(tensors, tmp_path / "ema.safetensors")
 
@@ -287,7 +267,7 @@ def test_update_with_ok_false_keeps_every_shadow():
 
 
 def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
-    """ema.compile: the same shadows as the eager update, step by step, a skipped step (ok False) and every
+    """EMA.compile (scripts/bench.py --ema-compile): the same shadows as the eager update, step by step, a skipped step (ok False) and every
     profile included; one compiled graph serves all profiles and steps (the weight is a tensor). The backend
     is aot_eager here (the same graph, no C++ compiler); on CUDA inductor fuses it."""
     import ldm_ddp.ema as ema_module
@@ -296,7 +276,8 @@ def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
     torch._dynamo.utils.counters.clear()
     cfg = {"decay": 0.9, "extra_decays": [0.5], "power_stds": [0.1]}
     net = Net()
-    eager, compiled = EMA(net, EMAConfig(**cfg)), EMA(net, EMAConfig(**cfg, compile=True))
+    eager, compiled = EMA(net, EMAConfig(**cfg)), EMA(net, EMAConfig(**cfg))
+    compiled.compile()
     assert eager.fused is None and compiled.fused is not None
     set_weights(net, 7.0)  # weights away from the shadows, as after a resume
     compiled.probe(net)  # weight 0: builds the graph, changes nothing

@@ -159,13 +159,10 @@ def temp_file_of(out: Path, step: int) -> Path | None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_args) -> Path:
-    """The uninterrupted 2-rank run every fault test ends equal to (its checkpoints: read only). It runs with
-    train.ddp_static_graph on, the fault runs with it off: each bitwise comparison also shows that DDP's static
-    graph changes no number."""
+    """The uninterrupted 2-rank run every fault test ends equal to (its checkpoints: read only)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    with ranks(out.parent / "logs", config(tiny_args, out, train__ddp_static_graph=True)) as launch:
+    with ranks(out.parent / "logs", config(tiny_args, out)) as launch:
         assert launch.wait() == [0, 0], launch.output(0)[-3000:]
-    assert "ddp_static_graph = true" in (out / "config.toml").read_text()
     return out
 
 

@@ -149,7 +149,7 @@ def test_streaming_reads_every_epoch_once_in_a_seeded_shuffle_and_substitutes_ba
     captions = [f"image {i}" for i in range(N)]
     images[4], captions[6] = b"not a png", ""
     path = saved(tmp_path / "ds", images=images, captions=captions)
-    source = build_source(DataConfig(source="hf", path=path, hf_streaming=True, hf_shuffle_buffer=4))
+    source = build_source(DataConfig(source="hf", path=path, hf_streaming=True))
     assert isinstance(source, HFStreamSource) and len(source) == N
     epochs = [[r["captions"] for r in source.records(e)] for e in range(2)]
     assert all(sorted(e) == sorted(captions) for e in epochs) and epochs[0] != epochs[1]  # reshuffled

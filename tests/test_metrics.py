@@ -186,9 +186,11 @@ def test_checkpoint_artifacts_in_wandb_offline(mode, tmp_path, monkeypatch):
     ckpt = tmp_path / "checkpoints" / "step_0000002.safetensors"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"not really a checkpoint" * 100)
-    run = start_wandb("offline", tmp_path, "ldm_ddp-test", "artifacts", {"log": {"wandb_checkpoints": mode}})
-    assert run is not None
-    metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines", run, wandb_checkpoints=mode)
+    monkeypatch.setenv("WANDB_PROJECT", "ldm_ddp-test")
+    monkeypatch.setenv("WANDB_NAME", "artifacts")
+    run = start_wandb("offline", tmp_path, {"log": {"wandb_checkpoints": mode}})
+    assert run is not None and run.project == "ldm_ddp-test" and run.name == "artifacts"
+    metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines", wandb_run=run, wandb_checkpoints=mode)
     metrics.log_checkpoint(ckpt, 2)
     metrics.close()
     # finish() may return before wandb's service has written the run file; teardown waits for it

@@ -21,9 +21,9 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
     env = {"WANDB_MODE": None, "WANDB_DIR": None, "WANDB_API_KEY": None, "WANDB_SILENT": "true",
            **{k: str(tmp_path / k.lower())
               for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")}}
-    args = tiny_args(out, train__max_steps=2, sample__every=2, sample__side_by_side=True, ema__extra_decays=[0.9],
+    args = tiny_args(out, train__max_steps=2, sample__every=2, sample__weights="both", ema__extra_decays=[0.9],
                      ema__power_stds=[0.1], log__tensorboard=True, log__wandb="offline",
-                     log__wandb_checkpoints="reference", log__peak_tflops=0.001)
+                     log__wandb_checkpoints="reference")
     stdout = check(run_script("scripts/train.py", *args, env=env, timeout=180))
 
     records = metrics(out)
@@ -35,11 +35,11 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
         # Block norms are taken before clipping, as grad_norm is: together they make up the total.
         assert (sum(v ** 2 for v in r["grad_norm_by_block"].values())
                 == pytest.approx(r["grad_norm"] ** 2, rel=1e-4))
-        assert r["tflops_per_gpu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.001)
+        assert r["tflops_per_gpu"] > 0 and "mfu" not in r  # MFU needs a peak: a CUDA device's
         assert r["skipped_steps"] == 0 and r["bad_samples"] == 0 and 0 <= r["data_wait_share"] <= 1
     lines = re.findall(r"^step +\d+  loss .*$", stdout, re.MULTILINE)
-    assert len(lines) == 2 and all(re.search(r"\(max \S+ [\d.]+\) .* img/s \([\d.]+/GPU\) .* TFLOP/s/GPU  MFU "
-                                             r"[\d.]+%  data-wait \d+%  skipped 0  bad 0$", line) for line in lines)
+    assert len(lines) == 2 and all(re.search(r"\(max \S+ [\d.]+\) .* img/s \([\d.]+/GPU\) .* TFLOP/s/GPU  "
+                                             r"data-wait \d+%  skipped 0  bad 0$", line) for line in lines)
 
     # EMA (left) and raw (right): two 2-image grids of 64 px with an 8 px gap; after two steps they differ.
     grid = np.asarray(Image.open(out / "samples" / "step_0000002.png"), dtype=np.int16)
@@ -54,7 +54,7 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert {"loss", "mfu", "grad_norm/mid_block", "img_per_s_per_gpu"} <= set(events.Tags()["scalars"])
+    assert {"loss", "tflops_per_gpu", "grad_norm/mid_block", "img_per_s_per_gpu"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2] and events.Tags()["images"] == ["samples"]
 
     run_id = (out / "wandb_id.txt").read_text().strip()
@@ -68,7 +68,7 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
 @pytest.mark.parametrize("override, key", [("--ema.extra_decays=[1.5]", "ema.extra_decays"),
                                            ("--ema.power_stds=[0.5]", "ema.power_stds"),
                                            ("--log.wandb_checkpoints=always", "log.wandb_checkpoints"),
-                                           ("--log.peak_tflops=-1", "log.peak_tflops")])
+                                           ("--log.profile_at=-1", "log.profile_at")])
 def test_bad_signal_settings_fail_before_any_work(override, key):
     with pytest.raises(ConfigError, match=f"^{key}: expected"):
         load_config(overrides=[override])

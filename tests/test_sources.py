@@ -136,7 +136,7 @@ def test_sources_print_by_the_is_main_they_are_given(tmp_path, capsys):
     small = folder(tmp_path / "small", widths=[4, 20, 20])  # 4 x 9 px is under min_size=8
     for build, line in ((lambda is_main: build_source(broken, is_main=is_main), "skipping shard wds-1.tar"),
                         (lambda is_main: ImageFolderSource(small, min_size=8, is_main=is_main),
-                         "data.min_size=8 left out 1 of 3 images")):
+                         "min_size=8 left out 1 of 3 images")):
         assert build(False).fingerprint() == build(True).fingerprint()
         printed = capsys.readouterr().out
         assert printed.count(line) == 1, printed

@@ -15,13 +15,18 @@ from ldm_ddp.config import ConfigError
 
 
 @pytest.mark.slow
-def test_a_kernel_that_cannot_run_stops_the_run_at_start_with_one_line(tmp_path, tiny_args, run_script):
-    # cuDNN attention does not exist on CPU: the switch fails in the start-up probe, not in step 1.
-    args = [*tiny_args(tmp_path / "run", train__max_steps=1), "--model.sdpa_backend=cudnn"]
-    stopped = run_script("scripts/train.py", *args, timeout=120)
-    assert stopped.returncode == 2
-    lines = stopped.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.sdpa_backend=cudnn" in lines[0] and "train.fallback=true" in lines[0]
+def test_a_compile_asked_for_by_name_that_cannot_build_stops_at_start(tmp_path, tiny_args, monkeypatch):
+    """train.compile=full where the compiler fails: one line naming the setting, before step 1 (the start-up
+    probe), nothing saved. Compilation fails for real: dynamo traces the UNet, the backend raises."""
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no working C compiler found")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=no_compiler))
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match=r"^train.compile=full failed at start \(\w+: .*no working C "
+                                          r"compiler.*\); set train.compile=auto \(falls back to eager\) or off$"):
+        train_here(*tiny_args(tmp_path / "run", train__max_steps=1), "--train.compile=full")
     assert not (tmp_path / "run" / "checkpoints" / "step_0000001.safetensors").exists()
 
 
@@ -33,7 +38,7 @@ def test_probe_falls_back_only_when_asked(capsys):
 
     undone = []
     with pytest.raises(ConfigError, match=r"^model.sdpa_backend=cudnn failed at start \(RuntimeError: .*"
-                                          r"set train.fallback=true to continue without it$"):
+                                          r"set train.compile=auto \(falls back to eager\) or off$"):
         speed.probe(cudnn_attention, "model.sdpa_backend=cudnn", False, lambda: undone.append(1))
     assert not undone
     assert speed.probe(cudnn_attention, "model.sdpa_backend=cudnn", True, lambda: undone.append(1)) is False
@@ -69,13 +74,13 @@ def test_a_preempted_run_writes_its_open_profile(tmp_path, tiny_args, monkeypatc
     real_before_step = speed.StepProfiler.before_step
 
     def before_step(self, step):
-        if step == 3:  # inside the record of steps 2..5: SIGTERM, noted by the handler, agreed at the next step
+        if step == 3:  # inside the record of steps 2..4: SIGTERM, noted by the handler, agreed at the next step
             os.kill(os.getpid(), signal.SIGTERM)
         real_before_step(self, step)
 
     monkeypatch.setattr(speed.StepProfiler, "before_step", before_step)
     with pytest.raises(Preempted, match="at step 4"):
-        train_here(*tiny_args(tmp_path / "run", train__max_steps=8, log__profile_at=2, log__profile_steps=4))
+        train_here(*tiny_args(tmp_path / "run", train__max_steps=8, log__profile_at=2))
     summary = json.loads((tmp_path / "run" / "profile" / "summary_rank0.json").read_text())
     assert summary["steps"] == 2  # steps 3 and 4 recorded when the stop came
 
@@ -136,9 +141,9 @@ def test_clip_grad_norm_is_torchs_and_returns_the_per_parameter_norms(max_norm):
 
 
 @pytest.mark.slow
-def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args):
+def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args, monkeypatch):
     """train.compile=full end to end, in process. Inductor would take minutes on this CPU, so torch.compile gets
-    the aot_eager backend (train.compile_backend): dynamo's capture and AOT autograd's joint graph are real,
+    the aot_eager backend (speed.COMPILE_BACKEND): dynamo's capture and AOT autograd's joint graph are real,
     only the kernels are eager.
     Checkpoints hold the eager module's names (a resume loads into the eager module before compiling), live
     samples come from the uncompiled copy, and the run's numbers match an eager run's."""
@@ -147,9 +152,11 @@ def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args)
     from ldm_ddp.config import load_config
     from ldm_ddp.train_loop import train
 
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+
     def run(out, compile_mode, steps):
         cfg = load_config(overrides=[*tiny_args(out, train__max_steps=steps, sample__every=2),
-                                     f"--train.compile={compile_mode}", "--train.compile_backend=aot_eager"])
+                                     f"--train.compile={compile_mode}"])
         try:
             return train(cfg)
         finally:
@@ -305,38 +312,6 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
         result = json.loads(line[len("BENCH "):])
         assert result["img_per_s"] > 0 and result["flops_per_image"] > 0
         assert sorted(result["variants"]) == variants and min(result["variants"].values()) > 0
-
-
-@pytest.mark.slow
-def test_ema_compile_that_cannot_build_stops_at_start_or_falls_back_when_asked(tmp_path, tiny_args, monkeypatch):
-    """ema.compile=true is probed before step 1: a compiler that fails stops the run with one line naming the
-    switch, or with train.fallback=true warns and updates the EMA eager; the run then ends as an eager one. One
-    that works gives the eager run's checkpoint, resumed halfway, two profiles and a start step included. (The
-    eager run updates after each optimizer step; the compiled one as the next step starts, ema.overlap=true.)"""
-    import ldm_ddp.ema as ema_module
-
-    def no_compiler(graph, example_inputs):
-        raise RuntimeError("no working C compiler found")
-    monkeypatch.setattr(ema_module, "COMPILE_BACKEND", no_compiler)
-    torch._dynamo.reset()
-    with pytest.raises(ConfigError, match=r"^ema.compile=true failed at start \(.*no working C compiler.*\); set "
-                                          r"train.fallback=true to continue without it$"):
-        train_here(*tiny_args(tmp_path / "stopped", train__max_steps=2), "--ema.compile=true")
-    assert not (tmp_path / "stopped" / "checkpoints" / "step_0000001.safetensors").exists()
-    profiles = {"ema__extra_decays": [0.9], "ema__start_step": 2, "ckpt__every": 1, "train__max_steps": 3}
-    overlap = {**profiles, "ema__overlap": True}
-    stdout = train_here(*tiny_args(tmp_path / "fallback", **profiles), "--ema.compile=true", "--train.fallback=true")
-    assert "warning: ema.compile=true failed at start" in stdout  # and it updated its EMA eager:
-    # A compiler that works (aot_eager: the same graph, no C++): the same run, across a resume (the shadows
-    # are loaded into the tensors the compiled update was built for, and the probe runs on them).
-    monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    train_here(*tiny_args(tmp_path / "compiled", **{**overlap, "train__max_steps": 2}), "--ema.compile=true")
-    train_here(*tiny_args(tmp_path / "compiled", **overlap), "--ema.compile=true")
-    final = "checkpoints/step_0000003.safetensors"
-    assert_bitwise_equal(tmp_path / "compiled" / final, tmp_path / "fallback" / final)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the update was compiled (UNet: eager)
 
 
 def test_kernel_sources_name_the_host_ops_that_launched_each_kernel():

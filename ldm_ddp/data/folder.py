@@ -89,7 +89,7 @@ class ImageFolderSource(RawSource):
             self.filtered = len(names) - len(kept)
             names = kept
             if is_main:
-                print(f"data: data.min_size={min_size} left out {self.filtered} of {len(names) + self.filtered} "
+                print(f"data: min_size={min_size} left out {self.filtered} of {len(names) + self.filtered} "
                       f"images under {self.root}", flush=True)
         if not names:
             raise ConfigError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")

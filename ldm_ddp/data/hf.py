@@ -13,7 +13,7 @@ of strings; see `parquet.pick_caption`.
 
 Streaming (`data.hf_streaming = true`, `HFStreamSource`): `load_dataset(..., streaming=True)` has no
 random access, so the global order is the stream's own: epoch e is the dataset shuffled by `datasets`
-(seed data.seed + e, a buffer of data.hf_shuffle_buffer samples; 0 = stream order), and position g is the
+(seed data.seed + e, a buffer of 1000 samples), and position g is the
 (g mod N)-th record of epoch g // N. Every DataLoader worker of every rank reads the whole stream and
 decodes only its own positions (read traffic x ranks x workers); resuming restarts the epoch's stream
 and skips, without decoding, the records before the resume position. Exact, but it costs reading that

@@ -77,21 +77,20 @@ def build_source(cfg: DataConfig, *, is_main: bool = True) -> DataSource:
     from .webdataset import WebDatasetSource
 
     if cfg.source == "shapes":
-        return ShapesSource(seed=cfg.shapes_seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
+        return ShapesSource(seed=cfg.seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
     if cfg.source == "latents":
         return LatentSource(cfg.path, cfg.seed)
     if cfg.source == "shards":
         return ShardsSource(cfg.path, cfg.seed, cfg.bad_shard, is_main=is_main)
     if cfg.source == "folder":
-        return ImageFolderSource(cfg.path, cfg.caption_column, cfg.min_size, cfg.seed, is_main=is_main)
+        return ImageFolderSource(cfg.path, cfg.caption_column, seed=cfg.seed, is_main=is_main)
     if cfg.source == "parquet":  # keeps as many row groups as the shuffle window spans
         return ParquetSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed, cfg.bad_shard,
                              cached_groups=cfg.shuffle_window or 64, is_main=is_main)
     if cfg.source == "webdataset":
         return WebDatasetSource(cfg.path, cfg.caption_column, cfg.seed, cfg.bad_shard, is_main=is_main)
     if cfg.source == "hf" and cfg.hf_streaming:
-        return HFStreamSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed, cfg.hf_split,
-                              cfg.hf_shuffle_buffer)
+        return HFStreamSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed, cfg.hf_split)
     if cfg.source == "hf":
         return HFDatasetSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.seed, cfg.hf_split)
     raise ValueError(f"data.source: unknown source {cfg.source!r}")

@@ -19,6 +19,8 @@ from PIL import Image, ImageOps
 
 from ..config import DataConfig
 
+MAX_IMAGE_PIXELS = 178_956_970  # larger images are refused as decompression bombs (PIL's own default)
+
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
@@ -57,18 +59,18 @@ class ImageTransform:
     """PIL image (+ numpy Generator for random crop/flip) -> [3, R, R] uint8."""
 
     def __init__(self, resolution: int, crop: str = "center", random_flip: bool = False,
-                 max_image_pixels: int = DataConfig.max_image_pixels):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.resolution, self.crop, self.random_flip = resolution, crop, random_flip
         self.max_image_pixels = max_image_pixels
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> ImageTransform:
-        return cls(cfg.resolution, cfg.crop, cfg.random_flip, cfg.max_image_pixels)
+        return cls(cfg.resolution, cfg.crop, cfg.random_flip)
 
     def decode(self, image: Image.Image) -> Image.Image:
         """Lazily opened or decoded image -> decoded RGB image, upright per its EXIF orientation."""
         if image.width * image.height > self.max_image_pixels:  # also catches images built in memory
-            raise Image.DecompressionBombError(f"{image.width}x{image.height} px is over data.max_image_pixels")
+            raise Image.DecompressionBombError(f"{image.width}x{image.height} px is over the decompression-bomb limit")
         # JPEG only (a no-op elsewhere and once loaded): decode at 1/2, 1/4 or 1/8 scale while the
         # shorter side stays >= R, so a large photo never decodes at full size.
         image.draft("RGB", (self.resolution, self.resolution))

@@ -1,0 +1,177 @@
+"""The run's lifecycle, shared by every trainer (the UNet's train_loop and the autoencoder's): start, resume
+from a checkpoint's named parts, the upkeep each iteration agrees on across ranks (stop, log, sample, save),
+the save with its agreement and error policy, the bad-sample and skipped-step totals, and the end.
+
+Also the two functions of (seed, step, rank) every trainer uses: the learning rate and the step's generator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, dist, faults
+from .config import Config, OptimConfig, resolve_batch, warnings_for
+from .resume import check_resumable, record_resume, resume_point
+
+
+def lr_at(cfg: OptimConfig, step: int, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator for one micro-batch's random draws: a pure function of (seed, step, rank, micro)."""
+    state = np.random.SeedSequence([seed, step, rank, micro]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
+
+
+@dataclass
+class Upkeep:
+    """What this iteration of the loop does before its step, the same on every rank."""
+    done: bool  # the last step is behind us
+    stop: faults.Stop | None  # preempted, or too many non-finite steps: save, then raise this
+    log: bool
+    sample: bool
+    save: bool
+
+
+class Run:
+    """One training run in cfg.train.out_dir: its process group, step counter, checkpoints and totals."""
+
+    def __init__(self, cfg: Config):
+        """Start the process group; create the run folder on rank 0. From here on SIGTERM / SIGUSR1 mean
+        "save at the next step and exit" (not before: a rendezvous can wait for minutes, and a process with
+        nothing to save yet may as well end at once)."""
+        self.cfg = cfg
+        self.device = dist.init(cfg.train.device, cfg.train.startup_timeout_s)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.grad_accum, self.global_batch = resolve_batch(cfg, self.world)
+        self.preemption = faults.Preemption()
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        if dist.is_main():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.toml").write_text(cfg.to_toml())
+            for line in warnings_for(cfg):
+                print(f"warning: {line}", flush=True)
+        self.step = self.start_step = 0
+        self.resume_path: Path | None = None
+        self.fingerprint, self.architecture = "", {}
+        self.guard = faults.NonFiniteGuard(cfg.train.max_consecutive_skips)
+        # Replaced samples: by this process since the start, and by all ranks as of the last save or the resume.
+        self.bad_seen = self.bad_total = 0
+
+    def resume(self, state: checkpoint.TrainingState, architecture: dict, fingerprint: str) -> None:
+        """Restore `state` from the newest valid checkpoint (or ckpt.resume's), refusing one whose state would
+        mean something else now (architecture, data, seed, global batch); set aside later steps of another
+        timeline. Every rank sees the same data first (check_same_data)."""
+        self.architecture, self.fingerprint = architecture, fingerprint
+        faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here, not trained around
+        self.resume_path = resume_point(self.cfg, self.ckpt_dir)
+        if self.resume_path is not None:
+            changes = {}
+
+            def check(meta: dict) -> None:
+                changes.update(check_resumable(meta, self.cfg, architecture, self.global_batch, fingerprint,
+                                               self.resume_path))
+            meta = checkpoint.load_training_state(self.resume_path, state, check)
+            self.step = self.start_step = int(meta["step"])
+            self.guard = faults.NonFiniteGuard(self.cfg.train.max_consecutive_skips, meta.get("faults", {}))
+            self.bad_total = meta["data"].get("bad_samples", 0)
+            record_resume(self.out_dir, self.resume_path, self.step, changes)  # allowed changes, on record
+        if dist.is_main():  # later steps of another timeline in this folder: set aside, not resumed into or pruned
+            checkpoint.set_aside_after(self.ckpt_dir, self.start_step)
+        self.bad_before = self.bad_total
+
+    def upkeep(self) -> Upkeep:
+        """Decide what to do before the next step; collectives, so every rank calls it every iteration."""
+        cfg, step = self.cfg, self.step
+        if step == self.start_step + 1:  # the first step is done: from now on a peer that dies or hangs stops us
+            dist.set_timeout(cfg.train.collective_timeout_s)
+        done = step >= cfg.train.max_steps
+        # A preemption signal to any rank stops every rank here, at the same step, after one more save.
+        stop = self.preemption.agreed(step, checkpoint.checkpoint_path(self.ckpt_dir, step))
+        active = step > self.start_step
+        if active and (step % cfg.log.every == 0 or step % cfg.ckpt.every == 0 or done or stop is not None):
+            # The skipped-step flags are read where the loop syncs anyway, and before every save, so that a
+            # checkpoint counts every skip so far.
+            stop = stop or self.guard.check()
+        log = active and (step % cfg.log.every == 0 or done or stop is not None)
+        sample = active and cfg.sample.every > 0 and (step % cfg.sample.every == 0 or done) and stop is None
+        save = (active and (step % cfg.ckpt.every == 0 or done)) or stop is not None
+        return Upkeep(done, stop, log, sample, save)
+
+    def count_step(self, skipped: torch.Tensor, bad: list[str], keys: list[str]) -> None:
+        """One optimizer step taken (or skipped: a device bool) with these replaced samples and sample keys."""
+        self.step += 1
+        self.bad_seen += len(bad)
+        self.guard.add(self.step, skipped, keys)
+
+    def run_meta(self) -> dict:
+        """The run's part of a checkpoint's metadata (the state's own parts are added by checkpoint.py)."""
+        cfg, samples = self.cfg, self.step * self.global_batch
+        return {"samples_seen": samples, "config": cfg.to_dict(), "world_size": self.world,
+                "lr_schedule": {**vars(cfg.optim), "max_steps": cfg.train.max_steps,
+                                "lr_now": lr_at(cfg.optim, self.step, cfg.train.max_steps)},
+                "data": {"samples_seen": samples, "seed": cfg.data.seed, "global_batch": self.global_batch,
+                         "fingerprint": self.fingerprint, "source": cfg.data.source,
+                         "shuffle_window": cfg.data.shuffle_window, "bad_samples": self.bad_total},
+                "architecture": self.architecture, "faults": self.guard.state()}
+
+    def save(self, state: checkpoint.TrainingState, must_commit: bool, on_commit=None) -> None:
+        """Rank 0 writes the state of this step; every rank learns whether it was committed. A failed write (disk
+        full, I/O error) leaves the previous checkpoint as the resume point, and ckpt.on_save_error says whether
+        the run goes on, the same on every rank; the final and the preemption saves must commit.
+        `on_commit(path, step)` runs on rank 0 after a commit (e.g. a wandb artifact)."""
+        path = checkpoint.checkpoint_path(self.ckpt_dir, self.step)
+        if self.step == self.start_step and path == self.resume_path:
+            return  # the state this run resumed from: committed already
+        # Replaced samples so far, all ranks (a collective: every rank calls save); resumed runs add theirs.
+        seen = int(dist.all_reduce_sum(torch.tensor([self.bad_seen], device=self.device)).item())
+        self.bad_total = self.bad_before + seen
+        error = ""
+        # The other ranks wait in the outcome's all-reduce while rank 0 writes: saves get the startup timeout.
+        with dist.timeout(self.cfg.train.startup_timeout_s):
+            if dist.is_main():
+                try:
+                    checkpoint.save_training_state(self.ckpt_dir, self.step, state, self.run_meta())
+                except OSError as err:  # the temp file is removed; older checkpoints are untouched
+                    error = " ".join(str(err).split())
+                else:
+                    checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.ckpt.keep, just_saved=path)
+                    if on_commit is not None:
+                        on_commit(path, self.step)
+            failed = dist.all_reduce_max_ints([bool(error)])[0]  # also the barrier: the file is committed
+        if not failed:
+            return
+        kept = checkpoint.list_checkpoints(self.ckpt_dir)
+        lost = f"checkpoint {path.name} not saved ({error or 'see rank 0'}); " + (
+            f"{kept[-1].name} stays the resume point" if kept else "no checkpoint to resume from")
+        if must_commit or self.cfg.ckpt.on_save_error == "stop":
+            raise faults.SaveFailed(lost)
+        if dist.is_main():
+            print(f"warning: {lost}; training goes on (ckpt.on_save_error = continue)", flush=True)
+
+    def stop(self, stop: faults.Stop) -> None:
+        """End a run that has saved and stops on purpose: raise `stop` (its exit code), ignoring late signals:
+        Python's shutdown would restore the default action, and a late SIGTERM (torchrun's, once another rank
+        has exited) would turn exit 75 into a kill."""
+        self.preemption.ignore()
+        raise stop
+
+    def close(self, *closers) -> None:
+        """The end of a finished run, on every rank: a barrier, then `closers` (e.g. the metrics' close; rank
+        0's wandb finish may upload for minutes, past the collective timeout, so after the barrier)."""
+        dist.barrier()
+        for close in closers:
+            close()
+        self.preemption.restore()
