@@ -85,7 +85,6 @@ class EMAConfig:
     power_stds: list = field(default_factory=list)  # power-function EMAs (Karras et al. 2024) by sigma_rel, e.g. [0.1]
     warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) for update n, so early EMA tracks the weights
     update_every: int = 1  # optimizer steps between EMA updates; ema.decay is per update
-    overlap: bool = False  # CUDA: each update runs on a side stream beside the next step's forward (same bits)
 
 
 @dataclass

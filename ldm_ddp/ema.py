@@ -146,7 +146,7 @@ class EMA:
         self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
         self.fused = None  # the compiled update, built by compile() (scripts/bench.py --ema-compile)
-        # ema.overlap (defer_updates): update() leaves its update pending, launch_pending() runs it on `stream`.
+        # defer_updates (scripts/bench.py's ema_beside_forward variant): update() leaves its update pending, launch_pending() runs it on `stream`.
         self.deferring, self.stream = False, None
         self.pending = None  # (module, weight per profile) of the update not applied yet
         self.in_flight = None  # the weights the updates on `stream` read, kept alive until settle()
@@ -183,7 +183,8 @@ class EMA:
         return step % self.cfg.update_every == 0
 
     def defer_updates(self, device: torch.device) -> None:
-        """ema.overlap: update() only computes the update's weights; the shadows move when the next step starts
+        """The EMA beside the next forward (measured in scripts/bench.py, not used by the trainer: it gained
+        nothing steady on an H200). update() only computes the update's weights; the shadows move when the next step starts
         (launch_pending, called by the training loop before the forward), on a side CUDA stream, so the EMA's
         memory-bound passes over the weights run beside the forward's matmuls instead of after the optimizer.
         The weights it reads are unchanged until then (the optimizer step settles first), so every bit is the
@@ -231,7 +232,7 @@ class EMA:
         multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary. One path with or
         without `ok`, so both give the same bits. For weights of 1/2 and above (the decay warmup's first updates,
         a power profile's first update, which copies) the result may differ from lerp's by one ulp of the shadow.
-        After defer_updates (ema.overlap) the update is left pending, for launch_pending or settle to apply.
+        After defer_updates the update is left pending, for launch_pending or settle to apply.
         """
         self.settle()
         take = torch.ones((), device=self.shadows[0][0].device) if ok is None else ok.float()

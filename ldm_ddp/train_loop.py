@@ -72,8 +72,6 @@ def train(cfg: Config) -> dict:
     # --- Fast path and logging ------------------------------------------------------------------------------
     model = speed.prepare_unet(unet, cfg, device, run.world, conditioning.unconditional(cfg.data.batch_per_gpu),
                                autocast)
-    if cfg.ema.overlap:  # each EMA update runs beside the next step's forward (ema.launch_pending below)
-        ema.defer_updates(device)
     metrics = Metrics(run.out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps, run.global_batch,
                       cfg.log.progress, wandb_run=start_wandb(cfg.log.wandb, run.out_dir, cfg.to_dict()),
                       tensorboard=start_tensorboard(cfg.log.tensorboard, run.out_dir, run.start_step, cfg.to_toml()),
@@ -104,7 +102,6 @@ def train(cfg: Config) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg.optim, run.step, cfg.train.max_steps)
         data_wait, bad, keys, step_loss = 0.0, [], [], 0.0
-        ema.launch_pending()  # ema.overlap: the last step's EMA update, on a side stream beside this step's work
         for micro in range(run.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -121,7 +118,6 @@ def train(cfg: Config) -> dict:
         # A NaN or Inf on any rank makes the all-reduced gradients' norm non-finite on every rank: the update is
         # skipped on the device (weights, moments, EMA untouched); nobody waits for the decision on the host.
         ok = torch.isfinite(grad_norm)
-        ema.settle()  # a pending EMA update (ema.overlap) has read the weights before they change
         faults.optimizer_step(optimizer, ok)
         optimizer.zero_grad(set_to_none=True)
         run.count_step(~ok, bad, keys)

@@ -14,8 +14,9 @@ JPEGs, caches their latents with scripts/precompute_latents.py, then for each re
   cache    scripts/train.py --data.source=latents (the trainer: loader, text encoder, draws, metrics)
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
 The bare step also times variants of its EMA in the same process (no second compile), alternating with
-the step as configured: beside the next forward (ema.overlap, off by default) or after the optimizer (with
-it on), and compiled (--ema-compile both); they are printed below the table.
+the step as configured: the other setting of --ema-overlap (off, the default and the trainer's way: the
+update after the optimizer; on: beside the next forward, on a side stream), and compiled (--ema-compile
+both); they are printed below the table.
 img/s come from steady-state steps (the first log interval, with compilation, is dropped). MFU counts
 the UNet's training FLOPs (torch.utils.flop_counter) against 989 TFLOP/s (H100 SXM dense bf16) and
 against this card's measured bf16 matmul rate. --profile adds a torch.profiler record of 3 steps of each
@@ -39,8 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
 # The bare step's variants timed in its own process (bare_worker), as the table names them.
-VARIANTS = {"ema_inline": "the EMA after the optimizer step: ema.overlap off",
-            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward: ema.overlap on",
+VARIANTS = {"ema_inline": "the EMA after the optimizer step, as the trainer does it",
+            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward (--ema-overlap on)",
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches the bare worker takes as it is given them (--name value) and each row records.
 SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile", "static_graph",
@@ -112,8 +113,7 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
-            f"--ema.update_every={args.ema_every}", f"--ema.overlap={str(args.ema_overlap == 'on').lower()}",
-            *data]
+            f"--ema.update_every={args.ema_every}", *data]
 
 
 def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
@@ -229,7 +229,7 @@ def bare_worker(args) -> None:
     model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile,
                                 force_layout)
     overlap = args.ema_overlap == "on"
-    ema.defer_updates(device)  # its side stream; the step as configured defers with ema.overlap only
+    ema.defer_updates(device)  # its side stream; the step as configured defers with --ema-overlap on only
     ema.deferring = overlap
     x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
     v_target = torch.randn_like(x_t)
@@ -264,12 +264,12 @@ def bare_worker(args) -> None:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        ema.settle()  # with ema.overlap the last update is still pending
+        ema.settle()  # with --ema-overlap on the last update is still pending
         torch.cuda.synchronize()
         return float(dist.all_gather_tensor(torch.tensor([time.perf_counter() - t0], device=device)).max())
 
     # Variants of the EMA timed in this process beside the step as configured (the same compiled UNet), name ->
-    # switch(on): the other setting of ema.overlap (ema_inline, the update after the optimizer, or
+    # switch(on): the other setting of --ema-overlap (ema_inline, the update after the optimizer, or
     # ema_beside_forward, on a side stream as the next step starts); ema_compiled (--ema-compile both), the
     # update through torch.compile.
     if overlap:
@@ -343,7 +343,8 @@ def main() -> int:
     parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
                         help="bare step: the EMA update through torch.compile; both: eager and compiled in one process")
     parser.add_argument("--ema-overlap", default="off", choices=["on", "off"],
-                        help="as ema.overlap (the bare step also times the other setting, in the same process)")
+                        help="bare step: the EMA update beside the next forward on a side stream (the trainer: off); "
+                             "the other setting is timed too, in the same process")
     parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")
     parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],

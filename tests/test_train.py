@@ -81,22 +81,20 @@ def test_train_end_to_end(tmp_path, tiny_args, run_script, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_accum, steps", [(2, 4)])
 def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path, tiny_args, run_script):
-    """2 gloo ranks: `steps` in one go == steps/2, then the same command again with max_steps=steps. The run
-    in one go updates its EMA after each optimizer step (the default), the resumed one as the next step starts
-    (ema.overlap=true): the same bits either way."""
+    """2 gloo ranks: `steps` in one go == steps/2, then the same command again with max_steps=steps, with
+    gradient accumulation and DataLoader workers (a different number of them in each half): the same bits."""
     half = steps // 2
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = {"train__global_batch": 4 * grad_accum, "ckpt__every": half, "train__seed": 3,
               "ema__update_every": grad_accum}
-    overlap = {**common, "ema__overlap": True}
     check(run_script("scripts/train.py",
                      *tiny_args(straight, train__max_steps=steps, data__num_workers=1, **common),
                      nproc=2, timeout=150))
     workers = 2 if grad_accum == 2 else 0
-    first_half = tiny_args(resumed, train__max_steps=half, data__num_workers=workers, **overlap)
+    first_half = tiny_args(resumed, train__max_steps=half, data__num_workers=workers, **common)
     check(run_script("scripts/train.py", *first_half, nproc=2, timeout=150))
     assert [p.name for p in list_checkpoints(resumed / "checkpoints")] == [f"step_{half:07d}.safetensors"]
-    stdout = check(run_script("scripts/train.py", *tiny_args(resumed, train__max_steps=steps, **overlap),
+    stdout = check(run_script("scripts/train.py", *tiny_args(resumed, train__max_steps=steps, **common),
                               nproc=2, timeout=150))
     assert f"step_{half:07d}.safetensors at step {half}" in stdout
     final = f"step_{steps:07d}.safetensors"
