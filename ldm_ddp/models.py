@@ -169,24 +169,23 @@ def load_trained(path: str, weights: str, device: torch.device, frozen_dtype: st
     `frozen_dtype`: the VAE's and text encoder's dtype; "" = the run's model.frozen_dtype (export asks for fp32,
     so that it writes the pretrained weights themselves, not their bf16 rounding).
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, module_tensors
     from .config import config_from_dict
     from .ema import weights_prefix
 
     tensors, meta = load_checkpoint(path)
-    prefix = weights_prefix(meta.get("ema", {}), weights) + "."  # ConfigError naming the profiles it has
+    part = weights_prefix(meta.get("ema", {}), weights)  # ConfigError naming the profiles it has
     cfg = config_from_dict(meta["config"])
     frozen = load_frozen(cfg.model.pretrained, frozen_dtype or cfg.model.frozen_dtype, device)
     config = unet_config(cfg.model.unet) if not cfg.model.unet_init else UNet2DConditionModel.load_config(
         cfg.model.unet_init)
     unet = UNet2DConditionModel.from_config({**config, "sample_size": cfg.data.resolution // frozen.downsample})
-    named = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    named = module_tensors(tensors, part)
     if not named:  # e.g. a stage-1 (autoencoder) checkpoint: the random UNet would sample noise without a word
-        raise ConfigError(f"{path}: no UNet weights ({prefix}*) in this checkpoint; is it a stage-1 (VAE) "
+        raise ConfigError(f"{path}: no UNet weights ({part}.*) in this checkpoint; is it a stage-1 (VAE) "
                           "checkpoint?")
-    state = unet.state_dict()
-    state.update(named)  # EMA holds the parameters; buffers (if any) come from the raw weights
-    state.update({k[5:]: v for k, v in tensors.items() if k.startswith("unet.") and k[5:] not in named})
+    # EMA holds the parameters; buffers (if any) come from the raw weights
+    state = {**unet.state_dict(), **module_tensors(tensors, "unet"), **named}
     unet.load_state_dict(state)
     unet.to(device)
     set_attention(unet, cfg.model.attention)

@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_UNET, train_here
 
 from ldm_ddp.checkpoint import load_checkpoint
+from ldm_ddp.models import load_trained
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_CKPT = FIXTURES / "golden_step_0000020.safetensors"
@@ -80,3 +81,6 @@ def test_a_checkpoint_of_the_first_format_release_resumes(tmp_path):
     assert meta["step"] == 22
     assert torch.equal(after["optim.conv_in.weight.step"], golden["optim.conv_in.weight.step"] + 2)
     assert not torch.equal(after["unet.conv_in.weight"], golden["unet.conv_in.weight"])
+    # The tools read it too: its config names keys this version dropped (train.grad_accum, ema.compile, ...).
+    cfg, unet, _ = load_trained(str(GOLDEN_CKPT), "ema:0.9", torch.device("cpu"))
+    assert cfg.train.max_steps == 20 and torch.equal(unet.conv_in.weight, golden["ema_0p9.conv_in.weight"])
