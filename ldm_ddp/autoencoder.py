@@ -86,8 +86,8 @@ def train_autoencoder(cfg: Config) -> Path:
                            grad_accum=run.grad_accum, rank=run.rank, world_size=run.world, seed=cfg.data.seed,
                            start_step=run.start_step, transform=ImageTransform.from_config(cfg.data),
                            shuffle_window=cfg.data.shuffle_window)
-    batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4, pin_memory=device.type == "cuda",
-                               worker_init_fn=faults.shield_worker))
+    batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4,
+                               pin_memory=device.type == "cuda", worker_init_fn=faults.shield_worker))
     model = dist.wrap_ddp(Reconstruction(vae))
     metrics = Metrics(run.out_dir, device, 1, cfg.train.max_steps, run.global_batch, cfg.log.progress)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -110,14 +110,17 @@ def train_autoencoder(cfg: Config) -> Path:
         for micro in range(run.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
-            data_wait, bad, keys = data_wait + time.perf_counter() - t0, bad + batch["bad"], keys + batch["keys"]
-            images = to_unit_range(batch["images"].to(device, non_blocking=True))  # uint8 -> [-1, 1], on the device
+            data_wait, bad, keys = (data_wait + time.perf_counter() - t0, bad + batch["bad"],
+                                    keys + batch["keys"])
+            images = to_unit_range(batch["images"].to(device, non_blocking=True))  # uint8 -> [-1, 1],
+            # on the device
             gen = step_generator(cfg.train.seed, run.step, run.rank, micro, device)
             noise = torch.randn(images.shape[0], vae.config.latent_channels, images.shape[2] // factor,
                                 images.shape[3] // factor, generator=gen, device=device)
             with dist.accumulating(model, sync=micro == run.grad_accum - 1):
                 recon, kl = model(images, noise)
-                loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + cfg.model.vae_kl_weight * kl.mean()
+                loss = (F.l1_loss(recon, images) + F.mse_loss(recon, images)
+                        + cfg.model.vae_kl_weight * kl.mean())
                 (loss / run.grad_accum).backward()
             step_loss = step_loss + loss.detach() / run.grad_accum
         grad_norm, _ = speed.clip_grad_norm(vae, cfg.optim.grad_clip)

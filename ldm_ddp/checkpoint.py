@@ -104,9 +104,11 @@ def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta:
         raise ValueError(f"metadata key {clash[0]!r} is reserved for the checkpoint format")
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    raw = {"format": json.dumps(FORMAT), "step": json.dumps(step), **{k: json.dumps(v) for k, v in meta.items()}}
+    raw = {"format": json.dumps(FORMAT), "step": json.dumps(step),
+           **{k: json.dumps(v) for k, v in meta.items()}}
     # A private snapshot: training may mutate the live tensors, and safetensors refuses shared storage.
-    cpu = {k: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for k, t in tensors.items()}
+    cpu = {k: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+           for k, t in tensors.items()}
     raw["integrity"] = json.dumps({"algorithm": "sha256", "metadata": _metadata_digest(raw),
                                    "tensors": _tensor_digests(cpu)})
     path = checkpoint_path(ckpt_dir, step)
@@ -147,7 +149,8 @@ def _verify(path: Path, raw: dict[str, str], meta: dict[str, Any], tensors: dict
     if not isinstance(integrity, dict) or not isinstance(integrity.get("tensors"), dict):
         raise CheckpointError(f"{path.name}: integrity record missing or malformed")
     if integrity.get("algorithm") != "sha256":
-        raise CheckpointError(f"{path.name}: integrity algorithm {integrity.get('algorithm')!r} is not 'sha256'")
+        raise CheckpointError(f"{path.name}: integrity algorithm {integrity.get('algorithm')!r} "
+                              "is not 'sha256'")
     if integrity.get("metadata") != _metadata_digest(raw):
         raise CheckpointError(f"{path.name}: metadata digest mismatch")
     expected = integrity["tensors"]
@@ -216,8 +219,8 @@ def find_latest_valid(ckpt_dir, log: Callable[[str], None] = print) -> Path | No
 
 def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
                       just_saved: Path | None = None) -> None:
-    """Delete all but the newest `keep` checkpoints, never the newest valid one nor `just_saved`; delete failures
-    only warn.
+    """Delete all but the newest `keep` checkpoints, never the newest valid one nor `just_saved`; delete
+    failures only warn.
 
     `just_saved`: a checkpoint this process has just committed, known valid (skips re-reading it).
     """
@@ -229,7 +232,8 @@ def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
     # Verifying costs one read of the newest file (seconds for an SD-size training state): skipped when the
     # caller has just written it.
     newest = list_checkpoints(ckpt_dir)[-1]
-    spared = just_saved if just_saved is not None and Path(just_saved) == newest else find_latest_valid(ckpt_dir, log)
+    spared = (just_saved if just_saved is not None and Path(just_saved) == newest
+              else find_latest_valid(ckpt_dir, log))
     for path in doomed:
         if path == spared:
             log(f"keeping {path.name}: newest valid checkpoint")
@@ -243,8 +247,8 @@ def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
 
 
 def set_aside_after(ckpt_dir, step: int, log: Callable[[str], None] = print) -> Path | None:
-    """Move the checkpoints of steps after `step` into <ckpt_dir>/superseded-<UTC time>/ (call before any save of
-    a run that starts at `step`). -> that folder, or None when there were none.
+    """Move the checkpoints of steps after `step` into <ckpt_dir>/superseded-<UTC time>/ (call before any save
+    of a run that starts at `step`). -> that folder, or None when there were none.
 
     A run that starts below the newest checkpoint in its folder (--ckpt.resume=none, a rollback to an older
     PATH, a fallback past damaged files) would otherwise leave another timeline's later steps there: the next
@@ -279,7 +283,8 @@ def remove_stale_temp_files(ckpt_dir, log: Callable[[str], None] = print) -> int
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer,
                       param_names: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """-> ({"optim.<name>.<state>": tensor}, groups with "params" as names); param_names: {id(p) or p: name}."""
+    """-> ({"optim.<name>.<state>": tensor}, groups with "params" as names);
+    param_names: {id(p) or p: name}."""
     by_id = {(k if isinstance(k, int) else id(k)): n for k, n in param_names.items()}
     tensors, groups = {}, []
     for group in optimizer.param_groups:
@@ -343,8 +348,8 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named_params: dict[
 
 @dataclass
 class TrainingState:
-    """The named parts of a training checkpoint: the trained module under its name ("unet", "vae"), its optimizer
-    (state keyed by parameter name) and, for the UNet, its EMA (ldm_ddp.ema.EMA)."""
+    """The named parts of a training checkpoint: the trained module under its name ("unet", "vae"), its
+    optimizer (state keyed by parameter name) and, for the UNet, its EMA (ldm_ddp.ema.EMA)."""
     name: str
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -358,7 +363,8 @@ def module_tensors(tensors: dict[str, torch.Tensor], part: str) -> dict[str, tor
 
 def save_training_state(ckpt_dir, step: int, state: TrainingState, run_meta: dict[str, Any]) -> Path:
     """Write every part of `state` at `step` (atomic, save_checkpoint) with the run's metadata (config, data,
-    architecture, ...); the optimizer's and EMA's metadata and the library versions are added here. -> path."""
+    architecture, ...); the optimizer's and EMA's metadata and the library versions are added here.
+    -> path."""
     tensors = {f"{state.name}.{k}": v for k, v in state.module.state_dict().items()}
     names = {id(p): n for n, p in state.module.named_parameters()}
     optim_tensors, groups = optimizer_tensors(state.optimizer, names)
@@ -372,8 +378,8 @@ def save_training_state(ckpt_dir, step: int, state: TrainingState, run_meta: dic
 
 def load_training_state(path, state: TrainingState, check: Callable[[dict], Any] = lambda meta: None) -> dict:
     """Verify the checkpoint at `path`, call `check(meta)` (which refuses a resume by raising), then restore
-    every part of `state`: weights, EMA, optimizer state matched by parameter name (the optimizer keeps its own
-    hyperparameters: the config's, where a change is allowed and recorded). -> the metadata."""
+    every part of `state`: weights, EMA, optimizer state matched by parameter name (the optimizer keeps its
+    own hyperparameters: the config's, where a change is allowed and recorded). -> the metadata."""
     tensors, meta = load_checkpoint(path)
     check(meta)
     state.module.load_state_dict(module_tensors(tensors, state.name))
@@ -390,12 +396,13 @@ def versions() -> dict[str, str]:
     for lib in ("diffusers", "transformers", "safetensors"):
         try:
             found[lib] = importlib.metadata.version(lib)
-        except Exception:  # noqa: BLE001 (any failure to read it means the same: unknown here)
+        except Exception:  # any failure to read it means the same: unknown here
             found[lib] = "not installed"
     try:
-        found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, timeout=10,
-                                             capture_output=True, text=True, check=True).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 (no git, not a checkout, timeout: the version strings identify the code)
+        found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                             timeout=10, capture_output=True, text=True,
+                                             check=True).stdout.strip() or "unknown"
+    except Exception:  # any failure (no git, not a checkout, timeout): the version strings identify the code
         found["git_commit"] = "unknown"
     return found
 
@@ -414,7 +421,8 @@ def _dtype(t: torch.Tensor) -> str:
 
 def _row(label: str, ts: list[torch.Tensor], one_tensor: bool) -> dict[str, Any]:
     """One line of the tensor table: a tensor, or a block of tensors with their joint norm."""
-    size = {"shape": list(ts[0].shape)} if one_tensor else {"tensors": len(ts), "params": sum(t.numel() for t in ts)}
+    size = ({"shape": list(ts[0].shape)} if one_tensor
+            else {"tensors": len(ts), "params": sum(t.numel() for t in ts)})
     norm = math.sqrt(sum(t.to(torch.float64).square().sum().item() for t in ts))
     return {"name": label, **size, "dtype": ",".join(sorted({_dtype(t) for t in ts})),
             "norm": norm if math.isfinite(norm) else str(norm)}  # strict JSON has no NaN/inf
@@ -440,8 +448,9 @@ def describe_checkpoint(path, verify: bool = True, max_rows_per_group: int = 24)
             blocks[n if per_tensor else _block(n)].append(tensors[n])
         rows += [_row(label, ts, per_tensor) for label, ts in blocks.items()]
     shown = ("format", "step", "samples_seen", "versions", "config", "integrity")
-    return {"file": str(path), "size_bytes": path.stat().st_size, "format": meta["format"], "step": meta["step"],
-            "samples_seen": meta.get("samples_seen"), "versions": meta.get("versions"),
-            "integrity": f"verified: sha256 of {len(tensors)} tensors and the metadata" if verify else "not checked",
+    return {"file": str(path), "size_bytes": path.stat().st_size, "format": meta["format"],
+            "step": meta["step"], "samples_seen": meta.get("samples_seen"), "versions": meta.get("versions"),
+            "integrity": (f"verified: sha256 of {len(tensors)} tensors and the metadata" if verify
+                          else "not checked"),
             "groups": groups, "tensors": rows, "config": meta.get("config"),
             "metadata": {k: v for k, v in meta.items() if k not in shown}}

@@ -18,7 +18,8 @@ class CLIPConditioning:
 
     def __init__(self, frozen: FrozenModels, caption_dropout: float):
         self.frozen, self.caption_dropout = frozen, caption_dropout
-        self.tokenize = frozen.tokenize  # [B] captions -> input_ids [B, L]; picklable for the loader's workers
+        self.tokenize = frozen.tokenize  # [B] captions -> input_ids [B, L];
+        # picklable for the loader's workers
         self.empty = frozen.encode_prompts(frozen.tokenize([""]))  # [1, L, D]: the dropped-caption context
 
     @property
@@ -27,8 +28,9 @@ class CLIPConditioning:
         return self.frozen.text_encoder.config.hidden_size
 
     def encode(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """A loader batch's input_ids [B, L] -> the UNet's conditioning kwargs. With a generator, each caption is
-        dropped with probability caption_dropout (one uniform draw per sample, from the step's generator)."""
+        """A loader batch's input_ids [B, L] -> the UNet's conditioning kwargs.
+        With a generator, each caption is dropped with probability caption_dropout (one uniform draw per
+        sample, from the step's generator)."""
         context = self.frozen.encode_prompts(batch["input_ids"])
         if generator is not None:
             drop = torch.rand(len(context), generator=generator, device=context.device) < self.caption_dropout
@@ -40,5 +42,6 @@ class CLIPConditioning:
         return self.encode({"input_ids": self.tokenize(prompts)})
 
     def unconditional(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """The dropped-caption conditioning for `batch_size` samples (contiguous: the strides of a real batch)."""
+        """The dropped-caption conditioning for `batch_size` samples
+        (contiguous: the strides of a real batch)."""
         return {"encoder_hidden_states": self.empty.expand(batch_size, -1, -1).contiguous()}

@@ -30,9 +30,11 @@ class ModelConfig:
     unet_init: str = ""  # UNet folder (diffusers layout) to start from; "" = random init from `unet`
     pretrained: str = "builtin:demo"  # folder or hub id with vae/, text_encoder/, tokenizer/ subfolders
     frozen_dtype: Precision = "bf16"  # dtype of the frozen VAE and text encoder
-    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers falls back to sdpa with one warning if it fails
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers falls back to sdpa with one warning
+    # if it fails
     gradient_checkpointing: bool = False
-    vae_config: str = "demo"  # stage 1 (train_autoencoder.py): builtin presets/vae_<name>.json or a config.json
+    vae_config: str = "demo"  # stage 1 (train_autoencoder.py):
+    # builtin presets/vae_<name>.json or a config.json
     vae_kl_weight: float = 1e-6  # stage 1: weight of the KL term against the L1 + L2 reconstruction loss
 
 
@@ -82,8 +84,10 @@ class OptimConfig:
 class EMAConfig:
     decay: float = 0.995  # decay per update of the default EMA (`--weights ema`)
     extra_decays: list = field(default_factory=list)  # more fixed decays kept beside it, e.g. [0.999, 0.9999]
-    power_stds: list = field(default_factory=list)  # power-function EMAs (Karras et al. 2024) by sigma_rel, e.g. [0.1]
-    warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) for update n, so early EMA tracks the weights
+    power_stds: list = field(default_factory=list)  # power-function EMAs (Karras et al. 2024) by sigma_rel,
+    # e.g. [0.1]
+    warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) for update n,
+    # so early EMA tracks the weights
     update_every: int = 1  # optimizer steps between EMA updates; ema.decay is per update
 
 
@@ -98,9 +102,11 @@ class TrainConfig:
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     compile: Literal["auto", "off", "full", "regional"] = "auto"  # torch.compile of the UNet; auto: full on
     # CUDA (falls back to eager with a warning if it fails), off on CPU. docs/performance.md
-    startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done, and while a save runs
+    startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done,
+    # and while a save runs
     collective_timeout_s: float = 120.0  # s; afterwards: a rank whose peer died or hangs stops within this
-    max_consecutive_skips: int = 10  # steps in a row with non-finite loss/gradients (skipped) before the run stops
+    max_consecutive_skips: int = 10  # steps in a row with non-finite loss/gradients (skipped)
+    # before the run stops
 
 
 @dataclass
@@ -108,18 +114,21 @@ class CkptConfig:
     every: int = 250  # optimizer steps between checkpoints (and one at the end)
     keep: int = 3  # checkpoints kept; the newest valid one is never deleted
     resume: str = "auto"  # auto (newest valid in out_dir) | none | path to a checkpoint
-    on_save_error: Literal["stop", "continue"] = "stop"  # a save fails (disk full): stop (exit 5) or warn and go on
+    on_save_error: Literal["stop", "continue"] = "stop"  # a save fails (disk full): stop (exit 5)
+    # or warn and go on
 
 
 @dataclass
 class LogConfig:
     every: int = 25  # optimizer steps between metric lines
-    wandb: Literal["online", "offline", "disabled"] = "disabled"  # online falls back to offline, never blocks;
-    # project and run name from WANDB_PROJECT / WANDB_NAME (default: ldm_ddp / out_dir's name)
+    wandb: Literal["online", "offline", "disabled"] = "disabled"  # online falls back to offline, never
+    # blocks; project and run name from WANDB_PROJECT / WANDB_NAME (default: ldm_ddp / out_dir's name)
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
-    tensorboard: bool = False  # also write scalars and sample grids to <out_dir>/tensorboard (needs tensorboard)
+    tensorboard: bool = False  # also write scalars and sample grids to <out_dir>/tensorboard
+    # (needs tensorboard)
     wandb_checkpoints: Literal["off", "reference", "upload"] = "off"  # checkpoints as wandb artifacts
-    profile_at: int = 0  # optimizer step from which torch.profiler records 3 steps into <out_dir>/profile; 0 = off
+    profile_at: int = 0  # optimizer step from which torch.profiler records 3 steps into <out_dir>/profile;
+    # 0 = off
 
 
 @dataclass
@@ -135,7 +144,8 @@ class SampleConfig:
     cfg_scale: float = 3.0
     guidance_rescale: float = 0.7
     spacing: Literal["leading", "trailing"] = "trailing"
-    weights: Literal["ema", "raw", "both"] = "ema"  # both: EMA (left) and raw (right) in one grid, twice the work
+    weights: Literal["ema", "raw", "both"] = "ema"  # both: EMA (left) and raw (right) in one grid,
+    # twice the work
 
 
 @dataclass
@@ -163,7 +173,8 @@ class Config:
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """Return `value` as the field's type or raise ConfigError naming `key`. A Literal's values are the choices."""
+    """Return `value` as the field's type or raise ConfigError naming `key`.
+    A Literal's values are the choices."""
     if get_origin(hint) is Literal:
         choices = get_args(hint)
         if value not in choices:
@@ -252,7 +263,8 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int]:
-    """-> (grad_accum, global_batch) for this world size; ConfigError when the global batch does not divide."""
+    """-> (grad_accum, global_batch) for this world size;
+    ConfigError when the global batch does not divide."""
     per_step = cfg.data.batch_per_gpu * world_size
     if cfg.train.global_batch == 0:
         return 1, per_step
@@ -263,7 +275,8 @@ def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int]:
 
 
 def max_sample_steps(num_train_timesteps: int, spacing: str) -> int:
-    """The most DDIM steps a spacing allows (sampling.ddim_timesteps): leading's offset of 1 would reach t = T."""
+    """The most DDIM steps a spacing allows (sampling.ddim_timesteps):
+    leading's offset of 1 would reach t = T."""
     return num_train_timesteps - (spacing == "leading")
 
 
@@ -277,8 +290,8 @@ def warnings_for(cfg: Config) -> list[str]:
     found = []
     if cfg.diffusion.min_snr_gamma and cfg.diffusion.zero_terminal_snr:
         found.append("diffusion.min_snr_gamma with diffusion.zero_terminal_snr: min-SNR's weight "
-                     "min(SNR, gamma) / (SNR + 1) is 0 at the last timestep and ~0 near it, the ones zero terminal "
-                     "SNR is there to train; set diffusion.min_snr_gamma=0 for the plain v-loss")
+                     "min(SNR, gamma) / (SNR + 1) is 0 at the last timestep and ~0 near it, the ones zero "
+                     "terminal SNR is there to train; set diffusion.min_snr_gamma=0 for the plain v-loss")
     return found
 
 
@@ -290,17 +303,18 @@ def _fields(cfg: Config):
             yield f"{section.name}.{item.name}", getattr(sub, item.name)
 
 
-POSITIVE = ("data.resolution", "data.batch_per_gpu", "data.shapes_num_samples", "train.max_steps", "ckpt.every",
-            "ckpt.keep", "log.every", "diffusion.num_train_timesteps", "ema.update_every", "sample.steps",
-            "train.startup_timeout_s", "train.collective_timeout_s", "train.max_consecutive_skips")
+POSITIVE = ("data.resolution", "data.batch_per_gpu", "data.shapes_num_samples", "train.max_steps",
+            "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps", "ema.update_every",
+            "sample.steps", "train.startup_timeout_s", "train.collective_timeout_s",
+            "train.max_consecutive_skips")
 NON_NEGATIVE = ("data.num_workers", "data.shuffle_window", "train.global_batch",
                 "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
                 "diffusion.offset_noise", "sample.every", "log.profile_at")
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError (one line, naming the key) for any value that cannot run. Types and choices are checked
-    as values are set (_check_type); the dataclass defaults are valid."""
+    """Raise ConfigError (one line, naming the key) for any value that cannot run. Types and choices are
+    checked as values are set (_check_type); the dataclass defaults are valid."""
     for key, value in _fields(cfg):  # inf passes "> 0"; a NaN or inf lr, eps or timeout would fail mid-run
         numbers = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, float)]
         _require(all(math.isfinite(v) for v in numbers), key, "finite numbers", value)
@@ -309,16 +323,19 @@ def validate(cfg: Config) -> None:
     _require(cfg.optim.lr > 0, "optim.lr", "a positive learning rate", cfg.optim.lr)
     betas_ok = all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas)
     _require(len(cfg.optim.betas) == 2 and betas_ok, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
-    _require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "a ratio in [0, 1]", cfg.optim.min_lr_ratio)
+    _require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "a ratio in [0, 1]",
+             cfg.optim.min_lr_ratio)
     _require(0 <= cfg.ema.decay < 1, "ema.decay", "a decay in [0, 1)", cfg.ema.decay)
-    _require(all(isinstance(d, (int, float)) and 0 <= d < 1 for d in cfg.ema.extra_decays), "ema.extra_decays",
-             "a list of decays in [0, 1)", cfg.ema.extra_decays)
+    _require(all(isinstance(d, (int, float)) and 0 <= d < 1 for d in cfg.ema.extra_decays),
+             "ema.extra_decays", "a list of decays in [0, 1)", cfg.ema.extra_decays)
     _require(all(isinstance(s, (int, float)) and 0 < s <= 0.28 for s in cfg.ema.power_stds), "ema.power_stds",
              "a list of sigma_rel values in (0, 0.28] (Karras et al. 2024)", cfg.ema.power_stds)
-    _require(0 <= cfg.train.caption_dropout <= 1, "train.caption_dropout", "a probability", cfg.train.caption_dropout)
+    _require(0 <= cfg.train.caption_dropout <= 1, "train.caption_dropout", "a probability",
+             cfg.train.caption_dropout)
     _require(0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1, "diffusion.beta_end",
              "0 < beta_start < beta_end < 1", (cfg.diffusion.beta_start, cfg.diffusion.beta_end))
-    _require(all(isinstance(p, str) for p in cfg.sample.prompts) and (cfg.sample.prompts or not cfg.sample.every),
+    _require(all(isinstance(p, str) for p in cfg.sample.prompts)
+             and (cfg.sample.prompts or not cfg.sample.every),
              "sample.prompts", "a list of strings (at least one with sample.every > 0)", cfg.sample.prompts)
     # diffusers' pipelines guide only above 1: below it an exported pipeline would sample otherwise than ours
     _require(cfg.sample.cfg_scale >= 1, "sample.cfg_scale", "a guidance scale >= 1 (1: no guidance)",
@@ -337,7 +354,8 @@ def validate(cfg: Config) -> None:
         local = cfg.data.source != "hf" and plain  # an hf data.path may be a hub name
         _require(bool(cfg.data.path.strip()) and (not local or Path(cfg.data.path).exists()), "data.path",
                  f"an existing path or URL for the {cfg.data.source} source", cfg.data.path)
-    for key, name, kind in (("model.unet", cfg.model.unet, "unet"), ("model.vae_config", cfg.model.vae_config, "vae")):
+    for key, name, kind in (("model.unet", cfg.model.unet, "unet"),
+                            ("model.vae_config", cfg.model.vae_config, "vae")):
         builtin = ", ".join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + "_*.json"))
         _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
                  f"a builtin {kind} config ({builtin}) or an existing path", name)

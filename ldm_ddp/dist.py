@@ -32,8 +32,9 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
         raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda and local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"this is local rank {local_rank} but the node has {torch.cuda.device_count()} visible "
-                          "GPU(s): start at most that many processes per node (torchrun --nproc_per_node), one per GPU")
+        raise ConfigError(f"this is local rank {local_rank} but the node has {torch.cuda.device_count()} "
+                          "visible GPU(s): start at most that many processes per node "
+                          "(torchrun --nproc_per_node), one per GPU")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         _device = torch.device("cuda", local_rank)
@@ -49,7 +50,8 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
 
 
 def set_timeout(timeout_s: float) -> None:
-    """Collectives started from now on fail after `timeout_s` seconds (every group of this rank; a local call).
+    """Collectives started from now on fail after `timeout_s` seconds (every group of this rank;
+    a local call).
 
     gloo raises in the waiting call; NCCL's watchdog aborts the process. Either way a rank whose peer died or
     hangs stops within the timeout instead of waiting forever.
@@ -73,9 +75,11 @@ def timeout(timeout_s: float):
 
 
 def peer_failure(err: BaseException) -> str | None:
-    """One line if `err` is a collective that failed because another rank died, hung or went away; else None."""
+    """One line if `err` is a collective that failed because another rank died, hung or went away;
+    else None."""
     text = " ".join(str(err).split())
-    # gloo raises plain RuntimeErrors whose text starts with its source path; the c10d errors have their own types.
+    # gloo raises plain RuntimeErrors whose text starts with its source path;
+    # the c10d errors have their own types.
     if not (isinstance(err, dist.DistError) or "/gloo/" in text):
         return None
     return (f"rank {rank()}: a collective failed ({text[:300]}); another rank died, hung or exited, or "
@@ -143,7 +147,8 @@ def all_gather_str(text: str) -> list[str]:
     dist.all_gather(sizes, torch.tensor([len(data)]), group=_control)
     longest = max(1, *(int(n) for n in sizes))
     parts = [torch.zeros(longest, dtype=torch.uint8) for _ in sizes]
-    dist.all_gather(parts, torch.cat([data, torch.zeros(longest - len(data), dtype=torch.uint8)]), group=_control)
+    dist.all_gather(parts, torch.cat([data, torch.zeros(longest - len(data), dtype=torch.uint8)]),
+                    group=_control)
     return [bytes(part[:int(n)].tolist()).decode() for part, n in zip(parts, sizes)]
 
 
@@ -165,15 +170,16 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def wrap_ddp(module: torch.nn.Module, static_graph: bool = False, bucket_cap_mb: float = 25.0) -> torch.nn.Module:
-    """DDP-wrap for training when there is more than one rank; the module itself otherwise. Gradients are views
-    into the all-reduce buckets (no copy); `static_graph` and `bucket_cap_mb` are DDP's own."""
+def wrap_ddp(module: torch.nn.Module, static_graph: bool = False,
+             bucket_cap_mb: float = 25.0) -> torch.nn.Module:
+    """DDP-wrap for training when there is more than one rank; the module itself otherwise. Gradients are
+    views into the all-reduce buckets (no copy); `static_graph` and `bucket_cap_mb` are DDP's own."""
     if not dist.is_initialized():
         return module
     from torch.nn.parallel import DistributedDataParallel
     ids = [_device.index] if _device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph,
-                                   bucket_cap_mb=bucket_cap_mb)
+    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True,
+                                   static_graph=static_graph, bucket_cap_mb=bucket_cap_mb)
 
 
 def accumulating(model: torch.nn.Module, sync: bool):

@@ -19,12 +19,14 @@ import torch
 
 from .config import ConfigError, EMAConfig
 
-MAX_POWER_STD = 0.28  # sigma_rel = sqrt(1/12) ~ 0.2887 is gamma = 0 (a plain running mean); above it gamma < 0
+MAX_POWER_STD = 0.28  # sigma_rel = sqrt(1/12) ~ 0.2887 is gamma = 0 (a plain running mean);
+# above it gamma < 0
 
 
 @cache
 def power_exponent(std: float) -> float:
-    """sigma_rel -> gamma: largest real root of sigma^2 = (gamma+1) / ((gamma+2)^2 (gamma+3)) (edm2's std_to_exp)."""
+    """sigma_rel -> gamma: largest real root of sigma^2 = (gamma+1) / ((gamma+2)^2 (gamma+3))
+    (edm2's std_to_exp)."""
     s = std ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
@@ -53,7 +55,8 @@ class Profile:
 
     def decay(self, n: int, warmup: bool) -> float:
         """Decay of update n (0-based count of updates already applied)."""
-        if self.kind == "power":  # (1 - 1/t)^(gamma + 1) with t = n + 1 updates; 0 at the first one (a copy, to an ulp)
+        if self.kind == "power":  # (1 - 1/t)^(gamma + 1) with t = n + 1 updates; 0 at the first one
+            # (a copy, to an ulp)
             return (1 - 1 / (n + 1)) ** (power_exponent(self.value) + 1)
         return min(self.value, (1 + n) / (10 + n)) if warmup else self.value
 
@@ -67,7 +70,8 @@ def profiles_of(cfg: EMAConfig) -> list[Profile]:
     """The configured profiles, default first; ConfigError for a value that cannot be one."""
     for key, values, ok, expected in (
             ("ema.extra_decays", cfg.extra_decays, lambda v: 0 <= v < 1, "decays in [0, 1)"),
-            ("ema.power_stds", cfg.power_stds, lambda v: 0 < v <= MAX_POWER_STD, f"sigma_rel in (0, {MAX_POWER_STD}]")):
+            ("ema.power_stds", cfg.power_stds, lambda v: 0 < v <= MAX_POWER_STD,
+             f"sigma_rel in (0, {MAX_POWER_STD}]")):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in values):
             raise ConfigError(f"{key}: expected a list of {expected}, got {values!r}")
     profiles = [Profile("decay", float(cfg.decay), default=True)]
@@ -77,7 +81,8 @@ def profiles_of(cfg: EMAConfig) -> list[Profile]:
 
 
 def checkpoint_profiles(meta: dict) -> list[dict]:
-    """A checkpoint's `ema` metadata -> its profiles' meta() dicts; a checkpoint from before profiles has one."""
+    """A checkpoint's `ema` metadata -> its profiles' meta() dicts;
+    a checkpoint from before profiles has one."""
     return meta.get("profiles") or [{"name": "ema", "tensors": "ema", "decay": meta.get("decay")}]
 
 
@@ -87,17 +92,20 @@ def _parse(weights: str) -> tuple[str, float]:
     try:
         return kind, float(number)
     except ValueError:
-        raise ConfigError(f"--weights: expected ema | raw | ema:DECAY | ema:std=SIGMA_REL, got {weights!r}") from None
+        raise ConfigError("--weights: expected ema | raw | ema:DECAY | ema:std=SIGMA_REL, "
+                          f"got {weights!r}") from None
 
 
 def _stored_prefix(stored: list[dict], kind: str, value: float) -> str | None:
     """The tensor prefix of the stored profile (checkpoint_profiles) of this kind and value, or None."""
     key = "std" if kind == "power" else "decay"
-    return next((p["tensors"] for p in stored if p.get(key) is not None and abs(p[key] - value) <= 1e-12), None)
+    return next((p["tensors"] for p in stored
+                 if p.get(key) is not None and abs(p[key] - value) <= 1e-12), None)
 
 
 def weights_prefix(meta: dict, weights: str) -> str:
-    """`--weights` (raw | ema | ema:0.9999 | ema:std=0.1) -> the checkpoint's tensor prefix (unet, ema, ...)."""
+    """`--weights` (raw | ema | ema:0.9999 | ema:std=0.1) -> the checkpoint's tensor prefix
+    (unet, ema, ...)."""
     if weights == "raw":
         return "unet"
     profiles = checkpoint_profiles(meta)
@@ -118,13 +126,14 @@ COMPILE_BACKEND = "inductor"  # of EMA.compile (the tests use another: no C++ co
 
 
 def _lerp_toward(shadow: list[torch.Tensor], current: list[torch.Tensor], weight: torch.Tensor) -> None:
-    """shadow += weight * (current - shadow): EMA.update's three multi-tensor passes, for torch.compile to fuse
-    into one pass that reads both lists once, writes the shadow once and needs no temporaries."""
+    """shadow += weight * (current - shadow): EMA.update's three multi-tensor passes, for torch.compile to
+    fuse into one pass that reads both lists once, writes the shadow once and needs no temporaries."""
     torch._foreach_add_(shadow, torch._foreach_mul(torch._foreach_sub(current, shadow), weight))
 
 
 def _chunk_ranges(sizes: list[int]) -> list[tuple[int, int]]:
-    """Consecutive index ranges of tensors with these sizes, each at most CHUNK_ELEMENTS (or one larger tensor)."""
+    """Consecutive index ranges of tensors with these sizes, each at most CHUNK_ELEMENTS
+    (or one larger tensor)."""
     ranges, start, total = [], 0, 0
     for i, size in enumerate(sizes):
         if total and total + size > CHUNK_ELEMENTS:
@@ -146,7 +155,8 @@ class EMA:
         self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
         self.fused = None  # the compiled update, built by compile() (scripts/bench.py --ema-compile)
-        # defer_updates (scripts/bench.py's ema_beside_forward variant): update() leaves its update pending, launch_pending() runs it on `stream`.
+        # defer_updates (scripts/bench.py's ema_beside_forward variant): update() leaves its update pending,
+        # launch_pending() runs it on `stream`.
         self.deferring, self.stream = False, None
         self.pending = None  # (module, weight per profile) of the update not applied yet
         self.in_flight = None  # the weights the updates on `stream` read, kept alive until settle()
@@ -158,13 +168,14 @@ class EMA:
 
     @torch.no_grad()
     def probe(self, module: torch.nn.Module) -> None:
-        """Build the compiled update now, with a weight of 0 (the shadow keeps its values): a compile error shows
-        before step 1."""
+        """Build the compiled update now, with a weight of 0 (the shadow keeps its values): a compile error
+        shows before step 1."""
         current = self._weights(module)
         self.fused(self.shadows[0], current, torch.zeros((), device=current[0].device))
 
     def _weights(self, module: torch.nn.Module) -> list[torch.Tensor]:
-        """The module's trainable weights in the shadows' order, fp32 (no copy for fp32; one dtype for foreach)."""
+        """The module's trainable weights in the shadows' order, fp32
+        (no copy for fp32; one dtype for foreach)."""
         params = dict(module.named_parameters())
         return [params[n].detach().float() for n in self.names]
 
@@ -184,18 +195,19 @@ class EMA:
 
     def defer_updates(self, device: torch.device) -> None:
         """The EMA beside the next forward (measured in scripts/bench.py, not used by the trainer: it gained
-        nothing steady on an H200). update() only computes the update's weights; the shadows move when the next step starts
-        (launch_pending, called by the training loop before the forward), on a side CUDA stream, so the EMA's
-        memory-bound passes over the weights run beside the forward's matmuls instead of after the optimizer.
-        The weights it reads are unchanged until then (the optimizer step settles first), so every bit is the
-        same as updating at once. (CPU: no side stream; launch_pending applies the update there and then.)"""
+        nothing steady on an H200). update() only computes the update's weights; the shadows move when the
+        next step starts (launch_pending, called by the training loop before the forward), on a side CUDA
+        stream, so the EMA's memory-bound passes over the weights run beside the forward's matmuls instead of
+        after the optimizer. The weights it reads are unchanged until then (the optimizer step settles first),
+        so every bit is the same as updating at once. (CPU: no side stream; launch_pending applies the update
+        there and then.)"""
         self.deferring = True
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @torch.no_grad()
     def launch_pending(self, beside: bool = True) -> None:
-        """Apply the pending update now: on the side stream after the work queued so far on the current one, or
-        (`beside` False, or no side stream) on the current stream."""
+        """Apply the pending update now: on the side stream after the work queued so far on the current one,
+        or (`beside` False, or no side stream) on the current stream."""
         if self.pending is None:
             return
         (module, weights), self.pending = self.pending, None
@@ -210,10 +222,10 @@ class EMA:
 
     @torch.no_grad()
     def settle(self) -> None:
-        """Every update so far in the shadows, as the current stream sees them: before the optimizer changes the
-        weights a pending update reads, and before the shadows are read or written (each method here does). The
-        update in flight on the side stream first, then any pending one on this stream: they write the same
-        shadows."""
+        """Every update so far in the shadows, as the current stream sees them: before the optimizer changes
+        the weights a pending update reads, and before the shadows are read or written (each method here
+        does). The update in flight on the side stream first, then any pending one on this stream: they write
+        the same shadows."""
         if self.in_flight is not None:
             torch.cuda.current_stream().wait_stream(self.stream)
             self.in_flight = None
@@ -223,16 +235,16 @@ class EMA:
     def update(self, module: torch.nn.Module, ok: torch.Tensor | None = None) -> None:
         """shadow <- decay * shadow + (1 - decay) * weights for every profile.
 
-        `ok` (a bool tensor on the device): False leaves every shadow as it was (a skipped step) without a host
-        sync; the decay schedule advances either way, as the learning rate follows the step count.
+        `ok` (a bool tensor on the device): False leaves every shadow as it was (a skipped step) without a
+        host sync; the decay schedule advances either way, as the learning rate follows the step count.
 
         The weight is a device scalar (1 - decay, or 0 when not ok), which foreach lerp only takes per tensor
         (one kernel and one launch per parameter: 686 for SD1.5). So lerp's own formula for weights below 1/2,
-        shadow += w * (weights - shadow) (exact where weights == shadow, no drift from rounding 1 - w), in three
-        multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary. One path with or
-        without `ok`, so both give the same bits. For weights of 1/2 and above (the decay warmup's first updates,
-        a power profile's first update, which copies) the result may differ from lerp's by one ulp of the shadow.
-        After defer_updates the update is left pending, for launch_pending or settle to apply.
+        shadow += w * (weights - shadow) (exact where weights == shadow, no drift from rounding 1 - w), in
+        three multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary. One path with
+        or without `ok`, so both give the same bits. For weights of 1/2 and above (the decay warmup's first
+        updates, a power profile's first update, which copies) the result may differ from lerp's by one ulp of
+        the shadow. After defer_updates the update is left pending, for launch_pending or settle to apply.
         """
         self.settle()
         take = torch.ones((), device=self.shadows[0][0].device) if ok is None else ok.float()
@@ -283,15 +295,18 @@ class EMA:
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore every configured profile, matched by value; the default one from `ema.*` if ema.decay changed."""
+        """Restore every configured profile, matched by value;
+        the default one from `ema.*` if ema.decay changed."""
         self.settle()
         stored = checkpoint_profiles(meta)
         for profile, shadow in zip(self.profiles, self.shadows):
-            prefix = _stored_prefix(stored, profile.kind, profile.value) or ("ema" if profile.default else None)
+            prefix = (_stored_prefix(stored, profile.kind, profile.value)
+                      or ("ema" if profile.default else None))
             if prefix is None:
                 raise ConfigError(f"ema: the checkpoint has no EMA profile {profile.name} (it has "
-                                  f"{', '.join(p['name'] for p in stored)}); resume with the same ema.extra_decays "
-                                  "and ema.power_stds, or start over with --ckpt.resume=none")
+                                  f"{', '.join(p['name'] for p in stored)}); resume with the same "
+                                  "ema.extra_decays and ema.power_stds, or start over with "
+                                  "--ckpt.resume=none")
             missing = [n for n in self.names if f"{prefix}.{n}" not in tensors]
             if missing:
                 raise KeyError(f"checkpoint lacks EMA weights for {missing[0]} (and {len(missing) - 1} more)")

@@ -1,11 +1,11 @@
 """Inference export: a training checkpoint -> a diffusers `StableDiffusionPipeline` folder.
 
 The folder holds the chosen UNet weights (the default EMA, another EMA profile, or raw) in half precision by
-default, the run's VAE, text encoder and tokenizer, and a `DDIMScheduler` config equivalent to our schedule and
-sampler: v-prediction, the run's betas, zero-terminal-SNR and timestep spacing, no clipping. The pipeline's own
-defaults (50 steps, guidance 7.5, no guidance rescale) are not the run's `sample.*` settings: pass
-num_inference_steps, guidance_scale and guidance_rescale to sample as scripts/sample.py does. For a few step
-counts (e.g. 61, 103 of 1000 "trailing") diffusers' float spacing gives one step more, ending at t = -1.
+default, the run's VAE, text encoder and tokenizer, and a `DDIMScheduler` config equivalent to our schedule
+and sampler: v-prediction, the run's betas, zero-terminal-SNR and timestep spacing, no clipping. The
+pipeline's own defaults (50 steps, guidance 7.5, no guidance rescale) are not the run's `sample.*` settings:
+pass num_inference_steps, guidance_scale and guidance_rescale to sample as scripts/sample.py does. For a few
+step counts (e.g. 61, 103 of 1000 "trailing") diffusers' float spacing gives one step more, ending at t = -1.
 """
 from __future__ import annotations
 
@@ -24,21 +24,25 @@ def scheduler_for(cfg: Config) -> DDIMScheduler:
     """The diffusers scheduler that samples as sampling.ddim_sample does with this run's config."""
     d = cfg.diffusion
     beta_schedule = {"cosine": "squaredcos_cap_v2"}.get(d.beta_schedule, d.beta_schedule)
-    # steps_offset=1 is what StableDiffusionPipeline forces; it shifts "leading" timesteps by one, as our leading
-    # spacing does (SD's original), and does nothing to "trailing": the exported sampler visits our timesteps.
-    return DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
-                         beta_schedule=beta_schedule, rescale_betas_zero_snr=d.zero_terminal_snr,
-                         prediction_type="v_prediction", timestep_spacing=cfg.sample.spacing,
+    # steps_offset=1 is what StableDiffusionPipeline forces; it shifts "leading" timesteps by one, as our
+    # leading spacing does (SD's original), and does nothing to "trailing":
+    # the exported sampler visits our timesteps.
+    return DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start,
+                         beta_end=d.beta_end, beta_schedule=beta_schedule,
+                         rescale_betas_zero_snr=d.zero_terminal_snr, prediction_type="v_prediction",
+                         timestep_spacing=cfg.sample.spacing,
                          clip_sample=False, set_alpha_to_one=True, steps_offset=1)
 
 
 def export_diffusers(checkpoint: str, out_dir: str, dtype: str = "fp16", weights: str = "ema") -> Path:
     """Write a StableDiffusionPipeline folder to `out_dir`; -> its path."""
-    # The VAE and text encoder in fp32 (not the run's bf16 frozen_dtype), then cast once to the export's dtype.
+    # The VAE and text encoder in fp32 (not the run's bf16 frozen_dtype),
+    # then cast once to the export's dtype.
     cfg, unet, frozen = load_trained(checkpoint, weights, torch.device("cpu"), frozen_dtype="fp32")
     torch_dtype = EXPORT_DTYPES[dtype]
-    pipe = StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer,
-                                   unet=unet, scheduler=scheduler_for(cfg), safety_checker=None,
+    pipe = StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder,
+                                   tokenizer=frozen.tokenizer, unet=unet, scheduler=scheduler_for(cfg),
+                                   safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype=torch_dtype)
     pipe.save_pretrained(out_dir, safe_serialization=True)

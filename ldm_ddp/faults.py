@@ -27,7 +27,8 @@ from . import dist
 from .config import ConfigError
 
 EXIT_NON_FINITE, EXIT_PEER_FAILURE, EXIT_SAVE_FAILED, EXIT_PREEMPTED = 3, 4, 5, 75
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # torchrun and Kubernetes send SIGTERM; SLURM's --signal USR1
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # torchrun and Kubernetes send SIGTERM;
+# SLURM's --signal USR1
 
 
 class Stop(Exception):
@@ -63,8 +64,8 @@ class Preemption:
         self.signum = self.signum or signum
 
     def agreed(self, step: int, path) -> Preempted | None:
-        """Whether any rank got a signal (a collective: one small gloo all-reduce of a host integer, so it never
-        waits for the GPU); -> the stop to raise once `path`, the checkpoint of `step`, is committed."""
+        """Whether any rank got a signal (a collective: one small gloo all-reduce of a host integer, so it
+        never waits for the GPU); -> the stop to raise once `path`, the checkpoint of `step`, is committed."""
         signum = dist.all_reduce_max_ints([self.signum])[0]
         if not signum:
             return None
@@ -77,19 +78,20 @@ class Preemption:
 
     def ignore(self) -> None:
         """For a run that has stopped and saved, and only exits: Python's shutdown would restore the default
-        action, and a late SIGTERM (torchrun's, once another rank has exited) would turn exit 75 into a kill."""
+        action, and a late SIGTERM (torchrun's, once another rank has exited) would turn exit 75
+        into a kill."""
         for signum in PREEMPTION_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
 
 def end_with_launcher() -> None:
-    """Under torchrun (Linux): SIGTERM to this rank when its launcher dies. A launcher killed with kill -9 sends
-    its workers nothing; they would train on, and write checkpoints into the run folder that the next launch of
-    the same command resumes from. With this they stop: before `Preemption` is installed at once (nothing to
-    save yet), afterwards as if preempted (all of them at once: they agree, save and exit 75). Armed first thing
-    in the entry point; a launcher already gone by then has left this rank a child of init, and it stops the
-    same way, unless init is the launcher itself (a container whose command is torchrun). Under a subreaper
-    (e.g. systemd --user) the orphan's new parent is not init: not detected."""
+    """Under torchrun (Linux): SIGTERM to this rank when its launcher dies. A launcher killed with kill -9
+    sends its workers nothing; they would train on, and write checkpoints into the run folder that the next
+    launch of the same command resumes from. With this they stop: before `Preemption` is installed at once
+    (nothing to save yet), afterwards as if preempted (all of them at once: they agree, save and exit 75).
+    Armed first thing in the entry point; a launcher already gone by then has left this rank a child of init,
+    and it stops the same way, unless init is the launcher itself (a container whose command is torchrun).
+    Under a subreaper (e.g. systemd --user) the orphan's new parent is not init: not detected."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
         return
     if _arm_parent_death_signal() and os.getppid() == 1 and not _init_is_a_launcher():
@@ -110,7 +112,8 @@ def _init_is_a_launcher(cmdline_file: str = "/proc/1/cmdline") -> bool:
         cmdline = Path(cmdline_file).read_bytes()
     except OSError:
         return False
-    return any(name in cmdline for name in (b"torchrun", b"torch.distributed.run", b"torch.distributed.launch"))
+    return any(name in cmdline
+               for name in (b"torchrun", b"torch.distributed.run", b"torch.distributed.launch"))
 
 
 def shield_worker(worker_id: int) -> None:
@@ -123,7 +126,8 @@ def shield_worker(worker_id: int) -> None:
     with sigwaitinfo, which is.
     """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on
+    # inherit the mask
     threading.Thread(target=_exit_on_parent_sigterm, daemon=True).start()
 
 
@@ -134,8 +138,8 @@ def _exit_on_parent_sigterm() -> None:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
-    """`optimizer.step()` unless `ok` (a device bool) is False; a skipped step leaves weights, moments and step
-    counts exactly as they were.
+    """`optimizer.step()` unless `ok` (a device bool) is False; a skipped step leaves weights, moments and
+    step counts exactly as they were.
 
     Fused AdamW decides on the device: `found_inf` (the input GradScaler uses) makes its kernel return early,
     and the step counts it adds it subtracts again, so no host sync. The foreach and for-loop versions have no
@@ -177,7 +181,8 @@ class NonFiniteGuard:
         self._pending.append((step, skipped, keys))
 
     def check(self) -> NonFiniteLimit | None:
-        """Read the flags since the last call (a host sync); -> the error to stop with once the limit is hit."""
+        """Read the flags since the last call (a host sync);
+        -> the error to stop with once the limit is hit."""
         if not self._pending:
             return None
         flags = torch.stack([skipped for _, skipped, _ in self._pending]).tolist()
@@ -196,10 +201,12 @@ class NonFiniteGuard:
         if keys is None:
             named = "not recorded (before the resume)"
         else:
-            by_rank = [json.loads(k) for k in dist.all_gather_str(json.dumps(keys))]  # every rank's part of it
+            # every rank's part of it
+            by_rank = [json.loads(k) for k in dist.all_gather_str(json.dumps(keys))]
             named = "; ".join(f"rank {r}: {', '.join(k[:8])}" for r, k in enumerate(by_rank))
-        return NonFiniteLimit(f"non-finite loss or gradients in {hit - first + 1} steps in a row (steps {first}-{hit}, "
-                              f"none applied; train.max_consecutive_skips = {self.limit}): stopped with the last good "
+        return NonFiniteLimit(f"non-finite loss or gradients in {hit - first + 1} steps in a row "
+                              f"(steps {first}-{hit}, none applied; "
+                              f"train.max_consecutive_skips = {self.limit}): stopped with the last good "
                               f"state saved. Samples of step {first}: {named}")
 
 
@@ -211,5 +218,5 @@ def check_same_data(fingerprint: str) -> None:
         ranks = {f: [r for r, g in enumerate(seen) if g == f] for f in dict.fromkeys(seen)}
         listed = "; ".join(f"{f} on rank(s) {', '.join(map(str, r[:8]))}{' ...' if len(r) > 8 else ''}"
                            for f, r in ranks.items())
-        raise ConfigError(f"data: the ranks see different data sources ({listed}); every rank must read the same "
-                          "files (check data.path and that each node sees all of them)")
+        raise ConfigError(f"data: the ranks see different data sources ({listed}); every rank must read the "
+                          "same files (check data.path and that each node sees all of them)")

@@ -30,7 +30,8 @@ def block_group(name: str) -> str:
 
 
 def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    """PyTorch's CPU flash-attention kernel is not in FlopCounterMode's table: q k^T and (.) v, 2 FLOPs a MAC."""
+    """PyTorch's CPU flash-attention kernel is not in FlopCounterMode's table:
+    q k^T and (.) v, 2 FLOPs a MAC."""
     b, h, s_q, d = q
     return 4 * b * h * s_q * k[2] * d
 
@@ -44,10 +45,12 @@ CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _s
 
 
 def count_train_flops(unet, context: torch.Tensor, autocast: bool) -> float:
-    """FLOPs of one UNet forward + backward for one image (context [1, L, D]), counted once with FlopCounterMode.
+    """FLOPs of one UNet forward + backward for one image (context [1, L, D]),
+    counted once with FlopCounterMode.
 
-    Call it before the DDP wrap (its backward would fire DDP's reducer hooks). Model FLOPs, as MFU counts them:
-    gradient checkpointing is switched off for the count, so recomputation is not counted as useful work.
+    Call it before the DDP wrap (its backward would fire DDP's reducer hooks). Model FLOPs, as MFU counts
+    them: gradient checkpointing is switched off for the count, so recomputation is not counted as
+    useful work.
     """
     device = next(unet.parameters()).device
     size = unet.config.sample_size
@@ -85,7 +88,8 @@ class Metrics:
 
     def __init__(self, out_dir: Path, device: torch.device, num_train_timesteps: int, max_steps: int,
                  images_per_step: int, progress: str, *, wandb_run=None, tensorboard=None,
-                 train_flops_per_image: float = 0.0, wandb_checkpoints: str = "off", peak_tflops: float = 0.0):
+                 train_flops_per_image: float = 0.0, wandb_checkpoints: str = "off",
+                 peak_tflops: float = 0.0):
         self.path = out_dir / "metrics.jsonl"
         self.device, self.T, self.images_per_step = device, num_train_timesteps, images_per_step
         self.wandb_run, self.tensorboard, self.wandb_checkpoints = wandb_run, tensorboard, wandb_checkpoints
@@ -142,10 +146,10 @@ class Metrics:
 
     def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, data_wait_s: float,
                  bad: list[str], skipped: torch.Tensor | bool = False) -> None:
-        """One optimizer step; `skipped` (a device bool or a Python bool) counts a step the optimizer did not take.
-        A skipped step adds nothing to the loss by timestep and the per-block norms either (its micro-batches'
-        and gradients' share is dropped on the device), as the loop passes it 0 loss and grad norm: every mean
-        of a record is over the steps taken."""
+        """One optimizer step; `skipped` (a device bool or a Python bool) counts a step the optimizer did not
+        take. A skipped step adds nothing to the loss by timestep and the per-block norms either (its
+        micro-batches' and gradients' share is dropped on the device), as the loop passes it 0 loss and grad
+        norm: every mean of a record is over the steps taken."""
         taken = (~skipped).double() if isinstance(skipped, torch.Tensor) else float(not skipped)
         self.bucket_sum += taken * self.step_buckets[0].nan_to_num(0, 0, 0)
         self.bucket_count += taken * self.step_buckets[1]
@@ -168,21 +172,26 @@ class Metrics:
         if self.steps == 0:
             return None
         elapsed = time.perf_counter() - self.t0
-        host = torch.tensor([float(self.bad_samples), self.data_wait_s], device=self.device, dtype=torch.float64)
+        host = torch.tensor([float(self.bad_samples), self.data_wait_s], device=self.device,
+                            dtype=torch.float64)
         sums = torch.cat([torch.stack([self.loss_sum, self.grad_norm_sum, self.skipped_sum]), host,
                           self.bucket_sum, self.bucket_count, self.group_sum])
         sums = dist.all_reduce_sum(sums).tolist()  # the one host sync of the interval
         world, n = dist.world_size(), self.steps * dist.world_size()
         buckets = sums[5:5 + 2 * NUM_T_BUCKETS]
         img_per_s = self.steps * self.images_per_step / elapsed
-        taken = max(1.0, n - sums[2])  # skipped steps add 0 to the loss and norm sums: means over the steps taken
+        taken = max(1.0, n - sums[2])  # skipped steps add 0 to the loss and norm sums:
+        # means over the steps taken
         record = {
             "step": step, "loss": sums[0] / taken, "lr": lr, "grad_norm": sums[1] / taken,
-            "grad_norm_by_block": {g: s / taken for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
+            "grad_norm_by_block": {g: s / taken
+                                   for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
             "img_per_s": img_per_s, "img_per_s_per_gpu": img_per_s / world,
-            "data_wait_share": sums[4] / world / elapsed, "skipped_steps": round(sums[2] / world),  # every rank skips the same steps
+            "data_wait_share": sums[4] / world / elapsed,
+            "skipped_steps": round(sums[2] / world),  # every rank skips the same steps
             "bad_samples": round(sums[3]),
-            "loss_by_t": [s / c if c else None for s, c in zip(buckets[:NUM_T_BUCKETS], buckets[NUM_T_BUCKETS:])],
+            "loss_by_t": [s / c if c else None
+                          for s, c in zip(buckets[:NUM_T_BUCKETS], buckets[NUM_T_BUCKETS:])],
             "time": time.time(), **(extra or {}),
         }
         if self.flops_per_image:  # achieved model FLOP/s per GPU; MFU against the configured (or CUDA) peak
@@ -222,26 +231,29 @@ class Metrics:
             import numpy as np
             from PIL import Image
             with Image.open(path) as image:
-                self.tensorboard.add_image("samples", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+                self.tensorboard.add_image("samples", np.asarray(image.convert("RGB")), step,
+                                           dataformats="HWC")
             self.tensorboard.flush()
 
     def log_checkpoint(self, path: Path, step: int) -> None:
-        """A committed checkpoint as a wandb artifact (log.wandb_checkpoints): a file:// reference or an upload.
+        """A committed checkpoint as a wandb artifact (log.wandb_checkpoints):
+        a file:// reference or an upload.
 
-        An upload copies the file into wandb's staging folder before returning (then uploads in the background),
-        so a pruned checkpoint is still sent; a reference records the path and checksum only.
+        An upload copies the file into wandb's staging folder before returning (then uploads in the
+        background), so a pruned checkpoint is still sent; a reference records the path and checksum only.
         """
         if self.wandb_run is None or self.wandb_checkpoints == "off" or not dist.is_main():
             return
         try:
             import wandb
-            artifact = wandb.Artifact(f"checkpoints-{self.wandb_run.id}", type="model", metadata={"step": step})
+            artifact = wandb.Artifact(f"checkpoints-{self.wandb_run.id}", type="model",
+                                      metadata={"step": step})
             if self.wandb_checkpoints == "reference":
                 artifact.add_reference(Path(path).resolve().as_uri(), name=Path(path).name)
             else:
                 artifact.add_file(str(path), name=Path(path).name)
             self.wandb_run.log_artifact(artifact, aliases=[f"step_{step}", "latest"])
-        except Exception as err:  # noqa: BLE001 (tracking never stops the run)
+        except Exception as err:  # any failure: tracking never stops the run
             print(f"warning: wandb checkpoint artifact failed ({type(err).__name__}: {str(err)[:100]})")
 
     def close(self) -> None:
@@ -254,7 +266,8 @@ class Metrics:
 
 
 def summary_line(record: dict, bad_keys: list[str] = ()) -> str:
-    """The console line of one record: loss, lr, grad norm (and its largest block), throughput, MFU, upkeep."""
+    """The console line of one record: loss, lr, grad norm
+    (and its largest block), throughput, MFU, upkeep."""
     line = (f"step {record['step']:>7d}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
             f"grad {record['grad_norm']:.3f}")
     if record.get("grad_norm_by_block"):
@@ -292,8 +305,8 @@ def start_tensorboard(enabled: bool, out_dir: Path, start_step: int = 0, config_
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print('warning: log.tensorboard is set but tensorboard is not installed (pip install -e ".[tensorboard]"); '
-              "logging to metrics.jsonl only")
+        print("warning: log.tensorboard is set but tensorboard is not installed "
+              '(pip install -e ".[tensorboard]"); logging to metrics.jsonl only')
         return None
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
     if config_toml:
@@ -321,7 +334,7 @@ def start_wandb(mode: str, out_dir: Path, config: dict):
             settings = wandb.Settings(init_timeout=30, silent=True)
             return wandb.init(project=project, name=name, id=run_id, resume="allow", mode=attempt_mode,
                               dir=os.environ.get("WANDB_DIR", str(out_dir)), config=config, settings=settings)
-        except Exception as err:  # noqa: BLE001 (network down, auth missing: fall back, never stop the run)
+        except Exception as err:  # any failure (network down, auth missing): fall back, never stop the run
             then = "; logging offline instead" if attempt_mode == "online" else ""
             print(f"warning: wandb {attempt_mode} failed ({type(err).__name__}: {str(err)[:100]}){then}")
     return None

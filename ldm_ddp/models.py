@@ -121,12 +121,14 @@ class FrozenModels:
         """A loader batch -> scaled latents [B, C, h, w] fp32: drawn from the latent cache's moments, or by
         encoding its images (the same draw either way)."""
         if "moments" in batch:
-            return self.latents_from_moments(batch["moments"].to(self.vae.device, non_blocking=True), generator)
+            return self.latents_from_moments(batch["moments"].to(self.vae.device, non_blocking=True),
+                                             generator)
         return self.encode_images(batch["images"].to(self.vae.device, non_blocking=True), generator)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """images [B, 3, H, W], uint8 pixels (the loader's) or float in [-1, 1] -> scaled latents [B, C, H/f, W/f] fp32.
+        """images [B, 3, H, W], uint8 pixels (the loader's) or float in [-1, 1]
+        -> scaled latents [B, C, H/f, W/f] fp32.
 
         Draws from the posterior with our own generator (not the VAE's global-RNG `.sample()`)
         so the draw is a function of (seed, step, rank) like every other per-step draw.
@@ -165,9 +167,10 @@ class FrozenModels:
 def load_trained(path: str, weights: str, device: torch.device, frozen_dtype: str = ""):
     """A training checkpoint -> (its Config, its UNet in eval mode, FrozenModels).
 
-    `weights`: raw, ema (the default EMA), or one of the checkpoint's other EMA profiles: ema:0.9999, ema:std=0.1.
-    `frozen_dtype`: the VAE's and text encoder's dtype; "" = the run's model.frozen_dtype (export asks for fp32,
-    so that it writes the pretrained weights themselves, not their bf16 rounding).
+    `weights`: raw, ema (the default EMA), or one of the checkpoint's other EMA profiles:
+    ema:0.9999, ema:std=0.1.
+    `frozen_dtype`: the VAE's and text encoder's dtype; "" = the run's model.frozen_dtype (export asks for
+    fp32, so that it writes the pretrained weights themselves, not their bf16 rounding).
     """
     from .checkpoint import load_checkpoint, module_tensors
     from .config import config_from_dict
@@ -179,9 +182,11 @@ def load_trained(path: str, weights: str, device: torch.device, frozen_dtype: st
     frozen = load_frozen(cfg.model.pretrained, frozen_dtype or cfg.model.frozen_dtype, device)
     config = unet_config(cfg.model.unet) if not cfg.model.unet_init else UNet2DConditionModel.load_config(
         cfg.model.unet_init)
-    unet = UNet2DConditionModel.from_config({**config, "sample_size": cfg.data.resolution // frozen.downsample})
+    unet = UNet2DConditionModel.from_config({**config,
+                                             "sample_size": cfg.data.resolution // frozen.downsample})
     named = module_tensors(tensors, part)
-    if not named:  # e.g. a stage-1 (autoencoder) checkpoint: the random UNet would sample noise without a word
+    if not named:  # e.g. a stage-1 (autoencoder) checkpoint: the random UNet would sample noise
+        # without a word
         raise ConfigError(f"{path}: no UNet weights ({part}.*) in this checkpoint; is it a stage-1 (VAE) "
                           "checkpoint?")
     # EMA holds the parameters; buffers (if any) come from the raw weights
@@ -235,6 +240,7 @@ def write_demo_text_encoder(root: Path, words: list[str], seed: int = 0, width: 
     tokenizer.save_pretrained(root / "tokenizer")
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width,
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
-                            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"])
+                            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"],
+                            eos_token_id=vocab["<eos>"])
     torch.manual_seed(seed)
     CLIPTextModel(config).save_pretrained(root / "text_encoder")

@@ -26,16 +26,19 @@ class Loss:
 class VPredictionLoss:
     """The v-prediction diffusion loss (Salimans & Ho 2022): x_t = sqrt(alphas_cumprod) x_0 + sqrt(1 -
     alphas_cumprod) noise, the UNet predicts v_target = sqrt(alphas_cumprod) noise - sqrt(1 - alphas_cumprod)
-    x_0, loss = ||v_pred - v_target||^2 per sample, optionally weighted by min-SNR-gamma (Hang et al. 2023)."""
+    x_0, loss = ||v_pred - v_target||^2 per sample, optionally weighted by min-SNR-gamma
+    (Hang et al. 2023)."""
 
     def __init__(self, schedule: NoiseSchedule, min_snr_gamma: float = 0.0, offset_noise: float = 0.0):
         self.schedule, self.min_snr_gamma, self.offset_noise = schedule, min_snr_gamma or None, offset_noise
 
     def __call__(self, model, latents: torch.Tensor, cond: dict, generator: torch.Generator,
                  autocast: bool) -> Loss:
-        """latents [B, C, h, w] fp32, cond: the UNet's conditioning kwargs -> Loss. Draws t, then the noise."""
+        """latents [B, C, h, w] fp32, cond: the UNet's conditioning kwargs -> Loss.
+        Draws t, then the noise."""
         device = latents.device
-        t = torch.randint(0, self.schedule.num_train_timesteps, (len(latents),), generator=generator, device=device)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (len(latents),), generator=generator,
+                          device=device)
         noise = sample_noise(latents.shape, generator, device, self.offset_noise)
         x_t = self.schedule.add_noise(latents, noise, t)
         v_target = self.schedule.v_target(latents, noise, t)

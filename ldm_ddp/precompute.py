@@ -97,7 +97,8 @@ def precompute_latents(cfg: Config, out_dir: str, vae_dtype: str = "", batch: in
     for number in range(rank, num_shards, world):
         indices = range(number * shard_size, min(len(source), (number + 1) * shard_size))
         loader = DataLoader(_ShardImages(source, indices, transform, frozen.tokenize), batch_size=batch,
-                            num_workers=cfg.data.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+                            num_workers=cfg.data.num_workers, collate_fn=_collate,
+                            pin_memory=device.type == "cuda")
         moments, flipped, input_ids, keys, skipped = [], [], [], [], []
         for b in loader:
             skipped += b["skipped"]

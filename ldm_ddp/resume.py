@@ -26,10 +26,11 @@ _BOOKKEEPING = ("transformers_version", "torch_dtype", "dtype")  # and every "_"
 @contextlib.contextmanager
 def run_folder_lock(out_dir: Path):
     """Rank 0 holds an exclusive lock on <out_dir>/.lock while the run lives. A second run started on the same
-    folder (a double launch, a requeued job whose old one still runs) is refused with one line: two runs in one
-    folder delete each other's temp files and checkpoints. A POSIX record lock (lockf), not flock: it belongs
-    to this process alone (the DataLoader workers it forks do not inherit it, so a rank killed with -9 frees
-    the folder at once), and network filesystems support it. Where locking fails otherwise: a warning."""
+    folder (a double launch, a requeued job whose old one still runs) is refused with one line: two runs in
+    one folder delete each other's temp files and checkpoints. A POSIX record lock (lockf), not flock: it
+    belongs to this process alone (the DataLoader workers it forks do not inherit it, so a rank killed with -9
+    frees the folder at once), and network filesystems support it.
+    Where locking fails otherwise: a warning."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ".lock"
     with open(path, "a+") as f:
@@ -37,8 +38,8 @@ def run_folder_lock(out_dir: Path):
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EACCES, errno.EAGAIN):
-                print(f"warning: cannot lock {path} ({err.strerror}): make sure no other run uses this folder",
-                      flush=True)
+                print(f"warning: cannot lock {path} ({err.strerror}): make sure no other run uses this "
+                      "folder", flush=True)
                 yield
                 return
             f.seek(0)
@@ -92,8 +93,9 @@ def architecture_from(configs: dict) -> dict:
 
 def _first_difference(then: dict, now: dict, prefix: str = "") -> str | None:
     """The first key both sides have with different values. A key on one side only is no difference: library
-    releases add and drop config entries (transformers 5 dropped `torchscript`, diffusers adds UNet arguments),
-    and an upgrade must not block a resume; a real change of shape still fails loading the weights."""
+    releases add and drop config entries (transformers 5 dropped `torchscript`, diffusers adds UNet
+    arguments), and an upgrade must not block a resume;
+    a real change of shape still fails loading the weights."""
     for key in sorted(then.keys() & now.keys()):
         a, b = then[key], now[key]
         if isinstance(a, dict) and isinstance(b, dict):
@@ -108,27 +110,32 @@ def _flat(tree: dict) -> dict:
     return {f"{section}.{key}": value for section, values in tree.items() for key, value in values.items()}
 
 
-def check_resumable(meta: dict, cfg: Config, arch: dict, global_batch: int, fingerprint: str, path: Path) -> dict:
+def check_resumable(meta: dict, cfg: Config, arch: dict, global_batch: int, fingerprint: str,
+                    path: Path) -> dict:
     """Refuse a checkpoint whose state would mean something else now (ConfigError, one line naming the
-    difference); -> the allowed changes: {"config": {key: [then, now]}, "versions": {...}, "world_size": [...]}."""
+    difference); -> the allowed changes:
+    {"config": {key: [then, now]}, "versions": {...}, "world_size": [...]}."""
     refuse = "; resume needs the same one (or start a new out_dir, or --ckpt.resume=none)"
     if "architecture" in meta and (diff := _first_difference(meta["architecture"], arch)):
         raise ConfigError(f"{path.name}: model architecture changed: {diff}{refuse}")
     data = meta["data"]
     if data["global_batch"] != global_batch:
-        raise ConfigError(f"{path.name}: global batch {data['global_batch']} in the checkpoint, {global_batch} now "
-                          "(train.global_batch must match to continue the same sample sequence)")
+        raise ConfigError(f"{path.name}: global batch {data['global_batch']} in the checkpoint, "
+                          f"{global_batch} now (train.global_batch must match to continue the same sample "
+                          "sequence)")
     if data["fingerprint"] != fingerprint:
-        raise ConfigError(f"{path.name}: data fingerprint {data['fingerprint']} in the checkpoint, {fingerprint} now"
-                          + refuse)
+        raise ConfigError(f"{path.name}: data fingerprint {data['fingerprint']} in the checkpoint, "
+                          f"{fingerprint} now" + refuse)
     if data["seed"] != cfg.data.seed:
-        raise ConfigError(f"{path.name}: data.seed {data['seed']} in the checkpoint, {cfg.data.seed} now (the seed "
-                          "orders the samples: another one would repeat some and skip others)" + refuse)
+        raise ConfigError(f"{path.name}: data.seed {data['seed']} in the checkpoint, {cfg.data.seed} now "
+                          "(the seed orders the samples: another one would repeat some and skip others)"
+                          + refuse)
     window = data.get("shuffle_window", cfg.data.shuffle_window)  # older checkpoints: not recorded
     sharded = fingerprint.startswith(("shards:", "webdataset:", "parquet:", "latents:"))
     if window != cfg.data.shuffle_window and sharded:
-        raise ConfigError(f"{path.name}: data.shuffle_window {window} in the checkpoint, {cfg.data.shuffle_window} "
-                          "now (the window shapes the sample order of a sharded source)" + refuse)
+        raise ConfigError(f"{path.name}: data.shuffle_window {window} in the checkpoint, "
+                          f"{cfg.data.shuffle_window} now (the window shapes the sample order of a sharded "
+                          "source)" + refuse)
     then, now = _flat(meta["config"]), _flat(_json(cfg.to_dict()))
     versions = checkpoint.versions()
     # Keys the checkpoint lacks came with a newer ldm_ddp: the version change records that.

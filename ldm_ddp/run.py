@@ -67,7 +67,8 @@ class Run:
         self.resume_path: Path | None = None
         self.fingerprint, self.architecture = "", {}
         self.guard = faults.NonFiniteGuard(cfg.train.max_consecutive_skips)
-        # Replaced samples: by this process since the start, and by all ranks as of the last save or the resume.
+        # Replaced samples: by this process since the start,
+        # and by all ranks as of the last save or the resume.
         self.bad_seen = self.bad_total = 0
 
     def resume(self, state: checkpoint.TrainingState, architecture: dict, fingerprint: str) -> None:
@@ -75,7 +76,8 @@ class Run:
         mean something else now (architecture, data, seed, global batch); set aside later steps of another
         timeline. Every rank sees the same data first (check_same_data)."""
         self.architecture, self.fingerprint = architecture, fingerprint
-        faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here, not trained around
+        faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here,
+        # not trained around
         self.resume_path = resume_point(self.cfg, self.ckpt_dir)
         if self.resume_path is not None:
             changes = {}
@@ -88,14 +90,16 @@ class Run:
             self.guard = faults.NonFiniteGuard(self.cfg.train.max_consecutive_skips, meta.get("faults", {}))
             self.bad_total = meta["data"].get("bad_samples", 0)
             record_resume(self.out_dir, self.resume_path, self.step, changes)  # allowed changes, on record
-        if dist.is_main():  # later steps of another timeline in this folder: set aside, not resumed into or pruned
+        if dist.is_main():  # later steps of another timeline in this folder: set aside,
+            # not resumed into or pruned
             checkpoint.set_aside_after(self.ckpt_dir, self.start_step)
         self.bad_before = self.bad_total
 
     def upkeep(self) -> Upkeep:
         """Decide what to do before the next step; collectives, so every rank calls it every iteration."""
         cfg, step = self.cfg, self.step
-        if step == self.start_step + 1:  # the first step is done: from now on a peer that dies or hangs stops us
+        if step == self.start_step + 1:  # the first step is done:
+            # from now on a peer that dies or hangs stops us
             dist.set_timeout(cfg.train.collective_timeout_s)
         done = step >= cfg.train.max_steps
         # A preemption signal to any rank stops every rank here, at the same step, after one more save.
@@ -111,7 +115,8 @@ class Run:
         return Upkeep(done, stop, log, sample, save)
 
     def count_step(self, skipped: torch.Tensor, bad: list[str], keys: list[str]) -> None:
-        """One optimizer step taken (or skipped: a device bool) with these replaced samples and sample keys."""
+        """One optimizer step taken (or skipped: a device bool)
+        with these replaced samples and sample keys."""
         self.step += 1
         self.bad_seen += len(bad)
         self.guard.add(self.step, skipped, keys)
@@ -128,9 +133,9 @@ class Run:
                 "architecture": self.architecture, "faults": self.guard.state()}
 
     def save(self, state: checkpoint.TrainingState, must_commit: bool, on_commit=None) -> None:
-        """Rank 0 writes the state of this step; every rank learns whether it was committed. A failed write (disk
-        full, I/O error) leaves the previous checkpoint as the resume point, and ckpt.on_save_error says whether
-        the run goes on, the same on every rank; the final and the preemption saves must commit.
+        """Rank 0 writes the state of this step; every rank learns whether it was committed. A failed write
+        (disk full, I/O error) leaves the previous checkpoint as the resume point, and ckpt.on_save_error says
+        whether the run goes on, the same on every rank; the final and the preemption saves must commit.
         `on_commit(path, step)` runs on rank 0 after a commit (e.g. a wandb artifact)."""
         path = checkpoint.checkpoint_path(self.ckpt_dir, self.step)
         if self.step == self.start_step and path == self.resume_path:

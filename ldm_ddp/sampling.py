@@ -22,17 +22,18 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "tra
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
     most = max_sample_steps(num_train_timesteps, spacing)
     if not 1 <= num_steps <= most:
-        raise ValueError(f"num_steps: expected an int in [1, {most}] for {spacing} spacing, got {num_steps!r}")
+        raise ValueError(f"num_steps: expected an int in [1, {most}] for {spacing} spacing, "
+                         f"got {num_steps!r}")
     T, n = num_train_timesteps, num_steps
     i = torch.arange(n, dtype=torch.long)
     if spacing == "leading":
         # Stable Diffusion's original spacing (CompVis make_ddim_timesteps; diffusers' steps_offset=1, which
-        # StableDiffusionPipeline enforces, so an exported pipeline visits the same t): (n - 1 - i) * (T // n) + 1,
-        # which never sees the last (noisiest) t.
+        # StableDiffusionPipeline enforces, so an exported pipeline visits the same t):
+        # (n - 1 - i) * (T // n) + 1, which never sees the last (noisiest) t.
         return (n - 1 - i) * (T // n) + 1
-    # "trailing": round(T - i * T / n) - 1, starting at T - 1. Integer arithmetic with round-half-to-even, where
-    # diffusers uses np.arange on floats; that agrees except at exact halves and for counts (e.g. 61 of 1000) where
-    # float error makes diffusers return n + 1 timesteps ending at -1.
+    # "trailing": round(T - i * T / n) - 1, starting at T - 1. Integer arithmetic with round-half-to-even,
+    # where diffusers uses np.arange on floats; that agrees except at exact halves and for counts
+    # (e.g. 61 of 1000) where float error makes diffusers return n + 1 timesteps ending at -1.
     q, r = torch.div(T * (n - i), n, rounding_mode="floor"), (T * (n - i)) % n
     round_up = (2 * r > n) | ((2 * r == n) & (q % 2 == 1))
     return q + round_up.long() - 1
@@ -41,13 +42,15 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "tra
 def ddim_step(
     schedule: NoiseSchedule, v_pred: torch.Tensor, t: int, x_t: torch.Tensor, num_steps: int
 ) -> torch.Tensor:
-    """v_pred, x_t [B, C, h, w] -> x_prev [B, C, h, w]: deterministic DDIM step (eta = 0; Song et al. 2021, eq. 12)."""
-    # The previous timestep is t - T // num_steps, as in diffusers' DDIMScheduler.step, for both spacings: with
-    # "trailing" and num_steps not dividing T it can differ by one from the next timestep actually visited, and the
-    # last step can stop at t = 0 (alphas_cumprod[0]) instead of the clean image.
+    """v_pred, x_t [B, C, h, w] -> x_prev [B, C, h, w]: deterministic DDIM step
+    (eta = 0; Song et al. 2021, eq. 12)."""
+    # The previous timestep is t - T // num_steps, as in diffusers' DDIMScheduler.step, for both spacings:
+    # with "trailing" and num_steps not dividing T it can differ by one from the next timestep actually
+    # visited, and the last step can stop at t = 0 (alphas_cumprod[0]) instead of the clean image.
     prev_t = t - schedule.num_train_timesteps // num_steps
     # set_alpha_to_one: past t = 0 the chain lands on the clean image (alpha-bar = 1).
-    alpha_prev = schedule.alphas_cumprod[prev_t].item() if prev_t >= 0 else 1.0  # CPU float64 table: no device sync
+    alpha_prev = schedule.alphas_cumprod[prev_t].item() if prev_t >= 0 else 1.0  # CPU float64 table:
+    # no device sync
     t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
     x0_pred = schedule.x0_from_v(x_t, v_pred, t_batch)
     eps_pred = schedule.eps_from_v(x_t, v_pred, t_batch)
@@ -75,9 +78,10 @@ def ddim_sample(
     guidance_rescale: float = 0.0,
     spacing: str = "trailing",
 ) -> torch.Tensor:
-    """noise [B, C, h, w], cond [B, L, D], uncond [B or 1, L, D] or None if cfg_scale == 1 -> latents [B, C, h, w]."""
-    # model(x_t [B, C, h, w], t [B] long, cond [B, L, D]) -> v [B, C, h, w]. The chain runs in float32 whatever
-    # autocast the caller wraps the model in: bf16 rounding would otherwise compound over the steps.
+    """noise [B, C, h, w], cond [B, L, D], uncond [B or 1, L, D] or None if cfg_scale == 1
+    -> latents [B, C, h, w]."""
+    # model(x_t [B, C, h, w], t [B] long, cond [B, L, D]) -> v [B, C, h, w]. The chain runs in float32
+    # whatever autocast the caller wraps the model in: bf16 rounding would otherwise compound over the steps.
     x_t = noise.to(torch.float32)
     B = x_t.shape[0]
     guided = cfg_scale != 1
@@ -101,7 +105,8 @@ def ddim_sample(
 
 
 def make_grid(images: torch.Tensor, nrow: int) -> PIL.Image.Image:
-    """images [N, 3, H, W] in [-1, 1] -> one RGB image: rows of nrow images, 2 px black padding around each."""
+    """images [N, 3, H, W] in [-1, 1] -> one RGB image: rows of nrow images,
+    2 px black padding around each."""
     pad = 2
     N, _, H, W = images.shape
     ncol = min(nrow, N)
@@ -129,7 +134,8 @@ def make_side_by_side(batches: list[torch.Tensor], nrow: int, gap: int = 8) -> P
 
 @torch.no_grad()
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """-> [N, C, h, w]: one CPU generator per seed, so an image depends on its seed alone (any batch, any rank)."""
+    """-> [N, C, h, w]: one CPU generator per seed, so an image depends on its seed alone
+    (any batch, any rank)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
@@ -150,7 +156,8 @@ def generate(unet, frozen, schedule: NoiseSchedule, prompts: list[str], seeds: l
     for i in range(0, len(prompts), batch_size):
         noise = initial_noise(seeds[i:i + batch_size], shape).to(device)
         cond = frozen.encode_prompts(frozen.tokenize(prompts[i:i + batch_size]))
-        latents = ddim_sample(model, schedule, noise, cond, uncond, num_steps, cfg_scale, guidance_rescale, spacing)
+        latents = ddim_sample(model, schedule, noise, cond, uncond, num_steps, cfg_scale, guidance_rescale,
+                              spacing)
         images.append(frozen.decode_latents(latents).cpu())
     return torch.cat(images)
 
@@ -159,10 +166,11 @@ class LiveSamples:
     """The sample grids of a training run (sample.every), written to <out_dir>/samples/step_NNNNNNN.png.
 
     Prompts are split across ranks (seed fixed per prompt, so any world size draws the same grid) and gathered
-    on rank 0; every rank samples about len(prompts) / world, so none waits long. Sampling uses its own copy of
-    the UNet: the trained one (and its compiled graphs) stays put."""
+    on rank 0; every rank samples about len(prompts) / world, so none waits long. Sampling uses its own copy
+    of the UNet: the trained one (and its compiled graphs) stays put."""
 
-    def __init__(self, unet, frozen, schedule: NoiseSchedule, cfg: SampleConfig, out_dir: Path, autocast: bool):
+    def __init__(self, unet, frozen, schedule: NoiseSchedule, cfg: SampleConfig, out_dir: Path,
+                 autocast: bool):
         self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
         self.frozen, self.schedule, self.cfg, self.autocast = frozen, schedule, cfg, autocast
         self.folder = out_dir / "samples"

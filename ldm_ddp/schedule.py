@@ -1,7 +1,8 @@
 """DDPM noise schedule and v-prediction math (Ho et al. 2020; Salimans & Ho 2022).
 
 Symbols follow diffusers' `DDPMScheduler` so the two can be diffed line by line:
-`alphas_cumprod[t]` is alpha-bar_t, `x_t = sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * noise`.
+`alphas_cumprod[t]` is alpha-bar_t,
+`x_t = sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * noise`.
 """
 
 import math
@@ -12,7 +13,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """[T] float32: betas from the squared-cosine alpha-bar (Nichol & Dhariwal 2021, eq. 17), capped at max_beta."""
+    """[T] float32: betas from the squared-cosine alpha-bar
+    (Nichol & Dhariwal 2021, eq. 17), capped at max_beta."""
 
     def alpha_bar(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -23,10 +25,12 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Te
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """[T] -> [T]: Lin et al. 2024, Algorithm 1: shift and scale sqrt(alphas_cumprod) so the last is exactly 0."""
+    """[T] -> [T]: Lin et al. 2024, Algorithm 1:
+    shift and scale sqrt(alphas_cumprod) so the last is exactly 0."""
     alphas_bar_sqrt = torch.cumprod(1 - betas, dim=0).sqrt()
     first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))  # keeps the first value, zeroes the last
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))  # keeps the first value,
+    # zeroes the last
     alphas_bar = alphas_bar_sqrt**2
     alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return 1 - alphas
@@ -49,7 +53,8 @@ class NoiseSchedule:
         zero_terminal_snr: bool = False,
     ):
         T = num_train_timesteps
-        _check(isinstance(T, int) and not isinstance(T, bool) and T >= 2, "num_train_timesteps", "an int >= 2", T)
+        _check(isinstance(T, int) and not isinstance(T, bool) and T >= 2, "num_train_timesteps",
+               "an int >= 2", T)
         _check(beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", beta_schedule)
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -57,9 +62,9 @@ class NoiseSchedule:
         _check(beta_start < beta_end, "beta_end", f"a value > beta_start={beta_start!r}", beta_end)
         _check(isinstance(zero_terminal_snr, bool), "zero_terminal_snr", "a bool", zero_terminal_snr)
 
-        # Built in float32 exactly as diffusers builds its tables, so a model trained here samples with the same
-        # alphas_cumprod in a diffusers pipeline (bitwise); stored as float64 so the derived coefficients below
-        # (sqrt, 1 - a, SNR) add no further rounding before the cast to the caller's dtype.
+        # Built in float32 exactly as diffusers builds its tables, so a model trained here samples with the
+        # same alphas_cumprod in a diffusers pipeline (bitwise); stored as float64 so the derived coefficients
+        # below (sqrt, 1 - a, SNR) add no further rounding before the cast to the caller's dtype.
         if beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":  # Stable Diffusion: linear in sqrt(beta)
@@ -104,17 +109,20 @@ class NoiseSchedule:
         return sqrt_a * x0 + sqrt_1ma * noise
 
     def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0, noise [B, ...], t [B] -> v [B, ...] = sqrt(a) * eps - sqrt(1 - a) * x0 (Salimans & Ho 2022, sec. 4)."""
+        """x0, noise [B, ...], t [B] -> v [B, ...] = sqrt(a) * eps - sqrt(1 - a) * x0
+        (Salimans & Ho 2022, sec. 4)."""
         sqrt_a, sqrt_1ma = self._coefs(t, x0)
         return sqrt_a * noise - sqrt_1ma * x0
 
     def x0_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t, v [B, ...], t [B] -> x0 [B, ...] = sqrt(a) * x_t - sqrt(1 - a) * v (Salimans & Ho 2022, sec. 4)."""
+        """x_t, v [B, ...], t [B] -> x0 [B, ...] = sqrt(a) * x_t - sqrt(1 - a) * v
+        (Salimans & Ho 2022, sec. 4)."""
         sqrt_a, sqrt_1ma = self._coefs(t, x_t)
         return sqrt_a * x_t - sqrt_1ma * v
 
     def eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t, v [B, ...], t [B] -> eps [B, ...] = sqrt(1 - a) * x_t + sqrt(a) * v (the rotation's other leg)."""
+        """x_t, v [B, ...], t [B] -> eps [B, ...] = sqrt(1 - a) * x_t + sqrt(a) * v
+        (the rotation's other leg)."""
         sqrt_a, sqrt_1ma = self._coefs(t, x_t)
         return sqrt_1ma * x_t + sqrt_a * v
 
@@ -134,13 +142,14 @@ class NoiseSchedule:
 
 
 def sample_noise(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, offset_noise: float = 0.0
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+    offset_noise: float = 0.0
 ) -> torch.Tensor:
     """-> [B, C, ...] float32 N(0, I) noise, plus offset_noise * a per-(sample, channel) constant when > 0."""
     noise = torch.randn(shape, generator=generator, device=device)
     if offset_noise > 0:
-        # Guttenberg 2023 ("Diffusion with offset noise"): a shared per-channel shift lets the model learn to change
-        # the mean brightness of an image, which i.i.d. noise barely perturbs at any t.
+        # Guttenberg 2023 ("Diffusion with offset noise"): a shared per-channel shift lets the model learn to
+        # change the mean brightness of an image, which i.i.d. noise barely perturbs at any t.
         offset_shape = tuple(shape[:2]) + (1,) * (len(shape) - 2)
         noise = noise + offset_noise * torch.randn(offset_shape, generator=generator, device=device)
     return noise

@@ -13,8 +13,8 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -40,8 +40,9 @@ def configure_cuda(cudnn_benchmark: bool) -> None:
 
 @torch.no_grad()
 def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """torch.nn.utils.clip_grad_norm_ (same arithmetic), also returning the per-parameter norms (parameter order,
-    parameters without gradients left out) so the per-block metrics need no second pass; max_norm 0 = no clip.
+    """torch.nn.utils.clip_grad_norm_ (same arithmetic), also returning the per-parameter norms (parameter
+    order, parameters without gradients left out) so the per-block metrics need no second pass;
+    max_norm 0 = no clip.
     -> (total norm, per-parameter norms), on the device, no host sync."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
@@ -54,8 +55,9 @@ def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> tuple[torch.Tens
 
 
 def compile_mode(setting: str, device: torch.device) -> str:
-    """train.compile -> the mode used: "auto" is "full" on CUDA (measured fastest: docs/performance.md) and "off"
-    elsewhere (inductor's CPU code gains little for the demo's small UNet and costs minutes to compile)."""
+    """train.compile -> the mode used: "auto" is "full" on CUDA (measured fastest: docs/performance.md) and
+    "off" elsewhere (inductor's CPU code gains little for the demo's small UNet
+    and costs minutes to compile)."""
     if setting == "auto":
         return "full" if device.type == "cuda" else "off"
     return setting
@@ -79,8 +81,8 @@ def regions(unet) -> list[torch.nn.Module]:
 def layout_opt(setting: str, channels_last: bool, world_size: int, ddp_mode: str = "split") -> bool:
     """train.layout_opt -> whether compile_model forces inductor's layout optimization: only for channels-last
     weights; "auto" is on where the UNet compiles as one graph (one process, or DDP with train.ddp_compile
-    whole: measured +1.8% on one H200) and off for DDP's split graphs (there measured once, with 100 MB buckets,
-    worse: docs/performance.md)."""
+    whole: measured +1.8% on one H200) and off for DDP's split graphs (there measured once, with 100 MB
+    buckets, worse: docs/performance.md)."""
     whole_graph = world_size == 1 or ddp_mode != "split"
     return channels_last and (setting == "on" or (setting == "auto" and whole_graph))
 
@@ -93,11 +95,12 @@ def ddp_compile(setting: str, compile_mode: str, world_size: int) -> str:
     """train.ddp_compile -> the mode in effect: the setting where the whole UNet is compiled under DDP, else
     "split" (torch's default; with one process or without train.compile=full there is nothing to decide).
 
-    split: dynamo cuts the graph at every DDP bucket (DDPOptimizer) so that each bucket's all-reduce starts while
-    the backward goes on, at the price of fusion and layout across the cuts (SD1.5: ~136 graphs at 25 MB).
-    whole: one graph, as on one GPU; DDP's reducer all-reduces the gradients after the backward (3.4 GB of fp32
-    for SD1.5, not overlapped with the backward). Measured on H200s at 256 px, batch 64: whole scales 94.8%
-    on 2 GPUs and 89.6-90.3% on 4, split 80.6% on 2 at 25 MB buckets and 70.4% on 4 at 800 MB
+    split: dynamo cuts the graph at every DDP bucket (DDPOptimizer) so that each bucket's all-reduce starts
+    while the backward goes on, at the price of fusion and layout across the cuts (SD1.5: ~136 graphs at
+    25 MB).
+    whole: one graph, as on one GPU; DDP's reducer all-reduces the gradients after the backward (3.4 GB of
+    fp32 for SD1.5, not overlapped with the backward). Measured on H200s at 256 px, batch 64: whole scales
+    94.8% on 2 GPUs and 89.6-90.3% on 4, split 80.6% on 2 at 25 MB buckets and 70.4% on 4 at 800 MB
     (docs/performance.md). A third way, DDP's Python reducer traced into the backward by compiled
     autograd (optimize_ddp="python_reducer"), measured 1.4% slower than whole and compiled 60% longer."""
     return setting if compile_mode == "full" and world_size > 1 else "split"
@@ -110,20 +113,21 @@ def use_ddp_compile(mode: str) -> None:
 
 def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = False,
                   backend: str = "inductor") -> torch.nn.Module:
-    """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, as one graph or split at
-    DDP's buckets as `use_ddp_compile` set (train.ddp_compile). "regional": each
+    """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, as one graph or split
+    at DDP's buckets as `use_ddp_compile` set (train.ddp_compile). "regional": each
     repeated module (`regions`) compiled in place with static shapes; modules of one class and one shape
     share one compiled graph (SD1.5: 38 ResNet blocks and transformers, 18 distinct shapes), so compilation
     is shorter than the whole UNet's, and nn.Module.compile keeps parameter names (checkpoints and the
     sampling copy are unaffected). "off": the model as it is.
 
     `force_layout` (weights already channels-last; `layout_opt`): inductor keeps the graph's activations and
-    gradients channels-last too. Its own heuristic turns that off for any graph with a 3x3 convolution of at most
-    half as many output as input channels (SD's up blocks: 2560 -> 1280), and then every convolution's backward
-    copies its incoming gradient into channels-last first (SD1.5, 256 px, batch 64: ~95 copies a step; forcing
-    the layout measured 535.0 against 525.6 img/s on an H200, docs/performance.md)."""
+    gradients channels-last too. Its own heuristic turns that off for any graph with a 3x3 convolution of at
+    most half as many output as input channels (SD's up blocks: 2560 -> 1280), and then every convolution's
+    backward copies its incoming gradient into channels-last first (SD1.5, 256 px, batch 64: ~95 copies a
+    step; forcing the layout measured 535.0 against 525.6 img/s on an H200, docs/performance.md)."""
     if mode == "full":  # the layout is measured for the whole graph only; the option covers its backward too
-        layout = {"options": {"force_layout_optimization": True}} if force_layout and backend == "inductor" else {}
+        layout = ({"options": {"force_layout_optimization": True}}
+                  if force_layout and backend == "inductor" else {})
         return torch.compile(model, backend=backend, **layout)
     if mode == "regional":
         # One recompilation per distinct shape of a class: SD1.5's ResNet blocks alone have 14.
@@ -157,7 +161,8 @@ def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[]
 
 
 # torch.compile's backend in the trainer. LDM_DDP_COMPILE_BACKEND=aot_eager (dynamo's capture and AOT autograd
-# without inductor's kernels) or eager (the capture alone) help to debug a compile; the CPU tests use aot_eager.
+# without inductor's kernels) or eager (the capture alone) help to debug a compile;
+# the CPU tests use aot_eager.
 COMPILE_BACKEND = os.environ.get("LDM_DDP_COMPILE_BACKEND", "inductor")
 
 
@@ -236,11 +241,13 @@ class StepProfiler:
         busy_us = device_busy_us(trace)
         if self.device.type == "cuda":  # the host op chain behind the kernels that took the most device time
             try:
-                rows = [f"{n:6d} {t / 1e3 / max(steps, 1):9.3f} ms/step  {chain or '(no host op)'}  ||  {name[:100]}"
+                rows = [f"{n:6d} {t / 1e3 / max(steps, 1):9.3f} ms/step  {chain or '(no host op)'}"
+                        f"  ||  {name[:100]}"
                         for chain, name, n, t in kernel_sources(trace)[:60]]
                 (self.out / f"kernels_rank{self.rank}.txt").write_text("\n".join(rows) + "\n")
             except (KeyError, TypeError, ValueError) as err:  # a trace of another shape: the run goes on
-                print(f"warning: profile: kernel sources not written ({type(err).__name__}: {err})", flush=True)
+                print(f"warning: profile: kernel sources not written ({type(err).__name__}: {err})",
+                      flush=True)
         summary = {"steps": steps, "wall_ms_per_step": 1e3 * wall / max(steps, 1),
                    "device_busy_ms_per_step": busy_us / 1e3 / max(steps, 1)}
         summary["device_busy_share"] = summary["device_busy_ms_per_step"] / summary["wall_ms_per_step"]
@@ -265,7 +272,8 @@ def kernel_sources(trace: dict, depth: int = 4) -> list[tuple[str, str, int, flo
     chains = {}  # correlation id -> the op chain around its launch
     for found in by_thread.values():
         open_ops: list = []  # nested, outermost first
-        for e in sorted(found, key=lambda e: (e["ts"], -e["dur"])):  # an op before the ops and launches inside
+        for e in sorted(found, key=lambda e: (e["ts"], -e["dur"])):  # an op before the ops
+            # and launches inside
             while open_ops and open_ops[-1]["ts"] + open_ops[-1]["dur"] < e["ts"]:
                 open_ops.pop()
             if e["cat"] == "cpu_op":
@@ -282,8 +290,8 @@ def kernel_sources(trace: dict, depth: int = 4) -> list[tuple[str, str, int, flo
 
 
 def device_busy_us(trace: dict) -> float:
-    """Microseconds during which at least one kernel, copy or memset ran, from a Chrome trace (overlaps merged:
-    NCCL kernels running beside compute count once)."""
+    """Microseconds during which at least one kernel, copy or memset ran, from a Chrome trace (overlaps
+    merged: NCCL kernels running beside compute count once)."""
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
     busy, end = 0.0, float("-inf")

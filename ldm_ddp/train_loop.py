@@ -44,9 +44,11 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     unet = build_unet(cfg.model, cfg.data.resolution // frozen.downsample, conditioning.width, device)
     d = cfg.diffusion
-    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.zero_terminal_snr)
+    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
+                             d.zero_terminal_snr)
     objective = VPredictionLoss(schedule, d.min_snr_gamma, d.offset_noise)
-    # Fused AdamW (CPU and GPU) skips a non-finite step on the device, without a host sync (faults.optimizer_step).
+    # Fused AdamW (CPU and GPU) skips a non-finite step on the device,
+    # without a host sync (faults.optimizer_step).
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
     ema = EMA(unet, cfg.ema)
@@ -66,15 +68,17 @@ def train(cfg: Config) -> dict:
                            start_step=run.start_step, transform=ImageTransform.from_config(cfg.data),
                            shuffle_window=cfg.data.shuffle_window)
     # faults.shield_worker: torchrun's and SLURM's SIGTERM reach the workers too; only the parent acts on it.
-    batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4, pin_memory=device.type == "cuda",
-                               worker_init_fn=faults.shield_worker))
+    batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4,
+                               pin_memory=device.type == "cuda", worker_init_fn=faults.shield_worker))
 
     # --- Fast path and logging ------------------------------------------------------------------------------
-    model = speed.prepare_unet(unet, cfg, device, run.world, conditioning.unconditional(cfg.data.batch_per_gpu),
-                               autocast)
-    metrics = Metrics(run.out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps, run.global_batch,
-                      cfg.log.progress, wandb_run=start_wandb(cfg.log.wandb, run.out_dir, cfg.to_dict()),
-                      tensorboard=start_tensorboard(cfg.log.tensorboard, run.out_dir, run.start_step, cfg.to_toml()),
+    model = speed.prepare_unet(unet, cfg, device, run.world,
+                               conditioning.unconditional(cfg.data.batch_per_gpu), autocast)
+    metrics = Metrics(run.out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps,
+                      run.global_batch, cfg.log.progress,
+                      wandb_run=start_wandb(cfg.log.wandb, run.out_dir, cfg.to_dict()),
+                      tensorboard=start_tensorboard(cfg.log.tensorboard, run.out_dir, run.start_step,
+                                                    cfg.to_toml()),
                       train_flops_per_image=flops_per_image, wandb_checkpoints=cfg.log.wandb_checkpoints)
     profiler = speed.StepProfiler(cfg.log.profile_at, 3, run.out_dir / "profile", run.rank, device)
     last_record = None
@@ -97,7 +101,8 @@ def train(cfg: Config) -> dict:
         if due.done:
             break
 
-        # One optimizer step: grad_accum micro-batches, gradients all-reduced on the last (DDP's no_sync before).
+        # One optimizer step: grad_accum micro-batches, gradients all-reduced on the last
+        # (DDP's no_sync before).
         profiler.before_step(run.step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg.optim, run.step, cfg.train.max_steps)
@@ -105,9 +110,11 @@ def train(cfg: Config) -> dict:
         for micro in range(run.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
-            data_wait, bad, keys = data_wait + time.perf_counter() - t0, bad + batch["bad"], keys + batch["keys"]
+            data_wait, bad, keys = (data_wait + time.perf_counter() - t0, bad + batch["bad"],
+                                    keys + batch["keys"])
             gen = step_generator(cfg.train.seed, run.step, run.rank, micro, device)
-            latents, cond = frozen.latents_of(batch, gen), conditioning.encode(batch, gen)  # draws in this order
+            # draws in this order
+            latents, cond = frozen.latents_of(batch, gen), conditioning.encode(batch, gen)
             with dist.accumulating(model, sync=micro == run.grad_accum - 1):
                 loss = objective(model, latents, cond, gen, autocast)
                 (loss.weighted.mean() / run.grad_accum).backward()
@@ -115,8 +122,9 @@ def train(cfg: Config) -> dict:
             metrics.add_micro_batch(loss.plain, loss.t)  # a skipped step's share is dropped in add_step
         grad_norm, norms = speed.clip_grad_norm(unet, cfg.optim.grad_clip)  # one pass of norms for both
         metrics.add_grad_norms(unet, norms)  # per block group, before clipping; stays on the device
-        # A NaN or Inf on any rank makes the all-reduced gradients' norm non-finite on every rank: the update is
-        # skipped on the device (weights, moments, EMA untouched); nobody waits for the decision on the host.
+        # A NaN or Inf on any rank makes the all-reduced gradients' norm non-finite on every rank:
+        # the update is skipped on the device (weights, moments, EMA untouched);
+        # nobody waits for the decision on the host.
         ok = torch.isfinite(grad_norm)
         faults.optimizer_step(optimizer, ok)
         optimizer.zero_grad(set_to_none=True)

@@ -41,11 +41,12 @@ REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
 # The bare step's variants timed in its own process (bare_worker), as the table names them.
 VARIANTS = {"ema_inline": "the EMA after the optimizer step, as the trainer does it",
-            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward (--ema-overlap on)",
+            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward "
+                                  "(--ema-overlap on)",
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches the bare worker takes as it is given them (--name value) and each row records.
-SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile", "static_graph",
-            "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
+SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile",
+            "static_graph", "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
 
 
 def make_bundle(root: Path) -> Path:
@@ -59,17 +60,19 @@ def make_bundle(root: Path) -> Path:
     from ldm_ddp.models import write_demo_text_encoder
     write_demo_text_encoder(root, vocabulary(), max_length=77)  # its tokenizer; the encoder is replaced below
     vocab = len(json.loads((root / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072,
+                                 num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                 hidden_act="quick_gelu")
                   ).save_pretrained(root / "text_encoder")
     AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                  block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512,
-                  scaling_factor=0.18215).save_pretrained(root / "vae")
+                  block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                  sample_size=512, scaling_factor=0.18215).save_pretrained(root / "vae")
     return root
 
 
 def make_images(root: Path, count: int, resolution: int) -> Path:
-    """`count` photo-like JPEGs, shorter side `resolution` (as make_shards.py --resize leaves them), captioned."""
+    """`count` photo-like JPEGs, shorter side `resolution`
+    (as make_shards.py --resize leaves them), captioned."""
     from PIL import Image
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -78,7 +81,8 @@ def make_images(root: Path, count: int, resolution: int) -> Path:
         if not path.is_file():
             rng = np.random.default_rng(i)
             size = (resolution * 5 // 4, resolution) if i % 2 else (resolution, resolution * 4 // 3)
-            field = Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+            field = (Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+                     .resize(size, Image.BICUBIC))
             pixels = np.asarray(field, np.float32) + rng.normal(0, 10, (size[1], size[0], 1))
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
         rows.append(json.dumps({"file_name": path.name, "text": f"a large red circle in the center {i % 7}"}))
@@ -88,8 +92,8 @@ def make_images(root: Path, count: int, resolution: int) -> Path:
 
 def command(nproc: int, script: str, args: list[str]) -> list[str]:
     """`script` with `args`, under torchrun when nproc > 1."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                                   if nproc > 1 else [])
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                    str(nproc)] if nproc > 1 else [])
     return [*launcher, str(REPO / script), *args]
 
 
@@ -107,9 +111,9 @@ def torchrun(nproc: int, script: str, args: list[str], timeout: float, log: Path
 
 
 def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: int) -> list[str]:
-    """scripts/train.py's arguments for a bench run: the sd15 preset and the trainer's own settings (live samples
-    only with --sample-every). The fast-path switches of the bare step are not the trainer's: it runs its
-    defaults (channels-last, cuDNN autotuning, one compiled graph under DDP)."""
+    """scripts/train.py's arguments for a bench run: the sd15 preset and the trainer's own settings (live
+    samples only with --sample-every). The fast-path switches of the bare step are not the trainer's: it runs
+    its defaults (channels-last, cuDNN autotuning, one compiled graph under DDP)."""
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
@@ -127,25 +131,29 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
     start = time.perf_counter()
     torchrun(nproc, "scripts/train.py", run_args, 1800, out.parent / "logs" / f"{out.name}.log")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # Steady state: the first interval (compilation, autotuning) and the last (the profiler, the final save) dropped.
+    # Steady state: the first interval (compilation, autotuning) and the last
+    # (the profiler, the final save) dropped.
     timed = [r for r in records if "img_per_s" in r]
     steady = timed[1:-1] or timed[-1:]
     result = {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
               "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
-              "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records), "wall_s": time.perf_counter() - start}
+              "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records),
+              "wall_s": time.perf_counter() - start}
     summary = out / "profile" / "summary_rank0.json"
     if summary.is_file():
         result["profile"] = json.loads(summary.read_text())
     return result
 
 
-def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, every: int, timeout: float) -> dict:
-    """Kill and resume under torchrun: the trainer saves at step `save_at`, rank 0 is killed -9 one log interval
-    later, and the same command resumes from that checkpoint to the end. -> where it stopped and resumed, the losses
-    of the steps done twice (same data and draws: they should agree), and the mean loss over two log intervals
-    on either side of the resume point (a jump would show here)."""
-    import chaos
+def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, every: int,
+                    timeout: float) -> dict:
+    """Kill and resume under torchrun: the trainer saves at step `save_at`, rank 0 is killed -9 one log
+    interval later, and the same command resumes from that checkpoint to the end. -> where it stopped and
+    resumed, the losses of the steps done twice (same data and draws: they should agree), and the mean loss
+    over two log intervals on either side of the resume point (a jump would show here)."""
     import shutil
+
+    import chaos
     chaos.wait_for_exit_of_all(out)  # ranks of an earlier attempt would write into the fresh folder
     shutil.rmtree(out, ignore_errors=True)
     (out.parent / "logs").mkdir(parents=True, exist_ok=True)
@@ -180,8 +188,10 @@ def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, ev
     redone = sorted(set(before) & set(after))
     return {"saved_at": save_at, "killed_after_step": max(before), "resumed_first_log": min(after),
             "redone": [[step, before[step], after[step]] for step in redone],
-            "redone_max_rel_diff": max((abs(after[k] - before[k]) / abs(before[k]) for k in redone), default=None),
-            "loss_before": float(np.mean([v for k, v in before.items() if save_at - 2 * every < k <= save_at])),
+            "redone_max_rel_diff": max((abs(after[k] - before[k]) / abs(before[k]) for k in redone),
+                                       default=None),
+            "loss_before": float(np.mean([v for k, v in before.items()
+                                          if save_at - 2 * every < k <= save_at])),
             "loss_after": float(np.mean([v for k, v in after.items() if save_at < k <= save_at + 2 * every])),
             "final_step": max(after), "wall_s": time.perf_counter() - start}
 
@@ -226,8 +236,8 @@ def bare_worker(args) -> None:
     ddp_mode = speed.ddp_compile(args.ddp_compile, args.compile, dist.world_size())
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb), args.compile,
-                                force_layout)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb),
+                                args.compile, force_layout)
     overlap = args.ema_overlap == "on"
     ema.defer_updates(device)  # its side stream; the step as configured defers with --ema-overlap on only
     ema.deferring = overlap
@@ -268,8 +278,8 @@ def bare_worker(args) -> None:
         torch.cuda.synchronize()
         return float(dist.all_gather_tensor(torch.tensor([time.perf_counter() - t0], device=device)).max())
 
-    # Variants of the EMA timed in this process beside the step as configured (the same compiled UNet), name ->
-    # switch(on): the other setting of --ema-overlap (ema_inline, the update after the optimizer, or
+    # Variants of the EMA timed in this process beside the step as configured (the same compiled UNet),
+    # name -> switch(on): the other setting of --ema-overlap (ema_inline, the update after the optimizer, or
     # ema_beside_forward, on a side stream as the next step starts); ema_compiled (--ema-compile both), the
     # update through torch.compile.
     if overlap:
@@ -281,8 +291,9 @@ def bare_worker(args) -> None:
         ema.probe(unet)  # compiles it here, not in the timed steps
         compiled, ema.fused = ema.fused, None
         variants["ema_compiled"] = lambda on: setattr(ema, "fused", compiled if on else None)
-    # Two halves per variant, alternating, so that a drift of the clocks weighs on every variant alike; each half
-    # a multiple of --ema-every steps, so that every variant's halves hold the same number of EMA updates.
+    # Two halves per variant, alternating, so that a drift of the clocks weighs on every variant alike;
+    # each half a multiple of --ema-every steps,
+    # so that every variant's halves hold the same number of EMA updates.
     half = max(1, round(args.steps / 2 / args.ema_every)) * args.ema_every
     seconds = dict.fromkeys(["", *variants], 0.0)
     peak_bytes = torch.cuda.max_memory_allocated(device)  # of the step as configured, warmup included
@@ -313,18 +324,20 @@ def bare_worker(args) -> None:
     if dist.is_main():
         img_per_s = timed_steps * batch * world / elapsed
         print("BENCH " + json.dumps({
-            "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak, "warmup_s": warmup_s,
-            "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
+            "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak,
+            "warmup_s": warmup_s, "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
             "variants": variant_img_per_s,
             **({"profile": profile} if profile else {})}))
     dist.shutdown()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1])
     parser.add_argument("--res", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--batch", nargs="+", default=["256=64", "512=16"], help="per-GPU batch by resolution")
+    parser.add_argument("--batch", nargs="+", default=["256=64", "512=16"],
+                        help="per-GPU batch by resolution")
     parser.add_argument("--steps", type=int, default=40, help="timed steps (trainer: steps per run)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed bare steps first")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
@@ -332,27 +345,39 @@ def main() -> int:
                         help="torch.compile of the UNet, as train.compile (bare and trainer)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                         help="bare step: the SDPA kernel (auto: PyTorch's choice)")
-    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="bare step: cuDNN autotuning (the trainer: on)")
-    parser.add_argument("--channels-last", default="on", choices=["on", "off"], help="bare step: channels-last weights (the trainer: on)")
-    parser.add_argument("--layout-opt", default="auto", choices=["auto", "on", "off"], help="bare step: inductor's layout optimization forced (auto: where the graph is whole)")
+    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
+                        help="bare step: cuDNN autotuning (the trainer: on)")
+    parser.add_argument("--channels-last", default="on", choices=["on", "off"],
+                        help="bare step: channels-last weights (the trainer: on)")
+    parser.add_argument("--layout-opt", default="auto", choices=["auto", "on", "off"],
+                        help="bare step: inductor's layout optimization forced "
+                             "(auto: where the graph is whole)")
     parser.add_argument("--ddp-compile", default="whole", choices=["whole", "split"],
-                        help="bare step: one compiled graph under DDP, or one per bucket (the trainer: whole)")
-    parser.add_argument("--static-graph", default="off", choices=["on", "off"], help="bare step: DDP static_graph (the trainer: off)")
-    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="bare step: DDP bucket size, MB (the trainer: 25)")
+                        help="bare step: one compiled graph under DDP, or one per bucket "
+                             "(the trainer: whole)")
+    parser.add_argument("--static-graph", default="off", choices=["on", "off"],
+                        help="bare step: DDP static_graph (the trainer: off)")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                        help="bare step: DDP bucket size, MB (the trainer: 25)")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
     parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
-                        help="bare step: the EMA update through torch.compile; both: eager and compiled in one process")
+                        help="bare step: the EMA update through torch.compile; both: eager and compiled in "
+                             "one process")
     parser.add_argument("--ema-overlap", default="off", choices=["on", "off"],
-                        help="bare step: the EMA update beside the next forward on a side stream (the trainer: off); "
-                             "the other setting is timed too, in the same process")
-    parser.add_argument("--sample-every", type=int, default=0, help="trainer runs: live sample grids every N steps")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler record of 3 steps of each path")
+                        help="bare step: the EMA update beside the next forward on a side stream "
+                             "(the trainer: off); the other setting is timed too, in the same process")
+    parser.add_argument("--sample-every", type=int, default=0,
+                        help="trainer runs: live sample grids every N steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
                         choices=["bare", "cache", "online", "resume"],
-                        help="resume: the trainer from the cache saves at --steps/2, rank 0 is killed -9, and the "
-                             "same command resumes (reported below the table)")
-    parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU when online")
-    parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
+                        help="resume: the trainer from the cache saves at --steps/2, rank 0 is killed -9, "
+                             "and the same command resumes (reported below the table)")
+    parser.add_argument("--online-workers", type=int, default=8,
+                        help="DataLoader workers per GPU when online")
+    parser.add_argument("--pretrained", default="",
+                        help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -370,36 +395,41 @@ def main() -> int:
         batch = batches[res]
         images = make_images(work / f"images_{res}", args.images, res) if trainer_parts else None
         # One cache per image count and VAE: another --images or --pretrained must not reuse a stale one.
-        cache = work / f"latents_{res}_{hashlib.sha1(f'{args.images}|{args.pretrained}'.encode()).hexdigest()[:8]}"
+        cache = work / (f"latents_{res}_"
+                        f"{hashlib.sha1(f'{args.images}|{args.pretrained}'.encode()).hexdigest()[:8]}")
         if {"cache", "resume"} & set(args.parts) and not (cache / "manifest.json").is_file():
             torchrun(max(args.gpus), "scripts/precompute_latents.py",
                      [str(cache), f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}",
-                      "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"], 1800,
-                     work / "logs" / f"precompute_{res}.log")
+                      "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"],
+                     1800, work / "logs" / f"precompute_{res}.log")
         for gpus in args.gpus:
             row = {"res": res, "gpus": gpus, "batch_per_gpu": batch,
                    "switches": {k: getattr(args, k) for k in (*SWITCHES, "sample_every", "steps", "warmup")}}
             if "bare" in args.parts:
-                out = torchrun(gpus, "scripts/bench.py", ["--worker", "--res", str(res), "--worker-batch", str(batch),
-                                                          "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                                          *(x for k in SWITCHES for x in (
-                                                              "--" + k.replace("_", "-"), str(getattr(args, k)))),
-                                                          "--work", str(work),
-                                                          *(["--profile"] if args.profile else [])], 1800,
-                               work / "logs" / f"bare_{res}_{gpus}.log")
-                row["bare"] = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
+                out = torchrun(gpus, "scripts/bench.py",
+                               ["--worker", "--res", str(res), "--worker-batch", str(batch),
+                                "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                *(x for k in SWITCHES
+                                  for x in ("--" + k.replace("_", "-"), str(getattr(args, k)))),
+                                "--work", str(work), *(["--profile"] if args.profile else [])],
+                               1800, work / "logs" / f"bare_{res}_{gpus}.log")
+                row["bare"] = json.loads(next(line[6:] for line in out.splitlines()
+                                              if line.startswith("BENCH ")))
             if "cache" in args.parts:
-                row["cache"] = trainer(args, gpus, res, batch, ["--data.source=latents", f"--data.path={cache}"],
+                row["cache"] = trainer(args, gpus, res, batch,
+                                       ["--data.source=latents", f"--data.path={cache}"],
                                        work / f"run_cache_{res}_{gpus}")
             if "online" in args.parts:
-                row["online"] = trainer(args, gpus, res, batch, ["--data.source=folder", f"--data.path={images}",
-                                                                 f"--data.num_workers={args.online_workers}"],
+                row["online"] = trainer(args, gpus, res, batch,
+                                        ["--data.source=folder", f"--data.path={images}",
+                                         f"--data.num_workers={args.online_workers}"],
                                         work / f"run_online_{res}_{gpus}")
             if "resume" in args.parts:  # issue 7: save, kill -9, the same command again
                 every = max(1, args.steps // 8)
                 out = work / f"run_resume_{res}_{gpus}"
-                run_args = [*trainer_args(args, res, batch, ["--data.source=latents", f"--data.path={cache}"], out,
-                                          every), f"--ckpt.every={args.steps // 2}", "--ckpt.resume=auto"]
+                run_args = [*trainer_args(args, res, batch, ["--data.source=latents", f"--data.path={cache}"],
+                                          out, every),
+                            f"--ckpt.every={args.steps // 2}", "--ckpt.resume=auto"]
                 row["resume"] = kill_and_resume(gpus, run_args, out, args.steps // 2, every, 3600)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -410,8 +440,8 @@ def main() -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'res':>4} {'gpus':>4} {'batch':>5}  {'path':<7} {'img/s':>8} {'/GPU':>7} {'MFU989':>7} {'MFUmm':>6} "
-          f"{'vs bare':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
+    print(f"\n{'res':>4} {'gpus':>4} {'batch':>5}  {'path':<7} {'img/s':>8} {'/GPU':>7} {'MFU989':>7} "
+          f"{'MFUmm':>6} {'vs bare':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
     for row in rows:
         bare = row.get("bare", {})
         for path in ("bare", "cache", "online"):
@@ -432,15 +462,17 @@ def print_table(rows: list[dict]) -> None:
         print("switches: " + ", ".join(f"{k}={v}" for k, v in rows[0]["switches"].items()))
     for row in rows:
         for name, img_per_s in row.get("bare", {}).get("variants", {}).items():
-            print(f"bare {row['res']} px, {row['gpus']} GPUs, {name} ({VARIANTS.get(name, '')}; same process): "
-                  f"{img_per_s:.1f} img/s ({img_per_s / row['bare']['img_per_s']:.1%} of the bare row)")
+            print(f"bare {row['res']} px, {row['gpus']} GPUs, {name} ({VARIANTS.get(name, '')}; "
+                  f"same process): {img_per_s:.1f} img/s "
+                  f"({img_per_s / row['bare']['img_per_s']:.1%} of the bare row)")
         if "resume" in row:
             r = row["resume"]
             diff = "n/a" if r["redone_max_rel_diff"] is None else f"{r['redone_max_rel_diff']:.2e}"
-            print(f"resume {row['res']} px, {row['gpus']} GPUs: saved at step {r['saved_at']}, killed after step "
-                  f"{r['killed_after_step']}, resumed to {r['final_step']}; {len(r['redone'])} log lines redone, "
-                  f"largest relative loss difference {diff}; mean loss two intervals before the resume point "
-                  f"{r['loss_before']:.4f}, after {r['loss_after']:.4f}; {r['wall_s']:.0f} s")
+            print(f"resume {row['res']} px, {row['gpus']} GPUs: saved at step {r['saved_at']}, killed after "
+                  f"step {r['killed_after_step']}, resumed to {r['final_step']}; {len(r['redone'])} log "
+                  f"lines redone, largest relative loss difference {diff}; mean loss two intervals before "
+                  f"the resume point {r['loss_before']:.4f}, after {r['loss_after']:.4f}; "
+                  f"{r['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from ldm_ddp.data.folder import ImageFolderSource
 from ldm_ddp.data.stream import ShardedStream, make_loader
 from ldm_ddp.data.transforms import ImageTransform
 
-# (width, height) before a jitter of +0..48 x +0..36 px; 1.0-1.35 MP and 2.0-2.3 MP, landscape, portrait, square.
+# (width, height) before a jitter of +0..48 x +0..36 px; 1.0-1.35 MP and 2.0-2.3 MP,
+# landscape, portrait, square.
 SIZES = {"1mp": [(1216, 880), (1280, 960), (880, 1216), (1248, 832), (1104, 1104), (960, 1280)],
          "2mp": [(1632, 1224), (1728, 1152), (1224, 1632), (1440, 1440)]}
 PRE_RESIZED_QUALITY = 95  # make_shards.py's default for the images it resizes
@@ -49,7 +50,8 @@ PREFETCH = 2
 
 
 def photo_like(seed: int, sizes: list[tuple[int, int]]) -> Image.Image:
-    """A deterministic RGB image of about one of `sizes`, with photo statistics: smooth regions, edges, grain."""
+    """A deterministic RGB image of about one of `sizes`, with photo statistics:
+    smooth regions, edges, grain."""
     rng = np.random.default_rng(seed)
     w, h = sizes[seed % len(sizes)]
     w, h = w + int(rng.integers(0, 49)), h + int(rng.integers(0, 37))
@@ -70,7 +72,8 @@ def photo_like(seed: int, sizes: list[tuple[int, int]]) -> Image.Image:
 
 
 def pre_resized(path: Path, resolution: int) -> bytes:
-    """The JPEG at `path` with its shorter side resized to `resolution`, as make_shards.py --resize writes it."""
+    """The JPEG at `path` with its shorter side resized to `resolution`,
+    as make_shards.py --resize writes it."""
     with Image.open(path) as image:
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
@@ -87,14 +90,16 @@ def write_image(path: Path, index: int, kind: str, resolution: int) -> None:
 
 
 def make_images(root: Path, count: int, kind: str, resolution: int = 0) -> dict:
-    """Write bench_XXXXX.jpg 0..count-1 of one set (skipping existing ones) and metadata.jsonl; -> image stats."""
+    """Write bench_XXXXX.jpg 0..count-1 of one set (skipping existing ones) and metadata.jsonl;
+    -> image stats."""
     root.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(count) if not (root / f"bench_{i:05d}.jpg").is_file()]
     with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1) or 1) as pool:  # seconds, not minutes
         list(pool.map(write_image, [root / f"bench_{i:05d}.jpg" for i in missing], missing,
                       [kind] * len(missing), [resolution] * len(missing)))
     files = sorted(root.glob("bench_*.jpg"))  # a larger earlier set is reused whole: the source indexes all
-    rows = [json.dumps({"file_name": f.name, "text": f"a photo of shapes, number {f.stem[6:]}"}) for f in files]
+    rows = [json.dumps({"file_name": f.name, "text": f"a photo of shapes, number {f.stem[6:]}"})
+            for f in files]
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     megapixels = []
     for f in files:
@@ -121,14 +126,16 @@ def psnr_vs_reference(files: list[Path], originals: list[Path], resolution: int)
     transform, values = ImageTransform(resolution), []
     for f, original in zip(files, originals):
         out = transform(Image.open(f)).permute(1, 2, 0).numpy().astype(np.float64)
-        drafted = transform.decode(Image.open(f))  # the transform's own geometry: its square, in decoded pixels
+        drafted = transform.decode(Image.open(f))  # the transform's own geometry: its square,
+        # in decoded pixels
         side = min(drafted.size)
         left, top = (drafted.width - side) // 2, (drafted.height - side) // 2
         with Image.open(original) as full:
             full = full.convert("RGB")
         sx, sy = full.width / drafted.width, full.height / drafted.height
         box = (left * sx, top * sy, (left + side) * sx, (top + side) * sy)
-        bands = [Image.fromarray(np.asarray(b, np.float32), "F").resize((resolution, resolution), Image.LANCZOS, box=box)
+        bands = [Image.fromarray(np.asarray(b, np.float32), "F")
+                 .resize((resolution, resolution), Image.LANCZOS, box=box)
                  for b in full.split()]
         reference = np.clip(np.stack([np.asarray(b) for b in bands], axis=-1), 0, 255)
         values.append(10 * math.log10(255 ** 2 / np.mean((out - reference) ** 2)))
@@ -150,7 +157,8 @@ def time_per_core(source, transform: ImageTransform, batch: int, seconds: float)
     All that a DataLoader worker does (read, decode, transform, stack, tokenize) but the hand-off to the
     main process, on this process's CPU clock: other load on a shared machine does not lower the figure.
     """
-    stream = ShardedStream(source, tokenize, transform.resolution, batch, 1, 0, 1, seed=0, transform=transform)
+    stream = ShardedStream(source, tokenize, transform.resolution, batch, 1, 0, 1, seed=0,
+                           transform=transform)
     stream.micro_batch(0)  # warms the page cache
     n, k, start = 0, 1, time.process_time()
     while time.process_time() - start < seconds:
@@ -217,24 +225,26 @@ def table(result: dict) -> str:
               f"{s['mean_kb']} KB mean, in {s['dir']}" for s in result["images"]]
     lines += ["", "| resolution | images | path | workers | samples/s | per core | machine busy (cores) |",
               "|---|---|---|---|---|---|---|"]
-    names = {"per_core": "per core (stream, one process, CPU time)", "per_core_no_draft": "per core, draft off",
-             "loader": "ShardedStream + DataLoader"}
+    names = {"per_core": "per core (stream, one process, CPU time)",
+             "per_core_no_draft": "per core, draft off", "loader": "ShardedStream + DataLoader"}
     for c in result["cells"]:
         lines.append(f"| {c['resolution']} | {c['images']} | {names[c['path']]} | {c['workers'] or '-'} | "
                      f"{c['samples_per_s']} | {c['per_core']} | {c['busy_cores']} |")
     lines.append("")
     for res, psnr in result["psnr_db"].items():
-        lines.append(f"{res} px quality: PSNR of centre crops vs a float32 Lanczos resize of the full-size original: "
-                     + ", ".join(f"{name} {value} dB" for name, value in psnr.items()))
+        lines.append(f"{res} px quality: PSNR of centre crops vs a float32 Lanczos resize of the full-size "
+                     "original: " + ", ".join(f"{name} {value} dB" for name, value in psnr.items()))
     for res, est in result["cores_per_gpu"].items():
         lines.append(f"{res} px: a GPU at {est['gpu_img_per_s']} img/s needs "
-                     + ", ".join(f"~{cores} worker cores from {name} JPEGs" for name, cores in est["by_images"].items())
+                     + ", ".join(f"~{cores} worker cores from {name} JPEGs"
+                                 for name, cores in est["by_images"].items())
                      + " (at the per-core rates), plus the training process's own")
     return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make", type=int, default=256, help="JPEGs to have in each image set")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ldm_ddp_bench_data"))
     parser.add_argument("--resolution", type=int, nargs="+", default=[256, 512])
@@ -274,7 +284,8 @@ def main() -> int:
         for name in ("1mp", "pre-resized"):
             for workers in args.workers:
                 cells.append(cell(res, name, "loader", workers,
-                                  partial(time_loader, sources[name], res, workers, args.batch, args.seconds)))
+                                  partial(time_loader, sources[name], res, workers, args.batch,
+                                          args.seconds)))
         if res in gpu_rates:
             cores_per_gpu[res] = {"gpu_img_per_s": gpu_rates[res], "by_images": {
                 name: round(gpu_rates[res] / per_core[name], 1) for name in ("1mp", "pre-resized")}}

@@ -1,15 +1,15 @@
-"""Chaos run: a few hundred steps of a tiny model under random SIGKILL, SIGTERM and SIGUSR1, compared bit for bit
-with a run that was never interrupted.
+"""Chaos run: a few hundred steps of a tiny model under random SIGKILL, SIGTERM and SIGUSR1, compared bit for
+bit with a run that was never interrupted.
 
     python scripts/chaos.py --out runs/chaos [--steps 300] [--faults 12] [--seed 0]
 
-Every attempt is the same command, `torchrun --nproc_per_node 2 scripts/train.py ...` (CPU, gloo, one DataLoader
-worker per rank, live sampling, a checkpoint every 25 steps), in one run folder. While an attempt runs, one fault
-is injected: at a random moment (during startup, a step, sampling or a save) or, for "kill -9 in a save", while
-rank 0 has a checkpoint's temporary file open. Then the same command runs again, until an attempt finishes.
-Prints one line per fault and a summary: faults by kind, steps lost (steps done before a fault and redone after
-it), wall time, and whether the final UNet, EMA and optimizer state equal the uninterrupted run's. Exit code 0
-only if they do and every preemption committed a checkpoint within 20 s.
+Every attempt is the same command, `torchrun --nproc_per_node 2 scripts/train.py ...` (CPU, gloo, one
+DataLoader worker per rank, live sampling, a checkpoint every 25 steps), in one run folder. While an attempt
+runs, one fault is injected: at a random moment (during startup, a step, sampling or a save) or, for
+"kill -9 in a save", while rank 0 has a checkpoint's temporary file open. Then the same command runs again,
+until an attempt finishes. Prints one line per fault and a summary: faults by kind, steps lost (steps done
+before a fault and redone after it), wall time, and whether the final UNet, EMA and optimizer state equal
+the uninterrupted run's. Exit code 0 only if they do and every preemption committed a checkpoint within 20 s.
 """
 import argparse
 import contextlib
@@ -35,12 +35,13 @@ TINY_UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channe
              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [16, 32],
              "layers_per_block": 1, "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 8}
-KINDS = ("kill -9 a rank", "kill -9 in a save", "SIGTERM to torchrun", "SIGTERM to a rank", "SIGUSR1 to a rank")
+KINDS = ("kill -9 a rank", "kill -9 in a save", "SIGTERM to torchrun", "SIGTERM to a rank",
+         "SIGUSR1 to a rank")
 
 
 def train_args(out: Path, steps: int, unet_json: Path) -> list[str]:
-    values = {"model.unet": str(unet_json), "train.out_dir": str(out), "train.max_steps": steps, "train.seed": 3,
-              "train.precision": "fp32", "data.batch_per_gpu": 2, "data.num_workers": 1,
+    values = {"model.unet": str(unet_json), "train.out_dir": str(out), "train.max_steps": steps,
+              "train.seed": 3, "train.precision": "fp32", "data.batch_per_gpu": 2, "data.num_workers": 1,
               "data.shapes_num_samples": 256, "optim.schedule": "cosine", "optim.warmup_steps": 10,
               "ckpt.every": 25, "ckpt.keep": 3, "log.every": 1, "log.progress": "lines", "sample.every": 100,
               "sample.steps": 4, "sample.prompts": '["a large red circle in the center"]'}
@@ -54,17 +55,19 @@ def launch(args: list[str], log: Path) -> subprocess.Popen:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "scripts/train.py", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "scripts/train.py", *args]
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def worker_pid(launcher: int, rank: int) -> int | None:
     """torchrun's worker of `rank`: its child whose environment says RANK=rank."""
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher \
+            if entry.name.isdigit() \
+                    and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher \
                     and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
                 return int(entry.name)
         except (OSError, IndexError, ValueError):  # it ended meanwhile
@@ -73,7 +76,8 @@ def worker_pid(launcher: int, rank: int) -> int | None:
 
 
 def logged_steps(out: Path) -> list[int]:
-    """Every step logged so far, by all attempts in turn (rank 0 logs each step; a killed write may be cut)."""
+    """Every step logged so far, by all attempts in turn
+    (rank 0 logs each step; a killed write may be cut)."""
     path = out / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line)["step"] for line in lines if line.startswith("{") and line.endswith("}")]
@@ -129,10 +133,12 @@ def _cmdline_has(entry: Path, text: str) -> bool:
 
 def inject(proc: subprocess.Popen, out: Path, kind: str, rng: random.Random, deadline: float,
            steps: int) -> tuple[str, float]:
-    """Wait for a random moment (or a save), then inject `kind`. -> (where it landed, when), ("", 0) if it ended."""
+    """Wait for a random moment (or a save), then inject `kind`.
+    -> (where it landed, when), ("", 0) if it ended."""
     start = last_step(out)
     if kind == "kill -9 in a save":
-        pid = wait_for_worker(proc, 0, deadline)  # looked up first: the kill must follow the temp file at once
+        pid = wait_for_worker(proc, 0, deadline)  # looked up first:
+        # the kill must follow the temp file at once
         ours = f".safetensors.tmp-{pid}"  # not one an earlier attempt left behind
         while pid and proc.poll() is None and time.monotonic() < deadline:
             if temp := next((out / "checkpoints").glob(f".step_*{ours}"), None):
@@ -147,7 +153,8 @@ def inject(proc: subprocess.Popen, out: Path, kind: str, rng: random.Random, dea
     after = 0 if rng.random() < 0.25 else rng.randint(1, max(1, min(40, steps - start - 3)))
     delay = rng.uniform(0.5, 6.0) if after == 0 else rng.uniform(0.0, 0.3)
     rank = rng.randint(0, 1)
-    pid = wait_for_worker(proc, rank, deadline)  # a launcher killed before its workers start would orphan them
+    pid = wait_for_worker(proc, rank, deadline)  # a launcher killed before its workers start
+    # would orphan them
     while proc.poll() is None and after and last_step(out) < start + after and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(delay)
@@ -166,18 +173,22 @@ def compare(path_a: Path, path_b: Path) -> list[str]:
     """Tensors and state metadata that differ between two checkpoints (empty: bitwise equal)."""
     a, meta_a = checkpoint.load_checkpoint(path_a)
     b, meta_b = checkpoint.load_checkpoint(path_b)
-    differ = [k for k in sorted(a.keys() | b.keys()) if k not in a or k not in b or not torch.equal(a[k], b[k])]
-    differ += [k for k in ("step", "samples_seen", "ema", "optim", "faults") if meta_a.get(k) != meta_b.get(k)]
+    differ = [k for k in sorted(a.keys() | b.keys())
+              if k not in a or k not in b or not torch.equal(a[k], b[k])]
+    differ += [k for k in ("step", "samples_seen", "ema", "optim", "faults")
+               if meta_a.get(k) != meta_b.get(k)]
     return differ
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/chaos", help="folder for both runs and the logs")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--faults", type=int, default=12, help="faults to inject before the run may finish")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attempt-timeout", type=float, default=600.0, help="s; one attempt is killed after this")
+    parser.add_argument("--attempt-timeout", type=float, default=600.0,
+                        help="s; one attempt is killed after this")
     args = parser.parse_args()
     rng, root, began = random.Random(args.seed), Path(args.out).resolve(), time.time()
     root.mkdir(parents=True, exist_ok=True)
@@ -252,7 +263,8 @@ def main() -> int:
     print(f"\nfaults injected: {total} ({', '.join(f'{n} {k}' for k, n in injected.items())})")
     print(f"attempts: {attempt}; steps lost (done before a fault, redone after): {lost} of {args.steps}")
     print(f"preemption checkpoints later than 20 s: {len(late)}")
-    print(f"final state vs the uninterrupted run: {'bitwise equal' if not differ else 'DIFFERENT: ' + ', '.join(differ[:5])}")
+    print("final state vs the uninterrupted run: "
+          f"{'bitwise equal' if not differ else 'DIFFERENT: ' + ', '.join(differ[:5])}")
     print(f"wall time: {time.time() - chaos_began:.0f} s with faults, {time.time() - began:.0f} s in all")
     if total < args.faults:  # the run reached its end before every planned fault found its moment
         print(f"only {total} of the {args.faults} faults asked for were injected: use more --steps")

@@ -24,10 +24,12 @@ from ldm_ddp.shapes_check import score
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--prompts", type=int, default=180, help="how many prompts (64..180)")
-    parser.add_argument("--seed", type=int, default=100_000, help="first noise seed (held out from live sampling)")
+    parser.add_argument("--seed", type=int, default=100_000,
+                        help="first noise seed (held out from live sampling)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the run's sample.steps)")
     parser.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
     parser.add_argument("--weights", default="ema", choices=["ema", "raw"])
@@ -44,7 +46,8 @@ def main() -> int:
     random.Random(0).shuffle(targets)
     targets = targets[:max(64, min(args.prompts, len(targets)))]
     d, s = cfg.diffusion, cfg.sample
-    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.zero_terminal_snr)
+    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
+                             d.zero_terminal_snr)
     seeds = [args.seed + i for i in range(len(targets))]
     images = generate(unet, frozen, schedule, [t["caption"] for t in targets], seeds, args.steps or s.steps,
                       s.cfg_scale if args.cfg is None else args.cfg, s.guidance_rescale, s.spacing,

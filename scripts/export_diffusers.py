@@ -1,6 +1,7 @@
 """Export a training checkpoint as a diffusers pipeline folder.
 
-    python scripts/export_diffusers.py CKPT OUT [--dtype fp16|bf16|fp32] [--weights ema|raw|ema:0.9999|ema:std=0.1]
+    python scripts/export_diffusers.py CKPT OUT [--dtype fp16|bf16|fp32]
+        [--weights ema|raw|ema:0.9999|ema:std=0.1]
 
 `StableDiffusionPipeline.from_pretrained(OUT)` then samples like scripts/sample.py (same DDIM,
 v-prediction, zero-terminal-SNR and trailing spacing).
@@ -16,7 +17,8 @@ from ldm_ddp.export import EXPORT_DTYPES, export_diffusers
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument("--dtype", default="fp16", choices=sorted(EXPORT_DTYPES))

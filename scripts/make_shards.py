@@ -3,7 +3,8 @@
     python scripts/make_shards.py --source folder --path /data/images OUT [--resize 512] [--min-size 256]
         [--workers 8] [--shard-size 2000] [--no-shuffle] [--no-verify]
     python scripts/make_shards.py --source webdataset --path '/data/wds/shards-{000000..000099}.tar' OUT
-    python scripts/make_shards.py --source hf --path /data/saved_dataset --image-column image --caption-column text OUT
+    python scripts/make_shards.py --source hf --path /data/saved_dataset --image-column image
+        --caption-column text OUT
 
 Input: any random-access source of the trainer (folder, webdataset, parquet, hf, or another shard set),
 local or fsspec URL, configured as with --data.*. Output (a local folder): shard-NNNNNN.tar (WebDataset-
@@ -21,24 +22,30 @@ from ldm_ddp.config import ConfigError, DataConfig
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="output folder (local)")
-    parser.add_argument("--source", required=True, choices=["folder", "webdataset", "parquet", "hf", "shards"])
+    parser.add_argument("--source", required=True,
+                        choices=["folder", "webdataset", "parquet", "hf", "shards"])
     parser.add_argument("--path", required=True, help="the input, as data.path (path, pattern or URL)")
     parser.add_argument("--caption-column", default="text")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--hf-split", default="train")
     parser.add_argument("--shard-size", type=int, default=2000, help="samples per shard before filtering")
     parser.add_argument("--workers", type=int, default=1, help="processes preparing shards in parallel")
-    parser.add_argument("--resize", type=int, default=0, help="px: shrink the shorter side to this (JPEG); 0 = keep")
+    parser.add_argument("--resize", type=int, default=0,
+                        help="px: shrink the shorter side to this (JPEG); 0 = keep")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of resized images")
-    parser.add_argument("--min-size", type=int, default=0, help="px: leave out images whose shorter side is smaller")
-    parser.add_argument("--no-verify", action="store_true", help="do not decode images that are kept as they are")
+    parser.add_argument("--min-size", type=int, default=0,
+                        help="px: leave out images whose shorter side is smaller")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not decode images that are kept as they are")
     parser.add_argument("--shuffle-seed", type=int, default=0)
     parser.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     args = parser.parse_args()
     if args.shard_size < 1 or args.workers < 1 or args.resize < 0 or args.min_size < 0:
-        print("make_shards: --shard-size and --workers must be >= 1, --resize and --min-size >= 0", file=sys.stderr)
+        print("make_shards: --shard-size and --workers must be >= 1, --resize and --min-size >= 0",
+              file=sys.stderr)
         return 2
 
     from ldm_ddp.data.convert import make_shards

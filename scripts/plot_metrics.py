@@ -1,5 +1,5 @@
-"""Plot a run's metrics.jsonl without wandb: loss (total and per timestep bucket), lr, throughput, gradient norm
-(total and per UNet block group), data-wait share and MFU.
+"""Plot a run's metrics.jsonl without wandb: loss (total and per timestep bucket), lr, throughput, gradient
+norm (total and per UNet block group), data-wait share and MFU.
 
     python scripts/plot_metrics.py RUN_DIR [--out RUN_DIR/metrics.png]
 
@@ -12,14 +12,16 @@ from pathlib import Path
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/metrics.png)")
     args = parser.parse_args()
     path = args.run_dir / "metrics.jsonl"
     try:
         text = path.read_text()
-        whole = text if text.endswith("\n") else text[:text.rfind("\n") + 1]  # a line being (or cut while) written
+        whole = text if text.endswith("\n") else text[:text.rfind("\n") + 1]  # a line being
+        # (or cut while) written
         records = [json.loads(line) for line in whole.splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as err:
         print(f"error: {path}: cannot read metrics ({err})", file=sys.stderr)
@@ -43,7 +45,8 @@ def main() -> int:
     for i in range(buckets):
         points = [(r["step"], r["loss_by_t"][i]) for r in records if r["loss_by_t"][i] is not None]
         if points:
-            axes[0, 1].plot(*zip(*points), label=f"t bucket {i}", color=plt.cm.viridis(i / max(1, buckets - 1)))
+            axes[0, 1].plot(*zip(*points), label=f"t bucket {i}",
+                            color=plt.cm.viridis(i / max(1, buckets - 1)))
     axes[0, 1].set(title="loss per timestep bucket (0 = least noise)", xlabel="step", yscale="log")
     if buckets:
         axes[0, 1].legend(fontsize=7, ncol=2)
@@ -59,7 +62,8 @@ def main() -> int:
         points = [(r["step"], r["grad_norm_by_block"][group]) for r in records
                   if group in r.get("grad_norm_by_block", {})]
         axes[2, 0].plot(*zip(*points), label=group, color=plt.cm.tab20(i % 20), linewidth=1)
-    axes[2, 0].set(title="gradient norm before clipping (total, per block group)", xlabel="step", yscale="log")
+    axes[2, 0].set(title="gradient norm before clipping (total, per block group)", xlabel="step",
+                   yscale="log")
     axes[2, 0].legend(fontsize=6, ncol=2)
     for key, label in (("data_wait_share", "data-wait share"), ("mfu", "MFU")):
         points = [(r["step"], r[key]) for r in records if key in r]

@@ -19,9 +19,11 @@ from ldm_ddp.config import ConfigError, load_config
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="cache folder (local)")
-    parser.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="", help="default: model.frozen_dtype")
+    parser.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="",
+                        help="default: model.frozen_dtype")
     parser.add_argument("--batch", type=int, default=32, help="images per VAE forward")
     parser.add_argument("--shard-size", type=int, default=4096, help="samples per cache shard")
     parser.add_argument("--preset", default="demo")

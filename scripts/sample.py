@@ -21,7 +21,8 @@ from ldm_ddp.schedule import NoiseSchedule
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--steps", type=int, help="DDIM steps")
@@ -42,7 +43,8 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     d, s = cfg.diffusion, cfg.sample
-    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.zero_terminal_snr)
+    schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
+                             d.zero_terminal_snr)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
     images = generate(unet, frozen, schedule, prompts, seeds, args.steps or s.steps,

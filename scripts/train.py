@@ -1,4 +1,5 @@
-"""Train a text-to-image LDM: `python scripts/train.py [--preset NAME] [--config FILE] [--section.key=value ...]`.
+"""Train a text-to-image LDM:
+`python scripts/train.py [--preset NAME] [--config FILE] [--section.key=value ...]`.
 
 Under torchrun, one process per GPU. Running the same command again resumes from the newest
 valid checkpoint in train.out_dir. `--dry-run` prints the resolved config and exits.

@@ -1,4 +1,5 @@
-"""Stage 1: train the AutoencoderKL (`python scripts/train_autoencoder.py --preset demo_vae [--section.key=value ...]`).
+"""Stage 1: train the AutoencoderKL
+(`python scripts/train_autoencoder.py --preset demo_vae [--section.key=value ...]`).
 
 Same config, data stream, DDP launch and checkpoints as scripts/train.py; at the end it writes
 <out_dir>/bundle/{vae,text_encoder,tokenizer}, a folder `model.pretrained` can point at.

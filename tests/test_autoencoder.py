@@ -16,9 +16,10 @@ from ldm_ddp.faults import NonFiniteLimit, SaveFailed
 
 def run_stage1(out, tiny_vae_json, **changes):
     values = {"model.vae_config": str(tiny_vae_json), "train.out_dir": str(out), "train.max_steps": 4,
-              "train.precision": "fp32", "data.batch_per_gpu": 2, "data.resolution": 32, "data.num_workers": 0,
-              "data.shapes_num_samples": 64, "ckpt.every": 1, "ckpt.keep": 10, "log.every": 1,
-              "log.progress": "lines", **{k.replace("__", "."): v for k, v in changes.items()}}
+              "train.precision": "fp32", "data.batch_per_gpu": 2, "data.resolution": 32,
+              "data.num_workers": 0, "data.shapes_num_samples": 64, "ckpt.every": 1, "ckpt.keep": 10,
+              "log.every": 1, "log.progress": "lines",
+              **{k.replace("__", "."): v for k, v in changes.items()}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -48,7 +49,8 @@ def poison_steps(monkeypatch):
 def test_a_non_finite_step_is_skipped_and_leaves_the_state(tmp_path, tiny_vae_json, poison_steps):
     poison_steps({2, 3})
     run_stage1(tmp_path / "run", tiny_vae_json)
-    ckpts = {int(p.stem.split("_")[1]): load_checkpoint(p) for p in list_checkpoints(tmp_path / "run" / "checkpoints")}
+    ckpts = {int(p.stem.split("_")[1]): load_checkpoint(p)
+             for p in list_checkpoints(tmp_path / "run" / "checkpoints")}
     assert sorted(ckpts) == [1, 2, 3, 4]
     (first, _), (third, meta) = ckpts[1], ckpts[3]
     assert all(torch.equal(first[k], third[k]) for k in first if k.startswith(("vae.", "optim.")))
@@ -79,7 +81,8 @@ def test_a_failed_save_follows_the_policy(tmp_path, tiny_vae_json, monkeypatch, 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     out = tmp_path / "run"
     if policy == "stop":
-        with pytest.raises(SaveFailed, match="step_0000002.safetensors not saved .*step_0000001.safetensors stays"):
+        with pytest.raises(SaveFailed,
+                           match="step_0000002.safetensors not saved .*step_0000001.safetensors stays"):
             run_stage1(out, tiny_vae_json, ckpt__on_save_error=policy)
         assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000001.safetensors"]
     else:

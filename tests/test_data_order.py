@@ -9,19 +9,19 @@ import tarfile
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: no hub, ever
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from source_helpers import R, png, tokenize  # noqa: E402
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from source_helpers import R, png, tokenize
 
-from ldm_ddp.config import ConfigError, DataConfig  # noqa: E402
-from ldm_ddp.data.convert import make_shards  # noqa: E402
-from ldm_ddp.data.sources import build_source  # noqa: E402
-from ldm_ddp.data.stream import GlobalOrder, ShardedStream, make_loader  # noqa: E402
-from ldm_ddp.data.transforms import ImageTransform  # noqa: E402
+from ldm_ddp.config import ConfigError, DataConfig
+from ldm_ddp.data.convert import make_shards
+from ldm_ddp.data.sources import build_source
+from ldm_ddp.data.stream import GlobalOrder, ShardedStream, make_loader
+from ldm_ddp.data.transforms import ImageTransform
 
 N = 18
 SOURCES = ["shapes", "folder", "parquet", "webdataset", "hf", "hf_stream", "shards"]

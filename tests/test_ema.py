@@ -267,9 +267,10 @@ def test_update_with_ok_false_keeps_every_shadow():
 
 
 def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
-    """EMA.compile (scripts/bench.py --ema-compile): the same shadows as the eager update, step by step, a skipped step (ok False) and every
-    profile included; one compiled graph serves all profiles and steps (the weight is a tensor). The backend
-    is aot_eager here (the same graph, no C++ compiler); on CUDA inductor fuses it."""
+    """EMA.compile (scripts/bench.py --ema-compile): the same shadows as the eager update, step by step, a
+    skipped step (ok False) and every profile included; one compiled graph serves all profiles and steps (the
+    weight is a tensor). The backend is aot_eager here (the same graph, no C++ compiler);
+    on CUDA inductor fuses it."""
     import ldm_ddp.ema as ema_module
     monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()

@@ -273,7 +273,8 @@ def poisoned(tmp_path_factory):
         vocab = json.loads((root / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
         path = root / "text_encoder" / "model.safetensors"
         with safe_open(path, framework="pt") as f:
-            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+            # safe_open has keys() but is not iterable
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
         tensors["embeddings.token_embedding.weight"][vocab[word]] = float("nan")
         save_file(tensors, path, metadata=metadata)
         return root

@@ -23,11 +23,11 @@ GOLDEN_CKPT = FIXTURES / "golden_step_0000020.safetensors"
 def golden_args(tmp_path: Path, out: Path, **changes) -> list[str]:
     unet_json = tmp_path / "tiny_unet.json"
     unet_json.write_text(json.dumps(TINY_UNET))
-    values = {"model.unet": str(unet_json), "train.out_dir": str(out), "train.max_steps": 20, "train.device": "cpu",
-              "train.precision": "fp32", "train.global_batch": 4, "data.batch_per_gpu": 2,
-              "data.num_workers": 0, "data.shapes_num_samples": 64, "optim.warmup_steps": 5,
-              "ema.extra_decays": [0.9], "ckpt.every": 20, "log.every": 1, "log.progress": "lines",
-              "log.wandb": "disabled", "sample.every": 0}
+    values = {"model.unet": str(unet_json), "train.out_dir": str(out), "train.max_steps": 20,
+              "train.device": "cpu", "train.precision": "fp32", "train.global_batch": 4,
+              "data.batch_per_gpu": 2, "data.num_workers": 0, "data.shapes_num_samples": 64,
+              "optim.warmup_steps": 5, "ema.extra_decays": [0.9], "ckpt.every": 20, "log.every": 1,
+              "log.progress": "lines", "log.wandb": "disabled", "sample.every": 0}
     values.update({k.replace("__", "."): v for k, v in changes.items()})
     return [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
 

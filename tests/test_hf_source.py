@@ -7,15 +7,15 @@ import os
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: no hub, ever
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import datasets  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from source_helpers import png, run
 
-from ldm_ddp.config import ConfigError, DataConfig, load_config  # noqa: E402
-from ldm_ddp.data.hf import HFDatasetSource, HFStreamSource  # noqa: E402
-from ldm_ddp.data.sources import build_source  # noqa: E402
+from ldm_ddp.config import ConfigError, DataConfig, load_config
+from ldm_ddp.data.hf import HFDatasetSource, HFStreamSource
+from ldm_ddp.data.sources import build_source
 
 N = 12
 

@@ -21,9 +21,9 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
     env = {"WANDB_MODE": None, "WANDB_DIR": None, "WANDB_API_KEY": None, "WANDB_SILENT": "true",
            **{k: str(tmp_path / k.lower())
               for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")}}
-    args = tiny_args(out, train__max_steps=2, sample__every=2, sample__weights="both", ema__extra_decays=[0.9],
-                     ema__power_stds=[0.1], log__tensorboard=True, log__wandb="offline",
-                     log__wandb_checkpoints="reference")
+    args = tiny_args(out, train__max_steps=2, sample__every=2, sample__weights="both",
+                     ema__extra_decays=[0.9], ema__power_stds=[0.1], log__tensorboard=True,
+                     log__wandb="offline", log__wandb_checkpoints="reference")
     stdout = check(run_script("scripts/train.py", *args, env=env, timeout=180))
 
     records = metrics(out)
@@ -54,7 +54,8 @@ def test_signals_side_by_side_profiles_tensorboard_and_artifacts(tmp_path, tiny_
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert {"loss", "tflops_per_gpu", "grad_norm/mid_block", "img_per_s_per_gpu"} <= set(events.Tags()["scalars"])
+    assert ({"loss", "tflops_per_gpu", "grad_norm/mid_block", "img_per_s_per_gpu"}
+            <= set(events.Tags()["scalars"]))
     assert [e.step for e in events.Scalars("loss")] == [1, 2] and events.Tags()["images"] == ["samples"]
 
     run_id = (out / "wandb_id.txt").read_text().strip()

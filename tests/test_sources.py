@@ -11,20 +11,20 @@ from pathlib import Path
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: no hub, ever
 
-import datasets  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from source_helpers import png  # noqa: E402
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+from source_helpers import png
 
-import ldm_ddp.data  # noqa: E402
-from ldm_ddp.config import DataConfig  # noqa: E402
-from ldm_ddp.data.convert import make_shards  # noqa: E402
-from ldm_ddp.data.folder import ImageFolderSource  # noqa: E402
-from ldm_ddp.data.latents import FORMAT, MANIFEST, shard_file  # noqa: E402
-from ldm_ddp.data.sources import DataSource, build_source  # noqa: E402
+import ldm_ddp.data
+from ldm_ddp.config import DataConfig
+from ldm_ddp.data.convert import make_shards
+from ldm_ddp.data.folder import ImageFolderSource
+from ldm_ddp.data.latents import FORMAT, MANIFEST, shard_file
+from ldm_ddp.data.sources import DataSource, build_source
 
 N = 6
 FLAGS = ("random_access", "latent", "has_raw")

@@ -8,7 +8,6 @@ import signal
 import pytest
 import torch
 from conftest import train_here
-from test_train import assert_bitwise_equal
 
 from ldm_ddp import speed
 from ldm_ddp.config import ConfigError
@@ -25,7 +24,8 @@ def test_a_compile_asked_for_by_name_that_cannot_build_stops_at_start(tmp_path, 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=no_compiler))
     torch._dynamo.reset()
     with pytest.raises(ConfigError, match=r"^train.compile=full failed at start \(\w+: .*no working C "
-                                          r"compiler.*\); set train.compile=auto \(falls back to eager\) or off$"):
+                                          r"compiler.*\); set train.compile=auto "
+                                          r"\(falls back to eager\) or off$"):
         train_here(*tiny_args(tmp_path / "run", train__max_steps=1), "--train.compile=full")
     assert not (tmp_path / "run" / "checkpoints" / "step_0000001.safetensors").exists()
 
@@ -74,7 +74,8 @@ def test_a_preempted_run_writes_its_open_profile(tmp_path, tiny_args, monkeypatc
     real_before_step = speed.StepProfiler.before_step
 
     def before_step(self, step):
-        if step == 3:  # inside the record of steps 2..4: SIGTERM, noted by the handler, agreed at the next step
+        if step == 3:  # inside the record of steps 2..4: SIGTERM, noted by the handler,
+            # agreed at the next step
             os.kill(os.getpid(), signal.SIGTERM)
         real_before_step(self, step)
 
@@ -142,9 +143,9 @@ def test_clip_grad_norm_is_torchs_and_returns_the_per_parameter_norms(max_norm):
 
 @pytest.mark.slow
 def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args, monkeypatch):
-    """train.compile=full end to end, in process. Inductor would take minutes on this CPU, so torch.compile gets
-    the aot_eager backend (speed.COMPILE_BACKEND): dynamo's capture and AOT autograd's joint graph are real,
-    only the kernels are eager.
+    """train.compile=full end to end, in process. Inductor would take minutes on this CPU, so torch.compile
+    gets the aot_eager backend (speed.COMPILE_BACKEND): dynamo's capture and AOT autograd's joint graph are
+    real, only the kernels are eager.
     Checkpoints hold the eager module's names (a resume loads into the eager module before compiling), live
     samples come from the uncompiled copy, and the run's numbers match an eager run's."""
     from ldm_ddp import dist

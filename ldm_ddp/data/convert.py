@@ -29,7 +29,8 @@ _job: dict = {}  # the source and options, set before the worker processes fork
 
 
 def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -> dict:
-    """One raw record -> {"key", "image": bytes, "ext", "captions"}; raises ValueError naming what is wrong."""
+    """One raw record -> {"key", "image": bytes, "ext", "captions"};
+    raises ValueError naming what is wrong."""
     captions = caption_list(raw["captions"])
     data = raw["image"]["bytes"] if isinstance(raw["image"], dict) else raw["image"]
     with warnings.catch_warnings():
@@ -40,9 +41,11 @@ def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -
         shrink = resize and min(image.size) > resize
         if not (verify or shrink or image.format not in KEPT_FORMATS):
             return {"key": raw["key"], "image": data, "ext": KEPT_FORMATS[image.format], "captions": captions}
-        if shrink and image.format in ("JPEG", "MPO"):  # decode at the smallest DCT scale that stays >= resize
+        if shrink and image.format in ("JPEG", "MPO"):  # decode at the smallest DCT scale
+            # that stays >= resize
             scale = min(image.size) / resize
-            image.draft("RGB", (max(resize, round(image.size[0] / scale)), max(resize, round(image.size[1] / scale))))
+            image.draft("RGB", (max(resize, round(image.size[0] / scale)),
+                                max(resize, round(image.size[1] / scale))))
         image.load()  # a truncated or corrupt file raises here
     if not shrink and image.format in KEPT_FORMATS:
         return {"key": raw["key"], "image": data, "ext": KEPT_FORMATS[image.format], "captions": captions}
@@ -103,8 +106,9 @@ def make_shards(source, out_dir: str, shard_size: int = 2000, workers: int = 1, 
     _job.clear()
     with open(os.path.join(out_dir, "skipped.jsonl"), "w") as f:
         f.writelines(json.dumps({"key": key, "reason": reason}) + "\n" for key, reason in skipped)
-    made_with = {"made_with": {**opts, "shuffle_seed": shuffle_seed, "source_fingerprint": source.fingerprint(),
-                               "input_samples": n, "skipped": len(skipped)}}
+    made_with = {"made_with": {**opts, "shuffle_seed": shuffle_seed,
+                               "source_fingerprint": source.fingerprint(), "input_samples": n,
+                               "skipped": len(skipped)}}
     index = write_index(out_dir, [e for e in entries if e], made_with)
     log(f"{index['num_samples']} samples in {len(index['shards'])} shards, {len(skipped)} left out "
         f"(skipped.jsonl), {time.perf_counter() - start:.1f} s")

@@ -63,9 +63,11 @@ def size_of(path: str) -> int:
 def list_files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
     """Files directly in `folder` whose names end with one of `suffixes`, sorted, as paths or URLs."""
     if not is_url(folder):
-        return sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and p.name.lower().endswith(suffixes))
+        return sorted(str(p) for p in Path(folder).iterdir()
+                      if p.is_file() and p.name.lower().endswith(suffixes))
     fs, stripped = _fs(folder)
-    return sorted(fs.unstrip_protocol(p) for p in fs.ls(stripped, detail=False) if p.lower().endswith(suffixes))
+    return sorted(fs.unstrip_protocol(p) for p in fs.ls(stripped, detail=False)
+                  if p.lower().endswith(suffixes))
 
 
 def open_binary(path: str):

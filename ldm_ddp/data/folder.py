@@ -45,7 +45,8 @@ def list_images(root: str) -> list[str]:
 def read_metadata(path: str, column: str) -> dict[str, str]:
     """metadata.jsonl / metadata.csv -> {relative file name: caption(s)}; ConfigError if unreadable."""
     try:
-        text = files.read_bytes(path).decode("utf-8-sig")  # -sig: a byte-order mark (Excel's "CSV UTF-8") dropped
+        text = files.read_bytes(path).decode("utf-8-sig")  # -sig: a byte-order mark
+        # (Excel's "CSV UTF-8") dropped
         if path.endswith(".csv"):
             rows = list(csv.DictReader(io.StringIO(text)))
         else:
@@ -71,7 +72,8 @@ def shorter_side(path: str) -> int | None:
 
 
 class ImageFolderSource(RawSource):
-    """Images under `path` with captions; `source[i]` -> {"image": lazily opened PIL image, "caption", "key"}."""
+    """Images under `path` with captions;
+    `source[i]` -> {"image": lazily opened PIL image, "caption", "key"}."""
 
     random_access = True
     latent = False
@@ -157,7 +159,8 @@ class ImageFolderSource(RawSource):
     def raw(self, index: int) -> dict:
         # The caption first: a missing one fails before the image is read.
         captions = self.captions_of(index)
-        return {"key": self.files[index], "image": files.read_bytes(self.path(self.files[index])), "captions": captions}
+        return {"key": self.files[index], "image": files.read_bytes(self.path(self.files[index])),
+                "captions": captions}
 
     def fingerprint(self) -> str:
         return f"folder:n={len(self.files)}:{self._fingerprint}"

@@ -48,14 +48,16 @@ def load_hf_dataset(path: str, split: str, streaming: bool = False):
         try:
             loaded = datasets.load_from_disk(str(root))
         except Exception as err:
-            raise ConfigError(f"data.path: cannot load {path} with load_from_disk ({_one_line(err)})") from None
+            raise ConfigError(f"data.path: cannot load {path} with load_from_disk "
+                              f"({_one_line(err)})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ConfigError(f"data.hf_split: no split {split!r} in {path} (has {sorted(loaded)})")
             loaded = loaded[split]
             return loaded.to_iterable_dataset() if streaming else loaded
         saved = str(loaded.split) if loaded.split is not None else None
-        if saved is not None and saved != split:  # one saved Dataset: its own split, when recorded, must match
+        if saved is not None and saved != split:  # one saved Dataset: its own split,
+            # when recorded, must match
             raise ConfigError(f"data.hf_split: {path} holds one split {saved!r}, not {split!r}")
         return loaded.to_iterable_dataset() if streaming else loaded
     builder, data_files = path, None
@@ -66,14 +68,16 @@ def load_hf_dataset(path: str, split: str, streaming: bool = False):
     except ValueError as err:  # datasets: 'Unknown split "x". Should be one of [...]'
         if "split" in str(err).lower():
             raise ConfigError(f"data.hf_split: {split!r} not in {path} ({_one_line(err)})") from None
-        raise ConfigError(f"data.path: cannot load {path} with datasets.load_dataset ({_one_line(err)})") from None
+        raise ConfigError(f"data.path: cannot load {path} with datasets.load_dataset "
+                          f"({_one_line(err)})") from None
     except Exception as err:  # missing folder, no network for a hub name, unknown format, ...
         raise ConfigError(f"data.path: cannot load {path} with datasets.load_dataset "
                           f"({type(err).__name__}: {_one_line(err)})") from None
 
 
 def local_fingerprint(root: Path) -> str:
-    """A local data file or folder -> a digest of its files' relative names and sizes (hidden ones left out)."""
+    """A local data file or folder -> a digest of its files' relative names and sizes
+    (hidden ones left out)."""
     if root.is_file():
         entries = [[root.name, root.stat().st_size]]
     else:
@@ -84,7 +88,8 @@ def local_fingerprint(root: Path) -> str:
 
 
 def image_bytes(value):
-    """An image cell: encoded bytes, or an Image feature's {"bytes", "path"} (a path is read: local or URL)."""
+    """An image cell: encoded bytes, or an Image feature's {"bytes", "path"}
+    (a path is read: local or URL)."""
     if isinstance(value, dict):
         if not value.get("bytes") and value.get("path"):
             return files.read_bytes(value["path"])
@@ -93,7 +98,8 @@ def image_bytes(value):
 
 
 class HFDatasetSource(RawSource):
-    """Rows of a `datasets.Dataset`; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<split>/<i>"}."""
+    """Rows of a `datasets.Dataset`;
+    `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<split>/<i>"}."""
 
     random_access = True
     latent = False
@@ -108,14 +114,16 @@ class HFDatasetSource(RawSource):
         ds = load_hf_dataset(path, split)
         for key, column in (("data.image_column", image_column), ("data.caption_column", caption_column)):
             if column not in ds.column_names:
-                raise ConfigError(f"{key}: no column {column!r} in {path} split {split!r} (has {sorted(ds.column_names)})")
+                raise ConfigError(f"{key}: no column {column!r} in {path} split {split!r} "
+                                  f"(has {sorted(ds.column_names)})")
         if not len(ds):
             raise ConfigError(f"data.path: no rows in split {split!r} of {path}")
-        # A local dataset: its files' names and sizes (datasets' own fingerprint of local files depends on their
-        # modification time and absolute path, so node-local copies or a touched file would differ); a hub
-        # dataset: datasets' fingerprint of it as loaded (its revision).
+        # A local dataset: its files' names and sizes (datasets' own fingerprint of local files depends on
+        # their modification time and absolute path, so node-local copies or a touched file would differ); a
+        # hub dataset: datasets' fingerprint of it as loaded (its revision).
         local = Path(path).exists()
-        self.base_fingerprint = local_fingerprint(Path(path)) if local else getattr(ds, "_fingerprint", None) or ""
+        self.base_fingerprint = (local_fingerprint(Path(path)) if local
+                                 else getattr(ds, "_fingerprint", None) or "")
         ds = ds.select_columns([image_column, caption_column])  # other (image) columns are never read
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes/path: decoded here
@@ -136,10 +144,12 @@ class HFDatasetSource(RawSource):
     def raw(self, index: int) -> dict:
         key = self.key(index)
         row = self.dataset[index]
-        return {"key": key, "image": image_bytes(row[self.image_column]), "captions": row[self.caption_column]}
+        return {"key": key, "image": image_bytes(row[self.image_column]),
+                "captions": row[self.caption_column]}
 
     def fingerprint(self) -> str:
-        """Hash of the dataset's own fingerprint (when it has one), the split, the columns read and the length."""
+        """Hash of the dataset's own fingerprint (when it has one), the split,
+        the columns read and the length."""
         digest = hashlib.sha256(json.dumps([self.base_fingerprint, self.split, self.image_column,
                                             self.caption_column, len(self)]).encode())
         return f"hf:n={len(self)}:{digest.hexdigest()[:16]}"
@@ -162,7 +172,8 @@ class HFStreamSource(DataSource):
         names = list(ds.features) if ds.features is not None else None
         for key, column in (("data.image_column", image_column), ("data.caption_column", caption_column)):
             if names is not None and column not in names:
-                raise ConfigError(f"{key}: no column {column!r} in {path} split {split!r} (has {sorted(names)})")
+                raise ConfigError(f"{key}: no column {column!r} in {path} split {split!r} "
+                                  f"(has {sorted(names)})")
         ds = ds.select_columns([image_column, caption_column])
         if ds.features is not None and isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes: decoded by the stream

@@ -51,7 +51,8 @@ def cache_fingerprint(frozen, data_cfg, vae_dtype: str) -> dict:
     """What a cache must share with a training config: VAE weights, tokenizer, image rules, VAE dtype."""
     tensors = sorted(frozen.vae.state_dict().items())
     vae = _digest(part for name, t in tensors
-                  for part in (name, list(t.shape), str(t.dtype), t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()))
+                  for part in (name, list(t.shape), str(t.dtype),
+                               t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()))
     tokenizer = frozen.tokenizer
     vocab = sorted(tokenizer.get_vocab().items())
     return {"vae": vae, "scaling_factor": frozen.scaling_factor,
@@ -75,7 +76,8 @@ def write_manifest(folder: str, fingerprint: dict, shards: list[dict], made_with
 
 
 class LatentSource(DataSource):
-    """Cached samples; `source.latent_item(i, flip)` -> {"moments" [2C, h, w] fp16, "input_ids" [L], "key"}."""
+    """Cached samples;
+    `source.latent_item(i, flip)` -> {"moments" [2C, h, w] fp16, "input_ids" [L], "key"}."""
 
     random_access = True
     latent = True  # the stream batches moments and token ids instead of images and captions
@@ -114,12 +116,13 @@ class LatentSource(DataSource):
         # changes the weights' digest, and "made with vae=..." would wrongly read as other weights.
         if cached.get("vae_dtype") != fingerprint["vae_dtype"]:
             raise ConfigError(f"data.path: the latent cache {self.root} was made with the VAE in "
-                              f"{cached.get('vae_dtype')}, this run loads it in {fingerprint['vae_dtype']}; set "
-                              f"--model.frozen_dtype={cached.get('vae_dtype')} (or make a new cache)")
+                              f"{cached.get('vae_dtype')}, this run loads it in {fingerprint['vae_dtype']}; "
+                              f"set --model.frozen_dtype={cached.get('vae_dtype')} (or make a new cache)")
         for key, value in fingerprint.items():
             if cached.get(key) != value:
-                raise ConfigError(f"data.path: the latent cache {self.root} was made with {key}={cached.get(key)!r}, "
-                                  f"this run has {value!r}; make a new cache with scripts/precompute_latents.py")
+                raise ConfigError(f"data.path: the latent cache {self.root} was made with "
+                                  f"{key}={cached.get(key)!r}, this run has {value!r}; make a new cache with "
+                                  "scripts/precompute_latents.py")
 
     def _shard(self, shard: int):
         if shard not in self._open:
@@ -136,8 +139,9 @@ class LatentSource(DataSource):
         handle, keys = self._shard(shard)
         moments = handle.get_slice("moments_flipped" if flip else "moments")[row:row + 1][0]
         count = int(handle.get_slice("num_captions")[row:row + 1][0])
-        pick = 0 if count == 1 else int(np.random.Generator(np.random.PCG64([self.seed, CAPTION_STREAM, index]))
-                                        .integers(count))
+        pick = (0 if count == 1
+                else int(np.random.Generator(np.random.PCG64([self.seed, CAPTION_STREAM, index]))
+                         .integers(count)))
         input_ids = handle.get_slice("input_ids")[row:row + 1, pick:pick + 1][0, 0].long()
         return {"moments": moments, "input_ids": input_ids, "key": keys[row]}
 

@@ -30,7 +30,8 @@ from .webdataset import ShardError, skip_or_stop
 
 
 def list_parquet_files(path: str) -> list[str]:
-    """data.path (folder, glob, or comma-separated files) -> sorted Parquet file paths; ConfigError if none."""
+    """data.path (folder, glob, or comma-separated files) -> sorted Parquet file paths;
+    ConfigError if none."""
     if files.is_dir(path):
         found = files.list_files(path, (".parquet",))
     else:
@@ -58,7 +59,8 @@ def parquet_file(path: str) -> pq.ParquetFile:
 
 
 class ParquetSource(RawSource):
-    """Rows of Parquet files; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<stem>/<row>"}."""
+    """Rows of Parquet files;
+    `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<stem>/<row>"}."""
 
     random_access = True
     latent = False
@@ -75,8 +77,8 @@ class ParquetSource(RawSource):
                     raise FileNotFoundError("no such file")
                 meta = parquet_file(name).metadata
             except Exception as err:  # any footer error: stop naming the file, or skip it (data.bad_shard)
-                skip_or_stop(name, ShardError(f"cannot read {name} as Parquet ({err})".replace("\n", " ")), bad_shard,
-                             is_main)
+                skip_or_stop(name, ShardError(f"cannot read {name} as Parquet ({err})".replace("\n", " ")),
+                             bad_shard, is_main)
                 self.skipped.append(files.name_of(name))
                 continue
             f = len(self.files)
@@ -94,7 +96,8 @@ class ParquetSource(RawSource):
         self.group_starts = np.cumsum([0] + self.sizes)
         self.file_starts = np.cumsum([0] + self.row_counts)
         self.cached_groups = max(1, cached_groups)
-        self._cache: OrderedDict = OrderedDict()  # row group number -> its table; per process, filled by reads
+        self._cache: OrderedDict = OrderedDict()  # row group number -> its table; per process,
+        # filled by reads
 
     def __len__(self) -> int:
         return int(self.group_starts[-1])
@@ -139,5 +142,6 @@ class ParquetSource(RawSource):
         """Hash of the file names, their row counts and the columns read."""
         listing = [[files.name_of(f), n] for f, n in zip(self.files, self.row_counts)]
         skipped = [self.skipped] if self.skipped else []
-        digest = hashlib.sha256(json.dumps([listing, self.image_column, self.caption_column] + skipped).encode())
+        digest = hashlib.sha256(json.dumps([listing, self.image_column, self.caption_column] + skipped)
+                                .encode())
         return f"parquet:n={len(self)}:{digest.hexdigest()[:16]}"

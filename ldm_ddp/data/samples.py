@@ -56,7 +56,8 @@ def open_image(data) -> Image.Image:
 
 
 def locate(starts, index: int) -> tuple[int, int]:
-    """Dataset index -> (shard, row within it), given each shard's first index `starts` (and the total last)."""
+    """Dataset index -> (shard, row within it), given each shard's first index `starts`
+    (and the total last)."""
     if not 0 <= index < starts[-1]:
         raise IndexError(f"sample {index} out of range ({int(starts[-1])} samples)")
     shard = int(np.searchsorted(starts, index, side="right")) - 1

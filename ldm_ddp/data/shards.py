@@ -2,8 +2,9 @@
 
 A shard set is a folder (local or fsspec URL):
 
-    index.json            {"format": "ldm_ddp.shards/1", "num_samples", "shards": [{"file", "count", "bytes"}],
-                           "id", and how it was made}; written last, so its presence means the set is complete
+    index.json            {"format": "ldm_ddp.shards/1", "num_samples",
+                           "shards": [{"file", "count", "bytes"}], "id", and how it was made};
+                          written last, so its presence means the set is complete
     shard-000000.tar      plain uncompressed tar, WebDataset-compatible: <n>.jpg|png|webp, <n>.txt (first
                           caption), <n>.json ({"captions": [...], "source_key": ...}); n = sample number
     shard-000000.json     the shard's own index: per sample [source key, image ext, data offset, size] and its
@@ -53,7 +54,8 @@ def write_shard(folder: str, number: int, records: list[dict], first_sample: int
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for n, record in enumerate(records, first_sample):
                 members = [(record["ext"], record["image"]), ("txt", record["captions"][0].encode()),
-                           ("json", json.dumps({"captions": record["captions"], "source_key": record["key"]}).encode())]
+                           ("json", json.dumps({"captions": record["captions"],
+                                                "source_key": record["key"]}).encode())]
                 for ext, data in members:
                     info = tarfile.TarInfo(f"{n:09d}.{ext}")
                     info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: same input, same bytes
@@ -90,9 +92,11 @@ def read_index(root: str) -> dict:
     try:
         index = json.loads(files.read_bytes(files.join(root, INDEX)))
     except FileNotFoundError:
-        raise ConfigError(f"data.path: no {INDEX} in {root} (a shard set is made by scripts/make_shards.py)") from None
+        raise ConfigError(f"data.path: no {INDEX} in {root} "
+                          "(a shard set is made by scripts/make_shards.py)") from None
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.path: cannot read {files.join(root, INDEX)} ({err})".replace("\n", " ")) from None
+        raise ConfigError(f"data.path: cannot read {files.join(root, INDEX)} ({err})"
+                          .replace("\n", " ")) from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ConfigError(f"data.path: {files.join(root, INDEX)} is not a {FORMAT} index")
     return index
@@ -117,7 +121,8 @@ class ShardsSource(RawSource):
                 if path is None:
                     raise ShardError(f"shard {entry['file']} is missing from {self.root}")
                 if files.size_of(path) != entry["bytes"]:
-                    raise ShardError(f"shard {path} has {files.size_of(path)} bytes, its index says {entry['bytes']}")
+                    raise ShardError(f"shard {path} has {files.size_of(path)} bytes, "
+                                     f"its index says {entry['bytes']}")
             except ShardError as err:
                 skip_or_stop(path or entry["file"], err, bad_shard, is_main)
                 self.skipped.append(entry["file"])
@@ -127,7 +132,8 @@ class ShardsSource(RawSource):
         if not sum(self.counts):
             raise ConfigError(f"data.path: no samples in the shard set {self.root}")
         self.starts = np.cumsum([0] + self.counts)
-        self._indexes: OrderedDict = OrderedDict()  # shard number -> its own index; per process, filled by reads
+        self._indexes: OrderedDict = OrderedDict()  # shard number -> its own index; per process,
+        # filled by reads
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -37,9 +37,9 @@ class DataFailure(RuntimeError):
 
 
 def substitutes(index: int, n: int) -> list[int]:
-    """`index`, then the dataset indices tried in its place if it fails: MAX_SUBSTITUTIONS in all, spread evenly
-    over the dataset (a stride of n / MAX_SUBSTITUTIONS, 1 for small sets). Neighbouring indices share a shard,
-    and a shard that fails as a whole (a file gone, an object store down) must not exhaust them."""
+    """`index`, then the dataset indices tried in its place if it fails: MAX_SUBSTITUTIONS in all, spread
+    evenly over the dataset (a stride of n / MAX_SUBSTITUTIONS, 1 for small sets). Neighbouring indices share
+    a shard, and a shard that fails as a whole (a file gone, an object store down) must not exhaust them."""
     stride = max(1, n // MAX_SUBSTITUTIONS)
     return [(index + a * stride) % n for a in range(MAX_SUBSTITUTIONS)]
 
@@ -56,7 +56,8 @@ class GlobalOrder:
 
     def __init__(self, num_samples: int, seed: int, shard_sizes: list[int] | None = None, window: int = 0):
         self.num_samples, self.seed = num_samples, seed
-        self.sizes = np.asarray(shard_sizes if shard_sizes and len(shard_sizes) > 1 else [num_samples], np.int64)
+        self.sizes = np.asarray(shard_sizes if shard_sizes and len(shard_sizes) > 1 else [num_samples],
+                                np.int64)
         if self.sizes.sum() != num_samples:
             raise ValueError(f"shard sizes add up to {self.sizes.sum()}, not {num_samples} samples")
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
@@ -66,7 +67,8 @@ class GlobalOrder:
     def _windows(self, epoch: int) -> None:
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
         self.shard_order = rng.permutation(len(self.sizes)) if len(self.sizes) > 1 else np.zeros(1, np.int64)
-        window_sizes = np.add.reduceat(self.sizes[self.shard_order], np.arange(0, len(self.sizes), self.window))
+        window_sizes = np.add.reduceat(self.sizes[self.shard_order],
+                                       np.arange(0, len(self.sizes), self.window))
         self.window_starts = np.concatenate([[0], np.cumsum(window_sizes)])
         self._epoch, self._window_id = epoch, -1
 
@@ -76,7 +78,8 @@ class GlobalOrder:
             return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_samples)
         shards = self.shard_order[w * self.window:(w + 1) * self.window]
         members = np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in shards])
-        return members[np.random.Generator(np.random.PCG64([self.seed, WINDOW_STREAM, epoch, w])).permutation(len(members))]
+        return members[np.random.Generator(np.random.PCG64([self.seed, WINDOW_STREAM, epoch, w]))
+                       .permutation(len(members))]
 
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_samples)
@@ -136,8 +139,8 @@ class ShardedStream(IterableDataset):
                     return {**sample, "image": self.transform(sample["image"], rng)}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
                 bad.append(f"{self.key_of(index)} ({type(err).__name__}: {str(err)[:80]})")
-        raise DataFailure(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} (its own and "
-                           f"every substitute): {bad[-1]}")
+        raise DataFailure(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} "
+                          f"(its own and every substitute): {bad[-1]}")
 
     def key_of(self, index: int) -> str:
         if not self.random_access:  # `index` is a position: named by the record read there, if any
@@ -149,7 +152,8 @@ class ShardedStream(IterableDataset):
         items = []
         for position in self.positions(k):
             rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
-            flip = self.transform.random_flip and rng.random() < 0.5  # the draw ImageTransform makes (centre crop)
+            flip = self.transform.random_flip and rng.random() < 0.5  # the draw ImageTransform makes
+            # (centre crop)
             items.append(self.source.latent_item(self.order.index(position), flip))
         return {"moments": torch.stack([i["moments"] for i in items]),
                 "input_ids": torch.stack([i["input_ids"] for i in items]), "captions": [],
@@ -218,8 +222,8 @@ class StreamReader:
             try:
                 record = next(self.stream)
             except StopIteration:
-                raise _StreamEnded(f"data: the stream of epoch {epoch} ended after {self.next_offset} records, "
-                                   f"{len(self.source)} were expected") from None
+                raise _StreamEnded(f"data: the stream of epoch {epoch} ended after {self.next_offset} "
+                                   f"records, {len(self.source)} were expected") from None
             except Exception:
                 self.epoch = -1  # the generator died with the error: the next read reopens the stream
                 raise

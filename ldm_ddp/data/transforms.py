@@ -70,7 +70,8 @@ class ImageTransform:
     def decode(self, image: Image.Image) -> Image.Image:
         """Lazily opened or decoded image -> decoded RGB image, upright per its EXIF orientation."""
         if image.width * image.height > self.max_image_pixels:  # also catches images built in memory
-            raise Image.DecompressionBombError(f"{image.width}x{image.height} px is over the decompression-bomb limit")
+            raise Image.DecompressionBombError(f"{image.width}x{image.height} px is over the "
+                                               "decompression-bomb limit")
         # JPEG only (a no-op elsewhere and once loaded): decode at 1/2, 1/4 or 1/8 scale while the
         # shorter side stays >= R, so a large photo never decodes at full size.
         image.draft("RGB", (self.resolution, self.resolution))
@@ -102,12 +103,14 @@ def pixel_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [3, H, W] uint8, a channels-last view of one copy of its pixels."""
     with warnings.catch_warnings():
         # tobytes() is immutable and torch warns that a tensor over it could write to it. None does: __call__
-        # returns a new tensor (resized, flipped or made contiguous). A writable copy would cost one more pass.
+        # returns a new tensor (resized, flipped or made contiguous).
+        # A writable copy would cost one more pass.
         warnings.simplefilter("ignore", UserWarning)
         hwc = torch.frombuffer(image.tobytes(), dtype=torch.uint8)
     return hwc.view(image.height, image.width, 3).permute(2, 0, 1)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [..., 3, H, W] (0..255) -> float32 in [-1, 1], on their device; float input passes as is."""
+    """uint8 pixels [..., 3, H, W] (0..255) -> float32 in [-1, 1], on their device;
+    float input passes as is."""
     return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images

@@ -1,10 +1,10 @@
 """The "webdataset" source: samples in local uncompressed tar shards, random access by byte offset.
 
 `data.path` is a shard pattern with brace expansion (`/data/shards-{000000..000009}.tar`, `{a,b}`) or
-a folder of `.tar` files, local or an fsspec URL (`s3://bucket/shards-{000..099}.tar`). Construction scans each shard's tar headers once (names, offsets and sizes;
-tarfile seeks past the data, so the cost is one header read per member, not a read of the shard) and
-groups members into samples by key: the name up to the first dot after the last '/'. `source[i]` then
-opens the shard, seeks to the member and reads its bytes only.
+a folder of `.tar` files, local or an fsspec URL (`s3://bucket/shards-{000..099}.tar`). Construction scans
+each shard's tar headers once (names, offsets and sizes; tarfile seeks past the data, so the cost is one
+header read per member, not a read of the shard) and groups members into samples by key: the name up to the
+first dot after the last '/'. `source[i]` then opens the shard, seeks to the member and reads its bytes only.
 
 A sample's image is its .jpg / .jpeg / .png / .webp member; its caption is its .txt member, else the
 `data.caption_column` field (or "caption") of its .json member; a list of captions is drawn from as in
@@ -104,7 +104,8 @@ def skip_or_stop(path: str, err: ShardError, policy: str, is_main: bool) -> None
 
 
 class WebDatasetSource(RawSource):
-    """Samples of tar shards; `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<shard>/<key>"}."""
+    """Samples of tar shards;
+    `source[i]` -> {"image": lazily opened PIL image, "caption", "key": "<shard>/<key>"}."""
 
     random_access = True
     latent = False
@@ -126,7 +127,8 @@ class WebDatasetSource(RawSource):
             self.shards.append(shard)
             self.member_counts.append(count)
         if not self.samples:
-            raise ConfigError(f"data.path: no samples (.{', .'.join(IMAGE_EXTENSIONS)} or captions) in {path}")
+            raise ConfigError(f"data.path: no samples (.{', .'.join(IMAGE_EXTENSIONS)} or captions) "
+                              f"in {path}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -158,6 +160,6 @@ class WebDatasetSource(RawSource):
     def fingerprint(self) -> str:
         """Hash of the shard names, their member counts, the skipped shards and the caption field."""
         listing = [[files.name_of(s), n] for s, n in zip(self.shards, self.member_counts)]
-        digest = hashlib.sha256(json.dumps([listing, self.caption_column] + ([self.skipped] if self.skipped else []))
-                                .encode())
+        digest = hashlib.sha256(json.dumps([listing, self.caption_column]
+                                           + ([self.skipped] if self.skipped else [])).encode())
         return f"webdataset:n={len(self)}:{digest.hexdigest()[:16]}"
