@@ -424,7 +424,7 @@ def main() -> int:
                                         ["--data.source=folder", f"--data.path={images}",
                                          f"--data.num_workers={args.online_workers}"],
                                         work / f"run_online_{res}_{gpus}")
-            if "resume" in args.parts:  # issue 7: save, kill -9, the same command again
+            if "resume" in args.parts:  # save, kill -9, the same command again
                 every = max(1, args.steps // 8)
                 out = work / f"run_resume_{res}_{gpus}"
                 run_args = [*trainer_args(args, res, batch, ["--data.source=latents", f"--data.path={cache}"],
