@@ -69,7 +69,7 @@ class Run:
         self.guard = faults.NonFiniteGuard(cfg.train.max_consecutive_skips)
         # Replaced samples: by this process since the start,
         # and by all ranks as of the last save or the resume.
-        self.bad_seen = self.bad_total = 0
+        self.bad_seen = self.bad_total = self.bad_before = 0
 
     def resume(self, state: checkpoint.TrainingState, architecture: dict, fingerprint: str) -> None:
         """Restore `state` from the newest valid checkpoint (or ckpt.resume's), refusing one whose state would

@@ -117,8 +117,9 @@ def train(cfg: Config) -> dict:
             latents, cond = frozen.latents_of(batch, gen), conditioning.encode(batch, gen)
             with dist.accumulating(model, sync=micro == run.grad_accum - 1):
                 loss = objective(model, latents, cond, gen, autocast)
-                (loss.weighted.mean() / run.grad_accum).backward()
-            step_loss = step_loss + loss.weighted.mean().detach() / run.grad_accum
+                mean = loss.weighted.mean()
+                (mean / run.grad_accum).backward()
+            step_loss = step_loss + mean.detach() / run.grad_accum
             metrics.add_micro_batch(loss.plain, loss.t)  # a skipped step's share is dropped in add_step
         grad_norm, norms = speed.clip_grad_norm(unet, cfg.optim.grad_clip)  # one pass of norms for both
         metrics.add_grad_norms(unet, norms)  # per block group, before clipping; stays on the device
