@@ -1,6 +1,9 @@
 """Measure prompt adherence of a demo checkpoint with the rule-based shapes checker.
 
-    python scripts/evaluate_demo.py CKPT [--prompts 180] [--seed 100000] [--weights ema|raw] [--json]
+    python scripts/evaluate_demo.py CKPT [--prompts 180] [--seed 100000] [--weights ema] [--json]
+
+`--weights`: ema (the default EMA), raw, or any EMA profile the checkpoint keeps (ema:0.9999,
+ema:std=0.1; scripts/inspect_checkpoint.py lists them), so profiles can be compared on one score.
 
 Samples one image per prompt (the canonical captions of all colour x shape x size x position
 combinations, or the first N of them in a fixed shuffled order) with seeds never used by live
@@ -32,7 +35,8 @@ def main() -> int:
                         help="first noise seed (held out from live sampling)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the run's sample.steps)")
     parser.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
-    parser.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    parser.add_argument("--weights", default="ema", metavar="ema|raw|ema:DECAY|ema:std=SIGMA_REL",
+                        help="the default EMA, the raw weights, or another EMA profile of the checkpoint")
     parser.add_argument("--grid", help="also write the images to this PNG")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()

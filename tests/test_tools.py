@@ -139,6 +139,26 @@ def test_pick_an_ema_profile_in_sample_export_and_inspect(tmp_path, trained_run,
     assert [p["name"] for p in described["ema_profiles"]] == ["ema", "ema:0.9", "ema:std=0.1"]
 
 
+@pytest.mark.slow
+def test_evaluate_demo_scores_any_ema_profile(tmp_path, trained_run, monkeypatch, capsys):
+    """ema:0.9 of add_profiles holds the raw weights: the same images, so the same score as raw."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    ckpt = rewrite(trained_run / "checkpoints" / "step_0000002.safetensors", tmp_path / "profiles",
+                   add_profiles)
+    scores = {}
+    for weights in ("raw", "ema:0.9"):
+        capsys.readouterr()
+        assert run_main("evaluate_demo", ckpt, "--prompts", "64", "--steps", "1", "--weights", weights,
+                        "--json") == 0
+        result = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert result["weights"] == weights
+        scores[weights] = {k: result[k] for k in ("colour", "shape", "size", "position", "all")}
+    assert scores["raw"] == scores["ema:0.9"]
+    assert run_main("evaluate_demo", ckpt, "--weights", "ema:0.5") == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no EMA profile 'ema:0.5'" in error[0]
+
+
 def test_a_checkpoint_from_before_ema_profiles_still_loads(tmp_path, trained_run, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
 
