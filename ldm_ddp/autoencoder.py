@@ -66,7 +66,7 @@ def measure_scaling_factor(vae: AutoencoderKL, batches, num_batches: int, device
 def train_autoencoder(cfg: Config) -> Path:
     """Train the VAE until cfg.train.max_steps (resuming like the UNet trainer); -> the bundle folder."""
     # --- Run: process group, run folder, step counter (the UNet trainer's lifecycle and fault contract)
-    run = Run(cfg)
+    run = Run(cfg, sample_grids=False)
     device = run.device
 
     # --- Model and optimizer (same init on every rank)

@@ -83,6 +83,41 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write((json.dumps(record) + "\n").encode())
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl as one timeline: a line being written (or cut) is left out, and a record
+    whose step is not past the previous one starts a later attempt that replaces the records from its step
+    on (a folder written before resumes set them aside, or read while a resume does)."""
+    text = path.read_text()
+    records: list[dict] = []
+    for line in text[:text.rfind("\n") + 1].splitlines():
+        if line.strip():
+            record = json.loads(line)
+            while records and records[-1]["step"] >= record["step"]:
+                records.pop()
+            records.append(record)
+    return records
+
+
+def set_aside_records(path: Path, step: int) -> None:
+    """On resume at `step` (rank 0): the records an interrupted attempt logged past it move to
+    metrics.superseded.jsonl (each with `superseded_at`), so that metrics.jsonl holds one timeline, the one
+    this run continues. Rewritten to a temporary file and renamed: a kill meanwhile leaves the old file."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    whole = text[:text.rfind("\n") + 1]  # a last line cut by a kill is dropped
+    records = [(line, json.loads(line)) for line in whole.splitlines() if line.strip()]
+    kept = [line for line, record in records if record["step"] <= step]
+    if len(kept) == len(records) and whole == text:
+        return
+    for _, record in records:
+        if record["step"] > step:
+            append_jsonl(path.with_name("metrics.superseded.jsonl"), {**record, "superseded_at": step})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class Metrics:
     """Accumulates per-step figures between log lines; rank 0 writes them."""
 

@@ -31,7 +31,7 @@ def run_folder_lock(out_dir: Path):
     belongs to this process alone (the DataLoader workers it forks do not inherit it, so a rank killed with -9
     frees the folder at once), and network filesystems support it.
     Where locking fails otherwise: a warning."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "train.out_dir")
     path = out_dir / ".lock"
     with open(path, "a+") as f:
         try:
@@ -53,6 +53,24 @@ def run_folder_lock(out_dir: Path):
             yield
         finally:
             fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Create `folder` if needed and write, fsync and delete a probe file in it; a folder that cannot take a
+    file (read-only, another owner, a full disk) is a ConfigError naming it, before any step rather than at
+    the first save, ckpt.every steps of work later."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"ldm_ddp")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write to {folder} ({err.strerror or err})") from None
 
 
 def resume_point(cfg: Config, ckpt_dir: Path) -> Path | None:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from . import checkpoint, dist, faults
-from .config import Config, OptimConfig, resolve_batch, warnings_for
-from .resume import check_resumable, record_resume, resume_point
+from .config import Config, ConfigError, OptimConfig, resolve_batch, warnings_for
+from .metrics import set_aside_records
+from .resume import check_resumable, check_writable, record_resume, resume_point
 
 
 def lr_at(cfg: OptimConfig, step: int, max_steps: int) -> float:
@@ -47,7 +48,7 @@ class Upkeep:
 class Run:
     """One training run in cfg.train.out_dir: its process group, step counter, checkpoints and totals."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, sample_grids: bool = True):
         """Start the process group; create the run folder on rank 0. From here on SIGTERM / SIGUSR1 mean
         "save at the next step and exit" (not before: a rendezvous can wait for minutes, and a process with
         nothing to save yet may as well end at once)."""
@@ -58,11 +59,20 @@ class Run:
         self.preemption = faults.Preemption()
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        error = ""
         if dist.is_main():
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.toml").write_text(cfg.to_toml())
-            for line in warnings_for(cfg):
-                print(f"warning: {line}", flush=True)
+            try:  # the run folder and checkpoints/ take a file now, or the run stops before any step
+                check_writable(self.out_dir, "train.out_dir")
+                check_writable(self.ckpt_dir, "train.out_dir")
+                (self.out_dir / "config.toml").write_text(cfg.to_toml())
+            except ConfigError as err:
+                error = str(err)
+            else:
+                self._say_layout(sample_grids)
+                for line in warnings_for(cfg):
+                    print(f"warning: {line}", flush=True)
+        if dist.all_reduce_max_ints([bool(error)])[0]:  # every rank stops with the same exit code
+            raise ConfigError(error or "train.out_dir: not writable on rank 0")
         self.step = self.start_step = 0
         self.resume_path: Path | None = None
         self.fingerprint, self.architecture = "", {}
@@ -70,6 +80,13 @@ class Run:
         # Replaced samples: by this process since the start,
         # and by all ranks as of the last save or the resume.
         self.bad_seen = self.bad_total = self.bad_before = 0
+
+    def _say_layout(self, sample_grids: bool) -> None:
+        """Where this run writes, in one line (rank 0)."""
+        cfg = self.cfg
+        grids = f", samples/ every {cfg.sample.every} steps" if sample_grids and cfg.sample.every else ""
+        print(f"run folder {self.out_dir}: checkpoints/ every {cfg.ckpt.every} steps (last {cfg.ckpt.keep} "
+              f"kept){grids}, metrics.jsonl every {cfg.log.every} steps", flush=True)
 
     def resume(self, state: checkpoint.TrainingState, architecture: dict, fingerprint: str) -> None:
         """Restore `state` from the newest valid checkpoint (or ckpt.resume's), refusing one whose state would
@@ -91,8 +108,12 @@ class Run:
             self.bad_total = meta["data"].get("bad_samples", 0)
             record_resume(self.out_dir, self.resume_path, self.step, changes)  # allowed changes, on record
         if dist.is_main():  # later steps of another timeline in this folder: set aside,
-            # not resumed into or pruned
+            # not resumed into or pruned; so are the metric records an interrupted attempt logged past them
             checkpoint.set_aside_after(self.ckpt_dir, self.start_step)
+            set_aside_records(self.out_dir / "metrics.jsonl", self.start_step)
+            if self.start_step >= self.cfg.train.max_steps:
+                print(f"nothing to do: already at train.max_steps ({self.cfg.train.max_steps}); raise it to "
+                      "train on", flush=True)
         self.bad_before = self.bad_total
 
     def upkeep(self) -> Upkeep:

@@ -10,6 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+import _path  # noqa: F401
+
+from ldm_ddp.metrics import read_records
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -19,10 +23,7 @@ def main() -> int:
     args = parser.parse_args()
     path = args.run_dir / "metrics.jsonl"
     try:
-        text = path.read_text()
-        whole = text if text.endswith("\n") else text[:text.rfind("\n") + 1]  # a line being
-        # (or cut while) written
-        records = [json.loads(line) for line in whole.splitlines() if line.strip()]
+        records = read_records(path)  # one timeline, whatever attempts and resumes wrote
     except (OSError, json.JSONDecodeError) as err:
         print(f"error: {path}: cannot read metrics ({err})", file=sys.stderr)
         return 1

@@ -1,0 +1,99 @@
+"""The run folder: probed for writing before any step, its layout said at start, one metrics timeline
+across interrupted attempts, and a finished run that says there is nothing to do."""
+
+import json
+import multiprocessing
+import os
+
+import pytest
+from conftest import train_here
+from test_train import metrics
+
+from ldm_ddp.config import ConfigError
+from ldm_ddp.metrics import read_records, set_aside_records
+from ldm_ddp.resume import check_writable
+
+
+def _probe_as_nobody(folder, queue) -> None:
+    os.setuid(65534)  # root may write anywhere: the read-only case needs an ordinary user
+    try:
+        check_writable(folder, "train.out_dir")
+        queue.put("written")
+    except ConfigError as err:
+        queue.put(str(err))
+
+
+def test_a_folder_that_cannot_take_a_file_is_named_before_anything_runs(tmp_path):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    with pytest.raises(ConfigError, match=r"^train.out_dir: cannot write to .*a_file/run \(Not a directory"):
+        check_writable(in_the_way / "run", "train.out_dir")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    os.chmod(read_only, 0o555)
+    if os.geteuid() == 0:
+        os.chmod(tmp_path, 0o755)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_probe_as_nobody, args=(read_only, queue))
+        child.start()
+        child.join(30)
+        message = queue.get(timeout=5)
+    else:
+        try:
+            check_writable(read_only, "train.out_dir")
+            message = "written"
+        except ConfigError as err:
+            message = str(err)
+    assert message == f"train.out_dir: cannot write to {read_only} (Permission denied)"
+    assert list(read_only.iterdir()) == []
+    check_writable(tmp_path / "new" / "checkpoints", "train.out_dir")  # made, probed, left empty
+    assert list((tmp_path / "new" / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_train_refuses_an_unwritable_checkpoint_folder_with_one_line_before_a_step(tmp_path, tiny_args,
+                                                                                   run_script):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    result = run_script("scripts/train.py", *tiny_args(out), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"config error: train.out_dir: cannot write to {out / 'checkpoints'} (File exists)"]
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_metrics_hold_one_timeline_after_an_interrupted_attempt(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    printed = train_here(*tiny_args(out, train__max_steps=4, ckpt__every=2))
+    layout = f"run folder {out}: checkpoints/ every 2 steps (last 3 kept), metrics.jsonl every 1 steps"
+    assert layout in printed
+    # An attempt killed after logging steps 5 and 6, before its step-6 save: resumed at 4, logs them again.
+    path = out / "metrics.jsonl"
+    records = metrics(out)
+    with open(path, "a") as f:
+        for step in (5, 6):
+            f.write(json.dumps({**records[-1], "step": step, "loss": 99.0}) + "\n")
+        f.write('{"step": 7, "lo')  # and a line the kill cut short
+    assert [r["step"] for r in read_records(path)] == [1, 2, 3, 4, 5, 6]
+
+    train_here(*tiny_args(out, train__max_steps=6, ckpt__every=2))
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] != 99.0 for r in metrics(out))
+    superseded = [json.loads(line) for line in (out / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["superseded_at"]) for r in superseded] == [(5, 99.0, 4), (6, 99.0, 4)]
+
+    printed = train_here(*tiny_args(out, train__max_steps=6, ckpt__every=2))  # finished: nothing to do
+    assert "nothing to do: already at train.max_steps (6); raise it to train on" in printed
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_readers_of_an_older_folder_take_the_latest_attempt(tmp_path):
+    """A file whose records double back (written before resumes set them aside): the later attempt wins."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": loss}) + "\n"
+                            for s, loss in ((1, 1.0), (2, 0.9), (3, 0.8), (2, 0.7), (3, 0.6), (4, 0.5))))
+    assert [(r["step"], r["loss"]) for r in read_records(path)] == [(1, 1.0), (2, 0.7), (3, 0.6), (4, 0.5)]
+    set_aside_records(path, 3)
+    assert [(r["step"], r["loss"]) for r in read_records(path)] == [(1, 1.0), (2, 0.7), (3, 0.6)]
