@@ -183,7 +183,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny
     assert "checkpoint refused: step_0000002.safetensors" in stdout
     assert "falling back to step_0000001.safetensors" in stdout
     assert "step_0000001.safetensors at step 1" in stdout
-    assert [r["step"] for r in metrics(out)] == [1, 2, 2]  # the first run's two steps, then step 2 again
+    # the first run's step 2 set aside (metrics.superseded.jsonl), then step 2 again: one timeline
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    superseded = (out / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in superseded] == [2]
     # Step 2 redone from step 1 is the step 2 of the uninterrupted run, bit for bit (and verifies again).
     assert_bitwise_equal(original, newest)
 
