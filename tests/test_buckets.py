@@ -1,0 +1,105 @@
+"""Aspect-ratio buckets: the table, each image's bucket, the crop, and the bucketed global order."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ldm_ddp.data.buckets import BucketedOrder, check_buckets, cover_crop, make_buckets, nearest_bucket
+from ldm_ddp.data.stream import GlobalOrder
+
+
+def test_the_table_of_512_px_buckets():
+    buckets = make_buckets(512, 64)
+    assert buckets == [(256, 1024), (320, 768), (384, 640), (448, 576), (512, 512), (576, 448), (640, 384),
+                       (768, 320), (1024, 256)]
+    for w, h in buckets:
+        assert w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and w * h >= 0.9 * 512 * 512
+        assert 1 / 4 <= w / h <= 4
+    assert make_buckets(64, 16) == [(32, 128), (48, 80), (64, 64), (80, 48), (128, 32)]
+    assert make_buckets(1024, 64, max_aspect=2.0)[0] == (768, 1344) and len(make_buckets(1024, 64, 2.0)) == 9
+    with pytest.raises(ValueError, match="not a multiple of 64"):
+        make_buckets(500, 64)
+
+
+def test_a_given_list_is_checked():
+    assert check_buckets([[512, 512], [640, 384]], 64) == [(512, 512), (640, 384)]
+    for bad in ([[512, 500]], [[512]], [["512", 512]], [[512, 512], [512, 512]]):
+        with pytest.raises(ValueError):
+            check_buckets(bad, 64)
+
+
+def test_each_image_goes_to_the_bucket_nearest_its_log_aspect():
+    buckets = make_buckets(512, 64)
+    sizes = np.array([[1000, 1000], [4000, 3000], [3000, 4000], [1920, 1080], [100, 1000], [7000, 100],
+                      [0, 0]])
+    names = [buckets[i] for i in nearest_bucket(sizes, buckets)]
+    assert names == [(512, 512), (576, 448), (448, 576), (640, 384), (256, 1024), (1024, 256), (512, 512)]
+    # The nearest in log space: 16:9 (log 0.575) is nearer 640x384 (log 0.511) than 768x320 (0.875).
+    w, h = 1920, 1080
+    best = min(buckets, key=lambda b: abs(math.log(w / h) - math.log(b[0] / b[1])))
+    assert best == (640, 384)
+
+
+def test_the_crop_covers_the_bucket_and_says_where_it_is():
+    # 4000x3000 into 576x448: scale 0.149 (height-bound), crop 3857x3000 of the width, centred.
+    box, top_left = cover_crop(4000, 3000, (576, 448), None)
+    left, top, right, bottom = box
+    assert (bottom - top) == 3000 and abs((right - left) / (bottom - top) - 576 / 448) < 1e-3
+    assert left == (4000 - (right - left)) // 2 and top == 0
+    assert top_left == (0, round(left * 448 / 3000))
+    rng = np.random.Generator(np.random.PCG64(0))
+    boxes = {cover_crop(4000, 3000, (576, 448), rng)[0] for _ in range(20)}
+    assert len(boxes) > 5 and all(b[1] == 0 and 0 <= b[0] and b[2] <= 4000 for b in boxes)
+    assert cover_crop(512, 512, (512, 512), None) == ((0, 0, 512, 512), (0, 0))
+
+
+def order(bucket_of, batch, seed=0, shard_sizes=None, window=0):
+    return BucketedOrder(GlobalOrder(len(bucket_of), seed, shard_sizes, window), bucket_of, batch)
+
+
+@pytest.mark.parametrize("shard_sizes, window", [(None, 0), ([10] * 10, 3)])
+def test_every_micro_batch_is_full_and_of_one_bucket_and_each_epoch_has_every_sample_once(shard_sizes,
+                                                                                          window):
+    rng = np.random.default_rng(1)
+    bucket_of = rng.choice(5, size=100, p=[0.1, 0.2, 0.4, 0.2, 0.1])
+    o = order(bucket_of, 4, shard_sizes=shard_sizes, window=window)
+    counts = np.bincount(bucket_of, minlength=5)
+    assert o.dropped == int((counts % 4).sum()) and o.epoch_length == 100 - o.dropped
+    for epoch in range(3):
+        seq = [o.index(epoch * o.epoch_length + g) for g in range(o.epoch_length)]
+        assert len(set(seq)) == len(seq)  # nothing twice within an epoch
+        blocks = np.array(seq).reshape(-1, 4)
+        assert all(len(set(bucket_of[b])) == 1 for b in blocks)  # one bucket per micro-batch
+        per_bucket = np.bincount(bucket_of[seq], minlength=5)
+        assert (per_bucket == counts - counts % 4).all()  # each bucket's leftover, and no more, left out
+    first = [o.index(g) for g in range(o.epoch_length)]
+    again = order(bucket_of, 4, shard_sizes=shard_sizes, window=window)  # a pure function of (seed, g)
+    assert [again.index(g) for g in reversed(range(o.epoch_length))] == first[::-1]
+    assert first != [o.index(o.epoch_length + g) for g in range(o.epoch_length)]  # reshuffled per epoch
+    assert first != [order(bucket_of, 4, seed=1, shard_sizes=shard_sizes, window=window).index(g)
+                     for g in range(o.epoch_length)]
+
+
+def test_reads_stay_within_a_window_of_shards():
+    """With shard windows a batch holds samples of its own window, or carried from the one before."""
+    bucket_of = np.arange(200) % 2
+    o = order(bucket_of, 4, shard_sizes=[20] * 10, window=2)
+    base = o.base
+    seq = [o.index(g) for g in range(o.epoch_length)]
+    base._windows(0)
+    window_of = {int(i): w for w in range(5) for i in base._members(0, w)}
+    windows = [window_of[i] for i in seq]
+    assert windows == sorted(windows)  # the epoch reads window after window
+
+
+def test_a_bad_sample_is_replaced_from_its_own_bucket():
+    bucket_of = np.arange(64) % 3
+    o = order(bucket_of, 2)
+    for index in (0, 5, 63):
+        subs = o.substitutes(index, 16)
+        assert subs[0] == index and len(set(subs)) == len(subs) == 16
+        assert all(bucket_of[s] == bucket_of[index] for s in subs)
+    assert len(o.substitutes(0, 100)) == 22  # a small bucket: each member once
+    with pytest.raises(ValueError, match="no bucket holds"):
+        order(np.arange(6), 2)
