@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import REPO, run_main
 from safetensors import safe_open
@@ -283,11 +284,11 @@ def test_failed_save_leaves_no_temp_and_previous_intact(tmp_path, trained, monke
     (previous,) = saved_steps(tmp_path, trained, [100])
     before = previous.read_bytes()
 
-    def disk_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
+    def disk_full(tensors, path, metadata):
+        Path(path).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    monkeypatch.setattr(ckpt, "_write", disk_full)
     with pytest.raises(OSError, match="No space left"):
         saved_steps(tmp_path, trained, [200])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000100.safetensors"]
@@ -374,8 +375,7 @@ def test_odd_tensors_round_trip(tmp_path):
 
 def test_a_real_write_error_is_an_oserror_and_leaves_no_trace(tmp_path, trained):
     """The file size limit (EFBIG) makes the kernel refuse the write, as a full disk does (ENOSPC):
-    safetensors reports it as its own error type, save_checkpoint as the OSError it is, with the previous
-    checkpoint intact."""
+    save_checkpoint raises the OSError, naming the file, with the previous checkpoint intact."""
     (previous,) = saved_steps(tmp_path, trained, [100])
     before = previous.read_bytes()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -388,6 +388,24 @@ def test_a_real_write_error_is_an_oserror_and_leaves_no_trace(tmp_path, trained)
     assert err.value.errno == errno.EFBIG and "writing .step_0000200.safetensors.tmp-" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000100.safetensors"]
     assert previous.read_bytes() == before
+
+
+def test_the_file_is_the_one_safetensors_writes(tmp_path):
+    """Every dtype, names out of order: the same header (up to the order of the metadata entries, which
+    safetensors leaves to a hash map), padding and tensor bytes as safetensors' own writer."""
+    dtypes = [torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16,
+              torch.uint16, torch.float16, torch.bfloat16, torch.int32, torch.uint32, torch.float32,
+              torch.complex64, torch.float64, torch.int64, torch.uint64]
+    tensors = {f"other.{chr(ord('z') - i)}\u00e9": torch.arange(i + 1).to(dtype).reshape(-1, 1)
+               for i, dtype in enumerate(dtypes)}
+    tensors.update({"unet.empty": torch.zeros(0, 3), "unet.scalar": torch.tensor(2.5)})
+    path = ckpt.save_checkpoint(tmp_path, 1, tensors, {"note": "x"})
+    ours = path.read_bytes()
+    with safe_open(path, framework="pt") as f:
+        theirs = safetensors.torch.save(tensors, metadata=f.metadata())
+    n = header_len(path)
+    assert ours[:8] == theirs[:8] and ours[n:] == theirs[n:]
+    assert json.loads(ours[8:n]) == json.loads(theirs[8:n]) and ours[8:n].rstrip(b" ").endswith(b"}")
 
 
 def test_a_missing_file_is_refused_naming_it(tmp_path):
