@@ -34,7 +34,9 @@ from . import __version__
 
 FORMAT = "ldm_ddp/1"
 _NAME = re.compile(r"step_(\d{7,})\.safetensors")
-_TEMP = re.compile(r"\.step_\d{7,}\.safetensors\.tmp-\d+")
+# A save's temp file; or safetensors' own (".tmp" and six letters or digits), which its save_file, used by
+# earlier releases of this module, left beside it when killed mid-write.
+_TEMP = re.compile(r"\.step_\d{7,}\.safetensors\.tmp-\d+|\.tmp[0-9A-Za-z]{6}")
 _RESERVED = ("format", "step", "integrity")
 # safetensors' dtype names, in the order its writer lays tensors out (widest alignment first).
 _DTYPE_NAMES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
@@ -295,7 +297,11 @@ def set_aside_after(ckpt_dir, step: int, log: Callable[[str], None] = print) -> 
 
 
 def remove_stale_temp_files(ckpt_dir, log: Callable[[str], None] = print) -> int:
-    """Delete temp files left by interrupted saves (call before any save starts). -> how many."""
+    """Delete temp files left by interrupted saves (call before any save starts). -> how many.
+
+    The folder is the run's own (the run folder's lock keeps other runs out) and no save has started: a temp
+    file there is a dead process's.
+    """
     removed = 0
     for path in Path(ckpt_dir).iterdir() if Path(ckpt_dir).is_dir() else []:
         if _TEMP.fullmatch(path.name):

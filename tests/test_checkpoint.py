@@ -298,11 +298,14 @@ def test_failed_save_leaves_no_temp_and_previous_intact(tmp_path, trained, monke
 
 def test_stale_temp_files_are_removed(tmp_path, trained):
     saved_steps(tmp_path, trained, [100])
-    for name in (".step_0000200.safetensors.tmp-41", ".step_0000300.safetensors.tmp-42"):
+    # ours, and safetensors' own: its save_file, used by earlier releases, wrote one and renamed it to ours
+    for name in (".step_0000200.safetensors.tmp-41", ".step_0000300.safetensors.tmp-42", ".tmpAbc123"):
         (tmp_path / name).write_bytes(b"partial")
-    (tmp_path / "notes.txt").write_text("not ours")
-    assert ckpt.remove_stale_temp_files(tmp_path) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_0000100.safetensors"]
+    for name in ("notes.txt", ".tmp", ".tmpAbc1234", ".tmp-abc12"):
+        (tmp_path / name).write_text("not ours")
+    assert ckpt.remove_stale_temp_files(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp", ".tmp-abc12", ".tmpAbc1234", "notes.txt",
+                                                          "step_0000100.safetensors"]
 
 
 def test_versions_never_fail():
