@@ -11,7 +11,8 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm_ddp.checkpoint import CheckpointError, describe_checkpoint
+from ldm_ddp.checkpoint import CheckpointError
+from ldm_ddp.checkpoint_info import describe_checkpoint
 from ldm_ddp.ema import checkpoint_profiles
 
 

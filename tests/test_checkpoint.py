@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from ldm_ddp import checkpoint as ckpt
 from ldm_ddp.checkpoint import CheckpointError
+from ldm_ddp.checkpoint_info import describe_checkpoint
 
 
 class Tiny(torch.nn.Module):
@@ -316,7 +317,7 @@ def test_versions_never_fail():
 
 def test_describe_groups_and_blocks(tmp_path, trained):
     (path,) = saved_steps(tmp_path, trained, [3])
-    described = ckpt.describe_checkpoint(path, max_rows_per_group=2)
+    described = describe_checkpoint(path, max_rows_per_group=2)
     assert described["groups"]["unet"] == {"tensors": 8,
                                            "params": sum(p.numel() for p in trained[0].parameters()),
                                            "dtypes": ["float32"]}
@@ -421,6 +422,6 @@ def test_describe_lists_each_ema_profile_as_a_group(tmp_path):
     weight = torch.ones(2, 3)
     path = ckpt.save_checkpoint(tmp_path, 1, {"unet.w": weight, "ema.w": weight, "ema_0p9999.w": weight,
                                               "ema_std0p1.w": weight, "misc": weight}, {})
-    groups = ckpt.describe_checkpoint(path)["groups"]
+    groups = describe_checkpoint(path)["groups"]
     assert set(groups) == {"unet", "ema", "ema_0p9999", "ema_std0p1", "other"}
     assert all(g["tensors"] == 1 and g["params"] == 6 for g in groups.values())
