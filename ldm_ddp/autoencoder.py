@@ -20,7 +20,7 @@ from .checkpoint import TrainingState
 from .config import Config, ConfigError
 from .data.shapes import vocabulary
 from .data.sources import build_source
-from .data.stream import ShardedStream, make_loader
+from .data.stream import ShardedStream, end_workers, make_loader
 from .data.transforms import ImageTransform, to_unit_range
 from .metrics import Metrics
 from .models import PRESET_DIR, write_demo_text_encoder
@@ -101,6 +101,7 @@ def train_autoencoder(cfg: Config) -> Path:
             run.save(state, must_commit=due.done or due.stop is not None)
         if due.stop is not None:
             metrics.close()
+            end_workers(batches)  # at once: freed with the stop, they would take 5 s each
             run.stop(due.stop)
         if due.done:
             break

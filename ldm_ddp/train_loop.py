@@ -17,7 +17,7 @@ from .conditioning import CLIPConditioning
 from .config import Config, ConfigError
 from .data.latents import cache_fingerprint
 from .data.sources import build_source
-from .data.stream import ShardedStream, make_loader
+from .data.stream import ShardedStream, end_workers, make_loader
 from .data.transforms import ImageTransform
 from .ema import EMA
 from .metrics import Metrics, count_train_flops, start_tensorboard, start_wandb
@@ -97,6 +97,7 @@ def train(cfg: Config) -> dict:
             profiler.close(run.step)  # a record open when the run ends keeps the steps it has
         if due.stop is not None:
             metrics.close()
+            end_workers(batches)  # at once: freed with the stop, they would take 5 s each
             run.stop(due.stop)
         if due.done:
             break

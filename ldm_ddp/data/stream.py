@@ -245,3 +245,19 @@ def make_loader(stream: ShardedStream, num_workers: int, prefetch_batches: int, 
     extra = {"prefetch_factor": prefetch_batches, "persistent_workers": False} if num_workers else {}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       worker_init_fn=worker_init_fn, **extra)
+
+
+def end_workers(batches) -> None:
+    """End the workers of `batches` (an iterator of make_loader's loader) now: for a run that stops with an
+    exception, once nothing more is read from it.
+
+    Left alone, the iterator is freed with the stopping exception's reference cycle, by the garbage collector,
+    which runs the finalizers of the loader's index queues before the iterator's own: the queues' feeder
+    threads stop, the "exit" message the loader's shutdown then puts on each queue is never sent, and it
+    waits MP_STATUS_CHECK_INTERVAL (5 s) for each worker before terminating it: 40 s with 8 workers, past
+    torchrun's 30 s between SIGTERM and SIGKILL. Run here, the same shutdown (the one the iterator's __del__
+    runs) reaches every worker at once; each finishes the batch in hand, if any, and exits.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # without workers (num_workers=0) nothing to end
+    if shutdown is not None:
+        shutdown()
