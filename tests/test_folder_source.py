@@ -86,6 +86,31 @@ def test_min_size_filters_by_the_shorter_side(tmp_path):
             != ImageFolderSource(str(tmp_path)).fingerprint())
 
 
+def test_symlinked_folders_are_followed_once_and_broken_links_left_out(tmp_path):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder, name in ((root, "a.png"), (root, "sub/b.png"), (elsewhere, "c.png")):
+        save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(f"caption of {name}")
+    (root / "linked").symlink_to(elsewhere)  # a folder outside the root: indexed through the link
+    (root / "sub" / "up").symlink_to(root)  # a loop back to the root: the root is listed once
+    (elsewhere / "back").symlink_to(root)  # the same loop through the linked folder
+    (root / "alias.png").symlink_to(root / "a.png")  # a link to a file: indexed like the file
+    (root / "alias.txt").symlink_to(root / "a.txt")
+    (root / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    source = ImageFolderSource(str(root))
+    assert source.files == ["a.png", "alias.png", "linked/c.png", "sub/b.png"]
+    assert source.left_out_files == {"dangling.png": "dangling symlink", "loop.png": "symlink loop",
+                                     "linked/back": "symlinked folder indexed already",
+                                     "sub/up": "symlinked folder indexed already"}
+    assert [source[i]["caption"] for i in range(len(source))] == [
+        "caption of a.png", "caption of a.png", "caption of c.png", "caption of sub/b.png"]
+    assert source.fingerprint() == ImageFolderSource(str(root)).fingerprint()
+    (root / "metadata.jsonl").symlink_to(tmp_path / "moved.jsonl")  # not a silent fall-back to .txt files
+    with pytest.raises(ConfigError, match="metadata.jsonl .dangling symlink"):
+        ImageFolderSource(str(root))
+
+
 def bad_folder(root) -> set[str]:
     """10 good images with captions and four bad files; -> the bad keys."""
     rows = []

@@ -3,18 +3,21 @@
 
 Captions come from `metadata.jsonl` or `metadata.csv` in the folder (a `file_name` column, relative
 to the folder, and a caption column), else from a `.txt` file beside each image. The index is every
-file with an image extension, sorted by relative path; bad files (empty, not an image, truncated,
-no caption) stay in it and raise in `__getitem__`, where the stream replaces and names them.
+file with an image extension, sorted by relative path, symlinked files and folders followed (see
+`list_files`); bad files (empty, not an image, truncated, no caption) stay in it and raise in
+`__getitem__`, where the stream replaces and names them. What cannot be listed (a dangling symlink, a
+symlink loop) is left out, named at start.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from PIL import Image
 
@@ -26,20 +29,45 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
-def list_images(root: str) -> list[str]:
-    """Relative POSIX paths of the image files under `root`, sorted (hidden files and folders skipped)."""
+def list_files(root: str) -> tuple[dict[str, int], dict[str, str]]:
+    """Every file under `root` -> ({relative POSIX name: size in bytes}, {relative name: why it is left out}).
+
+    Hidden files and folders (.ipynb_checkpoints, .cache) are not data and not listed. Locally, symlinks are
+    followed, to files and to folders; each real folder is listed once, under the first path that reaches
+    it in sorted order, so a link back to a parent folder is no loop. A dangling link, a link loop or an
+    unreadable folder is left out with its reason, never an error: one bad link must not stop a run.
+    """
     if files.is_url(root):
         from fsspec.core import url_to_fs
         fs, base = url_to_fs(root)
-        names = [PurePosixPath(p).relative_to(base.rstrip("/") or "/").as_posix() for p in fs.find(base)]
-    else:
-        names = []
-        for folder, dirs, found in os.walk(root):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            names += [(Path(folder).relative_to(root) / f).as_posix() for f in found]
-    # Hidden files and folders (e.g. .ipynb_checkpoints, .cache) are not data.
-    return sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
-                  and not any(part.startswith(".") for part in n.split("/")))
+        found = {PurePosixPath(p).relative_to(base.rstrip("/") or "/").as_posix(): int(info["size"])
+                 for p, info in fs.find(base, detail=True).items()}
+        return {n: size for n, size in found.items() if not any(p.startswith(".") for p in n.split("/"))}, {}
+    sizes, left_out, seen = {}, {}, set()
+
+    def visit(folder: str, prefix: str) -> None:
+        real = os.path.realpath(folder)
+        if real in seen:
+            left_out[prefix.rstrip("/")] = "symlinked folder indexed already"
+            return
+        seen.add(real)
+        with os.scandir(folder) as listing:
+            entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            name = prefix + entry.name
+            try:
+                if entry.is_dir():  # follows a symlink; False for a dangling one
+                    visit(entry.path, name + "/")
+                else:
+                    sizes[name] = entry.stat().st_size  # the target's size; raises for a broken link
+            except OSError as err:
+                left_out[name] = ("symlink loop" if err.errno == errno.ELOOP
+                                  else "dangling symlink" if entry.is_symlink() and err.errno == errno.ENOENT
+                                  else f"unreadable ({err.strerror})")
+
+    if os.path.isdir(root):  # a missing root lists nothing: the source then names data.path
+        visit(root, "")
+    return sizes, left_out
 
 
 def read_metadata(path: str, column: str) -> dict[str, str]:
@@ -82,7 +110,8 @@ class ImageFolderSource(RawSource):
     def __init__(self, path: str, caption_column: str = "text", min_size: int = 0, seed: int = 0,
                  is_main: bool = True):
         self.root, self.caption_column, self.min_size, self.seed = str(path), caption_column, min_size, seed
-        names = list_images(self.root)
+        self.sizes, self.left_out_files = list_files(self.root)
+        names = sorted(n for n in self.sizes if n.lower().endswith(IMAGE_EXTENSIONS))
         self.filtered = 0
         if min_size:
             # Headers only: deterministic, and far cheaper than decoding every image. An unreadable
@@ -93,9 +122,17 @@ class ImageFolderSource(RawSource):
             if is_main:
                 print(f"data: min_size={min_size} left out {self.filtered} of {len(names) + self.filtered} "
                       f"images under {self.root}", flush=True)
+        if is_main and self.left_out_files:
+            named = [f"{name} ({why})" for name, why in self.left_out_files.items()]
+            print(f"data: left out under {self.root}: {', '.join(named[:5])}"
+                  + (f" and {len(named) - 5} more" if len(named) > 5 else ""), flush=True)
         if not names:
             raise ConfigError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
-        present = [name for name in METADATA_FILES if files.is_file(self.path(name))]
+        broken = [name for name in METADATA_FILES if name in self.left_out_files]
+        if broken:  # a broken link to the captions must not silently fall back to .txt files
+            raise ConfigError(f"data.path: cannot read {self.path(broken[0])} "
+                              f"({self.left_out_files[broken[0]]})")
+        present = [name for name in METADATA_FILES if name in self.sizes]
         if len(present) > 1:
             raise ConfigError(f"data.path: both {' and '.join(present)} in {self.root}; keep one")
         self.files = names
@@ -111,27 +148,12 @@ class ImageFolderSource(RawSource):
         digest = hashlib.sha256(json.dumps([self.metadata, self.caption_column, self.min_size]).encode())
         if self.metadata:
             digest.update(files.read_bytes(self.path(self.metadata)))
-        sizes = self._sizes()
         for name in self.files:
-            entry = [name, sizes.get(name, -1)]
+            entry = [name, self.sizes.get(name, -1)]
             if not self.metadata:
-                entry.append(sizes.get(str(PurePosixPath(name).with_suffix(".txt")), -1))
+                entry.append(self.sizes.get(str(PurePosixPath(name).with_suffix(".txt")), -1))
             digest.update(json.dumps(entry).encode())
         return digest.hexdigest()[:16]
-
-    def _sizes(self) -> dict[str, int]:
-        """{relative name: size in bytes} of every file under the root (one listing, not a stat per file)."""
-        if files.is_url(self.root):
-            from fsspec.core import url_to_fs
-            fs, base = url_to_fs(self.root)
-            return {PurePosixPath(p).relative_to(base.rstrip("/") or "/").as_posix(): int(info["size"])
-                    for p, info in fs.find(base, detail=True).items()}
-        sizes = {}
-        for folder, _, found in os.walk(self.root):
-            for f in found:
-                full = os.path.join(folder, f)
-                sizes[Path(full).relative_to(self.root).as_posix()] = os.path.getsize(full)
-        return sizes
 
     def __len__(self) -> int:
         return len(self.files)
