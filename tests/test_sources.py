@@ -136,10 +136,39 @@ def test_sources_print_by_the_is_main_they_are_given(tmp_path, capsys):
     small = folder(tmp_path / "small", widths=[4, 20, 20])  # 4 x 9 px is under min_size=8
     for build, line in ((lambda is_main: build_source(broken, is_main=is_main), "skipping shard wds-1.tar"),
                         (lambda is_main: ImageFolderSource(small, min_size=8, is_main=is_main),
-                         "min_size=8 left out 1 of 3 images")):
+                         "img_0.png (image smaller than min_size=8)")):
         assert build(False).fingerprint() == build(True).fingerprint()
         printed = capsys.readouterr().out
         assert printed.count(line) == 1, printed
+
+
+def test_every_source_says_its_size_and_what_it_left_out_at_start(sources, tmp_path, capsys):
+    for kind, source in sources.items():
+        assert "where" in vars(type(source)), kind
+        assert source.start_line() == f"data: {source.where()}: {N} samples", kind
+    links = Path(folder(tmp_path / "links"))
+    (links / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (links / "moved.jpg").symlink_to(tmp_path / "moved" / "x.jpg")
+    (links / "loop.png").symlink_to(links / "loop.png")
+    cfg = DataConfig(source="folder", path=str(links))
+    build_source(cfg, is_main=False)
+    assert capsys.readouterr().out == ""
+    build_source(cfg)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"data: folder {links}: {N} samples (left out: 2 dangling symlinks, 1 symlink loop)"
+    assert len(printed) == 2 and "moved.jpg (dangling symlink)" in printed[0]  # the names, one line
+    (links / "loop.png").unlink()
+    (links / "notes.png").write_text("not an image")
+    (links / "notes.txt").write_text("a caption")
+    make_shards(build_source(cfg), str(tmp_path / "shards"), shard_size=4, log=lambda _: None)
+    tar(tmp_path / "wds-0.tar", 2)
+    (tmp_path / "wds-1.tar").write_bytes(b"not a tar")
+    wds = DataConfig(source="webdataset", path=str(tmp_path / "wds-{0..1}.tar"), bad_shard="skip")
+    shards = DataConfig(source="shards", path=str(tmp_path / "shards"))
+    assert [build_source(c).start_line() for c in (shards, wds)] == [
+        f"data: shards {shards.path}: {N} samples (left out: 1 sample skipped when the set was made "
+        "(skipped.jsonl))",
+        f"data: webdataset {wds.path}: 2 samples (left out: 1 shard skipped (data.bad_shard=skip))"]
 
 
 def test_data_code_never_imports_dist():

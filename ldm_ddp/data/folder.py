@@ -10,6 +10,7 @@ symlink loop) is left out, named at start.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import errno
 import hashlib
@@ -30,7 +31,8 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
 def list_files(root: str) -> tuple[dict[str, int], dict[str, str]]:
-    """Every file under `root` -> ({relative POSIX name: size in bytes}, {relative name: why it is left out}).
+    """Every file under `root` -> ({relative POSIX name: size in bytes}, {relative name: why it is left out});
+    a reason has "{s}" where its plural takes an s (sources.DataSource.left_out).
 
     Hidden files and folders (.ipynb_checkpoints, .cache) are not data and not listed. Locally, symlinks are
     followed, to files and to folders; each real folder is listed once, under the first path that reaches
@@ -48,7 +50,7 @@ def list_files(root: str) -> tuple[dict[str, int], dict[str, str]]:
     def visit(folder: str, prefix: str) -> None:
         real = os.path.realpath(folder)
         if real in seen:
-            left_out[prefix.rstrip("/")] = "symlinked folder indexed already"
+            left_out[prefix.rstrip("/")] = "symlinked folder{s} indexed already"
             return
         seen.add(real)
         with os.scandir(folder) as listing:
@@ -61,9 +63,12 @@ def list_files(root: str) -> tuple[dict[str, int], dict[str, str]]:
                 else:
                     sizes[name] = entry.stat().st_size  # the target's size; raises for a broken link
             except OSError as err:
-                left_out[name] = ("symlink loop" if err.errno == errno.ELOOP
-                                  else "dangling symlink" if entry.is_symlink() and err.errno == errno.ENOENT
-                                  else f"unreadable ({err.strerror})")
+                if err.errno == errno.ELOOP:
+                    left_out[name] = "symlink loop{s}"
+                elif err.errno == errno.ENOENT and entry.is_symlink():
+                    left_out[name] = "dangling symlink{s}"
+                else:
+                    left_out[name] = f"unreadable ({err.strerror})"
 
     if os.path.isdir(root):  # a missing root lists nothing: the source then names data.path
         visit(root, "")
@@ -112,18 +117,14 @@ class ImageFolderSource(RawSource):
         self.root, self.caption_column, self.min_size, self.seed = str(path), caption_column, min_size, seed
         self.sizes, self.left_out_files = list_files(self.root)
         names = sorted(n for n in self.sizes if n.lower().endswith(IMAGE_EXTENSIONS))
-        self.filtered = 0
         if min_size:
             # Headers only: deterministic, and far cheaper than decoding every image. An unreadable
             # header (None) counts as large enough, so the file fails by name when loaded.
-            kept = [f for f in names if (shorter_side(self.path(f)) or min_size) >= min_size]
-            self.filtered = len(names) - len(kept)
-            names = kept
-            if is_main:
-                print(f"data: min_size={min_size} left out {self.filtered} of {len(names) + self.filtered} "
-                      f"images under {self.root}", flush=True)
-        if is_main and self.left_out_files:
-            named = [f"{name} ({why})" for name, why in self.left_out_files.items()]
+            small = [f for f in names if (shorter_side(self.path(f)) or min_size) < min_size]
+            self.left_out_files.update(dict.fromkeys(small, f"image{{s}} smaller than min_size={min_size}"))
+            names = [f for f in names if f not in self.left_out_files]
+        if is_main and self.left_out_files:  # named here; counted in the start line (build_source)
+            named = [f"{name} ({why.replace('{s}', '')})" for name, why in self.left_out_files.items()]
             print(f"data: left out under {self.root}: {', '.join(named[:5])}"
                   + (f" and {len(named) - 5} more" if len(named) > 5 else ""), flush=True)
         if not names:
@@ -157,6 +158,12 @@ class ImageFolderSource(RawSource):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def where(self) -> str:
+        return f"folder {self.root}"
+
+    def left_out(self) -> dict[str, int]:
+        return dict(collections.Counter(self.left_out_files.values()))
 
     def key(self, index: int) -> str:
         return self.files[index]

@@ -133,6 +133,9 @@ class HFDatasetSource(RawSource):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def where(self) -> str:
+        return f"hf {self.path} split {self.split}"
+
     def key(self, index: int) -> str:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range ({len(self)} rows)")
@@ -188,6 +191,9 @@ class HFStreamSource(DataSource):
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def where(self) -> str:
+        return f"hf {self.path} split {self.split}, streamed"
 
     def key(self, position: int) -> str:
         """The record at global `position`, named as records() names it: "<split>/<epoch>/<n>"."""

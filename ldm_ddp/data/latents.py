@@ -109,6 +109,13 @@ class LatentSource(DataSource):
     def shard_sizes(self) -> list[int]:
         return list(self.counts)
 
+    def where(self) -> str:
+        return f"latent cache {self.root}"
+
+    def left_out(self) -> dict[str, int]:
+        return {"sample{s} skipped when the cache was made (skipped.jsonl)":
+                int(self.manifest.get("made_with", {}).get("skipped", 0))}
+
     def check_matches(self, fingerprint: dict) -> None:
         """Refuse (one line) a cache made for another VAE, tokenizer, resolution, crop, flip or dtype."""
         cached = self.manifest["fingerprint"]

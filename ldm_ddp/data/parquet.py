@@ -68,7 +68,7 @@ class ParquetSource(RawSource):
 
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
                  bad_shard: str = "stop", cached_groups: int = 8, is_main: bool = True):
-        self.files, self.skipped = [], []
+        self.path, self.files, self.skipped = path, [], []
         self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
         self.row_counts, self.groups, self.sizes = [], [], []  # groups: (file number, row group number)
         for name in list_parquet_files(path):
@@ -105,6 +105,12 @@ class ParquetSource(RawSource):
     def shard_sizes(self) -> list[int]:
         """Rows per row group, in index order: the unit the two-level shuffle permutes."""
         return list(self.sizes)
+
+    def where(self) -> str:
+        return f"parquet {self.path}"
+
+    def left_out(self) -> dict[str, int]:
+        return {"Parquet file{s} skipped (data.bad_shard=skip)": len(self.skipped)}
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """Global row -> (row group number, file number, row within the file)."""

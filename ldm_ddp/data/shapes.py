@@ -171,6 +171,9 @@ class ShapesSource(DataSource):
     def __len__(self) -> int:
         return self.num_samples
 
+    def where(self) -> str:
+        return "shapes (synthetic)"
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"shapes index {index} outside [0, {self.num_samples})")

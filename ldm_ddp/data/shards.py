@@ -113,6 +113,7 @@ class ShardsSource(RawSource):
         self.root = path.removesuffix(INDEX).rstrip("/") or path
         index = read_index(self.root)
         self.seed, self.id = seed, index["id"]
+        self.made_skipped = int(index.get("made_with", {}).get("skipped", 0))  # left out by make_shards
         present = {files.name_of(p): p for p in files.list_files(self.root, (".tar",))}
         self.shards, self.counts, self.skipped = [], [], []
         for entry in index["shards"]:
@@ -140,6 +141,13 @@ class ShardsSource(RawSource):
 
     def shard_sizes(self) -> list[int]:
         return list(self.counts)
+
+    def where(self) -> str:
+        return f"shards {self.root}"
+
+    def left_out(self) -> dict[str, int]:
+        return {"shard{s} skipped (data.bad_shard=skip)": len(self.skipped),
+                "sample{s} skipped when the set was made (skipped.jsonl)": self.made_skipped}
 
     def _shard_index(self, shard: int) -> dict:
         if shard not in self._indexes:

@@ -29,6 +29,10 @@ class DataSource(ABC):
     shard_sizes()       samples per shard in index order (shard j holds the next shard_sizes()[j] indices):
                         the unit of the two-level shuffle (stream.GlobalOrder); None = not sharded.
     fingerprint()       a short string that changes when the data does; a checkpoint records it.
+    where()             what and where, for the start line: "folder /data/images".
+    left_out()          {reason: count} of what was found at data.path but is not served (a dangling symlink,
+                        a skipped shard, a sample make_shards left out); "{s}" marks where a plural takes an
+                        s: {"dangling symlink{s}": 2}. Both make start_line(), which build_source prints.
     """
 
     random_access: bool
@@ -46,6 +50,19 @@ class DataSource(ABC):
 
     @abstractmethod
     def fingerprint(self) -> str: ...
+
+    def where(self) -> str:
+        return type(self).__name__
+
+    def left_out(self) -> dict[str, int]:
+        return {}
+
+    def start_line(self) -> str:
+        """-> "data: folder /data/images: 25 samples (left out: 1 dangling symlink, 2 images smaller ...)"."""
+        counts = [f"{n} {why.replace('{s}', '' if n == 1 else 's')}"
+                  for why, n in self.left_out().items() if n]
+        said = f" (left out: {', '.join(counts)})" if counts else ""
+        return f"data: {self.where()}: {len(self)} samples{said}"
 
     def __getitem__(self, index: int) -> dict:
         """{"image": PIL image (opened, maybe undecoded), "caption", "key"}; random-access image sources."""
@@ -65,8 +82,16 @@ class DataSource(ABC):
 
 
 def build_source(cfg: DataConfig, *, is_main: bool = True) -> DataSource:
-    """The configured source (data.source). `is_main`: this process prints what a source reports (left-out
-    images, skipped shards); under torchrun pass dist.is_main(), so that one rank prints for all."""
+    """The configured source (data.source), its start line printed. `is_main`: this process prints what a
+    source reports (its size, left-out images, skipped shards); under torchrun pass dist.is_main(), so that
+    one rank prints for all."""
+    source = _make_source(cfg, is_main)
+    if is_main:
+        print(source.start_line(), flush=True)
+    return source
+
+
+def _make_source(cfg: DataConfig, is_main: bool) -> DataSource:
     # Imported here, not at the top: each of these modules imports DataSource from this one.
     from .folder import ImageFolderSource
     from .hf import HFDatasetSource, HFStreamSource

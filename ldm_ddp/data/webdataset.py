@@ -113,7 +113,7 @@ class WebDatasetSource(RawSource):
 
     def __init__(self, path: str, caption_column: str = "text", seed: int = 0, bad_shard: str = "stop",
                  is_main: bool = True):
-        self.caption_column, self.seed = caption_column, seed
+        self.path, self.caption_column, self.seed = path, caption_column, seed
         self.shards, self.skipped = [], []
         self.samples, self.member_counts = [], []  # samples: (shard number, key, {ext: (offset, size)})
         for shard in list_shards(path):
@@ -136,6 +136,12 @@ class WebDatasetSource(RawSource):
     def shard_sizes(self) -> list[int]:
         """Samples per shard, in index order (a shard's samples are contiguous indices)."""
         return [sum(1 for _ in group) for _, group in itertools.groupby(s for s, _, _ in self.samples)]
+
+    def where(self) -> str:
+        return f"webdataset {self.path}"
+
+    def left_out(self) -> dict[str, int]:
+        return {"shard{s} skipped (data.bad_shard=skip)": len(self.skipped)}
 
     def key(self, index: int) -> str:
         shard, key, _ = self.samples[index]
