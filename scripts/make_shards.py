@@ -48,7 +48,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
 
-    from ldm_ddp.data.convert import make_shards
+    from ldm_ddp.data.convert import NothingToWrite, make_shards
     from ldm_ddp.data.sources import build_source
 
     cfg = DataConfig(source=args.source, path=args.path, caption_column=args.caption_column,
@@ -61,6 +61,9 @@ def main() -> int:
     except ConfigError as err:
         print(f"make_shards: {err}", file=sys.stderr)
         return 2
+    except NothingToWrite as err:
+        print(f"make_shards: nothing written from {args.path}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,6 +5,7 @@ import filecmp
 import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -139,6 +140,28 @@ def test_shard_set_errors_are_one_line(tmp_path):
     (tmp_path / "index.json").write_text('{"format": "something else"}')
     with pytest.raises(ConfigError, match="not a ldm_ddp.shards/1 index"):
         build_source(DataConfig(source="shards", path=str(tmp_path)))
+
+
+def test_nothing_to_write_fails_with_one_line_and_leaves_no_set(tmp_path, monkeypatch, capsys):
+    """All inputs left out: exit non-zero naming the input and why, and no index.json (an earlier set's goes
+    first, as its shards are about to be overwritten), so nothing looks like a valid empty set."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    for name, data in (("a.png", b"this is not a PNG"), ("b.png", b""), ("c.jpg", jpeg((20, 30)))):
+        (root / name).write_bytes(data)
+        (root / name).with_suffix(".txt").write_text(f"caption of {name}")
+    out.mkdir()
+    (out / "index.json").write_text('{"format": "ldm_ddp.shards/1"}')
+    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    monkeypatch.setattr(sys, "argv", ["make_shards.py", "--source", "folder", "--path", str(root), str(out),
+                                      "--min-size", "64"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(os.path.join(REPO, "scripts", "make_shards.py"), run_name="__main__")
+    assert done.value.code not in (0, None)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(root) in error[0] and "all 3 inputs were left out" in error[0], error
+    assert sorted(p.name for p in out.iterdir()) == ["skipped.jsonl"]
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.slow

@@ -5,10 +5,13 @@ The source's samples are taken in a seeded permutation (or in source order), cut
 the caption, read the image header (minimum size filter), optionally decode it fully (verify) and
 resize its shorter side down to `resize` px (re-encoded as JPEG). A sample that fails any check is left
 out and listed, by key and reason, in skipped.jsonl; the rules are deterministic, so the same input and
-options give the same shards, whatever the number of workers. index.json is written last.
+options give the same shards, whatever the number of workers. index.json is written last, and an
+earlier one in the folder is removed first; when every sample is left out there is no index at all
+(`NothingToWrite`), so an empty or half-written set never looks valid.
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import multiprocessing
@@ -20,12 +23,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .samples import caption_list, open_image
-from .shards import write_index, write_shard
+from .shards import INDEX, write_index, write_shard
 from .transforms import pixel_limit, to_rgb
 
 # Stored as they are; others become PNG. MPO is a camera's multi-picture JPEG: a JPEG to every reader.
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _job: dict = {}  # the source and options, set before the worker processes fork
+
+
+class NothingToWrite(ValueError):
+    """Every sample of the source was left out: no shard set is written."""
 
 
 def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -> dict:
@@ -60,6 +67,15 @@ def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -
     return {"key": raw["key"], "image": out.getvalue(), "ext": "png", "captions": captions}
 
 
+def nothing_written(n: int, skipped: list[list[str]], listing: str) -> str:
+    """Why no sample is left: the commonest reason (its type and first words) and where each is named."""
+    if not n:
+        return "the source has no samples"
+    reasons = collections.Counter(":".join(reason.split(":")[:2]) for _, reason in skipped)
+    reason, count = reasons.most_common(1)[0]
+    return f"all {n} inputs were left out, {count} of them for {reason!r}; each is named in {listing}"
+
+
 def _make_shard(number: int) -> tuple[dict | None, list[list[str]]]:
     """Worker: shard `number` of the job -> (its index entry or None if nothing survived, [[key, reason]])."""
     source, opts = _job["source"], _job["opts"]
@@ -80,8 +96,12 @@ def _make_shard(number: int) -> tuple[dict | None, list[list[str]]]:
 def make_shards(source, out_dir: str, shard_size: int = 2000, workers: int = 1, resize: int = 0,
                 min_size: int = 0, verify: bool = True, quality: int = 95, shuffle_seed: int | None = 0,
                 max_image_pixels: int = 178_956_970, log=print) -> dict:
-    """Write `source` as a shard set in `out_dir` (local); -> the index (also in out_dir/index.json)."""
+    """Write `source` as a shard set in `out_dir` (local); -> the index (also in out_dir/index.json).
+
+    Raises NothingToWrite (after writing skipped.jsonl) when every sample is left out."""
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, INDEX)):  # an earlier set: incomplete once shards are rewritten
+        os.remove(os.path.join(out_dir, INDEX))
     n = len(source)
     order = (np.arange(n) if shuffle_seed is None
              else np.random.Generator(np.random.PCG64([shuffle_seed, 4])).permutation(n))
@@ -106,6 +126,8 @@ def make_shards(source, out_dir: str, shard_size: int = 2000, workers: int = 1, 
     _job.clear()
     with open(os.path.join(out_dir, "skipped.jsonl"), "w") as f:
         f.writelines(json.dumps({"key": key, "reason": reason}) + "\n" for key, reason in skipped)
+    if not any(entries):
+        raise NothingToWrite(nothing_written(n, skipped, os.path.join(out_dir, "skipped.jsonl")))
     made_with = {"made_with": {**opts, "shuffle_seed": shuffle_seed,
                                "source_fingerprint": source.fingerprint(), "input_samples": n,
                                "skipped": len(skipped)}}
