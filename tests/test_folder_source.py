@@ -61,6 +61,27 @@ def test_metadata_problems_fail_at_construction(tmp_path):
         ImageFolderSource(str(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize("layout", ["jsonl", "csv"])
+def test_a_metadata_row_that_is_not_utf8_is_left_out_alone(tmp_path, layout, capsys):
+    rows = [(b"a.png", b"fine"), (b"b.png", "caf\xe9".encode("latin-1")), (b"c.png", b"also fine")]
+    for name, _ in rows:
+        save(tmp_path / name.decode())
+    if layout == "jsonl":
+        lines = [b'{"file_name": "%s", "text": "%s"}' % row for row in rows]
+    else:
+        lines = [b"file_name,text"] + [b"%s,%s" % row for row in rows]
+    (tmp_path / f"metadata.{layout}").write_bytes(b"\n".join(lines) + b"\n")
+    source = build_source(DataConfig(source="folder", path=str(tmp_path)))
+    bad_row = f"metadata.{layout} line {2 if layout == 'jsonl' else 3}"  # the csv header is line 1
+    assert source.left_out_files == {bad_row: "metadata row{s} not valid UTF-8"}
+    printed = capsys.readouterr().out
+    assert f"{bad_row} (metadata row not valid UTF-8)" in printed
+    assert "3 samples (left out: 1 metadata row not valid UTF-8)" in printed
+    assert [source[0]["caption"], source[2]["caption"]] == ["fine", "also fine"]
+    with pytest.raises(ValueError, match="no row in metadata"):
+        source[1]
+
+
 def test_order_is_sorted_and_the_fingerprint_tracks_files(tmp_path):
     for name in ["z.png", "m.png", "a.png", "k/b.png"]:
         save(tmp_path / name)

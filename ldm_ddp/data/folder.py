@@ -75,22 +75,39 @@ def list_files(root: str) -> tuple[dict[str, int], dict[str, str]]:
     return sizes, left_out
 
 
-def read_metadata(path: str, column: str) -> dict[str, str]:
-    """metadata.jsonl / metadata.csv -> {relative file name: caption(s)}; ConfigError if unreadable."""
+def read_metadata(path: str, column: str) -> tuple[dict[str, str], list[int]]:
+    """metadata.jsonl / metadata.csv -> ({relative file name: caption(s)}, [lines of rows not valid UTF-8]);
+    ConfigError if the file cannot be read or parsed."""
     try:
-        text = files.read_bytes(path).decode("utf-8-sig")  # -sig: a byte-order mark
-        # (Excel's "CSV UTF-8") dropped
+        # Bytes that are not UTF-8 decode to lone surrogates, so that their row alone is left out, not the
+        # file; -sig: a byte-order mark (Excel's "CSV UTF-8") dropped.
+        text = files.read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
         if path.endswith(".csv"):
-            rows = list(csv.DictReader(io.StringIO(text)))
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            reader = csv.DictReader(io.StringIO(text))
+            numbered = [(reader.line_num, row) for row in reader]  # the line where the row ends
+            bad = {n for n, row in numbered
+                   if not all(is_utf8(v) for v in row.values() if isinstance(v, str))}
+            rows = [row for n, row in numbered if n not in bad]
+        else:  # split on "\n" alone: str.splitlines also splits at U+2028 and others, inside a JSON string
+            lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+            bad = {n for n, line in lines if not is_utf8(line)}
+            rows = [json.loads(line) for n, line in lines if n not in bad]
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.path: cannot read {path} ({err})") from None
     if rows and not all(isinstance(r, dict) and "file_name" in r for r in rows):
         raise ConfigError(f"data.path: every row of {path} needs a file_name")
     if rows and not any(column in r for r in rows):
         raise ConfigError(f"data.caption_column: no column {column!r} in {path} (has {sorted(rows[0])})")
-    return {os.path.normpath(r["file_name"]).replace(os.sep, "/"): r.get(column) for r in rows}
+    return {os.path.normpath(r["file_name"]).replace(os.sep, "/"): r.get(column) for r in rows}, sorted(bad)
+
+
+def is_utf8(text: str) -> bool:
+    """False if `text` holds a byte that was not UTF-8 (a lone surrogate from errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def shorter_side(path: str) -> int | None:
@@ -123,22 +140,26 @@ class ImageFolderSource(RawSource):
             small = [f for f in names if (shorter_side(self.path(f)) or min_size) < min_size]
             self.left_out_files.update(dict.fromkeys(small, f"image{{s}} smaller than min_size={min_size}"))
             names = [f for f in names if f not in self.left_out_files]
+        broken = [name for name in METADATA_FILES if name in self.left_out_files]
+        if broken:  # a broken link to the captions must not silently fall back to .txt files
+            raise ConfigError(f"data.path: cannot read {self.path(broken[0])} "
+                              f"({self.left_out_files[broken[0]].replace('{s}', '')})")
+        present = [name for name in METADATA_FILES if name in self.sizes]
+        if len(present) > 1:
+            raise ConfigError(f"data.path: both {' and '.join(present)} in {self.root}; keep one")
+        self.files = names
+        self.metadata = present[0] if present else None
+        self.captions = None
+        if self.metadata:
+            self.captions, bad_lines = read_metadata(self.path(self.metadata), caption_column)
+            self.left_out_files.update({f"{self.metadata} line {n}": "metadata row{s} not valid UTF-8"
+                                        for n in bad_lines})
         if is_main and self.left_out_files:  # named here; counted in the start line (build_source)
             named = [f"{name} ({why.replace('{s}', '')})" for name, why in self.left_out_files.items()]
             print(f"data: left out under {self.root}: {', '.join(named[:5])}"
                   + (f" and {len(named) - 5} more" if len(named) > 5 else ""), flush=True)
         if not names:
             raise ConfigError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
-        broken = [name for name in METADATA_FILES if name in self.left_out_files]
-        if broken:  # a broken link to the captions must not silently fall back to .txt files
-            raise ConfigError(f"data.path: cannot read {self.path(broken[0])} "
-                              f"({self.left_out_files[broken[0]]})")
-        present = [name for name in METADATA_FILES if name in self.sizes]
-        if len(present) > 1:
-            raise ConfigError(f"data.path: both {' and '.join(present)} in {self.root}; keep one")
-        self.files = names
-        self.metadata = present[0] if present else None
-        self.captions = read_metadata(self.path(self.metadata), caption_column) if self.metadata else None
         self._fingerprint = self._digest()
 
     def path(self, name: str) -> str:
