@@ -3,6 +3,7 @@ stream."""
 
 import csv
 import json
+import unicodedata
 
 import numpy as np
 import pytest
@@ -80,6 +81,18 @@ def test_a_metadata_row_that_is_not_utf8_is_left_out_alone(tmp_path, layout, cap
     assert [source[0]["caption"], source[2]["caption"]] == ["fine", "also fine"]
     with pytest.raises(ValueError, match="no row in metadata"):
         source[1]
+
+
+@pytest.mark.parametrize("on_disk, in_metadata", [("NFD", "NFC"), ("NFC", "NFD")])
+def test_file_names_match_the_metadata_under_unicode_normalization(tmp_path, on_disk, in_metadata):
+    """macOS writes names decomposed (NFD), most tools compose them (NFC): the same name either way."""
+    name = "café/crème brûlée.png"
+    save(tmp_path / unicodedata.normalize(on_disk, name))
+    row = {"file_name": unicodedata.normalize(in_metadata, name), "text": "dessert"}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    source = ImageFolderSource(str(tmp_path))
+    assert source.key(0) == unicodedata.normalize(on_disk, name)  # the name on disk, which opens the file
+    assert source[0]["caption"] == "dessert" and source[0]["image"].size == (12, 10)
 
 
 def test_order_is_sorted_and_the_fingerprint_tracks_files(tmp_path):

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import unicodedata
 import warnings
 from pathlib import PurePosixPath
 
@@ -76,8 +77,8 @@ def list_files(root: str) -> tuple[dict[str, int], dict[str, str]]:
 
 
 def read_metadata(path: str, column: str) -> tuple[dict[str, str], list[int]]:
-    """metadata.jsonl / metadata.csv -> ({relative file name: caption(s)}, [lines of rows not valid UTF-8]);
-    ConfigError if the file cannot be read or parsed."""
+    """metadata.jsonl / metadata.csv -> ({relative file name in NFC: caption(s)}, [lines of rows not valid
+    UTF-8]); ConfigError if the file cannot be read or parsed."""
     try:
         # Bytes that are not UTF-8 decode to lone surrogates, so that their row alone is left out, not the
         # file; -sig: a byte-order mark (Excel's "CSV UTF-8") dropped.
@@ -98,7 +99,15 @@ def read_metadata(path: str, column: str) -> tuple[dict[str, str], list[int]]:
         raise ConfigError(f"data.path: every row of {path} needs a file_name")
     if rows and not any(column in r for r in rows):
         raise ConfigError(f"data.caption_column: no column {column!r} in {path} (has {sorted(rows[0])})")
-    return {os.path.normpath(r["file_name"]).replace(os.sep, "/"): r.get(column) for r in rows}, sorted(bad)
+    captions = {nfc(os.path.normpath(r["file_name"]).replace(os.sep, "/")): r.get(column) for r in rows}
+    return captions, sorted(bad)
+
+
+def nfc(name: str) -> str:
+    """A file name in Unicode NFC: macOS writes names decomposed (NFD: "e" + U+0301), most tools and Linux
+    keep what they were given (mostly NFC), so "café.png" on disk and in metadata may differ in bytes. Names
+    are matched in NFC; the one on disk still opens the file."""
+    return unicodedata.normalize("NFC", name)
 
 
 def is_utf8(text: str) -> bool:
@@ -196,7 +205,7 @@ class ImageFolderSource(RawSource):
         """The caption cell of image `index` (a string or a list); raises if there is none."""
         name = self.files[index]
         if self.captions is not None:
-            text = self.captions.get(name)
+            text = self.captions.get(nfc(name))
             if text is None:
                 raise ValueError(f"no row in {self.metadata}")
             return text
