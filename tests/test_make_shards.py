@@ -67,9 +67,13 @@ def every_kind_of_input(root) -> tuple[dict, dict]:
     big = io.BytesIO()
     Image.new("L", (400, 400)).save(big, format="PNG")
     add("bomb.png", big.getvalue(), "too many pixels")
+    costly = io.BytesIO()
+    Image.new("RGB", (160, 160)).save(costly, format="PNG")  # 76800 bytes as RGB, over convert()'s budget
+    add("costly.png", costly.getvalue(), "too costly to decode")
     bad = {"truncated.jpg": "OSError", "zero.png": "zero-byte", "notes.jpg": "not an image",
            "uncaptioned.png":
-           "empty caption", "small.jpg": "smaller than data.min_size", "bomb.png": "Decompression"}
+           "empty caption", "small.jpg": "smaller than data.min_size", "bomb.png": "Decompression",
+           "costly.png": "decode budget"}
     (root / "orphan.png").write_bytes(buffers["alpha.png"])  # no metadata row
     bad["orphan.png"] = "no row in metadata.jsonl"
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -77,7 +81,8 @@ def every_kind_of_input(root) -> tuple[dict, dict]:
 
 
 def convert(source, out, **kwargs):
-    kwargs = {"shard_size": 5, "min_size": 32, "max_image_pixels": 100_000, "log": lambda _: None, **kwargs}
+    kwargs = {"shard_size": 5, "min_size": 32, "max_image_pixels": 100_000, "max_decode_bytes": 70_000,
+              "log": lambda _: None, **kwargs}
     return make_shards(source, str(out), **kwargs)
 
 

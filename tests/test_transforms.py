@@ -1,11 +1,17 @@
-"""Image transforms: mode conversion, EXIF orientation, JPEG draft, bomb refusal, seeded crop/flip, uint8
-out."""
+"""Image transforms: mode conversion, EXIF orientation, JPEG draft, bomb refusal, the decode budget, seeded
+crop/flip, uint8 out."""
+
+import io
+import struct
+import time
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ldm_ddp.data import transforms
 from ldm_ddp.data.transforms import ImageTransform, pixel_limit, to_unit_range
 
 R = 8
@@ -90,6 +96,49 @@ def test_decompression_bombs_are_refused(tmp_path):
         Image.open(tmp_path / "bomb.png")
     assert Image.MAX_IMAGE_PIXELS == default  # restored
     assert ImageTransform(R, max_image_pixels=1600)(Image.open(tmp_path / "bomb.png")).shape == (3, R, R)
+
+
+def png(width: int, height: int, colour_type: int = 0, bit_depth: int = 1, pixels: bool = True) -> bytes:
+    """A black PNG written chunk by chunk (grey 1-bit by default; colour_type 2 = RGB). Without `pixels`
+    only the header is real (an empty IDAT): enough for what is read before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    channels = {0: 1, 2: 3}[colour_type]
+    rows = (b"\0" * (1 + (width * channels * bit_depth + 7) // 8)) * height if pixels else b""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_decode_budget_is_refused_before_decoding():
+    """A 20 KB 1-bit PNG of 13000 x 13000 px is under the pixel limit (179 MP) but would take 2 GB and
+    seconds to decode and convert: refused from its header alone, as a bad sample is."""
+    start = time.perf_counter()
+    data = png(13000, 13000)
+    assert time.perf_counter() - start < 1 and len(data) < 30_000
+    with pixel_limit(transforms.MAX_IMAGE_PIXELS):
+        image = Image.open(io.BytesIO(data))
+        start = time.perf_counter()
+        with pytest.raises(Image.DecompressionBombError, match="13000x13000 px .*decode budget"):
+            ImageTransform(R)(image)
+        assert time.perf_counter() - start < 0.2
+        # The default admits any camera photo, 24 to 50 MP and a 102 MP medium-format one, RGB or 16-bit grey.
+        for width, height, colour_type, bits in ((6000, 4000, 2, 8), (8688, 5792, 2, 8), (11648, 8736, 2, 8),
+                                                 (11648, 8736, 0, 16)):
+            header_only = Image.open(io.BytesIO(png(width, height, colour_type, bits, pixels=False)))
+            assert transforms.decode_bytes(header_only) <= transforms.DECODE_BUDGET_BYTES, (width, height)
+    small = png(40, 30)  # 3600 bytes as RGB
+    assert ImageTransform(R, max_decode_bytes=3600)(Image.open(io.BytesIO(small))).shape == (3, R, R)
+    with pytest.raises(Image.DecompressionBombError, match="decode budget"):
+        ImageTransform(R, max_decode_bytes=3599)(Image.open(io.BytesIO(small)))
+
+
+def test_a_large_jpeg_is_held_to_the_budget_at_its_draft_size(tmp_path):
+    Image.new("RGB", (640, 480), (10, 20, 30)).save(tmp_path / "photo.jpg")
+    budget = 640 * 480 * 3 - 1  # the full size is over; the 1/8 draft for R = 8 (80 x 60) is far under
+    assert ImageTransform(R, max_decode_bytes=budget)(Image.open(tmp_path / "photo.jpg")).shape == (3, R, R)
+    with pytest.raises(Image.DecompressionBombError, match="decode budget"):
+        ImageTransform(480, max_decode_bytes=budget)(Image.open(tmp_path / "photo.jpg"))
 
 
 def test_random_crop_and_flip_are_a_function_of_the_generator_seed():

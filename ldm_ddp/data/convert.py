@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from .samples import caption_list, open_image
 from .shards import INDEX, write_index, write_shard
-from .transforms import pixel_limit, to_rgb
+from .transforms import DECODE_BUDGET_BYTES, check_decode_budget, pixel_limit, to_rgb
 
 # Stored as they are; others become PNG. MPO is a camera's multi-picture JPEG: a JPEG to every reader.
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -35,7 +35,8 @@ class NothingToWrite(ValueError):
     """Every sample of the source was left out: no shard set is written."""
 
 
-def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -> dict:
+def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int,
+            max_decode_bytes: int = DECODE_BUDGET_BYTES) -> dict:
     """One raw record -> {"key", "image": bytes, "ext", "captions"};
     raises ValueError naming what is wrong."""
     captions = caption_list(raw["captions"])
@@ -53,6 +54,7 @@ def prepare(raw: dict, resize: int, min_size: int, verify: bool, quality: int) -
             scale = min(image.size) / resize
             image.draft("RGB", (max(resize, round(image.size[0] / scale)),
                                 max(resize, round(image.size[1] / scale))))
+        check_decode_budget(image, max_decode_bytes)  # from the header (at the draft size), before decoding
         image.load()  # a truncated or corrupt file raises here
     if not shrink and image.format in KEPT_FORMATS:
         return {"key": raw["key"], "image": data, "ext": KEPT_FORMATS[image.format], "captions": captions}
@@ -86,7 +88,7 @@ def _make_shard(number: int) -> tuple[dict | None, list[list[str]]]:
         try:
             with pixel_limit(opts["max_image_pixels"]):
                 records.append(prepare(source.raw(i), opts["resize"], opts["min_size"], opts["verify"],
-                                       opts["quality"]))
+                                       opts["quality"], opts["max_decode_bytes"]))
         except Exception as err:  # any failure leaves the sample out, named; the conversion goes on
             skipped.append([source.key(i), f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"])
     entry = write_shard(_job["out_dir"], number, records, number * opts["shard_size"]) if records else None
@@ -95,7 +97,8 @@ def _make_shard(number: int) -> tuple[dict | None, list[list[str]]]:
 
 def make_shards(source, out_dir: str, shard_size: int = 2000, workers: int = 1, resize: int = 0,
                 min_size: int = 0, verify: bool = True, quality: int = 95, shuffle_seed: int | None = 0,
-                max_image_pixels: int = 178_956_970, log=print) -> dict:
+                max_image_pixels: int = 178_956_970, max_decode_bytes: int = DECODE_BUDGET_BYTES,
+                log=print) -> dict:
     """Write `source` as a shard set in `out_dir` (local); -> the index (also in out_dir/index.json).
 
     Raises NothingToWrite (after writing skipped.jsonl) when every sample is left out."""
@@ -106,7 +109,7 @@ def make_shards(source, out_dir: str, shard_size: int = 2000, workers: int = 1, 
     order = (np.arange(n) if shuffle_seed is None
              else np.random.Generator(np.random.PCG64([shuffle_seed, 4])).permutation(n))
     opts = {"shard_size": shard_size, "resize": resize, "min_size": min_size, "verify": verify,
-            "quality": quality, "max_image_pixels": max_image_pixels}
+            "quality": quality, "max_image_pixels": max_image_pixels, "max_decode_bytes": max_decode_bytes}
     _job.update(source=source, opts=opts, order=order, out_dir=out_dir)
     numbers = range((n + shard_size - 1) // shard_size)
     start, entries, skipped = time.perf_counter(), [], []

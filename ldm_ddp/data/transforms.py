@@ -1,6 +1,7 @@
 """Image transforms: a decoded or lazily opened PIL image -> [3, R, R] uint8 pixels.
 
-Decode (JPEG draft mode when downscaling), EXIF orientation, any mode to RGB (alpha on white),
+Decode (JPEG draft mode when downscaling; refused from the header alone when over the decode budget or
+the pixel limit), EXIF orientation, any mode to RGB (alpha on white),
 centre or random square crop, resized to R x R, optional horizontal flip. Random draws come
 from a generator the stream seeds with (data seed, global position), so resume and any world
 size reproduce them. Pixels stay uint8 through the DataLoader (a quarter of float32's bytes in
@@ -15,11 +16,22 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
 from ..config import DataConfig
 
 MAX_IMAGE_PIXELS = 178_956_970  # larger images are refused as decompression bombs (PIL's own default)
+
+# The most one image may cost to decode, in bytes of the image as 8-bit RGB (w x h x 3; more when its own
+# mode is wider, e.g. float), at the size it decodes to (a JPEG: after draft reduction). Checked from the
+# header, before decoding: the pixel limit alone lets a 20 KB 1-bit PNG of 13000 x 13000 px (169 MP, 507 MB
+# as RGB) through, and decoding, converting and cropping it takes about 2 GB and seconds of a core. The
+# peak is about 4x this figure (PIL holds RGB in 4 bytes a pixel; the crop and the tensor are copies).
+# 384 MiB is 134 MP as RGB: every camera photo (24-50 MP, 72-150 MB) and a 102 MP medium-format one (306 MB)
+# fits, and a JPEG over it at full size still loads when the training resolution is at most half its
+# shorter side (draft at 1/2). A budget in multiples of the training resolution would refuse ordinary
+# photos in low-resolution runs, so it is fixed.
+DECODE_BUDGET_BYTES = 384 * 2**20
 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -55,13 +67,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
 EXIF_ORIENTATION = 0x0112
 
 
+def decode_bytes(image: Image.Image) -> int:
+    """Bytes of `image` decoded at its current size, counted as 8-bit RGB or its own mode, the wider."""
+    mode = ImageMode.getmode(image.mode)
+    return image.width * image.height * max(3, len(mode.bands) * np.dtype(mode.typestr).itemsize)
+
+
+def check_decode_budget(image: Image.Image, max_bytes: int) -> None:
+    """Raise (as for a decompression bomb) if decoding `image` would cost more than `max_bytes`."""
+    cost = decode_bytes(image)
+    if cost > max_bytes:
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} px ({image.mode}) would take {cost / 2**20:.0f} MiB to decode, "
+            f"over the decode budget of {max_bytes / 2**20:.0f} MiB (transforms.DECODE_BUDGET_BYTES)")
+
+
 class ImageTransform:
     """PIL image (+ numpy Generator for random crop/flip) -> [3, R, R] uint8."""
 
     def __init__(self, resolution: int, crop: str = "center", random_flip: bool = False,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_decode_bytes: int = DECODE_BUDGET_BYTES):
         self.resolution, self.crop, self.random_flip = resolution, crop, random_flip
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.max_decode_bytes = max_image_pixels, max_decode_bytes
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> ImageTransform:
@@ -75,6 +102,7 @@ class ImageTransform:
         # JPEG only (a no-op elsewhere and once loaded): decode at 1/2, 1/4 or 1/8 scale while the
         # shorter side stays >= R, so a large photo never decodes at full size.
         image.draft("RGB", (self.resolution, self.resolution))
+        check_decode_budget(image, self.max_decode_bytes)  # at the draft size, before anything is decoded
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
             image = ImageOps.exif_transpose(image)
         return image if image.mode == "RGB" else to_rgb(image)
