@@ -72,7 +72,10 @@ def list_files(root: str) -> tuple[dict[str, int], dict[str, str]]:
                     left_out[name] = f"unreadable ({err.strerror})"
 
     if os.path.isdir(root):  # a missing root lists nothing: the source then names data.path
-        visit(root, "")
+        try:
+            visit(root, "")
+        except OSError as err:  # the root itself; below it, a folder that cannot be listed is left out
+            raise ConfigError(f"data.path: cannot list {root} ({err.strerror})") from None
     return sizes, left_out
 
 
