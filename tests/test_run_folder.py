@@ -2,8 +2,11 @@
 across interrupted attempts, and a finished run that says there is nothing to do."""
 
 import json
-import multiprocessing
 import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 from conftest import train_here
@@ -14,13 +17,31 @@ from ldm_ddp.metrics import read_records, set_aside_records
 from ldm_ddp.resume import check_writable
 
 
-def _probe_as_nobody(folder, queue) -> None:
-    os.setuid(65534)  # root may write anywhere: the read-only case needs an ordinary user
-    try:
-        check_writable(folder, "train.out_dir")
-        queue.put("written")
-    except ConfigError as err:
-        queue.put(str(err))
+def probe_as_nobody(folder) -> str:
+    """check_writable(folder) in a child that is user nobody (root may write anywhere) -> its message. A bare
+    fork whose child runs a few system calls and leaves with os._exit: no multiprocessing machinery, whose
+    locks a fork of this multi-threaded process can inherit held."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setuid(65534)
+            check_writable(folder, "train.out_dir")
+            os.write(write_end, b"written")
+        except ConfigError as err:
+            os.write(write_end, str(err).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    deadline = time.monotonic() + 30
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return "the probe did not finish"
+        time.sleep(0.01)
+    with os.fdopen(read_end, "rb") as f:
+        return f.read().decode()
 
 
 def test_a_folder_that_cannot_take_a_file_is_named_before_anything_runs(tmp_path):
@@ -28,25 +49,28 @@ def test_a_folder_that_cannot_take_a_file_is_named_before_anything_runs(tmp_path
     in_the_way.write_text("")
     with pytest.raises(ConfigError, match=r"^train.out_dir: cannot write to .*a_file/run \(Not a directory"):
         check_writable(in_the_way / "run", "train.out_dir")
-    read_only = tmp_path / "read_only"
-    read_only.mkdir(mode=0o555)
-    os.chmod(read_only, 0o555)
-    if os.geteuid() == 0:
-        os.chmod(tmp_path, 0o755)
-        context = multiprocessing.get_context("fork")
-        queue = context.Queue()
-        child = context.Process(target=_probe_as_nobody, args=(read_only, queue))
-        child.start()
-        child.join(30)
-        message = queue.get(timeout=5)
-    else:
-        try:
-            check_writable(read_only, "train.out_dir")
-            message = "written"
-        except ConfigError as err:
-            message = str(err)
-    assert message == f"train.out_dir: cannot write to {read_only} (Permission denied)"
-    assert list(read_only.iterdir()) == []
+    # pytest's tmp_path is root's alone (0700): the folders nobody probes live in a folder anyone may enter
+    base = Path(tempfile.mkdtemp(prefix="ldm_ddp_probe_"))
+    try:
+        os.chmod(base, 0o755)
+        read_only, writable = base / "read_only", base / "writable"
+        read_only.mkdir()
+        writable.mkdir()
+        os.chmod(read_only, 0o555)
+        os.chmod(writable, 0o777)
+        if os.geteuid() == 0:
+            assert probe_as_nobody(writable) == "written"  # so the refusal below is the folder's mode
+            message = probe_as_nobody(read_only)
+        else:
+            try:
+                check_writable(read_only, "train.out_dir")
+                message = "written"
+            except ConfigError as err:
+                message = str(err)
+        assert message == f"train.out_dir: cannot write to {read_only} (Permission denied)"
+        assert list(read_only.iterdir()) == [] and list(writable.iterdir()) == []
+    finally:
+        shutil.rmtree(base)
     check_writable(tmp_path / "new" / "checkpoints", "train.out_dir")  # made, probed, left empty
     assert list((tmp_path / "new" / "checkpoints").iterdir()) == []
 
