@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from ldm_ddp.data.buckets import BucketedOrder, check_buckets, cover_crop, make_buckets, nearest_bucket
 from ldm_ddp.data.stream import GlobalOrder
@@ -103,3 +104,38 @@ def test_a_bad_sample_is_replaced_from_its_own_bucket():
     assert len(o.substitutes(0, 100)) == 22  # a small bucket: each member once
     with pytest.raises(ValueError, match="no bucket holds"):
         order(np.arange(6), 2)
+
+
+def test_the_transform_fills_a_bucket_and_reports_the_original_size_and_the_crop():
+    import io
+
+    from PIL import Image
+
+    from ldm_ddp.data.transforms import ImageTransform
+
+    # 400x300 (4:3) into 80x48 (5:3): scale max(80/400, 48/300) = 0.2, a crop of 400x240, 30 px from the top
+    image = Image.new("RGB", (400, 300), (200, 10, 10))
+    pixels, original, top_left = ImageTransform(64).to_bucket(image, (80, 48))
+    assert pixels.shape == (3, 48, 80) and pixels.dtype == torch.uint8
+    assert original == (300, 400) and top_left == (6, 0)  # 30 px of the image, 6 px of the bucket
+    # Stored landscape, shown portrait (EXIF orientation 6): the original size is the upright one.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300), (0, 0, 200)).save(buffer, format="JPEG", exif=exif)
+    pixels, original, _ = ImageTransform(64).to_bucket(Image.open(buffer), (48, 80))
+    assert original == (400, 300) and pixels.shape == (3, 80, 48)
+    # A mirrored crop is reported where it lies in the mirrored image.
+    rng = np.random.Generator(np.random.PCG64(3))
+    wide = Image.new("RGB", (400, 100))
+    flipped = ImageTransform(64, crop="random", random_flip=True)
+    seen = set()
+    for _ in range(30):
+        _, _, (top, left) = flipped.to_bucket(wide, (64, 64), rng)
+        assert top == 0 and 0 <= left <= 256 - 64
+        seen.add(left)
+    assert len(seen) > 10
+    # The square path is the square bucket.
+    square = ImageTransform(64)(image)
+    assert square.shape == (3, 64, 64)
+    assert torch.equal(square, ImageTransform(64).to_bucket(image, (64, 64))[0])

@@ -3,7 +3,6 @@ crop/flip, uint8 out."""
 
 import io
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -113,15 +112,15 @@ def png(width: int, height: int, colour_type: int = 0, bit_depth: int = 1, pixel
 def test_an_image_over_the_decode_budget_is_refused_before_decoding():
     """A 20 KB 1-bit PNG of 13000 x 13000 px is under the pixel limit (179 MP) but would take 2 GB and
     seconds to decode and convert: refused from its header alone, as a bad sample is."""
-    start = time.perf_counter()
     data = png(13000, 13000)
-    assert time.perf_counter() - start < 1 and len(data) < 30_000
+    assert len(data) < 30_000
     with pixel_limit(transforms.MAX_IMAGE_PIXELS):
         image = Image.open(io.BytesIO(data))
-        start = time.perf_counter()
+        loads = []
+        image.load = lambda: loads.append(1)  # decoding starts here: it must not be reached
         with pytest.raises(Image.DecompressionBombError, match="13000x13000 px .*decode budget"):
             ImageTransform(R)(image)
-        assert time.perf_counter() - start < 0.2
+        assert loads == []
         # The default admits any camera photo, 24 to 50 MP and a 102 MP medium-format one, RGB or 16-bit grey.
         for width, height, colour_type, bits in ((6000, 4000, 2, 8), (8688, 5792, 2, 8), (11648, 8736, 2, 8),
                                                  (11648, 8736, 0, 16)):

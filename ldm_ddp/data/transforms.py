@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageMode, ImageOps
 
 from ..config import DataConfig
+from .buckets import cover_crop
 
 MAX_IMAGE_PIXELS = 178_956_970  # larger images are refused as decompression bombs (PIL's own default)
 
@@ -94,14 +95,15 @@ class ImageTransform:
     def from_config(cls, cfg: DataConfig) -> ImageTransform:
         return cls(cfg.resolution, cfg.crop, cfg.random_flip)
 
-    def decode(self, image: Image.Image) -> Image.Image:
-        """Lazily opened or decoded image -> decoded RGB image, upright per its EXIF orientation."""
+    def decode(self, image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+        """Lazily opened or decoded image -> decoded RGB image, upright per its EXIF orientation. `size`
+        (width, height; default R x R): what it will cover, the floor of JPEG's reduced decoding."""
         if image.width * image.height > self.max_image_pixels:  # also catches images built in memory
             raise Image.DecompressionBombError(f"{image.width}x{image.height} px is over the "
                                                "decompression-bomb limit")
-        # JPEG only (a no-op elsewhere and once loaded): decode at 1/2, 1/4 or 1/8 scale while the
-        # shorter side stays >= R, so a large photo never decodes at full size.
-        image.draft("RGB", (self.resolution, self.resolution))
+        # JPEG only (a no-op elsewhere and once loaded): decode at 1/2, 1/4 or 1/8 scale while both sides
+        # stay >= `size`, so a large photo never decodes at full size.
+        image.draft("RGB", size or (self.resolution, self.resolution))
         check_decode_budget(image, self.max_decode_bytes)  # at the draft size, before anything is decoded
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
             image = ImageOps.exif_transpose(image)
@@ -109,22 +111,31 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         """-> [3, R, R] uint8: the largest centred (or random) square, resized to R, maybe mirrored."""
-        image, res = self.decode(image), self.resolution
-        side = min(image.size)
-        if self.crop == "random":
-            left, top = int(rng.integers(image.width - side + 1)), int(rng.integers(image.height - side + 1))
-        else:
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-        if image.size != (side, side):
-            image = image.crop((left, top, left + side, top + side))
+        return self.to_bucket(image, (self.resolution, self.resolution), rng)[0]
+
+    def to_bucket(self, image: Image.Image, bucket: tuple[int, int], rng: np.random.Generator | None = None
+                  ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """-> ([3, bh, bw] uint8, the image's upright (height, width) in px, the crop's (top, left) in bucket
+        px): resized to cover the bucket (width bw, height bh), centre or random crop, maybe mirrored. The
+        two pairs are SDXL's size and crop conditioning (Podell et al. 2023, section 2.2)."""
+        stored = image.size  # before JPEG's reduced decoding
+        decoded = self.decode(image, bucket)
+        # EXIF orientations 5-8 store the picture turned by 90 degrees (read in decode, after the budget)
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        original, image = (stored if turned else stored[::-1]), decoded
+        covered_width = round(image.width * max(bucket[0] / image.width, bucket[1] / image.height))
+        box, top_left = cover_crop(image.width, image.height, bucket, rng if self.crop == "random" else None)
+        if box != (0, 0, image.width, image.height):
+            image = image.crop(box)
         pixels = pixel_tensor(image)
-        if side != res:
+        if image.size != bucket:
             # torch's uint8 antialiased bicubic is Pillow's filter (widened by the downscale factor, within
             # one level of Pillow's output) in a SIMD kernel: 1 MP -> 512 px in ~2 ms on one core, Pillow ~10.
-            pixels = F.interpolate(pixels[None], (res, res), mode="bicubic", antialias=True)[0]
+            pixels = F.interpolate(pixels[None], (bucket[1], bucket[0]), mode="bicubic", antialias=True)[0]
         if self.random_flip and rng.random() < 0.5:
-            pixels = pixels.flip(2)
-        return pixels.contiguous()  # plain CHW: the view of the pixels and the resize are channels-last
+            pixels = pixels.flip(2)  # the crop, seen in the mirrored image: its left edge moves
+            top_left = (top_left[0], max(0, covered_width - top_left[1] - bucket[0]))
+        return pixels.contiguous(), original, top_left  # plain CHW: the view and the resize are channels-last
 
 
 def pixel_tensor(image: Image.Image) -> torch.Tensor:
