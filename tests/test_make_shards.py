@@ -72,7 +72,7 @@ def every_kind_of_input(root) -> tuple[dict, dict]:
     add("costly.png", costly.getvalue(), "too costly to decode")
     bad = {"truncated.jpg": "OSError", "zero.png": "zero-byte", "notes.jpg": "not an image",
            "uncaptioned.png":
-           "empty caption", "small.jpg": "smaller than data.min_size", "bomb.png": "Decompression",
+           "empty caption", "small.jpg": "smaller than --min-size", "bomb.png": "Decompression",
            "costly.png": "decode budget"}
     (root / "orphan.png").write_bytes(buffers["alpha.png"])  # no metadata row
     bad["orphan.png"] = "no row in metadata.jsonl"
@@ -159,7 +159,7 @@ def test_nothing_to_write_fails_with_one_line_and_leaves_no_set(tmp_path, monkey
     (out / "index.json").write_text('{"format": "ldm_ddp.shards/1"}')
     monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
     monkeypatch.setattr(sys, "argv", ["make_shards.py", "--source", "folder", "--path", str(root), str(out),
-                                      "--min-size", "64"])
+                                      "--min-size", "64", "--replace"])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(os.path.join(REPO, "scripts", "make_shards.py"), run_name="__main__")
     assert done.value.code not in (0, None)
@@ -200,3 +200,36 @@ def test_a_cameras_multi_picture_jpeg_is_kept_as_a_jpeg():
     assert kept["ext"] == "jpg" and kept["image"] == data
     shrunk = prepare({"key": "photo", "image": data, "captions": "a photo"}, 24, 0, False, 90)
     assert shrunk["ext"] == "jpg" and Image.open(io.BytesIO(shrunk["image"])).size == (32, 24)
+
+
+def test_an_output_folder_in_use_is_refused_unless_replaced_whole(tmp_path, monkeypatch, capsys):
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    for n, size in enumerate(((40, 30), (30, 40), (64, 16))):
+        (root / f"{n}.jpg").write_bytes(jpeg(size))
+        (root / f"{n}.txt").write_text(f"caption {n}")
+    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+
+    def make(*extra) -> int:
+        monkeypatch.setattr(sys, "argv", ["make_shards.py", "--source", "folder", "--path", str(root),
+                                          str(out), "--shard-size", "1", "--no-shuffle", *extra])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(os.path.join(REPO, "scripts", "make_shards.py"), run_name="__main__")
+        return done.value.code
+
+    assert make() == 0 and len(list(out.glob("shard-*.tar"))) == 3
+    capsys.readouterr()
+    assert make("--shard-size", "2") == 2  # an earlier set: refused, untouched
+    assert "holds a shard set already" in capsys.readouterr().err and len(list(out.glob("shard-*.tar"))) == 3
+    assert make("--shard-size", "2", "--replace", "--resize-area", "24") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.json", "shard-000000.tar",
+                                                     "shard-000001.json", "shard-000001.tar", "skipped.jsonl"]
+    # Each image's upright size is in its shard's index, shrunk to at most 24² px with its aspect kept.
+    sizes = [size for name in ("shard-000000.json", "shard-000001.json")
+             for size in json.loads((out / name).read_text())["sizes"]]
+    assert sizes == [[28, 21], [21, 28], [48, 12]]
+    from ldm_ddp.data.shards import ShardsSource
+    assert ShardsSource(str(out)).image_sizes().tolist() == sizes
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert make("--replace") == 2 and "not a shard set's (notes.txt" in capsys.readouterr().err

@@ -21,11 +21,12 @@ import unicodedata
 import warnings
 from pathlib import PurePosixPath
 
+import numpy as np
 from PIL import Image
 
 from ..config import ConfigError
 from . import files
-from .samples import RawSource
+from .samples import RawSource, upright_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -122,15 +123,15 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def shorter_side(path: str) -> int | None:
-    """Shorter side in px from the image header only; None if the header does not read."""
+def image_size(path: str) -> tuple[int, int]:
+    """Upright (width, height) in px from the image header only; (0, 0) if the header does not read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a bomb's size still reads; the transform refuses it later
             with files.open_binary(path) as f, Image.open(f) as image:
-                return min(image.size)
-    except Exception:  # unreadable: keep it indexed so that it fails, named, in __getitem__
-        return None
+                return upright_size(image)
+    except Exception:  # unreadable: the file stays indexed, so that it fails, named, when loaded
+        return (0, 0)
 
 
 class ImageFolderSource(RawSource):
@@ -148,8 +149,8 @@ class ImageFolderSource(RawSource):
         names = sorted(n for n in self.sizes if n.lower().endswith(IMAGE_EXTENSIONS))
         if min_size:
             # Headers only: deterministic, and far cheaper than decoding every image. An unreadable
-            # header (None) counts as large enough, so the file fails by name when loaded.
-            small = [f for f in names if (shorter_side(self.path(f)) or min_size) < min_size]
+            # header (0 x 0) counts as large enough, so the file fails by name when loaded.
+            small = [f for f in names if 0 < min(image_size(self.path(f))) < min_size]
             self.left_out_files.update(dict.fromkeys(small, f"image{{s}} smaller than min_size={min_size}"))
             names = [f for f in names if f not in self.left_out_files]
         broken = [name for name in METADATA_FILES if name in self.left_out_files]
@@ -203,6 +204,10 @@ class ImageFolderSource(RawSource):
 
     def shard_sizes(self) -> None:
         return None  # one file per image: any order reads alike
+
+    def image_sizes(self) -> np.ndarray:
+        """From each file's header (a few KB read per image; make_shards.py records them once instead)."""
+        return np.array([image_size(self.path(name)) for name in self.files], np.int64).reshape(-1, 2)
 
     def captions_of(self, index: int):
         """The caption cell of image `index` (a string or a list); raises if there is none."""

@@ -8,12 +8,14 @@ The rest of what a source offers is `sources.DataSource`.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .sources import DataSource
 
+EXIF_ORIENTATION = 0x0112
 CAPTION_STREAM = 2  # seeds the caption choice apart from the order (stream 0) and augmentations (stream 1)
 
 
@@ -53,6 +55,27 @@ def open_image(data) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # PIL's message names the BytesIO object's address: say what failed
         raise UnidentifiedImageError("not an image PIL can read") from None
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of a lazily opened image as the transform will see it, turned by its EXIF
+    orientation, from the header alone (EXIF that a PNG stores after its pixels is not looked for: reading
+    it would decode the image)."""
+    width, height = image.size
+    turned = "exif" in image.info and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
+def header_size(data) -> tuple[int, int]:
+    """Encoded image bytes -> upright (width, height); (0, 0) if the header does not read (the sample then
+    fails, named, when it is loaded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bomb's size still reads; the transform refuses it later
+            with open_image(data) as image:
+                return upright_size(image)
+    except Exception:
+        return (0, 0)
 
 
 def locate(starts, index: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import io
 import random
 import re
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from .sources import DataSource
@@ -190,6 +191,9 @@ class ShapesSource(DataSource):
 
     def shard_sizes(self) -> None:
         return None  # rendered on demand: any order reads as fast as any other
+
+    def image_sizes(self) -> np.ndarray:
+        return np.full((self.num_samples, 2), self.resolution, np.int64)  # every render is square
 
     def raw(self, index: int) -> dict:
         """The sample as a source's raw record (lossless PNG bytes), for scripts/precompute_latents.py."""

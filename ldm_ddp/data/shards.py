@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import ConfigError
 from . import files
-from .samples import RawSource, locate
+from .samples import RawSource, header_size, locate
 from .webdataset import ShardError, skip_or_stop
 
 FORMAT = "ldm_ddp.shards/1"
@@ -65,7 +65,8 @@ def write_shard(folder: str, number: int, records: list[dict], first_sample: int
                         entries.append([record["key"], ext, offset, len(data)])
         f.flush()
         os.fsync(f.fileno())
-    shard_index = {"format": FORMAT, "samples": entries, "captions": [r["captions"] for r in records]}
+    shard_index = {"format": FORMAT, "samples": entries, "captions": [r["captions"] for r in records],
+                   "sizes": [list(r["size"]) for r in records]}  # upright (width, height): the buckets
     index_path = os.path.join(folder, shard_index_name(name))
     with open(index_path + ".tmp", "w") as f:
         json.dump(shard_index, f)
@@ -163,6 +164,19 @@ class ShardsSource(RawSource):
         except Exception:  # naming a sample must not fail: fall back to its place in the set
             source_key = f"#{row}"
         return f"{files.name_of(self.shards[shard]).removesuffix('.tar')}/{source_key}"
+
+    def image_sizes(self) -> np.ndarray:
+        """From the shards' own indexes (make_shards.py records each image's size); a set made before that
+        reads its image headers."""
+        sizes = np.zeros((len(self), 2), np.int64)
+        for shard, start in enumerate(self.starts[:-1]):
+            recorded = json.loads(files.read_bytes(shard_index_name(self.shards[shard]))).get("sizes")
+            if recorded is not None:
+                sizes[start:start + len(recorded)] = recorded
+            else:
+                for row in range(self.counts[shard]):
+                    sizes[start + row] = header_size(self.raw(start + row)["image"])
+        return sizes
 
     def raw(self, index: int) -> dict:
         shard, row = locate(self.starts, index)

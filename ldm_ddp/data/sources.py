@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 from ..config import DataConfig
 
 
@@ -63,6 +65,19 @@ class DataSource(ABC):
                   for why, n in self.left_out().items() if n]
         said = f" (left out: {', '.join(counts)})" if counts else ""
         return f"data: {self.where()}: {len(self)} samples{said}"
+
+    def image_sizes(self) -> np.ndarray:
+        """[N, 2] upright (width, height) in px of every sample, from image headers, never by decoding; (0, 0)
+        where a header does not read. Read once at start, for aspect-ratio buckets. This default reads each
+        raw record; a source that knows its sizes more cheaply (an index, a rendering rule) overrides it."""
+        from .samples import header_size  # samples.py imports this module
+        sizes = np.zeros((len(self), 2), np.int64)
+        for i in range(len(self)):
+            try:
+                sizes[i] = header_size(self.raw(i)["image"])
+            except Exception:  # no record: the sample fails, named, when it is loaded
+                pass
+        return sizes
 
     def __getitem__(self, index: int) -> dict:
         """{"image": PIL image (opened, maybe undecoded), "caption", "key"}; random-access image sources."""
