@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -48,7 +49,8 @@ class DataConfig:
     hf_streaming: bool = False  # hf source: stream (no random access; resumes by fast-forward, docs/data.md)
     shuffle_window: int = 8  # sharded sources: shards whose samples are shuffled together (0 = all shards)
     bad_shard: Literal["stop", "skip"] = "stop"  # a shard that cannot be opened: stop, or skip on every rank
-    resolution: int = 64  # px, square
+    resolution: int = 64  # px, square; with buckets, their pixel count (about resolution²)
+    buckets: str | list = "off"  # aspect-ratio buckets: off | auto (1:4 to 4:1) | [[w, h], ...] px
     batch_per_gpu: int = 32  # images per micro-batch per process
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
     seed: int = 0  # seeds the global sample order (and the synthetic shapes images)
@@ -175,6 +177,10 @@ class Config:
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     """Return `value` as the field's type or raise ConfigError naming `key`.
     A Literal's values are the choices."""
+    if isinstance(hint, types.UnionType):  # e.g. str | list: any of its types
+        if not isinstance(value, get_args(hint)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+        return value
     if get_origin(hint) is Literal:
         choices = get_args(hint)
         if value not in choices:
@@ -346,6 +352,18 @@ def validate(cfg: Config) -> None:
     _require(cfg.sample.steps <= most, "sample.steps", f"at most {most} ({cfg.sample.spacing} spacing of "
              f"{cfg.diffusion.num_train_timesteps} training timesteps)", cfg.sample.steps)
     _require(cfg.data.resolution % 8 == 0, "data.resolution", "a multiple of 8 px", cfg.data.resolution)
+    buckets = cfg.data.buckets
+    if isinstance(buckets, str):
+        _require(buckets in ("off", "auto"), "data.buckets", "off | auto | a list of [width, height]",
+                 buckets)
+    else:
+        from .data.buckets import check_buckets  # the VAE's own multiple is checked once it is loaded
+        try:
+            check_buckets(buckets, 8)
+        except ValueError as err:
+            raise ConfigError(f"data.buckets: {err}") from None
+    _require(buckets == "off" or not (cfg.data.source == "hf" and cfg.data.hf_streaming), "data.buckets",
+             "off with a streamed source (buckets need each image's size before training)", buckets)
     if cfg.data.source == "shapes":
         _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",
                  cfg.data.resolution)

@@ -154,6 +154,14 @@ def check_resumable(meta: dict, cfg: Config, arch: dict, global_batch: int, fing
         raise ConfigError(f"{path.name}: data.shuffle_window {window} in the checkpoint, "
                           f"{cfg.data.shuffle_window} now (the window shapes the sample order of a sharded "
                           "source)" + refuse)
+    then_data, now_data = meta["config"].get("data", {}), cfg.data
+    buckets = then_data.get("buckets", "off")  # older checkpoints: square images
+    regrouped = buckets != "off" and then_data["batch_per_gpu"] != now_data.batch_per_gpu
+    if buckets != now_data.buckets or regrouped:
+        raise ConfigError(
+            f"{path.name}: data.buckets {json.dumps(buckets)} with data.batch_per_gpu "
+            f"{then_data['batch_per_gpu']} in the checkpoint, {json.dumps(now_data.buckets)} with "
+            f"{now_data.batch_per_gpu} now (bucketed micro-batches shape the sample order)" + refuse)
     then, now = _flat(meta["config"]), _flat(_json(cfg.to_dict()))
     versions = checkpoint.versions()
     # Keys the checkpoint lacks came with a newer ldm_ddp: the version change records that.

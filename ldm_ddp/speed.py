@@ -112,7 +112,7 @@ def use_ddp_compile(mode: str) -> None:
 
 
 def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = False,
-                  backend: str = "inductor") -> torch.nn.Module:
+                  backend: str = "inductor", shapes: int = 1) -> torch.nn.Module:
     """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, as one graph or split
     at DDP's buckets as `use_ddp_compile` set (train.ddp_compile). "regional": each
     repeated module (`regions`) compiled in place with static shapes; modules of one class and one shape
@@ -128,10 +128,15 @@ def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = 
     if mode == "full":  # the layout is measured for the whole graph only; the option covers its backward too
         layout = ({"options": {"force_layout_optimization": True}}
                   if force_layout and backend == "inductor" else {})
-        return torch.compile(model, backend=backend, **layout)
+        if shapes == 1:
+            return torch.compile(model, backend=backend, **layout)
+        # Several shapes (buckets): one static graph each, not dynamo's switch to a shape-generic graph at
+        # the second shape; the limit admits them all (and the probe's).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 2)
+        return torch.compile(model, backend=backend, dynamic=False, **layout)
     if mode == "regional":
         # One recompilation per distinct shape of a class: SD1.5's ResNet blocks alone have 14.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64 * shapes)
         for region in regions(unet):
             region.compile(dynamic=False, backend=backend)
     return model
@@ -166,21 +171,26 @@ def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[]
 COMPILE_BACKEND = os.environ.get("LDM_DDP_COMPILE_BACKEND", "inductor")
 
 
-def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict, autocast: bool):
+def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict, autocast: bool,
+                 shapes: int = 1):
     """The trainer's fast path, set up and probed: channels-last weights and cuDNN autotuning on CUDA, the DDP
     wrap, torch.compile (train.compile). -> the module the step calls.
 
     Under DDP the compiled UNet is one graph and DDP all-reduces after the backward ("whole", measured faster
     than dynamo's per-bucket split: ddp_compile). The probe runs one forward and backward of a micro-batch's
     shape so a compile error shows before step 1; with train.compile=auto (not asked for by name) a failure
-    warns and the run goes on eager, with full (or regional) it stops with one line."""
+    warns and the run goes on eager, with full (or regional) it stops with one line.
+
+    `shapes`: how many input shapes the step will see (aspect-ratio buckets). Each is compiled on first use
+    into a graph of its own, static (dynamic=False: no shape-generic kernels), up to that many."""
     on_cuda = device.type == "cuda"
     if on_cuda:
         unet.to(memory_format=torch.channels_last)
         configure_cuda(cudnn_benchmark=True)
     mode = compile_mode(cfg.train.compile, device)
     use_ddp_compile(ddp_compile("whole", mode, world_size))
-    model = compile_model(unet, dist.wrap_ddp(unet), mode, force_layout=on_cuda, backend=COMPILE_BACKEND)
+    model = compile_model(unet, dist.wrap_ddp(unet), mode, force_layout=on_cuda, backend=COMPILE_BACKEND,
+                          shapes=shapes)
     if mode == "off":
         return model
 

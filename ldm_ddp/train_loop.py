@@ -15,6 +15,7 @@ from . import dist, faults, speed
 from .checkpoint import TrainingState
 from .conditioning import CLIPConditioning
 from .config import Config, ConfigError
+from .data.buckets import resolve_buckets
 from .data.latents import cache_fingerprint
 from .data.sources import build_source
 from .data.stream import ShardedStream, end_workers, make_loader
@@ -40,6 +41,10 @@ def train(cfg: Config) -> dict:
     if cfg.data.resolution % frozen.downsample:
         raise ConfigError(f"data.resolution: {cfg.data.resolution} is not a multiple of the VAE's "
                           f"downsampling factor {frozen.downsample}")
+    try:  # aspect-ratio buckets: latents of a multiple of 8, so multiples of 8 x the VAE's factor in px
+        buckets = resolve_buckets(cfg.data.buckets, cfg.data.resolution, 8 * frozen.downsample)
+    except ValueError as err:
+        raise ConfigError(f"data.buckets: {err}") from None
     conditioning = CLIPConditioning(frozen, cfg.train.caption_dropout)
     torch.manual_seed(cfg.train.seed)
     unet = build_unet(cfg.model, cfg.data.resolution // frozen.downsample, conditioning.width, device)
@@ -66,14 +71,17 @@ def train(cfg: Config) -> dict:
     stream = ShardedStream(source, conditioning.tokenize, cfg.data.resolution, cfg.data.batch_per_gpu,
                            grad_accum=run.grad_accum, rank=run.rank, world_size=run.world, seed=cfg.data.seed,
                            start_step=run.start_step, transform=ImageTransform.from_config(cfg.data),
-                           shuffle_window=cfg.data.shuffle_window)
+                           shuffle_window=cfg.data.shuffle_window, buckets=buckets)
+    if dist.is_main() and buckets:
+        print(stream.bucket_lines(), flush=True)
     # faults.shield_worker: torchrun's and SLURM's SIGTERM reach the workers too; only the parent acts on it.
     batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4,
                                pin_memory=device.type == "cuda", worker_init_fn=faults.shield_worker))
 
     # --- Fast path and logging ------------------------------------------------------------------------------
     model = speed.prepare_unet(unet, cfg, device, run.world,
-                               conditioning.unconditional(cfg.data.batch_per_gpu), autocast)
+                               conditioning.unconditional(cfg.data.batch_per_gpu), autocast,
+                               shapes=len(buckets or [None]))
     metrics = Metrics(run.out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps,
                       run.global_batch, cfg.log.progress,
                       wandb_run=start_wandb(cfg.log.wandb, run.out_dir, cfg.to_dict()),

@@ -139,3 +139,48 @@ def test_the_transform_fills_a_bucket_and_reports_the_original_size_and_the_crop
     square = ImageTransform(64)(image)
     assert square.shape == (3, 64, 64)
     assert torch.equal(square, ImageTransform(64).to_bucket(image, (64, 64))[0])
+
+
+def mixed_aspect_folder(root, bad: int = 0) -> str:
+    """JPEGs of three aspects (3:1, 1:3, about 1:1; 4, 4 and 6 of them) with captions, `bad` broken ones."""
+    import json
+
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rows = []
+    sizes = [(240, 80)] * 4 + [(80, 240)] * 4 + [(120, 100)] * 6
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (40 * i % 256, 120, 200)).save(root / f"{i:02d}.jpg", quality=90)
+        rows.append({"file_name": f"{i:02d}.jpg", "text": f"a picture number {i}"})
+    for i in range(bad):
+        (root / f"bad_{i}.jpg").write_bytes(b"not a JPEG")
+        rows.append({"file_name": f"bad_{i}.jpg", "text": "broken"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)
+
+
+def test_a_mixed_aspect_folder_trains_with_buckets_and_resumes_only_with_the_same_grouping(tmp_path,
+                                                                                          tiny_args):
+    from conftest import train_here
+    from test_train import metrics
+
+    from ldm_ddp.checkpoint import read_metadata
+    from ldm_ddp.config import ConfigError
+
+    out = tmp_path / "run"
+    args = dict(data__source="folder", data__path=mixed_aspect_folder(tmp_path / "images"),
+                data__resolution=128, data__buckets="auto", data__batch_per_gpu=2, ckpt__every=2)
+    printed = train_here(*tiny_args(out, train__max_steps=2, **args))
+    # 128² px with the demo VAE (factor 8): buckets of multiples of 64 px; 1:3 and 3:1 go to 1:4 and 4:1
+    assert ("data: 3 aspect-ratio buckets (width x height, aspect, samples); each epoch leaves out 0 samples"
+            in printed)
+    assert "64x256   0.25  4 samples" in printed and "128x128   1.00  6 samples" in printed
+    assert "256x64   4.00  4 samples" in printed
+    printed = train_here(*tiny_args(out, train__max_steps=4, **args))
+    assert "resumed from" in printed and [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    meta = read_metadata(out / "checkpoints" / "step_0000004.safetensors")
+    assert meta["config"]["data"]["buckets"] == "auto"
+    with pytest.raises(ConfigError, match="bucketed micro-batches shape the sample order"):
+        train_here(*tiny_args(out, train__max_steps=6, **{**args, "data__batch_per_gpu": 1},
+                              train__global_batch=2))

@@ -85,13 +85,14 @@ def configs(tmp_path_factory) -> dict:
     return {kind: build(kind, tmp_path_factory.mktemp(kind)) for kind in SOURCES}
 
 
-def consume(cfg, world, batch, accum, num_workers, steps, start_step=0) -> dict[int, tuple]:
+def consume(cfg, world, batch, accum, num_workers, steps, start_step=0, buckets=None) -> dict[int, tuple]:
     """{global position: (key, caption, image)} for `steps` optimizer steps of every rank, from start_step."""
     seen = {}
     for rank in range(world):
         stream = ShardedStream(build_source(cfg), tokenize, R, batch, accum, rank, world, cfg.seed,
                                start_step,
-                               ImageTransform(R, crop="random", random_flip=True), cfg.shuffle_window)
+                               ImageTransform(R, crop="random", random_flip=True), cfg.shuffle_window,
+                               buckets=buckets)
         loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
         for b in itertools.islice(iter(loader), steps * accum):
             for position, key, caption, image in zip(stream.positions(b["k"]), b["keys"], b["captions"],
@@ -217,3 +218,48 @@ def test_an_unreadable_shard_stops_with_its_name_or_is_skipped_alike(configs, tm
     assert len(skipping) < len(whole) and skipping.fingerprint() != whole.fingerprint()
     assert (skipping.fingerprint()
             == build_source(DataConfig(**{**vars(cfg), "path": path, "bad_shard": "skip"})).fingerprint())
+
+
+# Image i is 10 + i px wide and 9 high: widths 10-12 go to the square bucket, 13-22 to 2:1, 23-27 to 3:1
+# (3, 10 and 5 samples; with micro-batches of 3, an epoch leaves out 0 + 1 + 2 of them and holds 15).
+BUCKETS = [(8, 8), (16, 8), (24, 8)]
+BUCKETED = ["folder", "parquet", "webdataset", "hf", "shards"]
+EPOCH = 15
+
+
+@pytest.fixture(scope="module")
+def bucketed_reference(configs) -> dict:
+    return {kind: consume(configs[kind], 1, 3, 1, 0, steps=12, buckets=BUCKETS) for kind in BUCKETED}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("kind", BUCKETED)
+def test_bucketed_order_is_one_global_order_of_full_one_bucket_batches(configs, bucketed_reference, kind,
+                                                                      world, num_workers):
+    seen = consume(configs[kind], world, 3, 1, num_workers, steps=-(-2 * EPOCH // (3 * world)),
+                   buckets=BUCKETS)
+    assert_same(seen, bucketed_reference[kind])
+    for epoch in range(2):  # each kept sample once per epoch; the left out ones are each bucket's remainder
+        keys = [seen[p][0] for p in range(epoch * EPOCH, (epoch + 1) * EPOCH)]
+        assert len(set(keys)) == EPOCH
+        shapes = [tuple(seen[p][2].shape[1:]) for p in range(epoch * EPOCH, (epoch + 1) * EPOCH)]
+        assert sorted(set(shapes)) == [(8, 8), (8, 16), (8, 24)]
+        assert [shapes.count(s) for s in [(8, 8), (8, 16), (8, 24)]] == [3, 9, 3]
+    for start in range(0, 2 * EPOCH, 3):  # every micro-batch is of one bucket
+        assert len({tuple(seen[p][2].shape) for p in range(start, start + 3)}) == 1
+
+
+@pytest.mark.parametrize("kind", BUCKETED)
+def test_bucketed_resume_and_elastic_resume_continue_one_sequence(configs, bucketed_reference, kind):
+    cfg = configs[kind]  # G = 6: two ranks, then one with grad accum 2, then two again (micro-batches of 3)
+    seen = consume(cfg, 2, 3, 1, 2, steps=1, buckets=BUCKETS)
+    seen |= consume(cfg, 1, 3, 2, 0, steps=2, start_step=1, buckets=BUCKETS)
+    seen |= consume(cfg, 2, 3, 1, 2, steps=2, start_step=3, buckets=BUCKETS)
+    assert sorted(seen) == list(range(30))
+    assert_same(seen, bucketed_reference[kind])
+
+
+def test_buckets_need_a_source_read_by_index(configs):
+    with pytest.raises(ConfigError, match="data.buckets: a source read by index"):
+        consume(configs["hf_stream"], 1, 3, 1, 0, steps=1, buckets=BUCKETS)

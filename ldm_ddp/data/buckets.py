@@ -53,6 +53,14 @@ def check_buckets(buckets, multiple: int) -> list[Bucket]:
     return sorted(out, key=lambda b: b[0] / b[1])
 
 
+def resolve_buckets(setting, resolution: int, multiple: int) -> list[Bucket] | None:
+    """data.buckets -> the buckets, or None for square images: "auto" makes them (make_buckets), a list is
+    checked against the VAE's `multiple`; ValueError naming what does not fit."""
+    if setting == "off":
+        return None
+    return make_buckets(resolution, multiple) if setting == "auto" else check_buckets(setting, multiple)
+
+
 def nearest_bucket(sizes: np.ndarray, buckets: list[Bucket]) -> np.ndarray:
     """[N, 2] image (width, height) -> [N] index of the bucket nearest in log aspect ratio (the first on a
     tie); a size of 0 (unreadable header) goes to the most square bucket, where it fails and is replaced."""

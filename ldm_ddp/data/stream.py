@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import ConfigError
+from .buckets import Bucket, BucketedOrder, bucket_table, nearest_bucket
 from .samples import sample_from_raw
 from .sources import DataSource
 from .transforms import ImageTransform, pixel_limit
@@ -81,6 +83,9 @@ class GlobalOrder:
         return members[np.random.Generator(np.random.PCG64([self.seed, WINDOW_STREAM, epoch, w]))
                        .permutation(len(members))]
 
+    def substitutes(self, index: int, tries: int) -> list[int]:
+        return substitutes(index, self.num_samples)[:tries]
+
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_samples)
         if epoch != self._epoch:
@@ -96,14 +101,31 @@ class ShardedStream(IterableDataset):
 
     def __init__(self, source: DataSource, tokenize, resolution: int, batch_per_gpu: int, grad_accum: int,
                  rank: int, world_size: int, seed: int, start_step: int = 0,
-                 transform: ImageTransform | None = None, shuffle_window: int = 0):
+                 transform: ImageTransform | None = None, shuffle_window: int = 0,
+                 buckets: list[Bucket] | None = None):
         self.source, self.tokenize = source, tokenize
         self.transform = transform or ImageTransform(resolution)  # default: centre crop, no flip
         self.batch, self.accum, self.rank, self.world = batch_per_gpu, grad_accum, rank, world_size
         self.global_batch = batch_per_gpu * world_size * grad_accum
         self.order = GlobalOrder(len(source), seed, source.shard_sizes(), shuffle_window)
+        self.buckets = buckets or [(resolution, resolution)]
+        if buckets:  # every micro-batch from one bucket (buckets.py); the sizes come from headers or an index
+            if not source.random_access or source.latent:
+                raise ConfigError("data.buckets: a source read by index with images is needed "
+                                  f"({type(source).__name__} is not one)")
+            self.order = BucketedOrder(self.order, nearest_bucket(source.image_sizes(), buckets),
+                                       batch_per_gpu)
         self.start_step = start_step
         self.random_access = source.random_access  # False: a stream, read in order (StreamReader)
+
+    def bucket_lines(self) -> str:
+        """The bucket table with each bucket's samples, and what an epoch leaves out (for the start)."""
+        if not isinstance(self.order, BucketedOrder):
+            return ""
+        counts = np.bincount(self.order.bucket_of, minlength=len(self.buckets))
+        return (f"data: {len(self.buckets)} aspect-ratio buckets (width x height, aspect, samples); each "
+                f"epoch leaves out {self.order.dropped} samples (a bucket's last incomplete micro-batch)\n"
+                + bucket_table(self.buckets, counts))
 
     def positions(self, k: int) -> range:
         """Global positions of this rank's micro-batch number k."""
@@ -114,10 +136,12 @@ class ShardedStream(IterableDataset):
     def load(self, index: int, position: int = 0) -> tuple[dict, list[str]]:
         """Sample at `index`, or the first good substitute if it fails (deterministic); -> (sample, bad keys).
 
-        Random crop/flip draw from (seed, position), whichever index ends up filling the position.
+        Random crop/flip draw from (seed, position), whichever index ends up filling the position. With
+        buckets, the substitutes are of the sample's own bucket, and it is transformed to that bucket.
         """
+        bucket = self.buckets[self.order.bucket_of[index]] if isinstance(self.order, BucketedOrder) else None
         return self._first_good(position, ((i, lambda i=i: self.source[i])  # lazily: usually one
-                                           for i in substitutes(index, len(self.source))))
+                                           for i in self.order.substitutes(index, MAX_SUBSTITUTIONS)), bucket)
 
     def load_streamed(self, position: int) -> tuple[dict, list[str]]:
         """A source without random access: the record at `position` of the stream, or the next good one."""
@@ -126,8 +150,9 @@ class ShardedStream(IterableDataset):
         return self._first_good(position, ((position + a, lambda p=position + a: fetch(p))
                                            for a in range(MAX_SUBSTITUTIONS)))
 
-    def _first_good(self, position: int, candidates) -> tuple[dict, list[str]]:
-        """The first candidate (index, fetch) that loads, captioned and transformed; bad ones named."""
+    def _first_good(self, position: int, candidates, bucket: Bucket | None = None) -> tuple[dict, list[str]]:
+        """The first candidate (index, fetch) that loads, captioned and transformed to `bucket` (default: the
+        square of the resolution); bad ones named."""
         bad = []
         for index, fetch in candidates:
             try:
@@ -136,7 +161,10 @@ class ShardedStream(IterableDataset):
                     if not sample.get("caption"):
                         raise ValueError("empty caption")
                     rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
-                    return {**sample, "image": self.transform(sample["image"], rng)}, bad
+                    pixels, original_size, crop_top_left = self.transform.to_bucket(
+                        sample["image"], bucket or self.buckets[0], rng)
+                    return {**sample, "image": pixels, "original_size": original_size,
+                            "crop_top_left": crop_top_left}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
                 bad.append(f"{self.key_of(index)} ({type(err).__name__}: {str(err)[:80]})")
         raise DataFailure(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} "
@@ -170,7 +198,10 @@ class ShardedStream(IterableDataset):
             bad += failures
         captions = [s["caption"] for s in samples]
         return {"images": torch.stack([s["image"] for s in samples]), "input_ids": self.tokenize(captions),
-                "captions": captions, "keys": [s["key"] for s in samples], "bad": bad, "k": k}
+                "captions": captions, "keys": [s["key"] for s in samples], "bad": bad, "k": k,
+                # SDXL's micro-conditioning: (height, width) of each image as stored, the crop's (top, left)
+                "original_size": torch.tensor([s["original_size"] for s in samples]),
+                "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples])}
 
     def __iter__(self):
         info = get_worker_info()
