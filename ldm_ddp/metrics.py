@@ -180,7 +180,7 @@ class Metrics:
         self.step_groups = group_sq.index_add_(0, index.to(squares.device), squares).sqrt()
 
     def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, data_wait_s: float,
-                 bad: list[str], skipped: torch.Tensor | bool = False) -> None:
+                 bad: list[tuple[str, str]], skipped: torch.Tensor | bool = False) -> None:
         """One optimizer step; `skipped` (a device bool or a Python bool) counts a step the optimizer did not
         take. A skipped step adds nothing to the loss by timestep and the per-block norms either (its
         micro-batches' and gradients' share is dropped on the device), as the loop passes it 0 loss and grad
@@ -198,7 +198,7 @@ class Metrics:
         self.steps += 1
         self.data_wait_s += data_wait_s
         self.bad_samples += len(bad)
-        self.bad_keys += bad[:8]
+        self.bad_keys += [f"{key} ({reason})" for key, reason in bad[:1]]  # one example for the log line
         if self.bar is not None:
             self.bar.update(1)
 
@@ -318,7 +318,7 @@ def summary_line(record: dict, bad_keys: list[str] = ()) -> str:
         line += f"  mem {record['peak_mem_gib']:.1f} GiB"
     line += f"  skipped {record.get('skipped_steps', 0)}  bad {record['bad_samples']}"
     if record["bad_samples"] and bad_keys:
-        line += f" (e.g. {bad_keys[0]})"
+        line += f" (e.g. {bad_keys[0]}; each in bad_samples.jsonl at the next save)"
     return line
 
 

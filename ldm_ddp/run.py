@@ -6,6 +6,7 @@ Also the two functions of (seed, step, rank) every trainer uses: the learning ra
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from . import checkpoint, dist, faults
 from .config import Config, ConfigError, OptimConfig, resolve_batch, warnings_for
-from .metrics import set_aside_records
+from .metrics import append_jsonl, set_aside_records
 from .resume import check_resumable, check_writable, record_resume, resume_point
 
 
@@ -80,6 +81,7 @@ class Run:
         # Replaced samples: by this process since the start,
         # and by all ranks as of the last save or the resume.
         self.bad_seen = self.bad_total = self.bad_before = 0
+        self.bad_pending: list[list] = []  # [step, key, reason] of this rank, for bad_samples.jsonl at a save
 
     def _say_layout(self, sample_grids: bool) -> None:
         """Where this run writes, in one line (rank 0)."""
@@ -135,11 +137,12 @@ class Run:
         save = (active and (step % cfg.ckpt.every == 0 or done)) or stop is not None
         return Upkeep(done, stop, log, sample, save)
 
-    def count_step(self, skipped: torch.Tensor, bad: list[str], keys: list[str]) -> None:
+    def count_step(self, skipped: torch.Tensor, bad: list[tuple[str, str]], keys: list[str]) -> None:
         """One optimizer step taken (or skipped: a device bool)
-        with these replaced samples and sample keys."""
+        with these replaced samples ((key, reason) each) and sample keys."""
         self.step += 1
         self.bad_seen += len(bad)
+        self.bad_pending += [[self.step, key, reason] for key, reason in bad]
         self.guard.add(self.step, skipped, keys)
 
     def run_meta(self) -> dict:
@@ -164,6 +167,7 @@ class Run:
         # Replaced samples so far, all ranks (a collective: every rank calls save); resumed runs add theirs.
         seen = int(dist.all_reduce_sum(torch.tensor([self.bad_seen], device=self.device)).item())
         self.bad_total = self.bad_before + seen
+        self._write_bad_samples()
         error = ""
         # The other ranks wait in the outcome's all-reduce while rank 0 writes: saves get the startup timeout.
         with dist.timeout(self.cfg.train.startup_timeout_s):
@@ -186,6 +190,18 @@ class Run:
             raise faults.SaveFailed(lost)
         if dist.is_main():
             print(f"warning: {lost}; training goes on (ckpt.on_save_error = continue)", flush=True)
+
+    def _write_bad_samples(self) -> None:
+        """Every rank's replaced samples since the last save -> <out_dir>/bad_samples.jsonl on rank 0, one
+        record each ({"step", "rank", "key", "reason"}; the log line names one example). Written with the
+        save, so the file holds the committed steps: steps redone after a crash are recorded once."""
+        gathered = dist.all_gather_str(json.dumps(self.bad_pending))  # a collective: rare and small
+        self.bad_pending = []
+        if dist.is_main():
+            records = [{"step": step, "rank": rank, "key": key, "reason": reason}
+                       for rank, text in enumerate(gathered) for step, key, reason in json.loads(text)]
+            for record in sorted(records, key=lambda r: (r["step"], r["rank"])):
+                append_jsonl(self.out_dir / "bad_samples.jsonl", record)
 
     def stop(self, stop: faults.Stop) -> None:
         """End a run that has saved and stops on purpose: raise `stop` (its exit code), ignoring late signals:

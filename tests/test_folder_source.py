@@ -170,7 +170,7 @@ def test_bad_files_are_replaced_and_named_through_the_stream(tmp_path, num_worke
     assert len(source) == 14  # bad files are indexed, not filtered
     batches = run(source, num_workers, steps=6)  # 18 positions: every index is met at least once
     assert all(b["images"].shape == (3, 3, R, R) and len(b["captions"]) == 3 for b in batches)
-    named = {entry.split(" ")[0] for b in batches for entry in b["bad"]}
+    named = {entry[0] for b in batches for entry in b["bad"]}
     assert named == bad
     assert all(key.startswith("good_") for b in batches for key in b["keys"])
     again = run(ImageFolderSource(str(tmp_path)), num_workers=2 - num_workers, steps=6)

@@ -83,11 +83,11 @@ def test_grad_norms_per_block_group_mfu_and_the_summary_line(tmp_path, capsys):
     # On CPU without a configured peak: achieved TFLOP/s only, no MFU; without a FLOP count, neither.
     for flops, keys in ((2e9, {"tflops_per_gpu"}), (0.0, set())):
         metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines", train_flops_per_image=flops)
-        metrics.add_step(torch.tensor(1.0), None, 0.0, ["bad-key"])
+        metrics.add_step(torch.tensor(1.0), None, 0.0, [("bad-key", "OSError: truncated")])
         record = metrics.flush(3, 1e-3)
         assert {"tflops_per_gpu", "mfu"} & set(record) == keys and record["grad_norm_by_block"] == {}
         assert record["bad_samples"] == 1 and record["skipped_steps"] == 0
-    assert "bad 1 (e.g. bad-key)" in capsys.readouterr().out
+    assert "bad 1 (e.g. bad-key (OSError: truncated); each in bad_samples.jsonl" in capsys.readouterr().out
 
 
 def test_a_skipped_step_adds_nothing_to_the_means_of_its_record(tmp_path):

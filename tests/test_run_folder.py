@@ -121,3 +121,25 @@ def test_readers_of_an_older_folder_take_the_latest_attempt(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_records(path)] == [(1, 1.0), (2, 0.7), (3, 0.6), (4, 0.5)]
     set_aside_records(path, 3)
     assert [(r["step"], r["loss"]) for r in read_records(path)] == [(1, 1.0), (2, 0.7), (3, 0.6)]
+
+
+def test_every_replaced_sample_is_named_once_in_bad_samples_jsonl(tmp_path, tiny_args):
+    """One example per log line; every replacement, with its step and reason, in bad_samples.jsonl (written
+    with the saves, across a resume)."""
+    from test_buckets import mixed_aspect_folder
+
+    out = tmp_path / "run"
+    args = dict(data__source="folder", data__path=mixed_aspect_folder(tmp_path / "images", bad=6),
+                data__resolution=128, data__batch_per_gpu=4, ckpt__every=2)
+    printed = train_here(*tiny_args(out, train__max_steps=2, **args))
+    train_here(*tiny_args(out, train__max_steps=4, **args))
+    records = metrics(out)
+    replaced = sum(r["bad_samples"] for r in records)
+    named = [json.loads(line) for line in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert replaced > 0 and len(named) == replaced
+    assert all(r["key"].startswith("bad_") and r["reason"].startswith("UnidentifiedImageError")
+               and r["rank"] == 0 for r in named)
+    assert [r["step"] for r in named] == sorted(r["step"] for r in named)
+    assert {r["step"] for r in named} <= {1, 2, 3, 4}
+    lines = [line for line in printed.splitlines() if line.startswith("step ") and " bad 0" not in line]
+    assert all(line.count("(e.g. bad_") == 1 for line in lines)

@@ -187,7 +187,7 @@ def test_bad_samples_are_replaced_by_the_next_good_index_and_named(num_workers):
                 expected_bad += skipped
             assert b["keys"] == expected_keys
             assert all(c for c in b["captions"])
-            assert [entry.split(" ")[0] for entry in b["bad"]] == expected_bad
+            assert [entry[0] for entry in b["bad"]] == expected_bad
             total_bad += len(b["bad"])
     # 3 -> 4 -> 5 -> 6: index 3 costs 3 substitutions, 4 costs 2, 5 one; 10, 17 one each; n-1 wraps to 0.
     assert total_bad == 3 + 2 + 1 + 1 + 1 + 1
@@ -198,8 +198,8 @@ def test_bad_sample_reasons_are_named():
     stream = ShardedStream(source, tokenize, RES, 1, 1, 0, 1, seed=0)
     sample, bad = stream.load(2)
     assert sample["key"] == "fake/00004"
-    assert (bad[0].startswith("fake/00002 (OSError")
-            and bad[1].startswith("fake/00003 (ValueError: empty caption"))
+    assert (bad[0][0] == "fake/00002" and bad[0][1].startswith("OSError")
+            and bad[1] == ("fake/00003", "ValueError: empty caption"))
     sample, bad = stream.load(6)
     assert sample["key"] == "fake/00006" and bad == []
 

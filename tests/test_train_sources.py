@@ -90,6 +90,12 @@ def test_two_process_training_on_a_real_source(tmp_path, tiny_args, run_script, 
     replaced = sum(r.get("bad_samples", 0) for r in records)
     # counted, all ranks
     assert meta["data"]["bad_samples"] == replaced and (replaced > 0) == (kind == "folder")
+    # and each one named with its step, rank and reason
+    listed = tmp_path / "run" / "bad_samples.jsonl"
+    named = [json.loads(line) for line in listed.read_text().splitlines()] if listed.exists() else []
+    assert len(named) == replaced
+    assert all(r["key"].startswith("bad_") and r["reason"].startswith("UnidentifiedImageError")
+               and 1 <= r["step"] <= 4 and r["rank"] in (0, 1) for r in named)
 
 
 @pytest.mark.parametrize("kind", ["shards", "hf_stream", "hf", "parquet"])

@@ -133,8 +133,9 @@ class ShardedStream(IterableDataset):
         start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
         return range(start, start + self.batch)
 
-    def load(self, index: int, position: int = 0) -> tuple[dict, list[str]]:
-        """Sample at `index`, or the first good substitute if it fails (deterministic); -> (sample, bad keys).
+    def load(self, index: int, position: int = 0) -> tuple[dict, list[tuple[str, str]]]:
+        """Sample at `index`, or the first good substitute if it fails (deterministic);
+        -> (sample, [(key, reason)] of the bad ones).
 
         Random crop/flip draw from (seed, position), whichever index ends up filling the position. With
         buckets, the substitutes are of the sample's own bucket, and it is transformed to that bucket.
@@ -143,16 +144,17 @@ class ShardedStream(IterableDataset):
         return self._first_good(position, ((i, lambda i=i: self.source[i])  # lazily: usually one
                                            for i in self.order.substitutes(index, MAX_SUBSTITUTIONS)), bucket)
 
-    def load_streamed(self, position: int) -> tuple[dict, list[str]]:
+    def load_streamed(self, position: int) -> tuple[dict, list[tuple[str, str]]]:
         """A source without random access: the record at `position` of the stream, or the next good one."""
         def fetch(p: int) -> dict:
             return sample_from_raw(self._reader.get(p), self.order.seed, p)
         return self._first_good(position, ((position + a, lambda p=position + a: fetch(p))
                                            for a in range(MAX_SUBSTITUTIONS)))
 
-    def _first_good(self, position: int, candidates, bucket: Bucket | None = None) -> tuple[dict, list[str]]:
+    def _first_good(self, position: int, candidates, bucket: Bucket | None = None
+                    ) -> tuple[dict, list[tuple[str, str]]]:
         """The first candidate (index, fetch) that loads, captioned and transformed to `bucket` (default: the
-        square of the resolution); bad ones named."""
+        square of the resolution); -> (sample, [(key, reason)] of the bad ones before it)."""
         bad = []
         for index, fetch in candidates:
             try:
@@ -166,9 +168,9 @@ class ShardedStream(IterableDataset):
                     return {**sample, "image": pixels, "original_size": original_size,
                             "crop_top_left": crop_top_left}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
-                bad.append(f"{self.key_of(index)} ({type(err).__name__}: {str(err)[:80]})")
+                bad.append((self.key_of(index), f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"))
         raise DataFailure(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} "
-                          f"(its own and every substitute): {bad[-1]}")
+                          f"(its own and every substitute): {bad[-1][0]} ({bad[-1][1]})")
 
     def key_of(self, index: int) -> str:
         if not self.random_access:  # `index` is a position: named by the record read there, if any
