@@ -15,10 +15,18 @@ from . import dist, faults
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data.stream import DataFailure
+from .launch import record_exit
 from .resume import run_folder_lock
 
 
 def run_training(doc: str, default_preset: str, train: Callable[[Config], object]) -> int:
+    """`_run_training`, its exit code recorded for scripts/launch.py (launch.record_exit)."""
+    code = _run_training(doc, default_preset, train)
+    record_exit(code)
+    return code
+
+
+def _run_training(doc: str, default_preset: str, train: Callable[[Config], object]) -> int:
     """Parse `--preset/--config/--dry-run` and `--section.key=value`, then run `train(cfg)`; -> exit code.
 
     A bad config, a refused resume or an unreadable checkpoint asked for by path is one line on stderr,
@@ -70,6 +78,7 @@ def run_training(doc: str, default_preset: str, train: Callable[[Config], object
         sys.stdout.flush()
         # The process group is broken: tearing it down can wait forever on a collective that will never end
         # (NCCL), so leave at once; DataLoader workers notice their parent is gone and end too.
+        record_exit(faults.EXIT_PEER_FAILURE)
         os._exit(faults.EXIT_PEER_FAILURE)
     except KeyboardInterrupt:  # Ctrl-C (SIGINT): nothing is saved, as a kill would; 128 + SIGINT
         print("interrupted", file=sys.stderr, flush=True)

@@ -103,3 +103,28 @@ def test_end_workers_ends_every_worker_at_once(num_workers):
     assert time.monotonic() - start < 2  # the loader's own timeout per worker is 5 s
     assert all(w.exitcode == 0 for w in workers)  # each ended by the loader's message, none killed
     assert not set(multiprocessing.active_children()) - before
+
+
+@pytest.mark.slow
+def test_the_launcher_exits_with_the_ranks_75_when_signalled_as_a_scheduler_does(tmp_path, tiny_args):
+    """scripts/launch.py is torchrun with the ranks' exit code: SIGTERM to it, and the scheduler sees 75."""
+    out = tmp_path / "run"
+    args = tiny_args(out, train__max_steps=1000, ckpt__every=1000, data__num_workers=2)
+    cmd = [sys.executable, "scripts/launch.py", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "scripts/train.py", *args]
+    with Launch([cmd], [script_env()], [tmp_path / "launch.log"]) as launch:
+        wait_until(lambda: logged_step(launch.logs[0], 2), 120, "step 2", poll=0.01)
+        took = sigterm_and_time(launch, descendants(launch.procs[0].pid))
+    text = launch.output()
+    assert launch.procs[0].returncode == EXIT_PREEMPTED and took < EXIT_WITHIN, text[-3000:]
+    preempted_checkpoint(text, out)
+
+
+@pytest.mark.slow
+def test_the_launcher_passes_a_ranks_failure_code_through(tmp_path, tiny_args, run_script):
+    """A refused config (exit 2 on every rank): torchrun says 1, the launcher 2."""
+    args = [*tiny_args(tmp_path / "run"), "--train.global_batch=3"]  # not a multiple of 2 ranks x 2
+    launched = run_script("scripts/launch.py", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(free_port()), "scripts/train.py", *args, timeout=120)
+    assert launched.returncode == 2, launched.stderr[-2000:]
+    assert "config error: train.global_batch" in launched.stderr
