@@ -235,6 +235,7 @@ class Metrics:
                 record["mfu"] = record["tflops_per_gpu"] / self.peak_tflops
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record.update(compile_figures())
         if dist.is_main():
             self._write(record)
         self._reset()
@@ -298,6 +299,19 @@ class Metrics:
             self.tensorboard.close()
         if self.wandb_run is not None and dist.is_main():
             self.wandb_run.finish()
+
+
+def compile_figures() -> dict:
+    """Graphs torch.compile made in this process so far and the seconds it spent on them (one per
+    aspect-ratio bucket and the start-up probe's); {} when nothing was compiled."""
+    if "torch._dynamo" not in sys.modules:  # never imported: nothing compiled (and no import cost)
+        return {}
+    from torch._dynamo import utils
+    graphs = utils.counters["stats"]["unique_graphs"]
+    if not graphs:
+        return {}
+    return {"compiled_graphs": graphs,
+            "compile_s": round(utils.calculate_time_spent().get("entire_frame_compile", 0.0), 1)}
 
 
 def summary_line(record: dict, bad_keys: list[str] = ()) -> str:

@@ -13,11 +13,14 @@ JPEGs, caches their latents with scripts/precompute_latents.py, then for each re
            channels-last), grad clip, fused AdamW, EMA, on random tensors; DDP as the trainer wraps it
   cache    scripts/train.py --data.source=latents (the trainer: loader, text encoder, draws, metrics)
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
+  buckets  online, with --data.buckets=auto: the same JPEGs (5:4 and 3:4) in their aspect-ratio buckets
+           (576x448 and 448x576 at 512 px) instead of square crops; one compiled graph per bucket
 The bare step also times variants of its EMA in the same process (no second compile), alternating with
 the step as configured: the other setting of --ema-overlap (off, the default and the trainer's way: the
 update after the optimizer; on: beside the next forward, on a side stream), and compiled (--ema-compile
 both); they are printed below the table.
-img/s come from steady-state steps (the first log interval, with compilation, is dropped). MFU counts
+img/s come from steady-state steps (log intervals in which nothing was compiled; the first, with
+compilation, is dropped); the trainer rows also give the graphs compiled and the seconds it took. MFU counts
 the UNet's training FLOPs (torch.utils.flop_counter) against 989 TFLOP/s (H100 SXM dense bf16) and
 against this card's measured bf16 matmul rate. --profile adds a torch.profiler record of 3 steps of each
 path (Chrome trace, op table; the share of wall time the GPU was busy goes into the table).
@@ -117,7 +120,7 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
-            f"--ema.update_every={args.ema_every}", *data]
+            f"--ema.update_every={args.ema_every}", "--data.buckets=off", *data]
 
 
 def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
@@ -134,11 +137,15 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
     # Steady state: the first interval (compilation, autotuning) and the last
     # (the profiler, the final save) dropped.
     timed = [r for r in records if "img_per_s" in r]
-    steady = timed[1:-1] or timed[-1:]
+    # Steady: no graph compiled during the interval (a bucket's first batch compiles its graph)
+    compiled = [r.get("compiled_graphs", 0) for r in timed]
+    steady = [r for i, r in enumerate(timed[:-1]) if i and compiled[i] == compiled[i - 1]] or timed[-1:]
     result = {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
               "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
               "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records),
-              "wall_s": time.perf_counter() - start}
+              "compiled_graphs": compiled[-1] if compiled else 0,
+              "compile_s": timed[-1].get("compile_s", 0.0) if timed else 0.0,
+              "steady_intervals": len(steady), "wall_s": time.perf_counter() - start}
     summary = out / "profile" / "summary_rank0.json"
     if summary.is_file():
         result["profile"] = json.loads(summary.read_text())
@@ -177,14 +184,16 @@ def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, ev
     os.kill(rank0, signal.SIGKILL)
     proc.wait(timeout=300)
     chaos.wait_for_exit_of_all(out)
-    first_lines = len((out / "metrics.jsonl").read_text().splitlines())
+    first_attempt = (out / "metrics.jsonl").read_text().splitlines()
     torchrun(nproc, "scripts/train.py", run_args, timeout, out.parent / "logs" / f"{out.name}_resumed.log")
-    lines = (out / "metrics.jsonl").read_text().splitlines()
 
     def losses(part: list[str]) -> dict[int, float]:
         records = [json.loads(line) for line in part if line.startswith("{") and line.endswith("}")]
         return {r["step"]: r["loss"] for r in records if "loss" in r}
-    before, after = losses(lines[:first_lines]), losses(lines[first_lines:])
+    # The resume sets the first attempt's records past the checkpoint aside: metrics.jsonl then holds the
+    # steps up to it and the resumed run's after it.
+    before = losses(first_attempt)
+    after = {k: v for k, v in losses((out / "metrics.jsonl").read_text().splitlines()).items() if k > save_at}
     redone = sorted(set(before) & set(after))
     return {"saved_at": save_at, "killed_after_step": max(before), "resumed_first_log": min(after),
             "redone": [[step, before[step], after[step]] for step in redone],
@@ -371,7 +380,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler record of 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
-                        choices=["bare", "cache", "online", "resume"],
+                        choices=["bare", "cache", "online", "buckets", "resume"],
                         help="resume: the trainer from the cache saves at --steps/2, rank 0 is killed -9, "
                              "and the same command resumes (reported below the table)")
     parser.add_argument("--online-workers", type=int, default=8,
@@ -387,7 +396,7 @@ def main() -> int:
         bare_worker(args)
         return 0
     work, batches = Path(args.work), {int(k): int(v) for k, v in (b.split("=") for b in args.batch)}
-    trainer_parts = {"cache", "online", "resume"} & set(args.parts)
+    trainer_parts = {"cache", "online", "buckets", "resume"} & set(args.parts)
     if trainer_parts:
         args.pretrained = args.pretrained or str(make_bundle(work / "bundle"))
     rows = []
@@ -424,6 +433,11 @@ def main() -> int:
                                         ["--data.source=folder", f"--data.path={images}",
                                          f"--data.num_workers={args.online_workers}"],
                                         work / f"run_online_{res}_{gpus}")
+            if "buckets" in args.parts:
+                row["buckets"] = trainer(args, gpus, res, batch,
+                                         ["--data.source=folder", f"--data.path={images}",
+                                          f"--data.num_workers={args.online_workers}", "--data.buckets=auto"],
+                                         work / f"run_buckets_{res}_{gpus}")
             if "resume" in args.parts:  # save, kill -9, the same command again
                 every = max(1, args.steps // 8)
                 out = work / f"run_resume_{res}_{gpus}"
@@ -444,7 +458,7 @@ def print_table(rows: list[dict]) -> None:
           f"{'MFUmm':>6} {'vs bare':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
     for row in rows:
         bare = row.get("bare", {})
-        for path in ("bare", "cache", "online"):
+        for path in ("bare", "cache", "online", "buckets"):
             if path not in row:
                 continue
             r, gpus = row[path], row["gpus"]
@@ -456,6 +470,13 @@ def print_table(rows: list[dict]) -> None:
                   f"{per_gpu:>7.1f} {tflops / H100_PEAK:>7.1%} {mfu_mm:>6.1%} {versus:>7.1%} "
                   f"{r.get('data_wait_share', 0):>5.1%} {r['peak_mem_gib']:>7.1f} "
                   f"{r.get('profile', {}).get('device_busy_share', float('nan')):>8.1%}")
+    for row in rows:
+        for path in ("cache", "online", "buckets"):
+            if row.get(path, {}).get("compiled_graphs"):
+                r = row[path]
+                print(f"{row['res']} px, {row['gpus']} GPUs, {path}: {r['compiled_graphs']} graphs "
+                      f"compiled in {r['compile_s']:.0f} s (rank 0); {r['steady_intervals']} steady log "
+                      "intervals timed")
     card = next((row["bare"]["card"] for row in rows if "bare" in row), "")
     print(f"card: {card}" if card else "")
     if rows:

@@ -216,3 +216,17 @@ def test_a_line_cut_by_a_kill_is_dropped_before_the_next_record(tmp_path):
     path.write_text('{"step": 1, "lo')  # nothing whole before the cut
     append_jsonl(path, {"step": 1})
     assert path.read_text() == '{"step": 1}\n'
+
+
+def test_records_count_the_graphs_compiled_so_far(tmp_path):
+    """One graph per input shape (e.g. per aspect-ratio bucket): the record says how many and their time."""
+    from torch._dynamo import utils
+
+    before = utils.counters["stats"]["unique_graphs"]
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    for n in (3, 4, 5):
+        double(torch.ones(n))
+    metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines")
+    metrics.add_step(torch.tensor(1.0), None, 0.0, [])
+    record = metrics.flush(1, 1e-3)
+    assert record["compiled_graphs"] == before + 3 and record["compile_s"] >= 0
