@@ -119,17 +119,25 @@ def make_grid(images: torch.Tensor, nrow: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy()))
 
 
+def join_images(images: list[PIL.Image.Image], gap: int = 8, vertical: bool = False) -> PIL.Image.Image:
+    """Images left to right (top to bottom if `vertical`), `gap` px of white between them, aligned on their
+    top (left) edges; the rest of the canvas white, so images of different shapes share one PNG."""
+    if vertical:
+        size = (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1))
+    else:
+        size = (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images))
+    out = PIL.Image.new("RGB", size, (255, 255, 255))
+    offset = 0
+    for image in images:
+        out.paste(image, (0, offset) if vertical else (offset, 0))
+        offset += (image.height if vertical else image.width) + gap
+    return out
+
+
 def make_side_by_side(batches: list[torch.Tensor], nrow: int, gap: int = 8) -> PIL.Image.Image:
     """Equal-shaped batches [N, 3, H, W] (e.g. EMA and raw weights, same prompts and seeds) -> one image:
     make_grid of each, left to right, `gap` px of white between them, so equal positions compare directly."""
-    grids = [make_grid(images, nrow) for images in batches]
-    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
-    out = PIL.Image.new("RGB", (width, max(g.height for g in grids)), (255, 255, 255))
-    x = 0
-    for grid in grids:
-        out.paste(grid, (x, 0))
-        x += grid.width + gap
-    return out
+    return join_images([make_grid(images, nrow) for images in batches], gap)
 
 
 @torch.no_grad()
@@ -139,13 +147,28 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def size_error(width: int, height: int, downsample: int) -> str | None:
+    """What is wrong with an image size in px for a VAE that downsamples by `downsample`, or None: both sides
+    positive multiples of 8 x downsample, so the latent's sides are multiples of 8 (an SD UNet halves them
+    three times)."""
+    multiple = 8 * downsample
+    if width > 0 and height > 0 and not width % multiple and not height % multiple:
+        return None
+    return (f"{width}x{height} px: expected positive multiples of {multiple} px (8 x the VAE's downsampling "
+            f"factor {downsample})")
+
+
 @torch.no_grad()
 def generate(unet, frozen, schedule: NoiseSchedule, prompts: list[str], seeds: list[int], num_steps: int,
              cfg_scale: float, guidance_rescale: float, spacing: str, autocast: bool,
-             batch_size: int = 32) -> torch.Tensor:
-    """Text -> images [N, 3, H, W] in [-1, 1] with DDIM + CFG; `frozen` is models.FrozenModels."""
+             batch_size: int = 32, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Text -> images [N, 3, H, W] in [-1, 1] with DDIM + CFG; `frozen` is models.FrozenModels. `size`:
+    (width, height) in px; None: the UNet's square sample_size."""
     device = next(unet.parameters()).device
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    if size is None:
+        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    else:
+        shape = (unet.config.in_channels, size[1] // frozen.downsample, size[0] // frozen.downsample)
     uncond = frozen.encode_prompts(frozen.tokenize([""]))
 
     def model(x_t, t, context):

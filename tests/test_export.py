@@ -47,6 +47,37 @@ def test_exported_pipeline_matches_our_sampler(tmp_path, trained_run, run_script
     assert (theirs - ours).abs().max() < 1e-4
 
 
+def test_exported_pipeline_samples_a_non_square_image_as_the_sample_script(tmp_path, trained_run):
+    """height= and width= of the pipeline: with the same initial noise, its 128x64 images are those
+    scripts/sample.py writes at --width 128 --height 64 (the demo VAE downsamples by 8: a 16x8 latent)."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from ldm_ddp.export import export_diffusers
+    from ldm_ddp.sampling import initial_noise
+
+    ckpt = trained_run / "checkpoints" / "step_0000002.safetensors"
+    pipe = StableDiffusionPipeline.from_pretrained(export_diffusers(str(ckpt), str(tmp_path / "fp32"),
+                                                                    "fp32"))
+    prompts, seed = ["a large red circle in the center", "a small blue square in the top left"], 3
+    assert run_main("sample", ckpt, *[a for p in prompts for a in ("--prompt", p)], "--n", "1",
+                    "--seed", seed, "--steps", "8", "--cfg", "3.0", "--rescale", "0.7",
+                    "--spacing", "trailing", "--width", "128", "--height", "64",
+                    "--out", tmp_path / "ours.png") == 0
+    ours = np.asarray(Image.open(tmp_path / "ours.png"), dtype=np.int16)
+    assert ours.shape == (2 * 66 + 2, 130 + 2, 3)  # a row per prompt, 2 px padding
+
+    noise = initial_noise([seed, seed + 1], (pipe.unet.config.in_channels, 64 // 8, 128 // 8))
+    theirs = pipe(prompts, height=64, width=128, latents=noise, num_inference_steps=8, guidance_scale=3.0,
+                  guidance_rescale=0.7, output_type="np").images
+    assert theirs.shape == (2, 64, 128, 3)
+    for k in range(2):  # 8-bit pixels of both: rounding may differ by one level where a value sits at a half
+        cell = ours[2 + k * 66: 2 + k * 66 + 64, 2:130]
+        assert np.abs(cell - np.round(theirs[k] * 255)).max() <= 1, k
+    assert np.abs(ours[2:66, 2:130] - ours[68:132, 2:130]).max() > 20  # the prompts' images differ
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_the_exported_scheduler_visits_our_timesteps(spacing):
     """StableDiffusionPipeline enforces steps_offset=1, which shifts "leading" spacing: ours is SD's original

@@ -1,17 +1,21 @@
 """DDIM sampling with classifier-free guidance, checked against diffusers' DDIMScheduler and
-rescale_noise_cfg."""
+rescale_noise_cfg; image grids; scripts/sample.py at sizes other than the square training resolution."""
 
+import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     rescale_noise_cfg,
 )
+from PIL import Image
 
 from ldm_ddp.sampling import (
     ddim_sample,
     ddim_step,
     ddim_timesteps,
+    join_images,
     make_grid,
     make_side_by_side,
     rescale_guidance,
@@ -199,3 +203,33 @@ def test_make_side_by_side():
     assert image.getpixel((x0 + 2, 2)) == (128, 128, 128)  # first raw image, value 0
     assert image.getpixel((x0 + 2, 2 + 8 + 2)) == (128, 128, 128)  # third raw image (second row)
     assert image.getpixel((x0 + 2 + 6 + 2, 2 + 8 + 2)) == (0, 0, 0)  # the empty fourth cell
+
+
+def test_join_images_of_different_shapes():
+    """Grids of two sizes, top to bottom on white, left-aligned; then two such columns side by side."""
+    wide, tall = make_grid(torch.ones(2, 3, 4, 10), nrow=2), make_grid(-torch.ones(2, 3, 10, 4), nrow=2)
+    column = join_images([wide, tall], gap=3, vertical=True)
+    assert column.size == (wide.width, wide.height + 3 + tall.height)
+    assert column.crop((0, 0, *wide.size)).tobytes() == wide.tobytes()
+    assert column.crop((0, wide.height + 3, tall.width, column.height)).tobytes() == tall.tobytes()
+    assert column.getpixel((0, wide.height + 1)) == (255, 255, 255)  # the gap
+    assert column.getpixel((column.width - 1, column.height - 1)) == (255, 255, 255)  # beside the narrow grid
+    pair = join_images([column, column], gap=5)
+    assert pair.size == (2 * column.width + 5, column.height)
+    assert join_images([wide]).tobytes() == wide.tobytes()
+
+
+def test_sample_script_at_a_non_square_size(tmp_path, trained_run, capsys):
+    ckpt = trained_run / "checkpoints" / "step_0000002.safetensors"
+    prompts = ["--prompt", "a large red circle in the center", "--prompt",
+               "a small blue square in the top left"]
+    out = tmp_path / "wide.png"
+    assert run_main("sample", ckpt, *prompts, "--n", "2", "--steps", "2", "--width", "128", "--height", "64",
+                    "--out", out) == 0
+    assert "4 images of 128x64 px" in capsys.readouterr().out
+    assert np.asarray(Image.open(out)).shape == (2 * 66 + 2, 2 * 130 + 2, 3)  # a row per prompt
+    for bad in (["--width", "96"], ["--height", "0"]):
+        assert run_main("sample", ckpt, *prompts, *bad, "--out", tmp_path / "bad.png") == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("error: --width/--height: ") and "64 px" in error[0]
+    assert not (tmp_path / "bad.png").exists()
