@@ -148,6 +148,8 @@ class SampleConfig:
     spacing: Literal["leading", "trailing"] = "trailing"
     weights: Literal["ema", "raw", "both"] = "ema"  # both: EMA (left) and raw (right) in one grid,
     # twice the work
+    sizes: list = field(default_factory=list)  # [[width, height], ...] px, each prompt at each size
+    # (multiples of 8 x the VAE's factor); [] = square data.resolution
 
 
 @dataclass
@@ -348,6 +350,10 @@ def validate(cfg: Config) -> None:
              cfg.sample.cfg_scale)
     _require(0 <= cfg.sample.guidance_rescale <= 1, "sample.guidance_rescale", "a fraction in [0, 1]",
              cfg.sample.guidance_rescale)
+    # the VAE's own multiple is checked where it is loaded (sampling.LiveSamples)
+    _require(all(isinstance(s, list) and len(s) == 2
+                 and all(type(x) is int and x > 0 and x % 8 == 0 for x in s) for s in cfg.sample.sizes),
+             "sample.sizes", "a list of [width, height] in px, positive multiples of 8", cfg.sample.sizes)
     most = max_sample_steps(cfg.diffusion.num_train_timesteps, cfg.sample.spacing)
     _require(cfg.sample.steps <= most, "sample.steps", f"at most {most} ({cfg.sample.spacing} spacing of "
              f"{cfg.diffusion.num_train_timesteps} training timesteps)", cfg.sample.steps)

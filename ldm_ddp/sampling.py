@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 
 from . import dist
-from .config import SampleConfig, max_sample_steps
+from .config import ConfigError, SampleConfig, max_sample_steps
 from .schedule import NoiseSchedule
 
 SPACINGS = ("leading", "trailing")
@@ -190,10 +190,16 @@ class LiveSamples:
 
     Prompts are split across ranks (seed fixed per prompt, so any world size draws the same grid) and gathered
     on rank 0; every rank samples about len(prompts) / world, so none waits long. Sampling uses its own copy
-    of the UNet: the trained one (and its compiled graphs) stays put."""
+    of the UNet: the trained one (and its compiled graphs) stays put. With several sample.sizes, each prompt
+    is drawn at each size with its own seed: one grid per size (EMA and raw side by side), top to bottom, the
+    prompts in the same places in each."""
 
     def __init__(self, unet, frozen, schedule: NoiseSchedule, cfg: SampleConfig, out_dir: Path,
                  autocast: bool):
+        for width, height in cfg.sizes:  # the config checked multiples of 8; here the VAE is known
+            if error := size_error(width, height, frozen.downsample):
+                raise ConfigError(f"sample.sizes: {error}")
+        self.sizes = [tuple(s) for s in cfg.sizes] or [None]  # None: the UNet's square sample_size
         self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
         self.frozen, self.schedule, self.cfg, self.autocast = frozen, schedule, cfg, autocast
         self.folder = out_dir / "samples"
@@ -207,18 +213,25 @@ class LiveSamples:
         # This rank's prompts; the last rank pads with repeats of the final prompt so the gather is even.
         mine = [min(i, len(prompts) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
         both = self.cfg.weights == "both"  # EMA left, raw right, same prompts and seeds
-        grids = []
+        grids = []  # grids[weights][size]: [len(prompts), 3, H, W]
         for use_ema in ([True, False] if both else [self.cfg.weights == "ema"]):
             if use_ema:
                 ema.copy_to(self.unet)
             else:
                 self.unet.load_state_dict(unet.state_dict())
-            images = generate(self.unet, self.frozen, self.schedule, [prompts[i] for i in mine],
-                              [self.cfg.seed + i for i in mine], self.cfg.steps, self.cfg.cfg_scale,
-                              self.cfg.guidance_rescale, self.cfg.spacing, autocast=self.autocast)
-            grids.append(dist.all_gather_tensor(images.to(dist.device()))[:len(prompts)].cpu())
+            grids.append([])
+            for size in self.sizes:  # one gather per size: every rank's images have that shape
+                images = generate(self.unet, self.frozen, self.schedule, [prompts[i] for i in mine],
+                                  [self.cfg.seed + i for i in mine], self.cfg.steps, self.cfg.cfg_scale,
+                                  self.cfg.guidance_rescale, self.cfg.spacing, autocast=self.autocast,
+                                  size=size)
+                grids[-1].append(dist.all_gather_tensor(images.to(dist.device()))[:len(prompts)].cpu())
         if dist.is_main():
             path = self.folder / f"step_{step:07d}.png"
             nrow = math.ceil(math.sqrt(len(prompts)))
-            (make_side_by_side(grids, nrow) if both else make_grid(grids[0], nrow)).save(path)
-            metrics.log_image(step, path, " | ".join(prompts) + ("  (left: EMA, right: raw)" if both else ""))
+            rows = [make_side_by_side(batches, nrow) if both else make_grid(batches[0], nrow)
+                    for batches in zip(*grids)]  # one per size
+            (join_images(rows, vertical=True) if len(rows) > 1 else rows[0]).save(path)
+            sizes = "; ".join(f"{w}x{h}" for w, h in self.cfg.sizes)
+            caption = " | ".join(prompts) + (f"  (top to bottom: {sizes})" if len(rows) > 1 else "")
+            metrics.log_image(step, path, caption + ("  (left: EMA, right: raw)" if both else ""))

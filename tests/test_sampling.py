@@ -1,20 +1,24 @@
 """DDIM sampling with classifier-free guidance, checked against diffusers' DDIMScheduler and
-rescale_noise_cfg; image grids; scripts/sample.py at sizes other than the square training resolution."""
+rescale_noise_cfg; image grids; sampling at sizes other than the square training resolution
+(scripts/sample.py, live samples, sample.sizes)."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import run_main, train_here
 from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     rescale_noise_cfg,
 )
 from PIL import Image
 
+from ldm_ddp.config import ConfigError, load_config
 from ldm_ddp.sampling import (
+    LiveSamples,
     ddim_sample,
     ddim_step,
     ddim_timesteps,
+    generate,
     join_images,
     make_grid,
     make_side_by_side,
@@ -219,6 +223,70 @@ def test_join_images_of_different_shapes():
     assert join_images([wide]).tobytes() == wide.tobytes()
 
 
+def sample_setup(trained_run, **sample):
+    """-> (the trained run's config with `sample` changes, its raw UNet, frozen models, schedule)."""
+    from ldm_ddp.models import load_trained
+
+    cfg, unet, frozen = load_trained(str(trained_run / "checkpoints" / "step_0000002.safetensors"), "raw",
+                                     torch.device("cpu"))
+    for key, value in sample.items():
+        setattr(cfg.sample, key, value)
+    d = cfg.diffusion
+    return cfg, unet, frozen, NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
+                                            d.zero_terminal_snr)
+
+
+class ImageLog:
+    """Metrics' log_image alone: keeps the captions."""
+
+    def __init__(self):
+        self.captions = []
+
+    def log_image(self, step, path, caption):
+        self.captions.append(caption)
+
+
+def test_live_samples_at_two_sizes(tmp_path, trained_run):
+    """sample.sizes: each prompt at each size with its own seed, one block per size; the square block is the
+    default grid, pixel for pixel."""
+    prompts = ["a large red circle in the center", "a small blue square in the top left",
+               "a large green triangle in the bottom right"]
+    cfg, unet, frozen, schedule = sample_setup(trained_run, prompts=prompts, weights="raw", steps=2,
+                                               sizes=[[128, 64], [64, 64]])
+    log = ImageLog()
+    LiveSamples(unet, frozen, schedule, cfg.sample, tmp_path / "sizes", autocast=False)(3, unet, None, log)
+    grid = np.asarray(Image.open(tmp_path / "sizes" / "samples" / "step_0000003.png"))
+    # 3 prompts in 2 x 2 cells of 128x64 px, 8 px of white, then 2 x 2 cells of 64 px (2 px padding)
+    assert grid.shape == (2 * 66 + 2 + 8 + 2 * 66 + 2, 2 * 130 + 2, 3)
+    assert "top to bottom: 128x64; 64x64" in log.captions[0]
+    wide = generate(unet, frozen, schedule, prompts, [cfg.sample.seed + i for i in range(3)], 2,
+                    cfg.sample.cfg_scale, cfg.sample.guidance_rescale, cfg.sample.spacing, autocast=False,
+                    size=(128, 64))
+    assert wide.shape == (3, 3, 64, 128)
+    assert np.array_equal(grid[:134], np.asarray(make_grid(wide, nrow=2)))
+
+    cfg.sample.sizes = []
+    LiveSamples(unet, frozen, schedule, cfg.sample, tmp_path / "square", autocast=False)(3, unet, None, log)
+    square = np.asarray(Image.open(tmp_path / "square" / "samples" / "step_0000003.png"))
+    assert np.array_equal(grid[134 + 8:, :134], square)
+    assert (grid[134 + 8:, 134:] == 255).all()  # beside the narrower block
+
+
+def test_live_samples_refuse_a_size_the_vae_cannot_take(tmp_path, trained_run):
+    cfg, unet, frozen, schedule = sample_setup(trained_run, sizes=[[128, 64], [96, 64]])
+    with pytest.raises(ConfigError, match=r"^sample.sizes: 96x64 px: expected positive multiples of 64 px"):
+        LiveSamples(unet, frozen, schedule, cfg.sample, tmp_path, autocast=False)
+
+
+@pytest.mark.parametrize("sizes", ["[[60, 64]]", "[64, 64]", "[[64]]", "[[0, 64]]", "[[64.0, 64]]",
+                                   "[[true, 64]]", "[[64, 64, 64]]"])
+def test_sample_sizes_validation(sizes):
+    with pytest.raises(ConfigError, match=r"^sample.sizes: expected a list of \[width, height\] in px"):
+        load_config(overrides=[f"--sample.sizes={sizes}"])
+    assert load_config(overrides=["--sample.sizes=[[512, 256], [64, 64]]"]).sample.sizes == [[512, 256],
+                                                                                              [64, 64]]
+
+
 def test_sample_script_at_a_non_square_size(tmp_path, trained_run, capsys):
     ckpt = trained_run / "checkpoints" / "step_0000002.safetensors"
     prompts = ["--prompt", "a large red circle in the center", "--prompt",
@@ -233,3 +301,31 @@ def test_sample_script_at_a_non_square_size(tmp_path, trained_run, capsys):
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("error: --width/--height: ") and "64 px" in error[0]
     assert not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.slow
+def test_live_samples_at_two_sizes_are_the_same_for_any_world_size(tmp_path, tiny_args, run_script):
+    """As the square grid (test_train), the grid at several sizes does not depend on how prompts are split
+    across ranks, with EMA and raw weights side by side."""
+    from test_train import check
+
+    prompts = ["a large red circle in the center", "a small blue square in the top left",
+               "a large green triangle in the bottom right"]
+    common = {"train__max_steps": 1, "sample__every": 1, "sample__prompts": prompts, "optim__lr": 1e-20,
+              "optim__weight_decay": 0.0, "ckpt__every": 1, "sample__weights": "both",
+              "sample__sizes": [[128, 64], [64, 128]]}
+    grids = []
+    for nproc in (1, 2):
+        out = tmp_path / f"world{nproc}"
+        if nproc == 1:
+            train_here(*tiny_args(out, data__batch_per_gpu=4, **common))
+        else:
+            check(run_script("scripts/train.py", *tiny_args(out, data__batch_per_gpu=2, **common), nproc=2,
+                             timeout=150))
+        grids.append(np.asarray(Image.open(out / "samples" / "step_0000001.png"), dtype=np.int16))
+    # 2 x 2 cells of 128x64 px for EMA and for raw, 8 px apart; 8 px below, the same at 64x128 px
+    wide = (2 * 66 + 2, 2 * 130 + 2)
+    assert grids[0].shape == grids[1].shape == (wide[0] + 8 + 2 * 130 + 2, 2 * wide[1] + 8, 3)
+    assert (grids[0][:wide[0], wide[1]:wide[1] + 8] == 255).all()  # between EMA and raw
+    assert (grids[0][wide[0]:wide[0] + 8] == 255).all()  # between the sizes
+    assert np.abs(grids[0] - grids[1]).max() <= 2  # batch composition may change float rounding, not images
