@@ -6,7 +6,8 @@
         --model.pretrained=/data/sd15 --data.source=shards --data.path=/data/shards
 
 The model and data settings are the training run's (same preset, config file and overrides): the
-cache records the VAE weights, tokenizer, resolution, crop and flip rules and the VAE dtype, and a
+cache records the VAE weights, tokenizer, resolution, crop and flip rules, the aspect-ratio buckets
+(--data.buckets=auto or a list: each image encoded at its bucket's shape) and the VAE dtype, and a
 training run with other values refuses it. Under torchrun each rank writes its share of the shards.
 """
 import argparse
