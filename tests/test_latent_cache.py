@@ -1,7 +1,9 @@
 """The latent cache: scripts/precompute_latents.py (one process and torchrun), moments equal to online
 encoding position by position, flips and captions by the same seeded rules, fingerprint refusals."""
 
+import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,9 +13,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from ldm_ddp.config import ConfigError, DataConfig, load_config
+from ldm_ddp.data.buckets import nearest_bucket, resolve_buckets
 from ldm_ddp.data.latents import LatentSource, cache_fingerprint
 from ldm_ddp.data.sources import build_source
-from ldm_ddp.data.stream import ShardedStream
+from ldm_ddp.data.stream import AUGMENT_STREAM, ShardedStream, make_loader
 from ldm_ddp.data.transforms import ImageTransform
 from ldm_ddp.models import load_frozen
 
@@ -207,3 +210,220 @@ def test_the_demos_shapes_source_can_be_cached(tmp_path, tiny_args):
         moments = f.get_tensor("moments")
     expected = frozen.encode_moments(torch.stack([transform(shapes[i]["image"]) for i in range(4)]))
     torch.testing.assert_close(moments.float(), expected.float(), atol=2e-3, rtol=2e-3)
+
+
+# Aspect-ratio buckets in the cache. At 128 px the demo VAE (factor 8) gives buckets of multiples of 64 px.
+BUCKETS = [(64, 256), (128, 128), (256, 64)]
+BUCKETED = ["--data.resolution=128", "--data.buckets=auto"]
+# Wide, tall and near-square photos (4, 4 and 6: every bucket fills micro-batches of 2). Odd sizes put a
+# mirrored centre crop a pixel away from the unmirrored one; the 600 px JPEGs decode at half size (draft).
+PHOTO_SIZES = ([(241, 80), (250, 81), (239, 79), (600, 203)] + [(80, 243), (81, 250), (79, 238), (205, 610)]
+               + [(121, 100), (133, 111), (101, 120), (97, 97), (127, 129), (301, 250)])
+
+
+def mixed_aspect_photos(root, broken: bool = False):
+    """Noise photos of PHOTO_SIZES (darker on the left, so a flip shows), one or two captions each; with
+    `broken`, one unreadable file besides."""
+    root.mkdir(parents=True)
+    rows = []
+    for i, (w, h) in enumerate(PHOTO_SIZES):
+        pixels = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        pixels[:, :w // 3] //= 3
+        name = f"{i:02d}.jpg" if max(w, h) >= 300 else f"{i:02d}.png"
+        Image.fromarray(pixels).save(root / name)
+        rows.append({"file_name": name, "text": [f"photo {i}", f"shot {i}"] if i % 3 == 0 else f"photo {i}"})
+    if broken:
+        (root / "99_broken.png").write_bytes(b"not a png")
+        rows.append({"file_name": "99_broken.png", "text": "broken"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return mixed_aspect_photos(tmp_path_factory.mktemp("photos") / "clean")
+
+
+@pytest.fixture(scope="module")
+def bucketed_cache(photos, tmp_path_factory):
+    """One cache shard: the cache's order is then the folder's (one permutation of the same 14 samples)."""
+    from ldm_ddp.precompute import precompute_latents
+    out = tmp_path_factory.mktemp("bucketed")
+    return out, precompute_latents(config(photos, *BUCKETED), str(out), batch=3, shard_size=64)
+
+
+@pytest.fixture(scope="module")
+def sharded_bucketed_cache(tmp_path_factory):
+    """Shards of 4 from a folder with a broken file, which is left out."""
+    from ldm_ddp.precompute import precompute_latents
+    root = mixed_aspect_photos(tmp_path_factory.mktemp("photos") / "with_a_broken_one", broken=True)
+    out = tmp_path_factory.mktemp("sharded")
+    return root, out, precompute_latents(config(root, *BUCKETED), str(out), batch=3, shard_size=4)
+
+
+def demo_vae():
+    return load_frozen(config(".").model.pretrained, "fp32", torch.device("cpu"))
+
+
+def test_a_bucketed_cache_holds_one_moments_tensor_per_bucket_and_each_samples_size_and_crop(bucketed_cache):
+    out, manifest = bucketed_cache
+    assert manifest["fingerprint"]["buckets"] == [list(b) for b in BUCKETS] and manifest["num_samples"] == 14
+    with safe_open(out / "latents-000000.safetensors", framework="pt") as f:
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys() if name.startswith("moments")}
+        assert shapes == {"moments.64x256": [4, 8, 32, 8], "moments_flipped.64x256": [4, 8, 32, 8],
+                          "moments.128x128": [6, 8, 16, 16], "moments_flipped.128x128": [6, 8, 16, 16],
+                          "moments.256x64": [4, 8, 8, 32], "moments_flipped.256x64": [4, 8, 8, 32]}
+        # files in sorted order: wide, tall, near-square; rows count up within each bucket
+        assert f.get_tensor("bucket").tolist() == [2] * 4 + [0] * 4 + [1] * 6
+        assert f.get_tensor("bucket_row").tolist() == [0, 1, 2, 3] * 2 + list(range(6))
+        original, crop = f.get_tensor("original_size"), f.get_tensor("crop_top_left")
+        assert original.dtype == crop.dtype == torch.int32 and original.shape == crop.shape == (14, 2)
+        assert original[0].tolist() == [80, 241] and original[7].tolist() == [610, 205]
+        assert not torch.equal(crop, f.get_tensor("crop_top_left_flipped"))  # odd margins: a pixel apart
+
+
+def test_a_bucketed_cache_serves_the_online_bucket_sequence_with_the_vaes_moments(photos, bucketed_cache):
+    out, _ = bucketed_cache
+    cfg, frozen = config(photos, *BUCKETED), demo_vae()
+    assert resolve_buckets(cfg.data.buckets, 128, 8 * frozen.downsample) == BUCKETS
+    folder, latents = build_source(cfg.data), LatentSource(str(out))
+    latents.check_matches(cache_fingerprint(frozen, cfg.data, "fp32"))
+    # Each cached sample's size is its bucket, which maps back to that very bucket.
+    assert (nearest_bucket(latents.image_sizes(), BUCKETS)
+            == nearest_bucket(folder.image_sizes(), BUCKETS)).all()
+    transform = ImageTransform(128, "center", True)
+    online, cached = (ShardedStream(source, frozen.tokenize, 128, 2, 1, 0, 1, seed=0, transform=transform,
+                                    buckets=BUCKETS) for source in (folder, latents))
+    for k in range(14):  # two epochs of micro-batches of 2
+        a, b = online.micro_batch(k), cached.micro_batch(k)
+        assert b["keys"] == a["keys"] and torch.equal(b["input_ids"], a["input_ids"])
+        assert b["moments"].shape[2:] == (a["images"].shape[2] // 8, a["images"].shape[3] // 8)
+        assert torch.equal(b["original_size"], a["original_size"]), k
+        assert torch.equal(b["crop_top_left"], a["crop_top_left"]), k
+        # The VAE of to_bucket's pixels, mirrored or not by the position's draw
+        torch.testing.assert_close(b["moments"].float(), frozen.encode_moments(a["images"]).float(),
+                                   atol=2e-3, rtol=2e-3)
+    flips = [np.random.Generator(np.random.PCG64([0, AUGMENT_STREAM, p])).random() < 0.5 for p in range(28)]
+    assert any(flips) and not all(flips)
+
+
+def drawing(flip: bool) -> np.random.Generator:
+    """A generator whose first draw makes ImageTransform mirror the image (flip) or not."""
+    seed = next(s for s in range(100) if (np.random.Generator(np.random.PCG64(s)).random() < 0.5) == flip)
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def test_every_cached_sample_is_its_bucket_encoded_across_shards_and_a_broken_one_is_left_out(
+        sharded_bucketed_cache):
+    root, out, manifest = sharded_bucketed_cache
+    assert manifest["num_samples"] == 14 and [s["count"] for s in manifest["shards"]] == [4, 4, 4, 2]
+    assert [json.loads(line)["key"]
+            for line in (out / "skipped.jsonl").read_text().splitlines()] == ["99_broken.png"]
+    frozen, latents = demo_vae(), LatentSource(str(out))
+    sizes = latents.image_sizes()
+    assert [tuple(s) for s in sizes] == [BUCKETS[2]] * 4 + [BUCKETS[0]] * 4 + [BUCKETS[1]] * 6
+    transform = ImageTransform(128, "center", True)
+    for i in range(len(latents)):
+        for flip in (False, True):
+            item = latents.latent_item(i, flip)
+            pixels, original, crop = transform.to_bucket(Image.open(root / item["key"]), tuple(sizes[i]),
+                                                         drawing(flip))
+            expected = frozen.encode_moments(pixels[None])[0]
+            torch.testing.assert_close(item["moments"].float(), expected.float(), atol=2e-3, rtol=2e-3)
+            assert (item["original_size"], item["crop_top_left"]) == (original, crop), (i, flip)
+
+
+def test_a_cache_made_with_other_buckets_is_refused_in_one_line(photos, bucketed_cache, cache):
+    frozen, source = demo_vae(), LatentSource(str(bucketed_cache[0]))
+    made_with = "[[64, 256], [128, 128], [256, 64]]"
+    for extra, now in ((["--data.buckets=off"], "'off'"),
+                       (["--data.buckets=[[128, 128], [256, 64]]"], "[[128, 128], [256, 64]]")):
+        cfg = config(photos, "--data.resolution=128", *extra)
+        with pytest.raises(ConfigError, match=re.escape(f"made with buckets={made_with}, this run has {now}; "
+                                                        "make a new cache")) as err:
+            source.check_matches(cache_fingerprint(frozen, cfg.data, "fp32"))
+        assert "\n" not in str(err.value)
+    # A square cache (made before buckets, or without them) for a bucketed run
+    square = LatentSource(str(cache[0]))
+    with pytest.raises(ConfigError, match=re.escape("made with buckets='off', this run has [[64, 64]]")):
+        square.check_matches(cache_fingerprint(frozen, config(photos, "--data.buckets=auto").data, "fp32"))
+    square.check_matches(cache_fingerprint(frozen, config(photos).data, "fp32"))
+    with pytest.raises(ConfigError, match="was made with buckets"):  # the stream itself checks the shapes
+        ShardedStream(source, None, 128, 2, 1, 0, 1, seed=0)
+
+
+def test_a_square_cache_serves_sizes_and_crops_and_one_made_before_them_serves_the_square(cache, tmp_path):
+    from safetensors.torch import save_file
+
+    out, _ = cache
+
+    def first_batch(path) -> dict:
+        transform = ImageTransform(64, "center", True)
+        return ShardedStream(LatentSource(str(path)), None, 64, 5, 1, 0, 1, seed=0,
+                             transform=transform).micro_batch(0)
+
+    batch = first_batch(out)  # 80x64 images: a centre crop 8 px from either side
+    assert batch["original_size"].tolist() == [[64, 80]] * 5
+    assert batch["crop_top_left"].tolist() == [[0, 8]] * 5
+    before = tmp_path / "before"  # the same cache as written before sizes and crops were recorded
+    before.mkdir()
+    for file in out.iterdir():
+        if file.suffix != ".safetensors":
+            (before / file.name).write_bytes(file.read_bytes())
+            continue
+        with safe_open(file, framework="pt") as f:
+            save_file({name: f.get_tensor(name) for name in f.keys()
+                       if name in ("moments", "moments_flipped", "input_ids", "num_captions")},
+                      before / file.name, metadata=f.metadata())
+    old = first_batch(before)
+    assert old["keys"] == batch["keys"] and torch.equal(old["moments"], batch["moments"])
+    assert old["original_size"].tolist() == [[64, 64]] * 5 and old["crop_top_left"].tolist() == [[0, 0]] * 5
+
+
+def consume_cache(path, world, accum, num_workers, steps, start_step=0) -> dict[int, tuple]:
+    """{global position: (key, moments, original_size, crop_top_left)} for `steps` optimizer steps of every
+    rank (micro-batches of 2, shuffle windows of 2 cache shards), from start_step."""
+    seen = {}
+    for rank in range(world):
+        stream = ShardedStream(LatentSource(str(path)), None, 128, 2, accum, rank, world, 0, start_step,
+                               ImageTransform(128, "center", True), shuffle_window=2, buckets=BUCKETS)
+        loader = make_loader(stream, num_workers, prefetch_batches=2, pin_memory=False)
+        for b in itertools.islice(iter(loader), steps * accum):
+            assert len({tuple(m.shape) for m in b["moments"]}) == 1  # one bucket per micro-batch
+            for position, *sample in zip(stream.positions(b["k"]), b["keys"], b["moments"],
+                                         b["original_size"].tolist(), b["crop_top_left"].tolist()):
+                assert position not in seen, f"position {position} delivered twice"
+                seen[position] = sample
+    return seen
+
+
+def assert_same(seen: dict, expected: dict):
+    for position, (key, moments, size, crop) in seen.items():
+        assert (key, size, crop) == tuple(expected[position][i] for i in (0, 2, 3)), position
+        assert torch.equal(moments, expected[position][1]), position
+
+
+def test_a_bucketed_cache_keeps_one_order_on_1_and_2_ranks_and_resumes_exactly(sharded_bucketed_cache):
+    _, out, _ = sharded_bucketed_cache
+    reference = consume_cache(out, 1, 1, 0, steps=14)  # two epochs of 14 samples (4, 4 and 6 a bucket)
+    for epoch in range(2):
+        assert len({reference[p][0] for p in range(epoch * 14, (epoch + 1) * 14)}) == 14
+    assert_same(consume_cache(out, 2, 1, 2, steps=7), reference)
+    # G = 4: two ranks, then one with grad accum 2, then two again
+    seen = consume_cache(out, 2, 1, 0, steps=1)
+    seen |= consume_cache(out, 1, 2, 0, steps=2, start_step=1)
+    seen |= consume_cache(out, 2, 1, 2, steps=4, start_step=3)
+    assert sorted(seen) == list(range(28))
+    assert_same(seen, reference)
+
+
+def test_training_from_a_bucketed_cache(bucketed_cache, tmp_path, tiny_args):
+    out, _ = bucketed_cache
+    printed = train_here(*tiny_args(tmp_path / "run", train__max_steps=3), "--data.source=latents",
+                         f"--data.path={out}", *BUCKETED, "--model.frozen_dtype=fp32",
+                         "--data.random_flip=true")
+    assert "data: 3 aspect-ratio buckets" in printed
+    assert "64x256   0.25  4 samples" in printed and "128x128   1.00  6 samples" in printed
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ([r["step"] for r in records if "loss" in r] == [1, 2, 3]
+            and all(np.isfinite(r["loss"]) for r in records if "loss" in r))

@@ -109,9 +109,12 @@ class ShardedStream(IterableDataset):
         self.global_batch = batch_per_gpu * world_size * grad_accum
         self.order = GlobalOrder(len(source), seed, source.shard_sizes(), shuffle_window)
         self.buckets = buckets or [(resolution, resolution)]
+        if source.latent and source.buckets != (buckets or None):  # moments exist at the cache's shapes only
+            raise ConfigError(f"data.buckets: the latent cache {source.root} was made with buckets "
+                              f"{source.buckets or 'off'}, this run has {buckets or 'off'}")
         if buckets:  # every micro-batch from one bucket (buckets.py); the sizes come from headers or an index
-            if not source.random_access or source.latent:
-                raise ConfigError("data.buckets: a source read by index with images is needed "
+            if not source.random_access:
+                raise ConfigError("data.buckets: a source read by index is needed "
                                   f"({type(source).__name__} is not one)")
             self.order = BucketedOrder(self.order, nearest_bucket(source.image_sizes(), buckets),
                                        batch_per_gpu)
@@ -178,7 +181,8 @@ class ShardedStream(IterableDataset):
         return self.source.key(index)
 
     def latent_batch(self, k: int) -> dict:
-        """From a latent cache: moments and token ids; the flip is the transform's draw for the position."""
+        """From a latent cache: moments (of one bucket, as the order groups them), token ids, and each image's
+        original size and crop as micro_batch has them; the flip is the transform's draw for the position."""
         items = []
         for position in self.positions(k):
             rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
@@ -187,7 +191,9 @@ class ShardedStream(IterableDataset):
             items.append(self.source.latent_item(self.order.index(position), flip))
         return {"moments": torch.stack([i["moments"] for i in items]),
                 "input_ids": torch.stack([i["input_ids"] for i in items]), "captions": [],
-                "keys": [i["key"] for i in items], "bad": [], "k": k}
+                "keys": [i["key"] for i in items], "bad": [], "k": k,
+                "original_size": torch.tensor([i["original_size"] for i in items]),
+                "crop_top_left": torch.tensor([i["crop_top_left"] for i in items])}
 
     def micro_batch(self, k: int) -> dict:
         if self.source.latent:
