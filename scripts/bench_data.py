@@ -114,9 +114,9 @@ def make_images(root: Path, count: int, kind: str, resolution: int = 0) -> dict:
 class NoDraftTransform(ImageTransform):
     """ImageTransform that decodes at full size: draft() is a no-op on an already loaded image."""
 
-    def decode(self, image):
+    def decode(self, image, size=None):
         image.load()
-        return super().decode(image)
+        return super().decode(image, size)
 
 
 def psnr_vs_reference(files: list[Path], originals: list[Path], resolution: int) -> float:
