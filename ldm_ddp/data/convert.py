@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,7 +32,7 @@ from .transforms import DECODE_BUDGET_BYTES, check_decode_budget, pixel_limit, t
 
 # Stored as they are; others become PNG. MPO is a camera's multi-picture JPEG: a JPEG to every reader.
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
-_job: dict = {}  # the source and options, set before the worker processes fork
+_job: dict = {}  # the source and options: set here, and in each worker process by _start_job
 
 
 class NothingToWrite(ValueError):
@@ -93,6 +94,10 @@ def nothing_written(n: int, skipped: list[list[str]], listing: str) -> str:
     return f"all {n} inputs were left out, {count} of them for {reason!r}; each is named in {listing}"
 
 
+def _start_job(job: dict) -> None:
+    _job.update(job)
+
+
 def _make_shard(number: int) -> tuple[dict | None, list[list[str]]]:
     """Worker: shard `number` of the job -> (its index entry or None if nothing survived, [[key, reason]])."""
     source, opts = _job["source"], _job["opts"]
@@ -129,9 +134,13 @@ def make_shards(source, out_dir: str, shard_size: int = 2000, workers: int = 1, 
     _job.update(source=source, opts=opts, order=order, out_dir=out_dir)
     numbers = range((n + shard_size - 1) // shard_size)
     start, entries, skipped = time.perf_counter(), [], []
-    if workers > 1:  # fork: the workers inherit the source instead of unpickling it
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.imap(_make_shard, numbers)  # in shard order, whatever finishes first
+    if workers > 1:
+        # forkserver, not fork: a child forked from a process with threads (torch's, a tokenizer's) can
+        # inherit a lock held by one of them and wait on it forever. The executor, unlike
+        # multiprocessing.Pool, raises BrokenProcessPool when a worker dies instead of waiting for its result.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                 initializer=_start_job, initargs=(dict(_job),)) as pool:
+            results = pool.map(_make_shard, numbers)  # in shard order, whatever finishes first
             for number, (entry, failed) in zip(numbers, results):
                 entries.append(entry)
                 skipped += failed
