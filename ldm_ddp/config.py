@@ -27,9 +27,13 @@ Precision = Literal["bf16", "fp32"]
 
 @dataclass
 class ModelConfig:
+    # sd: one CLIP text encoder (SD1.x/2.x); sdxl: two (text_encoder/, text_encoder_2/), a pooled embedding
+    # and size/crop micro-conditioning (docs/sdxl.md)
+    kind: Literal["sd", "sdxl"] = "sd"
     unet: str = "demo"  # builtin UNet config name (presets/unet_<name>.json), a config.json, or a UNet folder
     unet_init: str = ""  # UNet folder (diffusers layout) to start from; "" = random init from `unet`
     pretrained: str = "builtin:demo"  # folder or hub id with vae/, text_encoder/, tokenizer/ subfolders
+    # (sdxl: also text_encoder_2/, tokenizer_2/)
     frozen_dtype: Precision = "bf16"  # dtype of the frozen VAE and text encoder
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers falls back to sdpa with one warning
     # if it fails

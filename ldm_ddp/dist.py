@@ -188,3 +188,10 @@ def accumulating(model: torch.nn.Module, sync: bool):
     from torch.nn.parallel import DistributedDataParallel
     ddp = getattr(model, "_orig_mod", model)  # under torch.compile
     return contextlib.nullcontext() if sync or not isinstance(ddp, DistributedDataParallel) else ddp.no_sync()
+
+
+def torchrun(argv: list[str]) -> None:
+    """torch.distributed.run's command line (torchrun) in this process: returns when every rank succeeded,
+    raises when one failed (ChildFailedError) or torchrun was signalled (SignalException)."""
+    from torch.distributed import run
+    run.main(argv)

@@ -1,4 +1,5 @@
-"""Inference export: a training checkpoint -> a diffusers `StableDiffusionPipeline` folder.
+"""Inference export: a training checkpoint -> a diffusers `StableDiffusionPipeline` folder
+(`StableDiffusionXLPipeline` for model.kind = "sdxl").
 
 The folder holds the chosen UNet weights (the default EMA, another EMA profile, or raw) in half precision by
 default, the run's VAE, text encoder and tokenizer, and a `DDIMScheduler` config equivalent to our schedule
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .config import Config
 from .models import DTYPES, load_trained
@@ -35,15 +36,22 @@ def scheduler_for(cfg: Config) -> DDIMScheduler:
 
 
 def export_diffusers(checkpoint: str, out_dir: str, dtype: str = "fp16", weights: str = "ema") -> Path:
-    """Write a StableDiffusionPipeline folder to `out_dir`; -> its path."""
+    """Write a StableDiffusionPipeline (or StableDiffusionXLPipeline) folder to `out_dir`; -> its path."""
     # The VAE and text encoder in fp32 (not the run's bf16 frozen_dtype),
     # then cast once to the export's dtype.
     cfg, unet, frozen = load_trained(checkpoint, weights, torch.device("cpu"), frozen_dtype="fp32")
     torch_dtype = EXPORT_DTYPES[dtype]
-    pipe = StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder,
-                                   tokenizer=frozen.tokenizer, unet=unet, scheduler=scheduler_for(cfg),
-                                   safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = {"vae": frozen.vae, "text_encoder": frozen.text_encoder, "tokenizer": frozen.tokenizer,
+             "unet": unet, "scheduler": scheduler_for(cfg)}
+    if frozen.text_encoder_2 is not None:
+        # force_zeros_for_empty_prompt: with no negative prompt the pipeline's unconditional input is zeros,
+        # the dropped caption of SDXL's training (conditioning.SDXLConditioning)
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=frozen.text_encoder_2,
+                                         tokenizer_2=frozen.tokenizer_2, force_zeros_for_empty_prompt=True,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.to(dtype=torch_dtype)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)

@@ -44,8 +44,8 @@ CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _s
                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops}
 
 
-def count_train_flops(unet, context: torch.Tensor, autocast: bool) -> float:
-    """FLOPs of one UNet forward + backward for one image (context [1, L, D]),
+def count_train_flops(unet, cond: dict, autocast: bool) -> float:
+    """FLOPs of one UNet forward + backward for one image (cond: the UNet's conditioning kwargs for batch 1),
     counted once with FlopCounterMode.
 
     Call it before the DDP wrap (its backward would fire DDP's reducer hooks). Model FLOPs, as MFU counts
@@ -62,7 +62,7 @@ def count_train_flops(unet, context: torch.Tensor, autocast: bool) -> float:
     counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
     try:
         with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            unet(x_t, t, context[:1].to(device)).sample.float().mean().backward()
+            unet(x_t, t, **cond).sample.float().mean().backward()
     finally:
         unet.zero_grad(set_to_none=True)
         if checkpointing:
@@ -83,18 +83,20 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write((json.dumps(record) + "\n").encode())
 
 
+def whole_lines(text: str) -> list[str]:
+    """The complete, non-empty lines of a JSONL text; a last line being written (or cut) is left out."""
+    return [line for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
 def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl as one timeline: a line being written (or cut) is left out, and a record
     whose step is not past the previous one starts a later attempt that replaces the records from its step
     on (a folder written before resumes set them aside, or read while a resume does)."""
-    text = path.read_text()
     records: list[dict] = []
-    for line in text[:text.rfind("\n") + 1].splitlines():
-        if line.strip():
-            record = json.loads(line)
-            while records and records[-1]["step"] >= record["step"]:
-                records.pop()
-            records.append(record)
+    for record in map(json.loads, whole_lines(path.read_text())):
+        while records and records[-1]["step"] >= record["step"]:
+            records.pop()
+        records.append(record)
     return records
 
 
@@ -105,10 +107,10 @@ def set_aside_records(path: Path, step: int) -> None:
     if not path.is_file():
         return
     text = path.read_text()
-    whole = text[:text.rfind("\n") + 1]  # a last line cut by a kill is dropped
-    records = [(line, json.loads(line)) for line in whole.splitlines() if line.strip()]
+    records = [(line, json.loads(line)) for line in whole_lines(text)]
     kept = [line for line, record in records if record["step"] <= step]
-    if len(kept) == len(records) and whole == text:
+    cut = text and not text.endswith("\n")  # a last line a kill cut short
+    if len(kept) == len(records) and not cut:
         return
     for _, record in records:
         if record["step"] > step:

@@ -13,7 +13,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from .config import ConfigError, ModelConfig
 from .data.transforms import to_unit_range
@@ -52,9 +52,11 @@ def unet_config(name: str) -> dict:
 
 
 def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
-               device: torch.device | str = "cpu") -> UNet2DConditionModel:
+               device: torch.device | str = "cpu", pooled_width: int = 0) -> UNet2DConditionModel:
     """Random-init UNet from `cfg.unet` (or load `cfg.unet_init`), in fp32, train mode, on `device` (where the
-    attention backend is probed: xformers has CUDA kernels only)."""
+    attention backend is probed: xformers has CUDA kernels only). `pooled_width`: SDXL's pooled text
+    embedding width, which its added "text_time" embedding takes with the 6 size/crop ids; 0: no such
+    embedding (SD1.x/2.x)."""
     if cfg.unet_init:
         unet = UNet2DConditionModel.from_pretrained(cfg.unet_init, torch_dtype=torch.float32)
     else:
@@ -64,11 +66,30 @@ def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
     if unet.config.cross_attention_dim != cross_attention_dim:
         raise ConfigError(f"model.unet: cross_attention_dim {unet.config.cross_attention_dim} does not match "
                           f"the text encoder's hidden size {cross_attention_dim}")
+    if error := added_embedding_mismatch(unet.config, pooled_width):
+        raise ConfigError(f"model.unet: {error}")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(device)
     set_attention(unet, cfg.attention)
     return unet.train()
+
+
+def added_embedding_mismatch(config, pooled_width: int) -> str | None:
+    """Why a UNet config does not take (pooled_width > 0) or does take (0) SDXL's added conditioning, or
+    None: its "text_time" embedding reads the pooled embedding and 6 size/crop ids, each embedded to
+    addition_time_embed_dim sinusoidal features (Podell et al. 2023, section 2.2)."""
+    kind = config.get("addition_embed_type")
+    if not pooled_width:
+        return None if kind is None else f"addition_embed_type {kind!r} needs model.kind = \"sdxl\""
+    if kind != "text_time":
+        return f"model.kind = \"sdxl\" needs addition_embed_type \"text_time\", not {kind!r}"
+    expected = pooled_width + 6 * (config.get("addition_time_embed_dim") or 0)
+    if config.get("projection_class_embeddings_input_dim") != expected:
+        got = config.get("projection_class_embeddings_input_dim")
+        return (f"projection_class_embeddings_input_dim {got} is not the pooled width {pooled_width} + 6 x "
+                f"addition_time_embed_dim = {expected}")
+    return None
 
 
 def set_attention(unet: UNet2DConditionModel, backend: str) -> str:
@@ -91,12 +112,14 @@ def set_attention(unet: UNet2DConditionModel, backend: str) -> str:
 
 @dataclass
 class FrozenModels:
-    """The frozen parts of an LDM: VAE, text encoder and tokenizer, in eval mode without grads."""
+    """The frozen parts of an LDM: VAE, text encoder(s) and tokenizer(s), in eval mode without grads."""
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: object
     scaling_factor: float
     dtype: torch.dtype
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second encoder (and pooled embedding)
+    tokenizer_2: object = None
 
     @property
     def latent_channels(self) -> int:
@@ -179,7 +202,7 @@ def load_trained(path: str, weights: str, device: torch.device, frozen_dtype: st
     tensors, meta = load_checkpoint(path)
     part = weights_prefix(meta.get("ema", {}), weights)  # ConfigError naming the profiles it has
     cfg = config_from_dict(meta["config"])
-    frozen = load_frozen(cfg.model.pretrained, frozen_dtype or cfg.model.frozen_dtype, device)
+    frozen = load_frozen(cfg.model.pretrained, frozen_dtype or cfg.model.frozen_dtype, device, cfg.model.kind)
     config = unet_config(cfg.model.unet) if not cfg.model.unet_init else UNet2DConditionModel.load_config(
         cfg.model.unet_init)
     unet = UNet2DConditionModel.from_config({**config,
@@ -202,25 +225,34 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return module.to(device=device, dtype=dtype).eval()
 
 
-def load_frozen(pretrained: str, frozen_dtype: str, device: torch.device) -> FrozenModels:
-    """Load vae/, text_encoder/ and tokenizer/ from a folder or hub id (no download in tests)."""
+def load_frozen(pretrained: str, frozen_dtype: str, device: torch.device, kind: str = "sd") -> FrozenModels:
+    """Load vae/, text_encoder/ and tokenizer/ (kind sdxl: also text_encoder_2/ and tokenizer_2/) from a
+    folder or hub id (no download in tests)."""
     root = resolve_pretrained(pretrained)
     dtype = DTYPES[frozen_dtype]
+    parts = "vae/text_encoder/tokenizer" + ("/text_encoder_2/tokenizer_2" if kind == "sdxl" else "")
     try:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
+        second = {}
+        if kind == "sdxl":
+            second = {"text_encoder_2": _freeze(CLIPTextModelWithProjection.from_pretrained(
+                          root, subfolder="text_encoder_2", torch_dtype=dtype), device, dtype),
+                      "tokenizer_2": AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2")}
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.pretrained: cannot load vae/text_encoder/tokenizer from {root!r} "
+        raise ConfigError(f"model.pretrained: cannot load {parts} from {root!r} "
                           f"({str(err).splitlines()[0][:160]})") from None
     scaling = float(vae.config.scaling_factor)
     return FrozenModels(_freeze(vae, device, dtype), _freeze(text_encoder, device, dtype), tokenizer,
-                        scaling, dtype)
+                        scaling, dtype, **second)
 
 
 def write_demo_text_encoder(root: Path, words: list[str], seed: int = 0, width: int = 64,
-                            max_length: int = 16) -> None:
-    """Write <root>/tokenizer (word level) and <root>/text_encoder (a small random, frozen CLIP text model).
+                            max_length: int = 16, second: bool = False) -> None:
+    """Write <root>/tokenizer (word level) and <root>/text_encoder (a small random, frozen CLIP text model);
+    second: <root>/tokenizer_2 and <root>/text_encoder_2 instead, a CLIPTextModelWithProjection (SDXL's
+    second encoder, whose projected end-of-text state is the pooled embedding).
 
     The demo's captions come from a closed vocabulary, so a word-level tokenizer is exact and needs
     no download; a frozen random transformer still maps each token and position to a distinct
@@ -237,10 +269,12 @@ def write_demo_text_encoder(root: Path, words: list[str], seed: int = 0, width: 
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
                                         bos_token="<bos>", eos_token="<eos>", model_max_length=max_length)
-    tokenizer.save_pretrained(root / "tokenizer")
+    suffix = "_2" if second else ""
+    tokenizer.save_pretrained(root / f"tokenizer{suffix}")
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width,
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
                             pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"],
-                            eos_token_id=vocab["<eos>"])
+                            eos_token_id=vocab["<eos>"], **({"projection_dim": width} if second else {}))
     torch.manual_seed(seed)
-    CLIPTextModel(config).save_pretrained(root / "text_encoder")
+    model = (CLIPTextModelWithProjection if second else CLIPTextModel)(config)
+    model.save_pretrained(root / f"text_encoder{suffix}")

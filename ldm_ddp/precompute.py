@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import dist
 from .checkpoint import fsync
+from .conditioning import make_conditioning
 from .config import Config, ConfigError
 from .data.buckets import Bucket, nearest_bucket, resolve_buckets
 from .data.latents import MANIFEST, cache_fingerprint, moments_name, shard_file, write_manifest
@@ -116,7 +117,8 @@ def _write_shard(path: str, parts: list[dict], buckets: list[Bucket] | None) -> 
             tensors[name] = torch.tensor([sample[name] for sample in samples], dtype=torch.int32)
     input_ids = [sample["input_ids"] for sample in samples]
     most = max(ids.shape[0] for ids in input_ids)
-    padded = torch.full((len(input_ids), most, input_ids[0].shape[1]), -1, dtype=torch.int32)
+    # [n, K, L] (SDXL: [n, K, 2, L], both tokenizers' ids)
+    padded = torch.full((len(input_ids), most, *input_ids[0].shape[1:]), -1, dtype=torch.int32)
     for n, ids in enumerate(input_ids):
         padded[n, :ids.shape[0]] = ids
     tensors |= {"input_ids": padded,
@@ -140,18 +142,15 @@ def precompute_latents(cfg: Config, out_dir: str, vae_dtype: str = "", batch: in
     if not (source.random_access and source.has_raw):
         raise ConfigError(f"data.source: {cfg.data.source} has no random access to cache from; "
                           "use make_shards.py first")
-    frozen = load_frozen(cfg.model.pretrained, vae_dtype, device)
+    frozen = load_frozen(cfg.model.pretrained, vae_dtype, device, cfg.model.kind)
     if device.type == "cuda":
         frozen.vae.to(memory_format=torch.channels_last)
-    try:  # as the trainer resolves them (train_loop): latents of a multiple of 8
-        buckets = resolve_buckets(cfg.data.buckets, cfg.data.resolution, 8 * frozen.downsample)
-    except ValueError as err:
-        raise ConfigError(f"data.buckets: {err}") from None
+    buckets = resolve_buckets(cfg.data.buckets, cfg.data.resolution, 8 * frozen.downsample)  # as train_loop
     # Each image's bucket as the trainer picks it; square images are the one bucket R x R
     bucket_of = (nearest_bucket(source.image_sizes(), buckets) if buckets
                  else np.zeros(len(source), np.int64))
     images = _ShardImages(source, buckets or [(cfg.data.resolution, cfg.data.resolution)], bucket_of,
-                          cfg.data.resolution, cfg.data.random_flip, frozen.tokenize)
+                          cfg.data.resolution, cfg.data.random_flip, make_conditioning(frozen).tokenize)
     os.makedirs(out_dir, exist_ok=True)
     if dist.is_main() and os.path.exists(os.path.join(out_dir, MANIFEST)):
         # A cache is being remade here: until the new manifest is written, the folder is no cache (a killed

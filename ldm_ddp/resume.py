@@ -98,9 +98,11 @@ def _json(value):
 
 
 def architecture(unet, frozen) -> dict:
-    """What the weights mean: the configs of the UNet, the VAE and the text encoder as built (JSON values)."""
+    """What the weights mean: the configs of the UNet, the VAE and the text encoder(s) as built (JSON
+    values)."""
+    second = {"text_encoder_2": frozen.text_encoder_2.config.to_dict()} if frozen.text_encoder_2 else {}
     return architecture_from({"unet": dict(unet.config), "vae": dict(frozen.vae.config),
-                              "text_encoder": frozen.text_encoder.config.to_dict()})
+                              "text_encoder": frozen.text_encoder.config.to_dict(), **second})
 
 
 def architecture_from(configs: dict) -> dict:

@@ -10,6 +10,7 @@ import PIL.Image
 import torch
 
 from . import dist
+from .conditioning import make_conditioning
 from .config import ConfigError, SampleConfig, max_sample_steps
 from .schedule import NoiseSchedule
 
@@ -66,21 +67,29 @@ def rescale_guidance(v_cfg: torch.Tensor, v_cond: torch.Tensor, guidance_rescale
     return guidance_rescale * v_rescaled + (1 - guidance_rescale) * v_cfg
 
 
+def _batched(uncond, cond, B: int):
+    """The unconditional and the conditional inputs as one batch of 2B: tensors [1 or B, ...] and [B, ...], or
+    dicts of them (nested, as the UNet's conditioning kwargs are)."""
+    if isinstance(cond, dict):
+        return {key: _batched(uncond[key], cond[key], B) for key in cond}
+    return torch.cat([uncond.expand(B, *uncond.shape[1:]), cond])
+
+
 @torch.no_grad()
 def ddim_sample(
     model,
     schedule: NoiseSchedule,
     noise: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond,
+    uncond,
     num_steps: int = 50,
     cfg_scale: float = 7.5,
     guidance_rescale: float = 0.0,
     spacing: str = "trailing",
 ) -> torch.Tensor:
-    """noise [B, C, h, w], cond [B, L, D], uncond [B or 1, L, D] or None if cfg_scale == 1
-    -> latents [B, C, h, w]."""
-    # model(x_t [B, C, h, w], t [B] long, cond [B, L, D]) -> v [B, C, h, w]. The chain runs in float32
+    """noise [B, C, h, w], cond: a context [B, L, D] or the UNet's conditioning kwargs (batch B),
+    uncond: the same for batch 1 or B, or None if cfg_scale == 1 -> latents [B, C, h, w]."""
+    # model(x_t [B, C, h, w], t [B] long, cond) -> v [B, C, h, w]. The chain runs in float32
     # whatever autocast the caller wraps the model in: bf16 rounding would otherwise compound over the steps.
     x_t = noise.to(torch.float32)
     B = x_t.shape[0]
@@ -89,7 +98,7 @@ def ddim_sample(
         if uncond is None:
             raise ValueError(f"uncond: required when cfg_scale != 1 (got cfg_scale={cfg_scale!r})")
         # Ho & Salimans 2022: one forward of 2B, unconditional half first (as diffusers' pipelines order it).
-        cond_in = torch.cat([uncond.expand(B, -1, -1), cond])
+        cond_in = _batched(uncond, cond, B)
     for t in ddim_timesteps(schedule.num_train_timesteps, num_steps, spacing).tolist():
         if guided:
             t_in = torch.full((2 * B,), t, dtype=torch.long, device=x_t.device)
@@ -161,24 +170,25 @@ def size_error(width: int, height: int, downsample: int) -> str | None:
 @torch.no_grad()
 def generate(unet, frozen, schedule: NoiseSchedule, prompts: list[str], seeds: list[int], num_steps: int,
              cfg_scale: float, guidance_rescale: float, spacing: str, autocast: bool,
-             batch_size: int = 32, size: tuple[int, int] | None = None) -> torch.Tensor:
+             batch_size: int = 32, size: tuple[int, int] | None = None, conditioning=None) -> torch.Tensor:
     """Text -> images [N, 3, H, W] in [-1, 1] with DDIM + CFG; `frozen` is models.FrozenModels. `size`:
-    (width, height) in px; None: the UNet's square sample_size."""
+    (width, height) in px; None: the UNet's square sample_size. `conditioning`: the kind of `frozen`
+    (conditioning.make_conditioning), made here if not given."""
     device = next(unet.parameters()).device
     if size is None:
-        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    else:
-        shape = (unet.config.in_channels, size[1] // frozen.downsample, size[0] // frozen.downsample)
-    uncond = frozen.encode_prompts(frozen.tokenize([""]))
+        size = (unet.config.sample_size * frozen.downsample,) * 2
+    shape = (unet.config.in_channels, size[1] // frozen.downsample, size[0] // frozen.downsample)
+    conditioning = conditioning or make_conditioning(frozen)
+    uncond = conditioning.unconditional(1, size)
 
-    def model(x_t, t, context):
+    def model(x_t, t, cond):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return unet(x_t, t, context).sample
+            return unet(x_t, t, **cond).sample
 
     images = []
     for i in range(0, len(prompts), batch_size):
         noise = initial_noise(seeds[i:i + batch_size], shape).to(device)
-        cond = frozen.encode_prompts(frozen.tokenize(prompts[i:i + batch_size]))
+        cond = conditioning.encode_prompts(prompts[i:i + batch_size], size)
         latents = ddim_sample(model, schedule, noise, cond, uncond, num_steps, cfg_scale, guidance_rescale,
                               spacing)
         images.append(frozen.decode_latents(latents).cpu())
@@ -195,13 +205,14 @@ class LiveSamples:
     prompts in the same places in each."""
 
     def __init__(self, unet, frozen, schedule: NoiseSchedule, cfg: SampleConfig, out_dir: Path,
-                 autocast: bool):
+                 autocast: bool, conditioning=None):
         for width, height in cfg.sizes:  # the config checked multiples of 8; here the VAE is known
             if error := size_error(width, height, frozen.downsample):
                 raise ConfigError(f"sample.sizes: {error}")
         self.sizes = [tuple(s) for s in cfg.sizes] or [None]  # None: the UNet's square sample_size
         self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
         self.frozen, self.schedule, self.cfg, self.autocast = frozen, schedule, cfg, autocast
+        self.conditioning = conditioning or make_conditioning(frozen)
         self.folder = out_dir / "samples"
         if dist.is_main():
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -224,7 +235,7 @@ class LiveSamples:
                 images = generate(self.unet, self.frozen, self.schedule, [prompts[i] for i in mine],
                                   [self.cfg.seed + i for i in mine], self.cfg.steps, self.cfg.cfg_scale,
                                   self.cfg.guidance_rescale, self.cfg.spacing, autocast=self.autocast,
-                                  size=size)
+                                  size=size, conditioning=self.conditioning)
                 grids[-1].append(dist.all_gather_tensor(images.to(dist.device()))[:len(prompts)].cpu())
         if dist.is_main():
             path = self.folder / f"step_{step:07d}.png"

@@ -13,7 +13,7 @@ import torch
 
 from . import dist, faults, speed
 from .checkpoint import TrainingState
-from .conditioning import CLIPConditioning
+from .conditioning import make_conditioning
 from .config import Config, ConfigError
 from .data.buckets import resolve_buckets
 from .data.latents import cache_fingerprint
@@ -37,17 +37,16 @@ def train(cfg: Config) -> dict:
     device, autocast = run.device, cfg.train.precision == "bf16"
 
     # --- Models: frozen VAE + text encoder, trainable UNet (same init on every rank) ------------------------
-    frozen = load_frozen(cfg.model.pretrained, cfg.model.frozen_dtype, device)
+    frozen = load_frozen(cfg.model.pretrained, cfg.model.frozen_dtype, device, cfg.model.kind)
     if cfg.data.resolution % frozen.downsample:
         raise ConfigError(f"data.resolution: {cfg.data.resolution} is not a multiple of the VAE's "
                           f"downsampling factor {frozen.downsample}")
-    try:  # aspect-ratio buckets: latents of a multiple of 8, so multiples of 8 x the VAE's factor in px
-        buckets = resolve_buckets(cfg.data.buckets, cfg.data.resolution, 8 * frozen.downsample)
-    except ValueError as err:
-        raise ConfigError(f"data.buckets: {err}") from None
-    conditioning = CLIPConditioning(frozen, cfg.train.caption_dropout)
+    buckets = resolve_buckets(cfg.data.buckets, cfg.data.resolution, 8 * frozen.downsample)  # None: square
+    conditioning = make_conditioning(frozen, cfg.train.caption_dropout)
+    square = (cfg.data.resolution, cfg.data.resolution)  # (width, height) px
     torch.manual_seed(cfg.train.seed)
-    unet = build_unet(cfg.model, cfg.data.resolution // frozen.downsample, conditioning.width, device)
+    unet = build_unet(cfg.model, cfg.data.resolution // frozen.downsample, conditioning.width, device,
+                      conditioning.pooled_width)
     d = cfg.diffusion
     schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
                              d.zero_terminal_snr)
@@ -58,8 +57,9 @@ def train(cfg: Config) -> dict:
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
     ema = EMA(unet, cfg.ema)
     state = TrainingState("unet", unet, optimizer, ema)
-    flops_per_image = count_train_flops(unet, conditioning.empty, autocast)  # for MFU; before the DDP wrap
-    samples = LiveSamples(unet, frozen, schedule, cfg.sample, run.out_dir, autocast)
+    # for MFU; before the DDP wrap
+    flops_per_image = count_train_flops(unet, conditioning.unconditional(1, square), autocast)
+    samples = LiveSamples(unet, frozen, schedule, cfg.sample, run.out_dir, autocast, conditioning)
 
     # --- Resume: weights, optimizer moments, EMA and the step; data and draws follow from the step ----------
     source = build_source(cfg.data, is_main=dist.is_main())
@@ -80,7 +80,7 @@ def train(cfg: Config) -> dict:
 
     # --- Fast path and logging ------------------------------------------------------------------------------
     model = speed.prepare_unet(unet, cfg, device, run.world,
-                               conditioning.unconditional(cfg.data.batch_per_gpu), autocast,
+                               conditioning.unconditional(cfg.data.batch_per_gpu, square), autocast,
                                shapes=len(buckets or [None]))
     metrics = Metrics(run.out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps,
                       run.global_batch, cfg.log.progress,

@@ -236,7 +236,7 @@ def bare_worker(args) -> None:
     layout = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
     unet = build_unet(ModelConfig(unet="sd15"), h, 768, device).to(memory_format=layout)
     context = torch.randn(batch, 77, 768, device=device)
-    flops_per_image = count_train_flops(unet, context[:1], autocast=True)
+    flops_per_image = count_train_flops(unet, {"encoder_hidden_states": context[:1]}, autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
     if args.ema_compile == "on":

@@ -119,7 +119,7 @@ def test_a_skipped_step_adds_nothing_to_the_means_of_its_record(tmp_path):
 def test_train_flops_are_forward_plus_backward_per_image():
     unet = tiny_unet()
     context = torch.zeros(1, 5, 64)
-    flops = count_train_flops(unet, context, autocast=False)
+    flops = count_train_flops(unet, {"encoder_hidden_states": context}, autocast=False)
     assert all(p.grad is None for p in unet.parameters())  # it leaves no gradients behind
 
     def counted(batch: int, backward: bool, mapping=CPU_SDPA_FLOPS) -> int:
@@ -137,7 +137,8 @@ def test_train_flops_are_forward_plus_backward_per_image():
     assert forward > counted(1, backward=False, mapping={})  # CPU attention kernels are counted
     assert 2.5 * forward < flops < 3 * forward  # backward ~ 2x forward (conv_in needs no input gradient)
     unet.enable_gradient_checkpointing()
-    assert count_train_flops(unet, context, autocast=False) == flops  # recomputation is not model FLOPs
+    # recomputation is not model FLOPs
+    assert count_train_flops(unet, {"encoder_hidden_states": context}, autocast=False) == flops
     assert unet.is_gradient_checkpointing
 
 

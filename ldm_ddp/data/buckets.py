@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from ..config import ConfigError
+
 BUCKET_STREAM = 4  # seeds the shuffle of a window's batches apart from the other draws of (seed, epoch)
 
 Bucket = tuple[int, int]  # (width, height) in px
@@ -55,10 +57,14 @@ def check_buckets(buckets, multiple: int) -> list[Bucket]:
 
 def resolve_buckets(setting, resolution: int, multiple: int) -> list[Bucket] | None:
     """data.buckets -> the buckets, or None for square images: "auto" makes them (make_buckets), a list is
-    checked against the VAE's `multiple`; ValueError naming what does not fit."""
+    checked against `multiple` (8 x the VAE's factor: latents of a multiple of 8); ConfigError naming
+    data.buckets and what does not fit."""
     if setting == "off":
         return None
-    return make_buckets(resolution, multiple) if setting == "auto" else check_buckets(setting, multiple)
+    try:
+        return make_buckets(resolution, multiple) if setting == "auto" else check_buckets(setting, multiple)
+    except ValueError as err:
+        raise ConfigError(f"data.buckets: {err}") from None
 
 
 def nearest_bucket(sizes: np.ndarray, buckets: list[Bucket]) -> np.ndarray:

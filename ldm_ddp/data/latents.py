@@ -67,23 +67,25 @@ def _digest(parts) -> str:
     return h.hexdigest()[:16]
 
 
+def _tokenizer_digest(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return _digest([type(tokenizer).__name__, tokenizer.model_max_length, vocab])
+
+
 def cache_fingerprint(frozen, data_cfg, vae_dtype: str) -> dict:
-    """What a cache must share with a training config: VAE weights, tokenizer, image rules (buckets
+    """What a cache must share with a training config: VAE weights, tokenizer(s), image rules (buckets
     included), VAE dtype."""
     tensors = sorted(frozen.vae.state_dict().items())
     vae = _digest(part for name, t in tensors
                   for part in (name, list(t.shape), str(t.dtype),
                                t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()))
-    tokenizer = frozen.tokenizer
-    vocab = sorted(tokenizer.get_vocab().items())
     fingerprint = {"vae": vae, "scaling_factor": frozen.scaling_factor,
-                   "tokenizer": _digest([type(tokenizer).__name__, tokenizer.model_max_length, vocab]),
+                   "tokenizer": _tokenizer_digest(frozen.tokenizer),
+                   **({"tokenizer_2": _tokenizer_digest(frozen.tokenizer_2)} if frozen.tokenizer_2 else {}),
                    "resolution": data_cfg.resolution, "crop": data_cfg.crop,
                    "random_flip": data_cfg.random_flip, "vae_dtype": vae_dtype}
-    try:  # resolved as the trainer resolves them: "auto" and the list it stands for make the same cache
-        buckets = resolve_buckets(data_cfg.buckets, data_cfg.resolution, 8 * frozen.downsample)
-    except ValueError as err:
-        raise ConfigError(f"data.buckets: {err}") from None
+    # resolved as the trainer resolves them: "auto" and the list it stands for make the same cache
+    buckets = resolve_buckets(data_cfg.buckets, data_cfg.resolution, 8 * frozen.downsample)
     if buckets:  # absent for square images, so that caches made before buckets existed still match
         fingerprint["buckets"] = [list(b) for b in buckets]
     return fingerprint

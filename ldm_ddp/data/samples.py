@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .sources import DataSource
+from .transforms import EXIF_ORIENTATION
 
-EXIF_ORIENTATION = 0x0112
 CAPTION_STREAM = 2  # seeds the caption choice apart from the order (stream 0) and augmentations (stream 1)
 
 

@@ -170,7 +170,7 @@ class ShardsSource(RawSource):
         reads its image headers."""
         sizes = np.zeros((len(self), 2), np.int64)
         for shard, start in enumerate(self.starts[:-1]):
-            recorded = json.loads(files.read_bytes(shard_index_name(self.shards[shard]))).get("sizes")
+            recorded = self._shard_index(shard).get("sizes")
             if recorded is not None:
                 sizes[start:start + len(recorded)] = recorded
             else:
