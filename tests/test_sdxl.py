@@ -115,3 +115,28 @@ def test_sdxl_trains_resumes_bitwise_and_exports_a_pipeline_that_samples_as_ours
                       guidance_scale=3.0, guidance_rescale=0.7, output_type="pt").images * 2 - 1
         assert theirs.shape == ours.shape == (2, 3, height, width)
         assert (theirs - ours).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_a_bucketed_sdxl_latent_cache_keeps_both_tokenizers_ids_and_trains(tmp_path, tiny_args):
+    from safetensors import safe_open
+    from test_latent_cache import config, mixed_aspect_photos
+
+    from ldm_ddp.precompute import precompute_latents
+
+    photos, out = mixed_aspect_photos(tmp_path / "photos"), tmp_path / "cache"
+    sdxl = ["--model.kind=sdxl", "--model.pretrained=builtin:demo_sdxl", "--data.resolution=128",
+            "--data.buckets=auto"]
+    cache_args = [f"--data.path={out}", *sdxl[2:], "--model.frozen_dtype=fp32", "--data.random_flip=true"]
+    manifest = precompute_latents(config(photos, *sdxl), str(out), batch=3, shard_size=64)
+    assert {"tokenizer", "tokenizer_2"} <= manifest["fingerprint"].keys()
+    with safe_open(out / "latents-000000.safetensors", framework="pt") as f:
+        ids = f.get_tensor("input_ids")
+    assert ids.shape[0] == manifest["num_samples"] and ids.shape[2:] == (2, 16)  # [n, K, tokenizer, L]
+    printed = train_here(*sdxl_args(tiny_args, tmp_path / "run", train__max_steps=2), "--data.source=latents",
+                         *cache_args)
+    assert "data: 3 aspect-ratio buckets" in printed
+    # the same cache under the SD kind: another tokenizer set, refused
+    with pytest.raises(ConfigError, match=r"^data.path: the latent cache .* was made with tokenizer_2="):
+        train_here(*tiny_args(tmp_path / "sd", train__max_steps=1), "--data.source=latents",
+                   *cache_args)
