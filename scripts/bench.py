@@ -48,7 +48,7 @@ VARIANTS = {"ema_inline": "the EMA after the optimizer step, as the trainer does
                                   "(--ema-overlap on)",
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches the bare worker takes as it is given them (--name value) and each row records.
-SWITCHES = ("compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile",
+SWITCHES = ("unet", "compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile",
             "static_graph", "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
 
 
@@ -234,9 +234,18 @@ def bare_worker(args) -> None:
     res, batch = args.res[0], args.worker_batch
     h = res // 8
     layout = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
-    unet = build_unet(ModelConfig(unet="sd15"), h, 768, device).to(memory_format=layout)
-    context = torch.randn(batch, 77, 768, device=device)
-    flops_per_image = count_train_flops(unet, {"encoder_hidden_states": context[:1]}, autocast=True)
+    sdxl = args.unet == "sdxl"  # SDXL's context is 768 + 1280 wide; its added embedding takes the pooled
+    # embedding (1280) and 6 size/crop ids
+    width = 2048 if sdxl else 768
+    unet = build_unet(ModelConfig(unet=args.unet), h, width, device, pooled_width=1280 if sdxl else 0)
+    unet = unet.to(memory_format=layout)
+    cond = {"encoder_hidden_states": torch.randn(batch, 77, width, device=device)}
+    if sdxl:
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device)
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, device=device),
+                                     "time_ids": time_ids.expand(batch, 6)}
+    one = {k: ({n: t[:1] for n, t in v.items()} if isinstance(v, dict) else v[:1]) for k, v in cond.items()}
+    flops_per_image = count_train_flops(unet, one, autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
     if args.ema_compile == "on":
@@ -259,7 +268,7 @@ def bare_worker(args) -> None:
         calls += 1
         ema.launch_pending()  # as the trainer does: the last step's EMA update, if pending, beside this one
         with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
-            v_pred = model(x_t, t, context).sample
+            v_pred = model(x_t, t, **cond).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
         speed.clip_grad_norm(unet, 1.0)  # as the trainer clips
         ema.settle()
@@ -350,6 +359,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed steps (trainer: steps per run)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed bare steps first")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
+    parser.add_argument("--unet", default="sd15", choices=["sd15", "sdxl"],
+                        help="bare: the UNet architecture (sdxl: 2.57 B parameters, SDXL's added embedding)")
     parser.add_argument("--compile", default="full", choices=["off", "full", "regional"],
                         help="torch.compile of the UNet, as train.compile (bare and trainer)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
