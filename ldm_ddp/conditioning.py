@@ -22,6 +22,14 @@ def make_conditioning(frozen: FrozenModels, caption_dropout: float = 0.0):
     return CLIPConditioning(frozen, caption_dropout)
 
 
+def map_cond(fn, *conds):
+    """fn applied leaf by leaf to conditioning kwargs of one layout (tensors, or dicts of them nested as the
+    UNet's added_cond_kwargs are)."""
+    if isinstance(conds[0], dict):
+        return {key: map_cond(fn, *(c[key] for c in conds)) for key in conds[0]}
+    return fn(*conds)
+
+
 def _dropped(generator: torch.Generator | None, batch_size: int, p: float, device) -> torch.Tensor | None:
     """[B] bool: which captions a training step drops (one uniform draw per sample, from the step's
     generator); None without a generator (sampling)."""

@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 
 from . import dist
-from .conditioning import make_conditioning
+from .conditioning import make_conditioning, map_cond
 from .config import ConfigError, SampleConfig, max_sample_steps
 from .schedule import NoiseSchedule
 
@@ -67,14 +67,6 @@ def rescale_guidance(v_cfg: torch.Tensor, v_cond: torch.Tensor, guidance_rescale
     return guidance_rescale * v_rescaled + (1 - guidance_rescale) * v_cfg
 
 
-def _batched(uncond, cond, B: int):
-    """The unconditional and the conditional inputs as one batch of 2B: tensors [1 or B, ...] and [B, ...], or
-    dicts of them (nested, as the UNet's conditioning kwargs are)."""
-    if isinstance(cond, dict):
-        return {key: _batched(uncond[key], cond[key], B) for key in cond}
-    return torch.cat([uncond.expand(B, *uncond.shape[1:]), cond])
-
-
 @torch.no_grad()
 def ddim_sample(
     model,
@@ -98,7 +90,7 @@ def ddim_sample(
         if uncond is None:
             raise ValueError(f"uncond: required when cfg_scale != 1 (got cfg_scale={cfg_scale!r})")
         # Ho & Salimans 2022: one forward of 2B, unconditional half first (as diffusers' pipelines order it).
-        cond_in = _batched(uncond, cond, B)
+        cond_in = map_cond(lambda u, c: torch.cat([u.expand(B, *u.shape[1:]), c]), uncond, cond)
     for t in ddim_timesteps(schedule.num_train_timesteps, num_steps, spacing).tolist():
         if guided:
             t_in = torch.full((2 * B,), t, dtype=torch.long, device=x_t.device)

@@ -1,5 +1,5 @@
 """GPU speed, side by side in one run: the bare UNet training step vs the real trainer, fed from the latent
-cache and from online VAE encoding; SD1.5 UNet; one GPU and several under torchrun.
+cache and from online VAE encoding; SD1.5 UNet (bare: --unet sdxl too); one GPU and several under torchrun.
 
     python scripts/bench.py [--gpus 1 2] [--res 256 512] [--batch 256=64 512=16] [--steps 40]
         [--compile off|full|regional] [--sdpa auto|flash|cudnn|efficient|math] [--cudnn-benchmark on|off]
@@ -15,10 +15,7 @@ JPEGs, caches their latents with scripts/precompute_latents.py, then for each re
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
   buckets  online, with --data.buckets=auto: the same JPEGs (5:4 and 3:4) in their aspect-ratio buckets
            (576x448 and 448x576 at 512 px) instead of square crops; one compiled graph per bucket
-The bare step also times variants of its EMA in the same process (no second compile), alternating with
-the step as configured: the other setting of --ema-overlap (off, the default and the trainer's way: the
-update after the optimizer; on: beside the next forward, on a side stream), and compiled (--ema-compile
-both); they are printed below the table.
+The bare step also times variants of its EMA in the same process (VARIANTS), printed below the table.
 img/s come from steady-state steps (log intervals in which nothing was compiled; the first, with
 compilation, is dropped); the trainer rows also give the graphs compiled and the seconds it took. MFU counts
 the UNet's training FLOPs (torch.utils.flop_counter) against 989 TFLOP/s (H100 SXM dense bf16) and
@@ -224,6 +221,7 @@ def matmul_tflops(device) -> float:
 
 def bare_worker(args) -> None:
     from ldm_ddp import dist, speed
+    from ldm_ddp.conditioning import map_cond
     from ldm_ddp.config import EMAConfig, ModelConfig
     from ldm_ddp.ema import EMA
     from ldm_ddp.metrics import count_train_flops
@@ -234,18 +232,14 @@ def bare_worker(args) -> None:
     res, batch = args.res[0], args.worker_batch
     h = res // 8
     layout = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
-    sdxl = args.unet == "sdxl"  # SDXL's context is 768 + 1280 wide; its added embedding takes the pooled
-    # embedding (1280) and 6 size/crop ids
-    width = 2048 if sdxl else 768
-    unet = build_unet(ModelConfig(unet=args.unet), h, width, device, pooled_width=1280 if sdxl else 0)
-    unet = unet.to(memory_format=layout)
+    width, pooled = (768 + 1280, 1280) if args.unet == "sdxl" else (768, 0)  # context and pooled widths
+    unet = build_unet(ModelConfig(unet=args.unet), h, width, device, pooled).to(memory_format=layout)
     cond = {"encoder_hidden_states": torch.randn(batch, 77, width, device=device)}
-    if sdxl:
-        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device)
-        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, device=device),
-                                     "time_ids": time_ids.expand(batch, 6)}
-    one = {k: ({n: t[:1] for n, t in v.items()} if isinstance(v, dict) else v[:1]) for k, v in cond.items()}
-    flops_per_image = count_train_flops(unet, one, autocast=True)
+    if pooled:  # SDXL's added embedding: the pooled text embedding and 6 size/crop ids
+        ids = torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device).float()
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device),
+                                     "time_ids": ids}
+    flops_per_image = count_train_flops(unet, map_cond(lambda x: x[:1], cond), autocast=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
     if args.ema_compile == "on":
@@ -354,8 +348,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1])
     parser.add_argument("--res", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--batch", nargs="+", default=["256=64", "512=16"],
-                        help="per-GPU batch by resolution")
+    parser.add_argument("--batch", nargs="+", default=["256=64", "512=16"], help="per-GPU batch by res")
     parser.add_argument("--steps", type=int, default=40, help="timed steps (trainer: steps per run)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed bare steps first")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
@@ -386,18 +379,14 @@ def main() -> int:
     parser.add_argument("--ema-overlap", default="off", choices=["on", "off"],
                         help="bare step: the EMA update beside the next forward on a side stream "
                              "(the trainer: off); the other setting is timed too, in the same process")
-    parser.add_argument("--sample-every", type=int, default=0,
-                        help="trainer runs: live sample grids every N steps")
-    parser.add_argument("--profile", action="store_true",
-                        help="torch.profiler record of 3 steps of each path")
+    parser.add_argument("--sample-every", type=int, default=0, help="trainer: sample grids every N steps")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler: 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
                         choices=["bare", "cache", "online", "buckets", "resume"],
                         help="resume: the trainer from the cache saves at --steps/2, rank 0 is killed -9, "
                              "and the same command resumes (reported below the table)")
-    parser.add_argument("--online-workers", type=int, default=8,
-                        help="DataLoader workers per GPU when online")
-    parser.add_argument("--pretrained", default="",
-                        help="vae/, text_encoder/, tokenizer/ (default: random SD-shaped)")
+    parser.add_argument("--online-workers", type=int, default=8, help="DataLoader workers per GPU, online")
+    parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random)")
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
