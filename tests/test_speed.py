@@ -278,7 +278,7 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     import ldm_ddp.ema as ema_module
     import ldm_ddp.models as models
 
-    def small_unet(cfg, latent_size, context_dim, device):
+    def small_unet(cfg, latent_size, context_dim, device, pooled_width=0):
         return UNet2DConditionModel(sample_size=latent_size, block_out_channels=(32, 64), layers_per_block=1,
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
