@@ -10,6 +10,7 @@ step counts (e.g. 61, 103 of 1000 "trailing") diffusers' float spacing gives one
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -54,4 +55,19 @@ def export_diffusers(checkpoint: str, out_dir: str, dtype: str = "fp16", weights
                                        requires_safety_checker=False)
     pipe.to(dtype=torch_dtype)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("text_encoder", "text_encoder_2"):
+        if (Path(out_dir) / name).is_dir():
+            load_text_encoder_in_fp32(Path(out_dir) / name / "config.json")
     return Path(out_dir)
+
+
+def load_text_encoder_in_fp32(config_json: Path) -> None:
+    """Loaded without a dtype, diffusers puts the UNet and VAE in fp32 while transformers (5.x) keeps a text
+    encoder in its config's `dtype`: a half export then fails at its first step (Half against Float). The
+    config says float32: every part loads in fp32 without a dtype, in the given one with it (the weights
+    stay half on disk)."""
+    config = json.loads(config_json.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -115,3 +115,29 @@ def test_export_writes_the_pretrained_frozen_weights_not_their_bf16_rounding(tmp
             assert torch.equal(value, theirs_state[key]), key
             rounded += not torch.equal(value, value.bfloat16().float())
     assert rounded  # bf16 would have changed these: the comparison can tell the two apart
+
+
+def test_the_readme_snippet_runs_on_every_export_dtype(tmp_path, trained_run):
+    """README's diffusers snippet, as printed (on the CPU, 2 steps), on fp16 (the default), bf16 and fp32
+    exports, with its torch_dtype and without one."""
+    import re
+    from pathlib import Path
+
+    from ldm_ddp.export import export_diffusers
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?from_pretrained.*?)```", readme, re.S).group(1)
+    assert 'from_pretrained("export/", torch_dtype=torch.float16).to("cuda")' in snippet
+    on_cpu = snippet.replace('.to("cuda")', '.to("cpu")').replace("num_inference_steps=25",
+                                                                 "num_inference_steps=2")
+    ckpt = trained_run / "checkpoints" / "step_0000002.safetensors"
+    for dtype in ("fp16", "bf16", "fp32"):
+        folder = export_diffusers(str(ckpt), str(tmp_path / dtype), dtype)
+        for code in (on_cpu, on_cpu.replace(", torch_dtype=torch.float16", "")):
+            scope = {}
+            exec(code.replace('"export/"', repr(str(folder))), scope)  # noqa: S102
+            image = scope["image"]
+            assert image.size == (64, 64), (dtype, code)
+            pipe = scope["pipe"]
+            want = torch.float16 if "torch_dtype" in code else torch.float32
+            assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {want}, (dtype, code)
