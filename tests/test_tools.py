@@ -85,6 +85,34 @@ def test_wandb_offline_run_continues_after_restart(tmp_path, tiny_args, run_scri
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
+def test_wandb_files_go_to_wandb_dir_and_a_failed_online_start_says_it_goes_on_offline(tmp_path, monkeypatch,
+                                                                                       capsys):
+    wandb = pytest.importorskip("wandb")
+    from ldm_ddp import metrics as metrics_module
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if kwargs["mode"] == "online":
+            raise wandb.errors.UsageError("api_key not configured (no-tty)")
+        return "run"
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    (tmp_path / "run_folder").mkdir()
+    assert metrics_module.start_wandb("online", tmp_path / "run_folder", {}) == "run"
+    assert [c["mode"] for c in calls] == ["online", "offline"]
+    assert {c["dir"] for c in calls} == {str(tmp_path / "elsewhere")}
+    said = capsys.readouterr().out
+    assert "wandb online failed (UsageError: api_key not configured" in said
+    assert "logging offline instead" in said
+    monkeypatch.delenv("WANDB_DIR")
+    calls.clear()
+    (tmp_path / "other").mkdir()
+    assert metrics_module.start_wandb("offline", tmp_path / "other", {}) == "run"
+    assert [c["dir"] for c in calls] == [str(tmp_path / "other")]  # the run folder by default
+
+
 def rewrite(ckpt, out_dir, change) -> str:
     """A copy of `ckpt` in out_dir after change(tensors, meta); -> its path."""
     tensors, meta = load_checkpoint(ckpt)
