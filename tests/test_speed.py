@@ -357,3 +357,29 @@ def test_ddp_compile_applies_only_to_the_whole_unet_compile_under_ddp(monkeypatc
     assert torch._dynamo.config.optimize_ddp == "no_optimization"  # dynamo: no graph cut at DDP's buckets
     speed.use_ddp_compile("split")
     assert torch._dynamo.config.optimize_ddp == "ddp_optimizer"
+
+
+def test_full_compile_makes_one_static_graph_per_bucket_shape():
+    """Buckets (shapes > 1): each micro-batch shape gets its own static graph, compiled on first use and
+    reused after; none becomes a shape-generic (dynamic) graph, and the recompile limit admits them all
+    even where it was set below their number."""
+    from torch._dynamo import utils
+
+    torch._dynamo.reset()
+    saved = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 2
+    try:
+        module = torch.nn.Conv2d(4, 4, 3, padding=1)
+        shapes = [(2, 4, 8, 8), (2, 4, 6, 10), (2, 4, 10, 6), (2, 4, 4, 16)]
+        compiled = speed.compile_model(module, module, "full", backend="eager", shapes=len(shapes))
+        assert torch._dynamo.config.recompile_limit >= len(shapes)
+        before = utils.counters["stats"]["unique_graphs"]
+        for _ in range(2):  # the second pass reuses every graph
+            for shape in shapes:
+                x = torch.randn(shape)
+                assert torch.equal(compiled(x), module(x))
+        graphs = utils.counters["stats"]["unique_graphs"] - before
+        assert graphs == len(shapes)  # a shape-generic graph after the second shape would make 2
+    finally:
+        torch._dynamo.config.recompile_limit = saved
+        torch._dynamo.reset()
