@@ -31,7 +31,9 @@ class ModelConfig:
     # and size/crop micro-conditioning (docs/sdxl.md)
     kind: Literal["sd", "sdxl"] = "sd"
     unet: str = "demo"  # builtin UNet config name (presets/unet_<name>.json), a config.json, or a UNet folder
-    unet_init: str = ""  # UNet folder (diffusers layout) to start from; "" = random init from `unet`
+    unet_init: str = ""  # start from a UNet folder (diffusers layout) or one of our checkpoints
+    # (.safetensors); "" = random init from `unet`
+    init_weights: str = "ema"  # a checkpoint's weights unet_init takes: ema | raw | ema:DECAY | ema:std=S
     pretrained: str = "builtin:demo"  # folder or hub id with vae/, text_encoder/, tokenizer/ subfolders
     # (sdxl: also text_encoder_2/, tokenizer_2/)
     frozen_dtype: Precision = "bf16"  # dtype of the frozen VAE and text encoder
@@ -45,7 +47,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents"] = "shapes"
+    source: Literal["shapes", "shards", "folder", "parquet", "webdataset", "hf", "latents",
+                    "shapes_pairs", "pairs", "pickapic"] = "shapes"  # the last three: preference pairs (dpo)
     path: str = ""  # local path or fsspec URL of the source; layouts in docs/data.md
     caption_column: str = "text"  # caption column (folder metadata, parquet, hf) or .json field (webdataset)
     image_column: str = "image"  # parquet/hf: column of encoded image bytes (or a struct with a bytes field)
@@ -106,6 +109,10 @@ class TrainConfig:
     precision: Precision = "bf16"  # bf16: autocast around the UNet, fp32 master weights
     device: Literal["auto", "cpu", "cuda"] = "auto"
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
+    objective: Literal["diffusion", "dpo"] = "diffusion"  # dpo: Diffusion-DPO on preference pairs against
+    # the frozen model.unet_init (docs/dpo.md)
+    dpo_beta: float = 2500.0  # dpo: strength of the tie to the reference
+    # (Wallace et al. 2023: 2500 for SD1.5)
     compile: Literal["auto", "off", "full", "regional"] = "auto"  # torch.compile of the UNet; auto: full on
     # CUDA (falls back to eager with a warning if it fails), off on CPU. docs/performance.md
     startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done,
@@ -374,10 +381,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.buckets: {err}") from None
     _require(buckets == "off" or not (cfg.data.source == "hf" and cfg.data.hf_streaming), "data.buckets",
              "off with a streamed source (buckets need each image's size before training)", buckets)
-    if cfg.data.source == "shapes":
+    pairs = cfg.data.source in ("shapes_pairs", "pairs", "pickapic")
+    _require(pairs == (cfg.train.objective == "dpo"), "data.source",
+             "a source of preference pairs (shapes_pairs | pairs | pickapic) with train.objective = dpo, "
+             "and only then", cfg.data.source)
+    _require(cfg.train.objective != "dpo" or bool(cfg.model.unet_init), "model.unet_init",
+             "the model to tune (a checkpoint or UNet folder) with train.objective = dpo: it is also the "
+             "frozen reference", cfg.model.unet_init)
+    _require(cfg.train.dpo_beta > 0, "train.dpo_beta", "a positive number", cfg.train.dpo_beta)
+    if cfg.data.source in ("shapes", "shapes_pairs"):
         _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",
                  cfg.data.resolution)
-    if cfg.data.source != "shapes":  # URLs and patterns ({..}, *, a,b) are resolved by the source itself
+    if cfg.data.source not in ("shapes", "shapes_pairs"):  # URLs and patterns ({..}, *, a,b): the source's
         plain = "://" not in cfg.data.path and not any(c in cfg.data.path for c in "{*?[,")
         local = cfg.data.source != "hf" and plain  # an hf data.path may be a hub name
         _require(bool(cfg.data.path.strip()) and (not local or Path(cfg.data.path).exists()), "data.path",
@@ -387,7 +402,9 @@ def validate(cfg: Config) -> None:
         builtin = ", ".join(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(kind + "_*.json"))
         _require((PRESET_DIR / f"{kind}_{name}.json").exists() or Path(name).exists(), key,
                  f"a builtin {kind} config ({builtin}) or an existing path", name)
-    _require(not cfg.model.unet_init or Path(cfg.model.unet_init).is_dir(), "model.unet_init",
-             "a UNet folder (diffusers layout)", cfg.model.unet_init)
+    init = Path(cfg.model.unet_init)
+    _require(not cfg.model.unet_init or init.is_dir() or (init.is_file() and init.suffix == ".safetensors"),
+             "model.unet_init", "a UNet folder (diffusers layout) or a training checkpoint (.safetensors)",
+             cfg.model.unet_init)
     _require(cfg.train.global_batch % cfg.data.batch_per_gpu == 0, "train.global_batch",
              f"a multiple of data.batch_per_gpu = {cfg.data.batch_per_gpu}", cfg.train.global_batch)

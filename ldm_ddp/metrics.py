@@ -133,7 +133,7 @@ class Metrics:
         self.flops_per_image = train_flops_per_image
         # MFU's denominator per GPU: dense bf16 of an H100/H200 on CUDA unless given; none on a CPU
         self.peak_tflops = peak_tflops or (CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
-        self.group_names, self.bar = [], None
+        self.group_names, self.bar, self.figure_sum = [], None, {}
         if dist.is_main() and (progress == "bar" or (progress == "auto" and sys.stdout.isatty())):
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, unit="step", dynamic_ncols=True)
@@ -146,14 +146,26 @@ class Metrics:
         self.group_sum = zeros(len(self.group_names))
         # The current step's share, added to the sums above by add_step unless the step was skipped.
         self.step_buckets, self.step_groups = zeros(2, NUM_T_BUCKETS), zeros(len(self.group_names))
+        # An objective's own figures (e.g. DPO's reward accuracy): name -> [sum, count], kept as the buckets.
+        self.figure_sum = {name: zeros(2) for name in self.figure_sum}
+        self.step_figures = {name: zeros(2) for name in self.figure_sum}
         self.data_wait_s, self.bad_samples, self.bad_keys = 0.0, 0, []
         self.t0 = time.perf_counter()
 
-    def add_micro_batch(self, loss_per_sample: torch.Tensor, t: torch.Tensor) -> None:
-        """Per-sample loss [B] and its timesteps [B], on the device (no sync)."""
+    def add_micro_batch(self, loss_per_sample: torch.Tensor, t: torch.Tensor,
+                        figures: dict[str, torch.Tensor] | None = None) -> None:
+        """Per-sample loss [B] and its timesteps [B], and the objective's per-sample figures [B] by name, on
+        the device (no sync). Every rank passes the same figure names."""
         bucket = (t * NUM_T_BUCKETS // self.T).clamp_(max=NUM_T_BUCKETS - 1)
         self.step_buckets[0].index_add_(0, bucket, loss_per_sample.detach().double())
         self.step_buckets[1].index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
+        for name, values in (figures or {}).items():
+            if name not in self.figure_sum:
+                self.figure_sum[name] = torch.zeros(2, device=self.device, dtype=torch.float64)
+                self.step_figures[name] = torch.zeros_like(self.figure_sum[name])
+            self.step_figures[name] += torch.stack([values.detach().double().sum(),
+                                                    torch.tensor(float(len(values)), device=self.device,
+                                                                 dtype=torch.float64)])
 
     @torch.no_grad()
     def add_grad_norms(self, module: torch.nn.Module, norms: list[torch.Tensor] | None = None) -> None:
@@ -193,6 +205,9 @@ class Metrics:
         self.group_sum += taken * self.step_groups.nan_to_num(0, 0, 0)  # 0 * NaN would be NaN
         self.step_buckets.zero_()
         self.step_groups.zero_()
+        for name, step_share in self.step_figures.items():
+            self.figure_sum[name] += taken * step_share.nan_to_num(0, 0, 0)
+            step_share.zero_()
         self.loss_sum += loss.detach()
         if grad_norm is not None:
             self.grad_norm_sum += grad_norm.detach()
@@ -211,9 +226,13 @@ class Metrics:
         elapsed = time.perf_counter() - self.t0
         host = torch.tensor([float(self.bad_samples), self.data_wait_s], device=self.device,
                             dtype=torch.float64)
+        names = sorted(self.figure_sum)
         sums = torch.cat([torch.stack([self.loss_sum, self.grad_norm_sum, self.skipped_sum]), host,
-                          self.bucket_sum, self.bucket_count, self.group_sum])
+                          self.bucket_sum, self.bucket_count, self.group_sum,
+                          *(self.figure_sum[n] for n in names)])
         sums = dist.all_reduce_sum(sums).tolist()  # the one host sync of the interval
+        figures = {n: s / c if c else None for n, s, c in zip(names, sums[-2 * len(names)::2],
+                                                              sums[-2 * len(names) + 1::2])} if names else {}
         world, n = dist.world_size(), self.steps * dist.world_size()
         buckets = sums[5:5 + 2 * NUM_T_BUCKETS]
         img_per_s = self.steps * self.images_per_step / elapsed
@@ -223,6 +242,7 @@ class Metrics:
             "step": step, "loss": sums[0] / taken, "lr": lr, "grad_norm": sums[1] / taken,
             "grad_norm_by_block": {g: s / taken
                                    for g, s in zip(self.group_names, sums[5 + 2 * NUM_T_BUCKETS:])},
+            **figures,
             "img_per_s": img_per_s, "img_per_s_per_gpu": img_per_s / world,
             "data_wait_share": sums[4] / world / elapsed,
             "skipped_steps": round(sums[2] / world),  # every rank skips the same steps
@@ -332,6 +352,9 @@ def summary_line(record: dict, bad_keys: list[str] = ()) -> str:
     line += f"  data-wait {100 * record['data_wait_share']:.0f}%"
     if "peak_mem_gib" in record:
         line += f"  mem {record['peak_mem_gib']:.1f} GiB"
+    if record.get("dpo_reward_accuracy") is not None:  # Diffusion-DPO's implicit reward (objectives.py)
+        line += (f"  reward acc {record['dpo_reward_accuracy']:.2f} margin {record['dpo_reward_margin']:.3g}"
+                 f" model-ref {record['dpo_model_minus_reference']:.3g}")
     line += f"  skipped {record.get('skipped_steps', 0)}  bad {record['bad_samples']}"
     if record["bad_samples"] and bad_keys:
         line += f" (e.g. {bad_keys[0]}; each in bad_samples.jsonl at the next save)"

@@ -57,7 +57,9 @@ def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
     attention backend is probed: xformers has CUDA kernels only). `pooled_width`: SDXL's pooled text
     embedding width, which its added "text_time" embedding takes with the 6 size/crop ids; 0: no such
     embedding (SD1.x/2.x)."""
-    if cfg.unet_init:
+    if cfg.unet_init.endswith(".safetensors"):
+        unet = checkpoint_unet(cfg.unet_init, cfg.init_weights)[1]
+    elif cfg.unet_init:
         unet = UNet2DConditionModel.from_pretrained(cfg.unet_init, torch_dtype=torch.float32)
     else:
         config = unet_config(cfg.unet)
@@ -195,29 +197,32 @@ def load_trained(path: str, weights: str, device: torch.device, frozen_dtype: st
     `frozen_dtype`: the VAE's and text encoder's dtype; "" = the run's model.frozen_dtype (export asks for
     fp32, so that it writes the pretrained weights themselves, not their bf16 rounding).
     """
-    from .checkpoint import load_checkpoint, module_tensors
     from .config import config_from_dict
+
+    meta, unet = checkpoint_unet(path, weights)
+    cfg = config_from_dict(meta["config"])
+    frozen = load_frozen(cfg.model.pretrained, frozen_dtype or cfg.model.frozen_dtype, device, cfg.model.kind)
+    unet.to(device)
+    set_attention(unet, cfg.model.attention)
+    return cfg, unet.eval().requires_grad_(False), frozen
+
+
+def checkpoint_unet(path: str, weights: str) -> tuple[dict, UNet2DConditionModel]:
+    """A training checkpoint -> (its metadata, its UNet with `weights` as load_trained reads them), fp32."""
+    from .checkpoint import load_checkpoint, module_tensors
     from .ema import weights_prefix
 
     tensors, meta = load_checkpoint(path)
     part = weights_prefix(meta.get("ema", {}), weights)  # ConfigError naming the profiles it has
-    cfg = config_from_dict(meta["config"])
-    frozen = load_frozen(cfg.model.pretrained, frozen_dtype or cfg.model.frozen_dtype, device, cfg.model.kind)
-    config = unet_config(cfg.model.unet) if not cfg.model.unet_init else UNet2DConditionModel.load_config(
-        cfg.model.unet_init)
-    unet = UNet2DConditionModel.from_config({**config,
-                                             "sample_size": cfg.data.resolution // frozen.downsample})
     named = module_tensors(tensors, part)
     if not named:  # e.g. a stage-1 (autoencoder) checkpoint: the random UNet would sample noise
         # without a word
         raise ConfigError(f"{path}: no UNet weights ({part}.*) in this checkpoint; is it a stage-1 (VAE) "
                           "checkpoint?")
+    unet = UNet2DConditionModel.from_config(meta["architecture"]["unet"])  # the UNet as it was built
     # EMA holds the parameters; buffers (if any) come from the raw weights
-    state = {**unet.state_dict(), **module_tensors(tensors, "unet"), **named}
-    unet.load_state_dict(state)
-    unet.to(device)
-    set_attention(unet, cfg.model.attention)
-    return cfg, unet.eval().requires_grad_(False), frozen
+    unet.load_state_dict({**unet.state_dict(), **module_tensors(tensors, "unet"), **named})
+    return meta, unet
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

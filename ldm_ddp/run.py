@@ -76,7 +76,7 @@ class Run:
             raise ConfigError(error or "train.out_dir: not writable on rank 0")
         self.step = self.start_step = 0
         self.resume_path: Path | None = None
-        self.fingerprint, self.architecture = "", {}
+        self.fingerprint, self.architecture, self.identity = "", {}, {}
         self.guard = faults.NonFiniteGuard(cfg.train.max_consecutive_skips)
         # Replaced samples: by this process since the start,
         # and by all ranks as of the last save or the resume.
@@ -90,11 +90,13 @@ class Run:
         print(f"run folder {self.out_dir}: checkpoints/ every {cfg.ckpt.every} steps (last {cfg.ckpt.keep} "
               f"kept){grids}, metrics.jsonl every {cfg.log.every} steps", flush=True)
 
-    def resume(self, state: checkpoint.TrainingState, architecture: dict, fingerprint: str) -> None:
+    def resume(self, state: checkpoint.TrainingState, architecture: dict, fingerprint: str,
+               identity: dict | None = None) -> None:
         """Restore `state` from the newest valid checkpoint (or ckpt.resume's), refusing one whose state would
-        mean something else now (architecture, data, seed, global batch); set aside later steps of another
-        timeline. Every rank sees the same data first (check_same_data)."""
-        self.architecture, self.fingerprint = architecture, fingerprint
+        mean something else now (architecture, data, seed, global batch, and each entry of `identity`, which
+        every checkpoint of the run records: e.g. the DPO reference's sha256); set aside later steps of
+        another timeline. Every rank sees the same data first (check_same_data)."""
+        self.architecture, self.fingerprint, self.identity = architecture, fingerprint, identity or {}
         faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here,
         # not trained around
         self.resume_path = resume_point(self.cfg, self.ckpt_dir)
@@ -104,6 +106,11 @@ class Run:
             def check(meta: dict) -> None:
                 changes.update(check_resumable(meta, self.cfg, architecture, self.global_batch, fingerprint,
                                                self.resume_path))
+                for key, now in self.identity.items():
+                    if meta.get(key) != now:
+                        raise ConfigError(f"{self.resume_path}: {key} {json.dumps(meta.get(key))} in the "
+                                          f"checkpoint, {json.dumps(now)} now; resume with the same one or "
+                                          "start a new train.out_dir")
             meta = checkpoint.load_training_state(self.resume_path, state, check)
             self.step = self.start_step = int(meta["step"])
             self.guard = faults.NonFiniteGuard(self.cfg.train.max_consecutive_skips, meta.get("faults", {}))
@@ -154,7 +161,7 @@ class Run:
                 "data": {"samples_seen": samples, "seed": cfg.data.seed, "global_batch": self.global_batch,
                          "fingerprint": self.fingerprint, "source": cfg.data.source,
                          "shuffle_window": cfg.data.shuffle_window, "bad_samples": self.bad_total},
-                "architecture": self.architecture, "faults": self.guard.state()}
+                "architecture": self.architecture, "faults": self.guard.state(), **self.identity}
 
     def save(self, state: checkpoint.TrainingState, must_commit: bool, on_commit=None) -> None:
         """Rank 0 writes the state of this step; every rank learns whether it was committed. A failed write

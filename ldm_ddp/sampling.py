@@ -194,10 +194,11 @@ class LiveSamples:
     on rank 0; every rank samples about len(prompts) / world, so none waits long. Sampling uses its own copy
     of the UNet: the trained one (and its compiled graphs) stays put. With several sample.sizes, each prompt
     is drawn at each size with its own seed: one grid per size (EMA and raw side by side), top to bottom, the
-    prompts in the same places in each."""
+    prompts in the same places in each. With a `reference` model (Diffusion-DPO's starting weights) its
+    grid comes first, on the left: before and after, drawn once and kept."""
 
     def __init__(self, unet, frozen, schedule: NoiseSchedule, cfg: SampleConfig, out_dir: Path,
-                 autocast: bool, conditioning=None):
+                 autocast: bool, conditioning=None, reference=None):
         for width, height in cfg.sizes:  # the config checked multiples of 8; here the VAE is known
             if error := size_error(width, height, frozen.downsample):
                 raise ConfigError(f"sample.sizes: {error}")
@@ -205,6 +206,7 @@ class LiveSamples:
         self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
         self.frozen, self.schedule, self.cfg, self.autocast = frozen, schedule, cfg, autocast
         self.conditioning = conditioning or make_conditioning(frozen)
+        self.reference, self.reference_grids = reference, None
         self.folder = out_dir / "samples"
         if dist.is_main():
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -217,24 +219,35 @@ class LiveSamples:
         mine = [min(i, len(prompts) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
         both = self.cfg.weights == "both"  # EMA left, raw right, same prompts and seeds
         grids = []  # grids[weights][size]: [len(prompts), 3, H, W]
+
+        def draw(model) -> list[torch.Tensor]:
+            drawn = []
+            for size in self.sizes:  # one gather per size: every rank's images have that shape
+                images = generate(model, self.frozen, self.schedule, [prompts[i] for i in mine],
+                                  [self.cfg.seed + i for i in mine], self.cfg.steps, self.cfg.cfg_scale,
+                                  self.cfg.guidance_rescale, self.cfg.spacing, autocast=self.autocast,
+                                  size=size, conditioning=self.conditioning)
+                drawn.append(dist.all_gather_tensor(images.to(dist.device()))[:len(prompts)].cpu())
+            return drawn
+
+        if self.reference is not None:
+            self.reference_grids = self.reference_grids or draw(self.reference)
+            grids.append(self.reference_grids)
         for use_ema in ([True, False] if both else [self.cfg.weights == "ema"]):
             if use_ema:
                 ema.copy_to(self.unet)
             else:
                 self.unet.load_state_dict(unet.state_dict())
-            grids.append([])
-            for size in self.sizes:  # one gather per size: every rank's images have that shape
-                images = generate(self.unet, self.frozen, self.schedule, [prompts[i] for i in mine],
-                                  [self.cfg.seed + i for i in mine], self.cfg.steps, self.cfg.cfg_scale,
-                                  self.cfg.guidance_rescale, self.cfg.spacing, autocast=self.autocast,
-                                  size=size, conditioning=self.conditioning)
-                grids[-1].append(dist.all_gather_tensor(images.to(dist.device()))[:len(prompts)].cpu())
+            grids.append(draw(self.unet))
         if dist.is_main():
             path = self.folder / f"step_{step:07d}.png"
             nrow = math.ceil(math.sqrt(len(prompts)))
-            rows = [make_side_by_side(batches, nrow) if both else make_grid(batches[0], nrow)
+            rows = [make_side_by_side(batches, nrow) if len(grids) > 1 else make_grid(batches[0], nrow)
                     for batches in zip(*grids)]  # one per size
             (join_images(rows, vertical=True) if len(rows) > 1 else rows[0]).save(path)
             sizes = "; ".join(f"{w}x{h}" for w, h in self.cfg.sizes)
             caption = " | ".join(prompts) + (f"  (top to bottom: {sizes})" if len(rows) > 1 else "")
-            metrics.log_image(step, path, caption + ("  (left: EMA, right: raw)" if both else ""))
+            said = ["reference"] * (self.reference is not None) + (["EMA", "raw"] if both else [])
+            metrics.log_image(step, path, caption + (f"  (left to right: {', '.join(said)}"
+                                                     f"{'' if both else ', ' + self.cfg.weights})"
+                                                     if len(grids) > 1 else ""))

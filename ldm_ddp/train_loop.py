@@ -23,7 +23,7 @@ from .data.transforms import ImageTransform
 from .ema import EMA
 from .metrics import Metrics, count_train_flops, start_tensorboard, start_wandb
 from .models import build_unet, load_frozen
-from .objectives import VPredictionLoss
+from .objectives import make_objective
 from .resume import architecture
 from .run import Run, lr_at, step_generator
 from .sampling import LiveSamples
@@ -50,7 +50,7 @@ def train(cfg: Config) -> dict:
     d = cfg.diffusion
     schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
                              d.zero_terminal_snr)
-    objective = VPredictionLoss(schedule, d.min_snr_gamma, d.offset_noise)
+    objective = make_objective(cfg, schedule, unet, autocast)  # dpo: the reference is the UNet as it starts
     # Fused AdamW (CPU and GPU) skips a non-finite step on the device,
     # without a host sync (faults.optimizer_step).
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -58,14 +58,17 @@ def train(cfg: Config) -> dict:
     ema = EMA(unet, cfg.ema)
     state = TrainingState("unet", unet, optimizer, ema)
     # for MFU; before the DDP wrap
-    flops_per_image = count_train_flops(unet, conditioning.unconditional(1, square), autocast)
-    samples = LiveSamples(unet, frozen, schedule, cfg.sample, run.out_dir, autocast, conditioning)
+    per_sample = objective.images_per_sample  # 2 for preference pairs
+    flops_per_image = (count_train_flops(unet, conditioning.unconditional(1, square), autocast)
+                       * objective.flops_factor / per_sample)
+    samples = LiveSamples(unet, frozen, schedule, cfg.sample, run.out_dir, autocast, conditioning,
+                          reference=objective.reference)
 
     # --- Resume: weights, optimizer moments, EMA and the step; data and draws follow from the step ----------
     source = build_source(cfg.data, is_main=dist.is_main())
     if source.latent:  # a cache made for another VAE, tokenizer or image rule is refused
         source.check_matches(cache_fingerprint(frozen, cfg.data, cfg.model.frozen_dtype))
-    run.resume(state, architecture(unet, frozen), source.fingerprint())
+    run.resume(state, architecture(unet, frozen), source.fingerprint(), objective.identity)
 
     # --- Data: this rank's slice of the global order, from the resumed step on -----------------------------
     stream = ShardedStream(source, conditioning.tokenize, cfg.data.resolution, cfg.data.batch_per_gpu,
@@ -80,10 +83,11 @@ def train(cfg: Config) -> dict:
 
     # --- Fast path and logging ------------------------------------------------------------------------------
     model = speed.prepare_unet(unet, cfg, device, run.world,
-                               conditioning.unconditional(cfg.data.batch_per_gpu, square), autocast,
+                               conditioning.unconditional(cfg.data.batch_per_gpu * per_sample, square),
+                               autocast,
                                shapes=len(buckets or [None]))
     metrics = Metrics(run.out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps,
-                      run.global_batch, cfg.log.progress,
+                      run.global_batch * per_sample, cfg.log.progress,
                       wandb_run=start_wandb(cfg.log.wandb, run.out_dir, cfg.to_dict()),
                       tensorboard=start_tensorboard(cfg.log.tensorboard, run.out_dir, run.start_step,
                                                     cfg.to_toml()),
@@ -129,7 +133,8 @@ def train(cfg: Config) -> dict:
                 mean = loss.weighted.mean()
                 (mean / run.grad_accum).backward()
             step_loss = step_loss + mean.detach() / run.grad_accum
-            metrics.add_micro_batch(loss.plain, loss.t)  # a skipped step's share is dropped in add_step
+            # a skipped step's share is dropped in add_step
+            metrics.add_micro_batch(loss.plain, loss.t, loss.figures)
         grad_norm, norms = speed.clip_grad_norm(unet, cfg.optim.grad_clip)  # one pass of norms for both
         metrics.add_grad_norms(unet, norms)  # per block group, before clipping; stays on the device
         # A NaN or Inf on any rank makes the all-reduced gradients' norm non-finite on every rank:

@@ -19,6 +19,7 @@ class FakeSource(DataSource):
     random_access = True
     latent = False
     has_raw = False
+    pairs = False
 
     def __init__(self, n: int, broken=(), uncaptioned=()):
         self.n, self.broken, self.uncaptioned = n, set(broken), set(uncaptioned)

@@ -141,6 +141,7 @@ class ImageFolderSource(RawSource):
     random_access = True
     latent = False
     has_raw = True
+    pairs = False
 
     def __init__(self, path: str, caption_column: str = "text", min_size: int = 0, seed: int = 0,
                  is_main: bool = True):

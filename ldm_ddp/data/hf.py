@@ -104,6 +104,7 @@ class HFDatasetSource(RawSource):
     random_access = True
     latent = False
     has_raw = True
+    pairs = False
 
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
                  split: str = "train"):
@@ -164,6 +165,7 @@ class HFStreamSource(DataSource):
     random_access = False  # the stream (stream.StreamReader) reads it in order; there is no source[i]
     latent = False
     has_raw = False  # records(epoch) instead: raw(i) would need an index
+    pairs = False
 
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
                  split: str = "train", shuffle_buffer: int = 1000):

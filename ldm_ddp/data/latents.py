@@ -112,6 +112,7 @@ class LatentSource(DataSource):
     random_access = True
     latent = True  # the stream batches moments and token ids instead of images and captions
     has_raw = False  # the images are not kept
+    pairs = False
 
     def __init__(self, path: str, seed: int = 0):
         try:

@@ -65,6 +65,7 @@ class ParquetSource(RawSource):
     random_access = True
     latent = False
     has_raw = True
+    pairs = False
 
     def __init__(self, path: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
                  bad_shard: str = "stop", cached_groups: int = 8, is_main: bool = True):
@@ -83,10 +84,7 @@ class ParquetSource(RawSource):
                 continue
             f = len(self.files)
             self.files.append(name)
-            columns = set(meta.schema.to_arrow_schema().names)
-            for key, column in (("data.image_column", image_column), ("data.caption_column", caption_column)):
-                if column not in columns:
-                    raise ConfigError(f"{key}: no column {column!r} in {name} (has {sorted(columns)})")
+            self.check_columns(set(meta.schema.to_arrow_schema().names), name)
             self.groups += [(f, g) for g in range(meta.num_row_groups)]
             self.sizes += [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self.row_counts.append(meta.num_rows)
@@ -98,6 +96,17 @@ class ParquetSource(RawSource):
         self.cached_groups = max(1, cached_groups)
         self._cache: OrderedDict = OrderedDict()  # row group number -> its table; per process,
         # filled by reads
+
+    def check_columns(self, columns: set[str], name: str) -> None:
+        """ConfigError naming the setting whose column file `name` lacks."""
+        for key, column in (("data.image_column", self.image_column),
+                            ("data.caption_column", self.caption_column)):
+            if column not in columns:
+                raise ConfigError(f"{key}: no column {column!r} in {name} (has {sorted(columns)})")
+
+    def read_columns(self) -> list[str]:
+        """The columns a row group is read with."""
+        return [self.image_column, self.caption_column]
 
     def __len__(self) -> int:
         return int(self.group_starts[-1])
@@ -130,8 +139,7 @@ class ParquetSource(RawSource):
             self._cache.move_to_end(group)
         else:
             f, g = self.groups[group]
-            columns = [self.image_column, self.caption_column]
-            self._cache[group] = parquet_file(self.files[f]).read_row_group(g, columns=columns)
+            self._cache[group] = parquet_file(self.files[f]).read_row_group(g, columns=self.read_columns())
             while len(self._cache) > self.cached_groups:
                 self._cache.popitem(last=False)
         return self._cache[group]

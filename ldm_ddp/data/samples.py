@@ -88,9 +88,13 @@ def locate(starts, index: int) -> tuple[int, int]:
 
 
 def sample_from_raw(record: dict, seed: int, index: int) -> dict:
-    """A raw record -> {"image": lazily opened PIL image, "caption": one chosen by (seed, index), "key"}."""
+    """A raw record -> {"image": lazily opened PIL image, "caption": one chosen by (seed, index), "key"}, and
+    "rejected" (opened too) for a preference pair's record (pairs.py)."""
     caption = pick_caption(record["captions"], seed, index)  # a missing caption fails before decoding
-    return {"image": open_image(record["image"]), "caption": caption, "key": record["key"]}
+    sample = {"image": open_image(record["image"]), "caption": caption, "key": record["key"]}
+    if "rejected" in record:
+        sample["rejected"] = open_image(record["rejected"])
+    return sample
 
 
 class RawSource(DataSource):

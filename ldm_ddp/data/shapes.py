@@ -159,6 +159,7 @@ class ShapesSource(DataSource):
     random_access = True
     latent = False
     has_raw = True
+    pairs = False
 
     def __init__(self, seed: int = 0, num_samples: int = 100_000, resolution: int = 64):
         if num_samples <= 0:

@@ -109,6 +109,7 @@ class ShardsSource(RawSource):
     random_access = True
     latent = False
     has_raw = True
+    pairs = False
 
     def __init__(self, path: str, seed: int = 0, bad_shard: str = "stop", is_main: bool = True):
         self.root = path.removesuffix(INDEX).rstrip("/") or path

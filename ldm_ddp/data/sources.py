@@ -24,6 +24,8 @@ class DataSource(ABC):
                    scripts/make_shards.py and encoded by scripts/precompute_latents.py. True for folder,
                    shards, parquet, webdataset, hf and shapes (its render as PNG); False for the streamed hf
                    source (no index) and the latent cache (no images).
+    pairs          each sample is a preference pair (pairs.py): source[i] and raw(i) also hold the rejected
+                   image under "rejected"; trained with train.objective = "dpo" only.
 
     len(source)         samples per epoch.
     key(i)              the name of sample i in logs and skipped lists; for a source without random access,
@@ -40,6 +42,7 @@ class DataSource(ABC):
     random_access: bool
     latent: bool
     has_raw: bool
+    pairs: bool
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -111,11 +114,19 @@ def _make_source(cfg: DataConfig, is_main: bool) -> DataSource:
     from .folder import ImageFolderSource
     from .hf import HFDatasetSource, HFStreamSource
     from .latents import LatentSource
+    from .pairs import PairFolderSource, PickAPicSource, ShapesPairsSource
     from .parquet import ParquetSource
     from .shapes import ShapesSource
     from .shards import ShardsSource
     from .webdataset import WebDatasetSource
 
+    if cfg.source == "shapes_pairs":
+        return ShapesPairsSource(seed=cfg.seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
+    if cfg.source == "pairs":
+        return PairFolderSource(cfg.path, cfg.seed, is_main=is_main)
+    if cfg.source == "pickapic":
+        return PickAPicSource(cfg.path, cfg.seed, cfg.bad_shard, cached_groups=cfg.shuffle_window or 64,
+                              is_main=is_main)
     if cfg.source == "shapes":
         return ShapesSource(seed=cfg.seed, num_samples=cfg.shapes_num_samples, resolution=cfg.resolution)
     if cfg.source == "latents":

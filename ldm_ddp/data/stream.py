@@ -165,15 +165,21 @@ class ShardedStream(IterableDataset):
                     sample = fetch()
                     if not sample.get("caption"):
                         raise ValueError("empty caption")
-                    rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
                     pixels, original_size, crop_top_left = self.transform.to_bucket(
-                        sample["image"], bucket or self.buckets[0], rng)
+                        sample["image"], bucket or self.buckets[0], self.augment_rng(position))
+                    if "rejected" in sample:  # a preference pair: the same draws, the same bucket
+                        sample["rejected"] = self.transform.to_bucket(
+                            sample["rejected"], bucket or self.buckets[0], self.augment_rng(position))[0]
                     return {**sample, "image": pixels, "original_size": original_size,
                             "crop_top_left": crop_top_left}, bad
             except Exception as err:  # any decode error: replace, count, name; never crash the run
                 bad.append((self.key_of(index), f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"))
         raise DataFailure(f"data: {MAX_SUBSTITUTIONS} bad samples in a row for position {position} "
                           f"(its own and every substitute): {bad[-1][0]} ({bad[-1][1]})")
+
+    def augment_rng(self, position: int) -> np.random.Generator:
+        """The crop and flip draws of `position`, whichever sample ends up filling it."""
+        return np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
 
     def key_of(self, index: int) -> str:
         if not self.random_access:  # `index` is a position: named by the record read there, if any
@@ -185,9 +191,8 @@ class ShardedStream(IterableDataset):
         original size and crop as micro_batch has them; the flip is the transform's draw for the position."""
         items = []
         for position in self.positions(k):
-            rng = np.random.Generator(np.random.PCG64([self.order.seed, AUGMENT_STREAM, position]))
-            flip = self.transform.random_flip and rng.random() < 0.5  # the draw ImageTransform makes
-            # (centre crop)
+            # the flip ImageTransform draws (centre crop)
+            flip = self.transform.random_flip and self.augment_rng(position).random() < 0.5
             items.append(self.source.latent_item(self.order.index(position), flip))
         return {"moments": torch.stack([i["moments"] for i in items]),
                 "input_ids": torch.stack([i["input_ids"] for i in items]), "captions": [],
@@ -205,7 +210,9 @@ class ShardedStream(IterableDataset):
             samples.append(sample)
             bad += failures
         captions = [s["caption"] for s in samples]
-        return {"images": torch.stack([s["image"] for s in samples]), "input_ids": self.tokenize(captions),
+        # preference pairs: [2B] images, the B preferred first, then their B rejected in the same order
+        images = [s["image"] for s in samples] + [s["rejected"] for s in samples if "rejected" in s]
+        return {"images": torch.stack(images), "input_ids": self.tokenize(captions),
                 "captions": captions, "keys": [s["key"] for s in samples], "bad": bad, "k": k,
                 # SDXL's micro-conditioning: (height, width) of each image as stored, the crop's (top, left)
                 "original_size": torch.tensor([s["original_size"] for s in samples]),

@@ -110,6 +110,7 @@ class WebDatasetSource(RawSource):
     random_access = True
     latent = False
     has_raw = True
+    pairs = False
 
     def __init__(self, path: str, caption_column: str = "text", seed: int = 0, bad_shard: str = "stop",
                  is_main: bool = True):

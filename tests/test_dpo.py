@@ -1,0 +1,221 @@
+"""Diffusion-DPO: the loss against a hand computation, the preference-pair sources, pairs through the stream,
+and training from a checkpoint with its reference recorded, resumed bitwise and checked on resume."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import train_here
+from PIL import Image
+from test_train import assert_bitwise_equal, metrics
+
+from ldm_ddp.checkpoint import load_checkpoint
+from ldm_ddp.config import ConfigError, load_config
+from ldm_ddp.data.pairs import PairFolderSource, PickAPicSource, ShapesPairsSource
+from ldm_ddp.data.shapes import ShapesSource
+from ldm_ddp.data.stream import ShardedStream
+from ldm_ddp.objectives import DiffusionDPOLoss
+from ldm_ddp.schedule import NoiseSchedule
+
+
+class Scaled(torch.nn.Module):
+    """A stand-in UNet: v = w * x_t + the mean of the context (so the prediction depends on the caption)."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, x_t, t, encoder_hidden_states):
+        class Out:
+            sample = self.w * x_t + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return Out()
+
+
+def test_the_dpo_loss_is_the_papers_formula_computed_by_hand():
+    schedule = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012, True)
+    beta, b = 300.0, 3
+    latents = torch.randn(2 * b, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(b, 5, 6, generator=torch.Generator().manual_seed(2))
+    objective = DiffusionDPOLoss(schedule, Scaled(0.3), beta, autocast=False, reference={"sha256": "x"})
+    model = Scaled(0.5)
+    loss = objective(model, latents, {"encoder_hidden_states": context}, torch.Generator().manual_seed(9),
+                     autocast=False)
+
+    gen = torch.Generator().manual_seed(9)  # the same draws, in the objective's order: t, then the noise
+    t = torch.randint(0, 1000, (b,), generator=gen)
+    noise = torch.randn(b, 4, 2, 2, generator=gen)
+    a = schedule.alphas_cumprod
+    for i in range(b):
+        errors = {}
+        for name, w in (("model", 0.5), ("ref", 0.3)):
+            for side, x0 in (("w", latents[i]), ("l", latents[b + i])):
+                ab = a[t[i]]
+                x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise[i]
+                v = ab.sqrt() * noise[i] - (1 - ab).sqrt() * x0
+                pred = w * x_t + context[i].mean()
+                errors[name, side] = ((pred - v) ** 2).mean().item()
+        inside = -beta / 2 * ((errors["model", "w"] - errors["model", "l"])
+                              - (errors["ref", "w"] - errors["ref", "l"]))
+        assert math.isclose(loss.weighted[i].item(), -math.log(1 / (1 + math.exp(-inside))), rel_tol=1e-4)
+        assert math.isclose(loss.plain[i].item(), errors["model", "w"], rel_tol=1e-5)
+        assert loss.figures["dpo_reward_accuracy"][i].item() == float(inside > 0)
+        assert math.isclose(loss.figures["dpo_reward_margin"][i].item(), inside, rel_tol=1e-4, abs_tol=1e-6)
+        diff = (errors["model", "w"] - errors["ref", "w"] + errors["model", "l"] - errors["ref", "l"]) / 2
+        assert math.isclose(loss.figures["dpo_model_minus_reference"][i].item(), diff, rel_tol=1e-4)
+    assert torch.equal(loss.t, t)
+    loss.weighted.mean().backward()
+    assert model.w.grad is not None and objective.reference.w.grad is None  # the reference stays frozen
+
+
+def png(size, colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_pairs_folder_serves_its_good_lines_and_names_the_rest(tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    for name, size, colour in (("a", (96, 64), "red"), ("b", (64, 64), "blue"), ("c", (64, 96), "green")):
+        (tmp_path / "img" / f"{name}.png").write_bytes(png(size, colour))
+    lines = [{"caption": "one", "preferred": "img/a.png", "rejected": "img/b.png"},
+             "not json", {"caption": "two", "preferred": "img/c.png"},
+             {"caption": "three", "preferred": "img/a.png", "rejected": "img/gone.png"},
+             {"caption": "four", "preferred": "img/c.png", "rejected": "img/a.png"}]
+    text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines)
+    (tmp_path / "pairs.jsonl").write_text(text)
+    source = PairFolderSource(str(tmp_path))
+    assert len(source) == 2 and [source.key(i) for i in range(2)] == ["pairs.jsonl:1", "pairs.jsonl:5"]
+    assert source.start_line() == (f"data: pairs {tmp_path}: 2 samples (left out: 2 unreadable lines, "
+                                   "1 line naming a missing image)")
+    warned = capsys.readouterr().out
+    assert "line 2: JSONDecodeError" in warned and "line 3: KeyError" in warned and "gone.png" in warned
+    sample = source[1]
+    assert sample["caption"] == "four"
+    assert sample["image"].size == (64, 96) and sample["rejected"].size == (96, 64)
+    assert source.image_sizes().tolist() == [[96, 64], [64, 96]]  # the preferred images' sizes
+    assert source.raw(0)["rejected"] == (tmp_path / "img" / "b.png").read_bytes()
+    (tmp_path / "pairs.jsonl").write_text("not json\n")
+    with pytest.raises(ConfigError, match="no usable pair"):
+        PairFolderSource(str(tmp_path))
+
+
+def test_pickapic_parquet_leaves_ties_out_and_orders_each_pair(tmp_path):
+    jpg0 = [png((64, 64), c) for c in ("red", "green", "blue", "black", "white")]
+    jpg1 = [png((64, 64), c) for c in ("yellow", "purple", "gray", "orange", "pink")]
+    table = pa.table({"caption": ["a", "b", "c", "d", "e"], "jpg_0": jpg0, "jpg_1": jpg1,
+                      "label_0": [1.0, 0.5, 0.0, None, 1.0]})
+    pq.write_table(table, tmp_path / "part.parquet", row_group_size=2)
+    source = PickAPicSource(str(tmp_path))
+    assert len(source) == 3 and source.shard_sizes() == [1, 1, 1]  # rows a, c and e (row groups of 2)
+    assert "1 tie" in source.start_line() and "1 row without a 0/1 label" in source.start_line()
+    assert [source.key(i) for i in range(3)] == ["part/0", "part/2", "part/4"]
+    assert source.raw(0)["image"] == jpg0[0] and source.raw(0)["rejected"] == jpg1[0]
+    assert source.raw(1)["image"] == jpg1[2] and source.raw(1)["rejected"] == jpg0[2]  # label_0 = 0
+    assert source[2]["caption"] == "e"
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [jpg0[0]]}), tmp_path / "part.parquet")
+    with pytest.raises(ConfigError, match="not in the Pick-a-Pic layout: no column 'jpg_1'"):
+        PickAPicSource(str(tmp_path))
+
+
+def test_the_built_in_pairs_differ_from_their_caption_in_one_attribute():
+    from ldm_ddp.shapes_check import check_image
+    source = ShapesPairsSource(seed=7, num_samples=40, resolution=64)
+    changed = []
+    for i in range(40):
+        sample = source[i]
+        want = {k: sample["attrs"][k] for k in ("colour", "shape", "size", "position")}
+        assert check_image(np.asarray(sample["image"])) == want
+        seen = check_image(np.asarray(sample["rejected"]))
+        assert [k for k in want if seen[k] != want[k]] == [sample["changed"]]
+        changed.append(sample["changed"])
+    assert set(changed) == {"shape", "colour", "size", "position"}
+    assert source.fingerprint() != ShapesSource(seed=7, num_samples=40).fingerprint()  # caches tell apart
+
+
+def test_a_pair_is_one_sample_of_the_stream_and_is_replaced_whole(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(6):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png((80, 64), (40 * i, 0, 0)))
+    (tmp_path / "img" / "bad.png").write_bytes(b"not an image")
+    rows = [{"caption": f"pair {i}", "preferred": f"img/{i}.png", "rejected": f"img/{5 - i}.png"}
+            for i in range(6)]
+    rows[2]["rejected"] = "img/bad.png"
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    source = PairFolderSource(str(tmp_path))
+    from ldm_ddp.data.transforms import ImageTransform
+    stream = ShardedStream(source, lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), 64, 3, 1, 0, 1,
+                           seed=0, transform=ImageTransform(64, crop="random"))
+    seen = []
+    for k in range(2):  # one epoch: 6 positions
+        batch = stream.micro_batch(k)
+        assert batch["images"].shape == (6, 3, 64, 64) and len(batch["captions"]) == 3
+        for j, caption in enumerate(batch["captions"]):
+            i = int(caption.split()[1])
+            seen.append(i)
+            # the same crop for both images: a 64 px window of 80 px wide images, same offset
+            preferred, rejected = batch["images"][j], batch["images"][3 + j]
+            assert (preferred[0] == 40 * i).all() and (rejected[0] == 40 * (5 - i)).all()
+        if batch["bad"]:
+            assert [key for key, _ in batch["bad"]] == ["pairs.jsonl:3"]
+    assert 2 not in seen and len(seen) == 6  # pair 2 (a bad rejected image) replaced, whole, by a substitute
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory, tiny_args):
+    out = tmp_path_factory.mktemp("start") / "run"
+    train_here(*tiny_args(out, train__max_steps=2))
+    return out / "checkpoints" / "step_0000002.safetensors"
+
+
+def dpo_args(tiny_args, out, start, **changes):
+    return tiny_args(out, data__source="shapes_pairs", train__objective="dpo", model__unet_init=str(start),
+                     train__dpo_beta=500.0, train__caption_dropout=0.0, **changes)
+
+
+def test_config_pairs_go_with_dpo_and_dpo_with_a_start(tmp_path, tiny_args, start_checkpoint):
+    with pytest.raises(ConfigError, match="data.source: expected a source of preference pairs"):
+        load_config(overrides=tiny_args(tmp_path, train__objective="dpo",
+                                        model__unet_init=str(start_checkpoint)))
+    with pytest.raises(ConfigError, match="data.source: expected a source of preference pairs"):
+        load_config(overrides=tiny_args(tmp_path, data__source="shapes_pairs"))
+    with pytest.raises(ConfigError, match="model.unet_init: expected the model to tune"):
+        load_config(overrides=tiny_args(tmp_path, data__source="shapes_pairs", train__objective="dpo"))
+    with pytest.raises(ConfigError, match="model.unet_init: expected a UNet folder"):
+        load_config(overrides=dpo_args(tiny_args, tmp_path, tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.slow
+def test_dpo_trains_from_a_checkpoint_resumes_bitwise_and_refuses_another_reference(tmp_path, tiny_args,
+                                                                                    start_checkpoint):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = {"ckpt__every": 2, "train__seed": 5}
+    stdout = train_here(*dpo_args(tiny_args, straight, start_checkpoint, train__max_steps=4,
+                                  sample__every=4, **common))
+    assert "reward acc" in stdout
+    train_here(*dpo_args(tiny_args, resumed, start_checkpoint, train__max_steps=2, **common))
+    train_here(*dpo_args(tiny_args, resumed, start_checkpoint, train__max_steps=4, **common))
+    final = "checkpoints/step_0000004.safetensors"
+    assert_bitwise_equal(straight / final, resumed / final)
+    records = metrics(straight)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(0 <= r["dpo_reward_accuracy"] <= 1 and math.isfinite(r["dpo_reward_margin"]) for r in records)
+    assert records[0]["dpo_model_minus_reference"] == 0  # the first step: the model is the reference
+    tensors, meta = load_checkpoint(straight / final)
+    start_tensors, _ = load_checkpoint(start_checkpoint)
+    reference = meta["dpo_reference"]
+    assert reference["path"] == str(start_checkpoint) and reference["weights"] == "ema"
+    assert len(reference["sha256"]) == 64
+    assert {k.split(".", 1)[0] for k in tensors} == {"unet", "ema", "optim"}  # the reference is not stored
+    assert any(not torch.equal(tensors[k], start_tensors[k.replace("unet.", "ema.", 1)])
+               for k in tensors if k.startswith("unet."))  # tuned away from the start
+    with pytest.raises(ConfigError, match="dpo_reference .* in the checkpoint, .* now"):
+        train_here(*dpo_args(tiny_args, resumed, start_checkpoint, train__max_steps=6,
+                             model__init_weights="raw", **common))
+    from PIL import Image as PILImage
+    grid = PILImage.open(straight / "samples" / "step_0000004.png")
+    assert grid.size[0] >= 2 * 2 * 64  # reference and tuned EMA side by side, two prompts per row
