@@ -381,10 +381,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.buckets: {err}") from None
     _require(buckets == "off" or not (cfg.data.source == "hf" and cfg.data.hf_streaming), "data.buckets",
              "off with a streamed source (buckets need each image's size before training)", buckets)
-    pairs = cfg.data.source in ("shapes_pairs", "pairs", "pickapic")
-    _require(pairs == (cfg.train.objective == "dpo"), "data.source",
-             "a source of preference pairs (shapes_pairs | pairs | pickapic) with train.objective = dpo, "
-             "and only then", cfg.data.source)
+    pairs = cfg.data.source in ("shapes_pairs", "pairs", "pickapic")  # a latent cache says so itself
+    _require(pairs == (cfg.train.objective == "dpo") or cfg.data.source == "latents", "data.source",
+             "a source of preference pairs (shapes_pairs | pairs | pickapic, or a latent cache of one) "
+             "with train.objective = dpo, and only then", cfg.data.source)
     _require(cfg.train.objective != "dpo" or bool(cfg.model.unet_init), "model.unet_init",
              "the model to tune (a checkpoint or UNet folder) with train.objective = dpo: it is also the "
              "frozen reference", cfg.model.unet_init)

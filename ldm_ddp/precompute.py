@@ -68,6 +68,9 @@ class _ShardImages(Dataset):
                 image = open_image(record["image"])
                 pixels, original_size, crop_top_left = self.transform.to_bucket(image, self.buckets[bucket])
                 item = {"image": pixels, "original_size": original_size, "crop_top_left": crop_top_left}
+                if "rejected" in record:  # a preference pair: both images in the preferred one's bucket
+                    item["rejected"] = self.transform.to_bucket(open_image(record["rejected"]),
+                                                                self.buckets[bucket])[0]
                 if self.mirrored:  # the image is decoded already: this costs a crop and a resize
                     item["crop_top_left_flipped"] = self.mirrored.to_bucket(image, self.buckets[bucket],
                                                                             _Mirror())[2]
@@ -80,8 +83,11 @@ class _ShardImages(Dataset):
 def _collate(items: list[dict]) -> dict:
     """Items of one bucket -> {"images" [B, 3, bh, bw] or None, "bucket", a list per other field}."""
     good = [i for i in items if "skipped" not in i]
-    batch = {name: [i[name] for i in good] for name in good[0] if name != "image"} if good else {}
+    batch = {name: [i[name] for i in good] for name in good[0] if name not in ("image", "rejected")
+             } if good else {}
+    pairs = bool(good) and "rejected" in good[0]
     return {**batch, "images": torch.stack([i["image"] for i in good]) if good else None,
+            "rejected": torch.stack([i["rejected"] for i in good]) if pairs else None,
             "bucket": good[0]["bucket"] if good else None,
             "skipped": [i["skipped"] for i in items if "skipped" in i]}
 
@@ -101,9 +107,10 @@ def _write_shard(path: str, parts: list[dict], buckets: list[Bucket] | None) -> 
     tensors, samples = {}, []
     for b in sorted({p["bucket"] for p in parts}):
         mine = [p for p in parts if p["bucket"] == b]
-        for flipped, field in ((False, "moments"), (True, "flipped")):
+        for flipped, rejected in ((False, False), (True, False), (False, True), (True, True)):
+            field = ("rejected_" if rejected else "") + ("flipped" if flipped else "moments")
             if field in mine[0]:
-                tensors[moments_name(buckets[b] if buckets else None, flipped)] = torch.cat(
+                tensors[moments_name(buckets[b] if buckets else None, flipped, rejected)] = torch.cat(
                     [p[field] for p in mine])
         fields = [name for name in mine[0] if name in SAMPLE_FIELDS]
         rows = [(p, n) for p in mine for n in range(len(p["index"]))]  # the bucket's moments, row by row
@@ -169,10 +176,14 @@ def precompute_latents(cfg: Config, out_dir: str, vae_dtype: str = "", batch: in
             pixels = b.pop("images")
             if pixels is None:
                 continue
-            pixels = pixels.to(device, non_blocking=True)
-            b["moments"] = frozen.encode_moments(pixels).cpu()
-            if cfg.data.random_flip:  # pixels mirrored as the transform mirrors them (the width axis)
-                b["flipped"] = frozen.encode_moments(pixels.flip(3)).cpu()
+            rejected = b.pop("rejected")
+            for prefix, side in (("", pixels), ("rejected_", rejected)):
+                if side is None:
+                    continue
+                side = side.to(device, non_blocking=True)
+                b[prefix + "moments"] = frozen.encode_moments(side).cpu()
+                if cfg.data.random_flip:  # mirrored as the transform mirrors them (the width axis)
+                    b[prefix + "flipped"] = frozen.encode_moments(side.flip(3)).cpu()
             parts.append(b)
         count = sum(len(p["key"]) for p in parts)
         if count:
@@ -197,7 +208,7 @@ def precompute_latents(cfg: Config, out_dir: str, vae_dtype: str = "", batch: in
         with open(os.path.join(out_dir, "skipped.jsonl"), "w") as f:
             f.writelines(json.dumps({"key": k, "reason": r}) + "\n" for k, r in skipped)
         manifest = write_manifest(out_dir, cache_fingerprint(frozen, cfg.data, vae_dtype), shards,
-                                  {"source": cfg.data.source, "path": cfg.data.path,
+                                  {"source": cfg.data.source, "path": cfg.data.path, "pairs": source.pairs,
                                    "source_fingerprint": source.fingerprint(), "skipped": len(skipped),
                                    "shard_size": shard_size, "world_size": world})
         print(f"{manifest['num_samples']} samples cached in {len(shards)} shards, {len(skipped)} left out, "

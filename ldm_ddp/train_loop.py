@@ -68,6 +68,9 @@ def train(cfg: Config) -> dict:
     source = build_source(cfg.data, is_main=dist.is_main())
     if source.latent:  # a cache made for another VAE, tokenizer or image rule is refused
         source.check_matches(cache_fingerprint(frozen, cfg.data, cfg.model.frozen_dtype))
+    if source.pairs != (per_sample == 2):  # a latent cache of pairs (or not) said so only now
+        raise ConfigError(f"data.source: {source.where()} {'holds' if source.pairs else 'does not hold'} "
+                          f"preference pairs, and train.objective is {cfg.train.objective}")
     run.resume(state, architecture(unet, frozen), source.fingerprint(), objective.identity)
 
     # --- Data: this rank's slice of the global order, from the resumed step on -----------------------------

@@ -173,8 +173,9 @@ def start_checkpoint(tmp_path_factory, tiny_args):
 
 
 def dpo_args(tiny_args, out, start, **changes):
-    return tiny_args(out, data__source="shapes_pairs", train__objective="dpo", model__unet_init=str(start),
-                     train__dpo_beta=500.0, train__caption_dropout=0.0, **changes)
+    return tiny_args(out, **{"data__source": "shapes_pairs", "train__objective": "dpo",
+                             "model__unet_init": str(start), "train__dpo_beta": 500.0,
+                             "train__caption_dropout": 0.0, **changes})
 
 
 def test_config_pairs_go_with_dpo_and_dpo_with_a_start(tmp_path, tiny_args, start_checkpoint):
@@ -219,3 +220,41 @@ def test_dpo_trains_from_a_checkpoint_resumes_bitwise_and_refuses_another_refere
     from PIL import Image as PILImage
     grid = PILImage.open(straight / "samples" / "step_0000004.png")
     assert grid.size[0] >= 2 * 2 * 64  # reference and tuned EMA side by side, two prompts per row
+
+
+def test_a_latent_cache_of_pairs_serves_both_images_moments_and_trains(tmp_path, tiny_args, start_checkpoint):
+    """precompute_latents on a pair source: each sample keeps the preferred and the rejected image's moments
+    (flipped too), served [2B] as the online stream's images are, and DPO trains from the cache."""
+    from ldm_ddp.data.latents import LatentSource
+    from ldm_ddp.data.transforms import ImageTransform
+    from ldm_ddp.models import load_frozen
+    from ldm_ddp.precompute import precompute_latents
+
+    cfg = load_config(overrides=dpo_args(tiny_args, tmp_path / "unused", start_checkpoint,
+                                         data__shapes_num_samples=6, data__random_flip=True,
+                                         model__frozen_dtype="fp32", train__device="cpu"))
+    manifest = precompute_latents(cfg, str(tmp_path / "cache"), batch=4, shard_size=4)
+    assert manifest["made_with"]["pairs"] is True and manifest["num_samples"] == 6
+    cached = LatentSource(str(tmp_path / "cache"))
+    assert cached.pairs
+    frozen = load_frozen(cfg.model.pretrained, "fp32", torch.device("cpu"))
+    transform = ImageTransform(64, "center", True)
+    online = ShardedStream(ShapesPairsSource(seed=0, num_samples=6), frozen.tokenize, 64, 3, 1, 0, 1, seed=0,
+                           transform=transform)
+    from_cache = ShardedStream(cached, frozen.tokenize, 64, 3, 1, 0, 1, seed=0, transform=transform)
+    for k in range(2):  # the cache's shards order it otherwise than the source: compare key by key
+        batch = from_cache.micro_batch(k)
+        assert batch["moments"].shape == (6, 8, 8, 8)  # 3 pairs: 3 preferred, then their 3 rejected
+        for j, (position, key) in enumerate(zip(from_cache.positions(k), batch["keys"])):
+            sample, _ = online.load(int(key.split("/")[1]), position)  # the online pixels at this position
+            expected = frozen.encode_moments(torch.stack([sample["image"], sample["rejected"]]))
+            torch.testing.assert_close(batch["moments"][[j, 3 + j]].float(), expected.float(), atol=2e-3,
+                                       rtol=2e-3)
+    out = tmp_path / "run"
+    train_here(*dpo_args(tiny_args, out, start_checkpoint, data__source="latents",
+                         data__path=str(tmp_path / "cache"), model__frozen_dtype="fp32", data__random_flip=True,
+                         train__max_steps=2))
+    assert [r["step"] for r in metrics(out)] == [1, 2] and "dpo_reward_accuracy" in metrics(out)[0]
+    with pytest.raises(ConfigError, match="holds preference pairs, and train.objective is diffusion"):
+        train_here(*tiny_args(tmp_path / "plain", data__source="latents", data__path=str(tmp_path / "cache"),
+                              model__frozen_dtype="fp32", data__random_flip=True, train__max_steps=1))

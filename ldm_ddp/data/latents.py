@@ -54,9 +54,10 @@ def shard_file(number: int) -> str:
     return f"latents-{number:06d}.safetensors"
 
 
-def moments_name(bucket: Bucket | None, flipped: bool) -> str:
-    """The tensor holding a bucket's moments: "moments[_flipped].<w>x<h>", or the square cache's name."""
-    name = "moments_flipped" if flipped else "moments"
+def moments_name(bucket: Bucket | None, flipped: bool, rejected: bool = False) -> str:
+    """The tensor holding a bucket's moments: "moments[_flipped].<w>x<h>", or the square cache's name; a
+    pair cache's rejected images: "rejected_moments[_flipped]..."."""
+    name = ("rejected_" if rejected else "") + ("moments_flipped" if flipped else "moments")
     return f"{name}.{bucket[0]}x{bucket[1]}" if bucket else name
 
 
@@ -107,7 +108,8 @@ def write_manifest(folder: str, fingerprint: dict, shards: list[dict], made_with
 
 class LatentSource(DataSource):
     """Cached samples; `source.latent_item(i, flip)` -> {"moments" [2C, h, w] fp16 (of the sample's bucket),
-    "input_ids" [L], "key", "original_size" (h, w), "crop_top_left" (top, left)}."""
+    "input_ids" [L], "key", "original_size" (h, w), "crop_top_left" (top, left)}, and "rejected_moments" in
+    a cache of preference pairs."""
 
     random_access = True
     latent = True  # the stream batches moments and token ids instead of images and captions
@@ -126,6 +128,7 @@ class LatentSource(DataSource):
         if manifest.get("format") != FORMAT:
             raise ConfigError(f"data.path: {os.path.join(path, MANIFEST)} is not a {FORMAT} manifest")
         self.root, self.seed, self.manifest = path, seed, manifest
+        self.pairs = bool(manifest.get("made_with", {}).get("pairs"))  # each sample a preference pair
         self.files = [os.path.join(path, s["file"]) for s in manifest["shards"]]
         missing = [f for f in self.files if not os.path.isfile(f)]
         if missing:
@@ -199,6 +202,8 @@ class LatentSource(DataSource):
         if self.buckets:
             bucket, at = self.buckets[per_sample["bucket"][row]], int(per_sample["bucket_row"][row])
         moments = handle.get_slice(moments_name(bucket, flip))[at:at + 1][0]
+        rejected = {"rejected_moments": handle.get_slice(moments_name(bucket, flip, True))[at:at + 1][0]
+                    } if self.pairs else {}
         count = int(per_sample["num_captions"][row])
         pick = (0 if count == 1
                 else int(np.random.Generator(np.random.PCG64([self.seed, CAPTION_STREAM, index]))
@@ -206,7 +211,7 @@ class LatentSource(DataSource):
         input_ids = handle.get_slice("input_ids")[row:row + 1, pick:pick + 1][0, 0].long()
         size = per_sample.get("original_size")
         crop = per_sample.get("crop_top_left_flipped" if flip else "crop_top_left")
-        return {"moments": moments, "input_ids": input_ids, "key": keys[row],
+        return {"moments": moments, **rejected, "input_ids": input_ids, "key": keys[row],
                 "original_size": ((int(size[row, 0]), int(size[row, 1])) if size is not None
                                   else (self.resolution, self.resolution)),
                 "crop_top_left": (int(crop[row, 0]), int(crop[row, 1])) if crop is not None else (0, 0)}

@@ -194,7 +194,10 @@ class ShardedStream(IterableDataset):
             # the flip ImageTransform draws (centre crop)
             flip = self.transform.random_flip and self.augment_rng(position).random() < 0.5
             items.append(self.source.latent_item(self.order.index(position), flip))
-        return {"moments": torch.stack([i["moments"] for i in items]),
+        # preference pairs: [2B] moments, the B preferred first, then their B rejected (as micro_batch)
+        moments = [i["moments"] for i in items] + [i["rejected_moments"] for i in items
+                                                   if "rejected_moments" in i]
+        return {"moments": torch.stack(moments),
                 "input_ids": torch.stack([i["input_ids"] for i in items]), "captions": [],
                 "keys": [i["key"] for i in items], "bad": [], "k": k,
                 "original_size": torch.tensor([i["original_size"] for i in items]),
