@@ -252,8 +252,8 @@ def test_a_latent_cache_of_pairs_serves_both_images_moments_and_trains(tmp_path,
                                        rtol=2e-3)
     out = tmp_path / "run"
     train_here(*dpo_args(tiny_args, out, start_checkpoint, data__source="latents",
-                         data__path=str(tmp_path / "cache"), model__frozen_dtype="fp32", data__random_flip=True,
-                         train__max_steps=2))
+                         data__path=str(tmp_path / "cache"), model__frozen_dtype="fp32",
+                         data__random_flip=True, train__max_steps=2))
     assert [r["step"] for r in metrics(out)] == [1, 2] and "dpo_reward_accuracy" in metrics(out)[0]
     with pytest.raises(ConfigError, match="holds preference pairs, and train.objective is diffusion"):
         train_here(*tiny_args(tmp_path / "plain", data__source="latents", data__path=str(tmp_path / "cache"),
