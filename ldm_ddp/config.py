@@ -164,6 +164,16 @@ class SampleConfig:
 
 
 @dataclass
+class ValConfig:
+    every: int = 0  # optimizer steps between validation losses (and one at the end); 0 = off
+    num_samples: int = 256  # the held-out set: the first positions of its source's order
+    source: str = ""  # its data.source kind; "" = the training one (docs/configuration.md)
+    path: str = ""  # its data.path; "" = the training one
+    seed: int = 1  # the set's order, noise and (shapes) images; for shapes, another seed: other images
+    weights: Literal["ema", "raw"] = "ema"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +184,7 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -322,13 +333,14 @@ def _fields(cfg: Config):
             yield f"{section.name}.{item.name}", getattr(sub, item.name)
 
 
-POSITIVE = ("data.resolution", "data.batch_per_gpu", "data.shapes_num_samples", "train.max_steps",
+POSITIVE = ("val.num_samples", "data.resolution", "data.batch_per_gpu", "data.shapes_num_samples",
+            "train.max_steps",
             "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps", "ema.update_every",
             "sample.steps", "train.startup_timeout_s", "train.collective_timeout_s",
             "train.max_consecutive_skips")
 NON_NEGATIVE = ("data.num_workers", "data.shuffle_window", "train.global_batch",
                 "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
-                "diffusion.offset_noise", "sample.every", "log.profile_at")
+                "diffusion.offset_noise", "sample.every", "log.profile_at", "val.every")
 
 
 def validate(cfg: Config) -> None:
@@ -381,6 +393,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.buckets: {err}") from None
     _require(buckets == "off" or not (cfg.data.source == "hf" and cfg.data.hf_streaming), "data.buckets",
              "off with a streamed source (buckets need each image's size before training)", buckets)
+    kinds = get_args(get_type_hints(DataConfig)["source"])
+    _require(cfg.val.source in ("", *kinds), "val.source",
+             f"\"\" or a data.source kind ({' | '.join(kinds)})", cfg.val.source)
     pairs = cfg.data.source in ("shapes_pairs", "pairs", "pickapic")  # a latent cache says so itself
     _require(pairs == (cfg.train.objective == "dpo") or cfg.data.source == "latents", "data.source",
              "a source of preference pairs (shapes_pairs | pairs | pickapic, or a latent cache of one) "

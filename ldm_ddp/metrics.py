@@ -352,6 +352,8 @@ def summary_line(record: dict, bad_keys: list[str] = ()) -> str:
     line += f"  data-wait {100 * record['data_wait_share']:.0f}%"
     if "peak_mem_gib" in record:
         line += f"  mem {record['peak_mem_gib']:.1f} GiB"
+    if "val_loss" in record:
+        line += f"  val {record['val_loss']:.4f} ({record['val_s']:.1f} s)"
     if record.get("dpo_reward_accuracy") is not None:  # Diffusion-DPO's implicit reward (objectives.py)
         line += (f"  reward acc {record['dpo_reward_accuracy']:.2f} margin {record['dpo_reward_margin']:.3g}"
                  f" model-ref {record['dpo_model_minus_reference']:.3g}")
@@ -364,7 +366,9 @@ def summary_line(record: dict, bad_keys: list[str] = ()) -> str:
 def flat_scalars(record: dict) -> dict[str, float]:
     """A record's numbers for wandb / TensorBoard: loss_t<i> per timestep bucket, grad_norm/<block group>."""
     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
-    scalars.update({f"loss_t{i}": v for i, v in enumerate(record.get("loss_by_t", [])) if v is not None})
+    for series in ("loss_by_t", "val_loss_by_t"):  # loss_t<i>, val_loss_t<i>
+        scalars.update({f"{series[:-5]}_t{i}": v for i, v in enumerate(record.get(series, []))
+                        if v is not None})
     scalars.update({f"grad_norm/{g}": v for g, v in record.get("grad_norm_by_block", {}).items()})
     return scalars
 

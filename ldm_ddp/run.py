@@ -44,6 +44,7 @@ class Upkeep:
     log: bool
     sample: bool
     save: bool
+    validate: bool = False  # the held-out validation loss (validation.py), logged with this step's record
 
 
 class Run:
@@ -139,10 +140,11 @@ class Run:
             # The skipped-step flags are read where the loop syncs anyway, and before every save, so that a
             # checkpoint counts every skip so far.
             stop = stop or self.guard.check()
-        log = active and (step % cfg.log.every == 0 or done or stop is not None)
+        validate = active and cfg.val.every > 0 and (step % cfg.val.every == 0 or done) and stop is None
+        log = active and (step % cfg.log.every == 0 or done or stop is not None or validate)
         sample = active and cfg.sample.every > 0 and (step % cfg.sample.every == 0 or done) and stop is None
         save = (active and (step % cfg.ckpt.every == 0 or done)) or stop is not None
-        return Upkeep(done, stop, log, sample, save)
+        return Upkeep(done, stop, log, sample, save, validate)
 
     def count_step(self, skipped: torch.Tensor, bad: list[tuple[str, str]], keys: list[str]) -> None:
         """One optimizer step taken (or skipped: a device bool)

@@ -28,6 +28,7 @@ from .resume import architecture
 from .run import Run, lr_at, step_generator
 from .sampling import LiveSamples
 from .schedule import NoiseSchedule
+from .validation import Validation
 
 
 def train(cfg: Config) -> dict:
@@ -95,6 +96,8 @@ def train(cfg: Config) -> dict:
                       tensorboard=start_tensorboard(cfg.log.tensorboard, run.out_dir, run.start_step,
                                                     cfg.to_toml()),
                       train_flops_per_image=flops_per_image, wandb_checkpoints=cfg.log.wandb_checkpoints)
+    validation = (Validation(cfg, frozen, conditioning, schedule, samples.unet, device, autocast)
+                  if cfg.val.every else None)  # held-out loss on the sampling copy of the UNet
     profiler = speed.StepProfiler(cfg.log.profile_at, 3, run.out_dir / "profile", run.rank, device)
     last_record = None
 
@@ -103,7 +106,8 @@ def train(cfg: Config) -> dict:
         due = run.upkeep()
         if due.log:
             lr_then = lr_at(cfg.optim, run.step - 1, cfg.train.max_steps)
-            last_record = metrics.flush(run.step, lr_then) or last_record
+            held_out = validation(unet, ema) if due.validate else None
+            last_record = metrics.flush(run.step, lr_then, held_out) or last_record
         if due.sample:
             samples(run.step, unet, ema, metrics)
         if due.save:
