@@ -94,11 +94,11 @@ def end_with_launcher() -> None:
     Under a subreaper (e.g. systemd --user) the orphan's new parent is not init: not detected."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
         return
-    if _arm_parent_death_signal() and os.getppid() == 1 and not _init_is_a_launcher():
+    if arm_parent_death_signal() and os.getppid() == 1 and not _init_is_a_launcher():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _arm_parent_death_signal() -> bool:
+def arm_parent_death_signal() -> bool:
     """prctl(PR_SET_PDEATHSIG, SIGTERM): the kernel sends this process SIGTERM when its parent dies."""
     import ctypes
     pr_set_pdeathsig = 1  # <linux/prctl.h>

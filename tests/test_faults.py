@@ -592,7 +592,7 @@ def test_an_orphaned_rank_stops_unless_init_is_its_launcher(init_is_torchrun, mo
     assert faults._init_is_a_launcher(str(cmdline)) == init_is_torchrun
     sent = []
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
-    monkeypatch.setattr(faults, "_arm_parent_death_signal", lambda: True)  # not on the test process itself
+    monkeypatch.setattr(faults, "arm_parent_death_signal", lambda: True)  # not on the test process itself
     monkeypatch.setattr(faults, "_init_is_a_launcher", lambda: init_is_torchrun)
     monkeypatch.setattr(os, "getppid", lambda: 1)
     monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))

@@ -1,0 +1,139 @@
+"""scripts/tune.py: the search-space file's errors, a study of real tiny runs with pruning, a tuner killed
+with kill -9 and started again, and two tuners sharing one SQLite study."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, script_env
+
+from ldm_ddp.config import ConfigError
+
+optuna = pytest.importorskip("optuna")
+
+SPACE = """
+[study]
+objective = "val_loss"
+pruner = "median"
+trials = {trials}
+
+[params]
+"optim.lr" = {{ type = "float", low = 1e-4, high = 1e-2, log = true }}
+
+[fixed]
+"train.max_steps" = {steps}
+"val.every" = 2
+"val.num_samples" = 8
+"ckpt.every" = 100
+"""
+
+
+@pytest.mark.parametrize("text, error", [
+    ("[params]\n", "no [params] to search"),
+    ('[params]\n"optim.lr" = { type = "float", low = 1.0, high = 0.5 }',
+     "params.optim.lr: expected numbers low < high"),
+    ('[params]\n"optim.lr" = { type = "float", low = 0.0, high = 0.5, log = true }',
+     "params.optim.lr.low: a log"),
+    ('[params]\n"optim.lr" = { type = "normal" }',
+     "params.optim.lr.type: expected float | int | categorical"),
+    ('[params]\n"optim.nope" = { type = "float", low = 0.1, high = 0.5 }',
+     "params.optim.nope: not a config key"),
+    ('[params]\n"ema.decay" = { type = "categorical", choices = [] }', "params.ema.decay.choices: expected"),
+    ('[study]\npruner = "sometimes"\n[params]\n"optim.lr" = { type = "float", low = 0.1, high = 0.5 }',
+     "study.pruner: expected median | hyperband | none"),
+    ('[search]\n', "unknown section [search]"),
+    ('[params]\n"optim.lr" = { type = "float", low = 0.1, high = 0.5 }', "fixed.val.every: the objective"),
+    ("[params\n", "cannot read TOML"),
+])
+def test_a_bad_space_file_fails_in_one_line_naming_the_key(tmp_path, text, error):
+    from ldm_ddp.tune import read_space
+    (tmp_path / "space.toml").write_text(text)
+    with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("|", r"\|")) as raised:
+        read_space(str(tmp_path / "space.toml"))
+    assert "\n" not in str(raised.value)
+
+
+def tuner(tmp_path, tiny_args, trials, steps, name="study", out="out", **popen):
+    """The tuner command on a tiny space (trials of `steps` steps), as a process."""
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE.format(trials=trials, steps=steps))
+    extra = [a for a in tiny_args(tmp_path / "unused")
+             if not a.startswith(("--train.max_steps", "--ckpt.every"))]
+    command = [sys.executable, "scripts/tune.py", "--space", str(space), "--study", name, "--out",
+               str(tmp_path / out), "--storage", f"sqlite:///{tmp_path / 'study.db'}", *extra]
+    return subprocess.Popen(command, cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def load(tmp_path, name="study"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}")
+
+
+@pytest.mark.slow
+def test_a_three_trial_study_prunes_the_bad_trial_and_writes_its_results(tmp_path, tiny_args):
+    study = optuna.create_study(study_name="study", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    for lr in (3e-3, 2e-3, 1e-9):  # the third learns nothing: worse than the median at its first report
+        study.enqueue_trial({"optim.lr": lr})
+    done = tuner(tmp_path, tiny_args, trials=3, steps=6)
+    output = done.communicate(timeout=300)[0]
+    assert done.returncode == 0, output
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"], output
+    assert trials[2].user_attrs["exit_code"] == 75  # SIGTERM: saved and exited as preempted
+    assert trials[2].intermediate_values and max(trials[2].intermediate_values) < 6
+    assert (tmp_path / "out" / "trial_0002" / "checkpoints").is_dir()
+    best = min(trials[:2], key=lambda t: t.value)
+    toml = (tmp_path / "out" / "best.toml").read_text()
+    assert f"lr = {best.params['optim.lr']}" in toml and "max_steps = 6" in toml
+    assert "| 2 | pruned |" in (tmp_path / "out" / "trials.md").read_text()
+    assert (tmp_path / "out" / "tune.png").stat().st_size > 10_000
+    from ldm_ddp.config import load_config
+    cfg = load_config(str(tmp_path / "out" / "best.toml"))
+    assert cfg.optim.lr == best.params["optim.lr"] and cfg.val.every == 2
+
+
+@pytest.mark.slow
+def test_a_tuner_killed_with_kill9_is_started_again_and_retries_its_trial(tmp_path, tiny_args):
+    first = tuner(tmp_path, tiny_args, trials=2, steps=400)
+    log = tmp_path / "out" / "trial_0000" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not log.exists() and time.time() < deadline:  # the first trial is training
+        time.sleep(0.5)
+    assert log.exists(), first.communicate(timeout=5)[0] if first.poll() is not None else "no metrics"
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    # Its training process got SIGTERM with its parent's death: it saves and stops (no orphan trains on)
+    deadline = time.time() + 30
+    while not list((tmp_path / "out" / "trial_0000" / "checkpoints").glob("step_*.safetensors")):
+        assert time.time() < deadline, "the orphaned trial did not save and stop"
+        time.sleep(0.5)
+    killed = load(tmp_path).trials[0]
+    assert killed.state.name == "RUNNING"
+    again = tuner(tmp_path, tiny_args, trials=2, steps=4)  # shorter trials now, the same study
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, output
+    assert "trial 0: its tuner" in output
+    trials = load(tmp_path).trials
+    assert trials[0].state.name == "FAIL"
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retried) == 1 and retried[0].params == killed.params and retried[0].state.name == "COMPLETE"
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2
+    assert not any(t.state.name == "RUNNING" for t in trials)
+
+
+@pytest.mark.slow
+def test_two_tuners_share_one_sqlite_study_without_duplicate_trials(tmp_path, tiny_args):
+    tuners = [tuner(tmp_path, tiny_args, trials=4, steps=4, out="shared") for _ in range(2)]
+    outputs = [t.communicate(timeout=400)[0] for t in tuners]
+    assert [t.returncode for t in tuners] == [0, 0], outputs
+    trials = load(tmp_path).trials
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]  # what study.trials counts
+    assert len(finished) >= 4 and len({t.number for t in trials}) == len(trials), (trials, outputs)
+    assert not any(t.state.name in ("RUNNING", "FAIL") for t in trials)
+    owners = {t.user_attrs["tuner"] for t in finished}
+    assert len(owners) == 2  # both tuners ran trials
+    folders = [t.user_attrs["run_folder"] for t in trials]
+    assert len(set(folders)) == len(folders)  # one folder per trial, none trained twice
