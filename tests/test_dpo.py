@@ -258,3 +258,24 @@ def test_a_latent_cache_of_pairs_serves_both_images_moments_and_trains(tmp_path,
     with pytest.raises(ConfigError, match="holds preference pairs, and train.objective is diffusion"):
         train_here(*tiny_args(tmp_path / "plain", data__source="latents", data__path=str(tmp_path / "cache"),
                               model__frozen_dtype="fp32", data__random_flip=True, train__max_steps=1))
+
+
+def test_the_demo_preference_set_pairs_each_wrong_sample_with_a_right_one(tmp_path, start_checkpoint):
+    """make_demo_pairs on a barely trained checkpoint: every rejected image is wrong for its caption by the
+    checker, every preferred one right (a sample, or the caption's rendering), and the folder is a source."""
+    from ldm_ddp.data.shapes import all_prompts
+    from ldm_ddp.preference import make_demo_pairs
+    from ldm_ddp.shapes_check import ATTRIBUTES, check_image
+
+    counts = make_demo_pairs(str(start_checkpoint), str(tmp_path / "pairs"), per_prompt=1)
+    assert counts["images"] == 180 and counts["pairs"] == 180 - counts["right"] > 0
+    targets = {t["caption"]: t for t in all_prompts()}
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == counts["pairs"]
+    for row in rows[:40]:
+        want = targets[row["caption"]]
+        for side, right in (("preferred", True), ("rejected", False)):
+            seen = check_image(Image.open(tmp_path / "pairs" / row[side]))
+            assert all(seen[a] == want[a] for a in ATTRIBUTES) == right, (row, side)
+    assert sum("rendered" in row["preferred"] for row in rows) == counts["rendered"] > 0
+    assert len(PairFolderSource(str(tmp_path / "pairs"))) == counts["pairs"]
