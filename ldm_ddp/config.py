@@ -34,6 +34,8 @@ class ModelConfig:
     unet_init: str = ""  # start from a UNet folder (diffusers layout) or one of our checkpoints
     # (.safetensors); "" = random init from `unet`
     init_weights: str = "ema"  # a checkpoint's weights unet_init takes: ema | raw | ema:DECAY | ema:std=S
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the UNet's attention projections, the rest
+    # frozen (needs peft); 0: every weight (full fine-tuning)
     pretrained: str = "builtin:demo"  # folder or hub id with vae/, text_encoder/, tokenizer/ subfolders
     # (sdxl: also text_encoder_2/, tokenizer_2/)
     frozen_dtype: Precision = "bf16"  # dtype of the frozen VAE and text encoder
@@ -338,7 +340,7 @@ POSITIVE = ("val.num_samples", "data.resolution", "data.batch_per_gpu", "data.sh
             "ckpt.every", "ckpt.keep", "log.every", "diffusion.num_train_timesteps", "ema.update_every",
             "sample.steps", "train.startup_timeout_s", "train.collective_timeout_s",
             "train.max_consecutive_skips")
-NON_NEGATIVE = ("data.num_workers", "data.shuffle_window", "train.global_batch",
+NON_NEGATIVE = ("model.lora_rank", "data.num_workers", "data.shuffle_window", "train.global_batch",
                 "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "diffusion.min_snr_gamma",
                 "diffusion.offset_noise", "sample.every", "log.profile_at", "val.every")
 

@@ -77,6 +77,38 @@ def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
     return unet.train()
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every transformer block
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int) -> None:
+    """Freeze `unet` and give its attention projections trainable LoRA adapters (peft) of `rank`, alpha = rank
+    (scale 1); the adapters' B starts at zero, so the model starts as it was. Their weights are named
+    `<layer>.lora_A.default.weight` / `lora_B`, the frozen ones `<layer>.base_layer.weight`; merge_lora turns
+    such weights back into a plain UNet's."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError("model.lora_rank: LoRA needs peft (pip install peft)") from None
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+
+
+def merge_lora(state: dict) -> dict:
+    """UNet weights with LoRA adapters (add_lora's names) -> a plain UNet's: W + B @ A for each adapted
+    layer (scale 1); weights without adapters pass as they are."""
+    merged = {}
+    for name, value in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        prefix, found, leaf = name.partition(".base_layer.")
+        if found and leaf == "weight":
+            a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+            value = (value.float() + b.float() @ a.float()).to(value.dtype)
+        merged[f"{prefix}.{leaf}" if found else name] = value
+    return merged
+
+
 def added_embedding_mismatch(config, pooled_width: int) -> str | None:
     """Why a UNet config does not take (pooled_width > 0) or does take (0) SDXL's added conditioning, or
     None: its "text_time" embedding reads the pooled embedding and 6 size/crop ids, each embedded to
@@ -220,8 +252,8 @@ def checkpoint_unet(path: str, weights: str) -> tuple[dict, UNet2DConditionModel
         raise ConfigError(f"{path}: no UNet weights ({part}.*) in this checkpoint; is it a stage-1 (VAE) "
                           "checkpoint?")
     unet = UNet2DConditionModel.from_config(meta["architecture"]["unet"])  # the UNet as it was built
-    # EMA holds the parameters; buffers (if any) come from the raw weights
-    unet.load_state_dict({**unet.state_dict(), **module_tensors(tensors, "unet"), **named})
+    # EMA holds the parameters (with LoRA, the adapters'); the rest comes from the raw weights
+    unet.load_state_dict({**unet.state_dict(), **merge_lora({**module_tensors(tensors, "unet"), **named})})
     return meta, unet
 
 

@@ -97,12 +97,13 @@ def _json(value):
     return json.loads(json.dumps(value, default=str))  # tuples -> lists, as a checkpoint's metadata has them
 
 
-def architecture(unet, frozen) -> dict:
+def architecture(unet, frozen, lora_rank: int = 0) -> dict:
     """What the weights mean: the configs of the UNet, the VAE and the text encoder(s) as built (JSON
-    values)."""
+    values), and the rank of the UNet's LoRA adapters (0: none; models.add_lora)."""
     second = {"text_encoder_2": frozen.text_encoder_2.config.to_dict()} if frozen.text_encoder_2 else {}
-    return architecture_from({"unet": dict(unet.config), "vae": dict(frozen.vae.config),
-                              "text_encoder": frozen.text_encoder.config.to_dict(), **second})
+    return {**architecture_from({"unet": dict(unet.config), "vae": dict(frozen.vae.config),
+                                 "text_encoder": frozen.text_encoder.config.to_dict(), **second}),
+            "lora": {"rank": lora_rank}}
 
 
 def architecture_from(configs: dict) -> dict:

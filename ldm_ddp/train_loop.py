@@ -22,7 +22,7 @@ from .data.stream import ShardedStream, end_workers, make_loader
 from .data.transforms import ImageTransform
 from .ema import EMA
 from .metrics import Metrics, count_train_flops, start_tensorboard, start_wandb
-from .models import build_unet, load_frozen
+from .models import add_lora, build_unet, load_frozen
 from .objectives import make_objective
 from .resume import architecture
 from .run import Run, lr_at, step_generator
@@ -52,9 +52,12 @@ def train(cfg: Config) -> dict:
     schedule = NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
                              d.zero_terminal_snr)
     objective = make_objective(cfg, schedule, unet, autocast)  # dpo: the reference is the UNet as it starts
+    if cfg.model.lora_rank:  # only the adapters train (and have moments and an EMA)
+        add_lora(unet, cfg.model.lora_rank)
     # Fused AdamW (CPU and GPU) skips a non-finite step on the device,
     # without a host sync (faults.optimizer_step).
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
     ema = EMA(unet, cfg.ema)
     state = TrainingState("unet", unet, optimizer, ema)
@@ -72,7 +75,8 @@ def train(cfg: Config) -> dict:
     if source.pairs != (per_sample == 2):  # a latent cache of pairs (or not) said so only now
         raise ConfigError(f"data.source: {source.where()} {'holds' if source.pairs else 'does not hold'} "
                           f"preference pairs, and train.objective is {cfg.train.objective}")
-    run.resume(state, architecture(unet, frozen), source.fingerprint(), objective.identity)
+    run.resume(state, architecture(unet, frozen, cfg.model.lora_rank), source.fingerprint(),
+               objective.identity)
 
     # --- Data: this rank's slice of the global order, from the resumed step on -----------------------------
     stream = ShardedStream(source, conditioning.tokenize, cfg.data.resolution, cfg.data.batch_per_gpu,

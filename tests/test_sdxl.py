@@ -4,6 +4,7 @@ size/crop time ids from the data path; training, resume, sampling and export to 
 import pytest
 import torch
 from conftest import train_here
+from test_train import metrics
 
 from ldm_ddp.conditioning import SDXLConditioning, make_conditioning
 from ldm_ddp.config import ConfigError, ModelConfig
@@ -140,3 +141,17 @@ def test_a_bucketed_sdxl_latent_cache_keeps_both_tokenizers_ids_and_trains(tmp_p
     with pytest.raises(ConfigError, match=r"^data.path: the latent cache .* was made with tokenizer_2="):
         train_here(*tiny_args(tmp_path / "sd", train__max_steps=1), "--data.source=latents",
                    *cache_args)
+
+
+def test_dpo_on_sdxl_doubles_the_pooled_embedding_and_size_ids_with_the_pairs(tmp_path, tiny_args):
+    """Diffusion-DPO with SDXL's conditioning: each pair's caption, pooled embedding and time ids go to both
+    of its images; the tuned run trains and logs the reward figures."""
+    start = tmp_path / "start"
+    train_here(*sdxl_args(tiny_args, start, train__max_steps=1, ckpt__every=1))
+    out = tmp_path / "dpo"
+    train_here(*sdxl_args(tiny_args, out, train__max_steps=2, data__source="shapes_pairs",
+                          train__objective="dpo", train__caption_dropout=0.0,
+                          model__unet_init=str(start / "checkpoints" / "step_0000001.safetensors")))
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["dpo_model_minus_reference"] == 0 and 0 <= records[1]["dpo_reward_accuracy"] <= 1
