@@ -36,6 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("val_loss", "best_val_loss", "demo_all")
 PRUNERS = ("median", "hyperband", "none")
 HEARTBEAT_S, GRACE_S = 5, 20  # a trial whose tuner has not beaten for GRACE_S is stale
+MAX_CRASHES_IN_A_ROW = 3  # then the tuner stops: a setting every trial fails on would retry forever
+
+
+class TrialsCrashed(RuntimeError):
+    """Trials failed MAX_CRASHES_IN_A_ROW times in a row: scripts/tune.py says so and exits 1."""
 
 
 @dataclass
@@ -218,10 +223,21 @@ def tune(space: Space, storage: str, name: str, out: Path, extra: list[str], npr
     study = open_study(storage, name, space, cfg.train.max_steps)
     retry_orphans(study)
     done = (TrialState.COMPLETE, TrialState.PRUNED)
+    failures = []  # this tuner's trials that crashed in a row
+
+    def stop_after_crashes(study, trial) -> None:
+        failures[:] = failures + [trial] if trial.state == TrialState.FAIL else []
+        if len(failures) >= MAX_CRASHES_IN_A_ROW:
+            study.stop()
+
     if sum(t.state in done for t in study.trials) < space.trials:
         study.optimize(lambda trial: run_trial(trial, space, out, extra, nproc), catch=(RuntimeError,),
-                       callbacks=[MaxTrialsCallback(space.trials, states=done)])
+                       callbacks=[MaxTrialsCallback(space.trials, states=done), stop_after_crashes])
     write_results(study, space, out)
+    if len(failures) >= MAX_CRASHES_IN_A_ROW:
+        last = failures[-1].user_attrs
+        raise TrialsCrashed(f"{len(failures)} trials in a row failed (the last exited "
+                            f"{last.get('exit_code')}; see {last.get('log')}); the study stops here")
 
 
 def retry_orphans(study) -> None:

@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes per trial (torchrun when > 1)")
     args, extra = parser.parse_known_args()
     try:
-        from ldm_ddp.tune import read_space, tune
+        from ldm_ddp.tune import TrialsCrashed, read_space, tune
     except ImportError as err:  # optuna is an extra
         print(f"error: {err}; pip install optuna", file=sys.stderr)
         return 1
@@ -50,6 +50,9 @@ def main() -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except TrialsCrashed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

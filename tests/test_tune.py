@@ -137,3 +137,43 @@ def test_two_tuners_share_one_sqlite_study_without_duplicate_trials(tmp_path, ti
     assert len(owners) == 2  # both tuners ran trials
     folders = [t.user_attrs["run_folder"] for t in trials]
     assert len(set(folders)) == len(folders)  # one folder per trial, none trained twice
+
+
+@pytest.mark.slow
+def test_crashing_trials_are_failed_with_their_exit_code_and_log_and_the_tuner_stops(tmp_path, tiny_args):
+    """A setting every trial fails on (here a batch of 0: a config error, exit 2): each trial is failed with
+    its exit code and log, and after three in a row the tuner stops in one line (exit 1) instead of retrying
+    forever."""
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE.format(trials=2, steps=4).replace(
+        "[fixed]", '"data.batch_per_gpu" = { type = "categorical", choices = [0] }\n\n[fixed]'))
+    command = [sys.executable, "scripts/tune.py", "--space", str(space), "--study", "study", "--out",
+               str(tmp_path / "out"), "--storage", f"sqlite:///{tmp_path / 'study.db'}"]
+    result = subprocess.run(command, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "3 trials in a row failed (the last exited 2; see" in result.stderr
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    assert all(t.user_attrs["exit_code"] == 2 for t in trials)
+    assert "data.batch_per_gpu" in open(trials[0].user_attrs["log"]).read()
+
+
+@pytest.mark.slow
+def test_a_trial_under_torchrun_scored_by_the_demo_checker(tmp_path, tiny_args):
+    """--nproc 2: the trial is torchrun with two ranks; objective demo_all: the checker's "all" score of the
+    trial's last checkpoint, maximized."""
+    space = tmp_path / "space.toml"
+    text = SPACE.format(trials=1, steps=2).replace('objective = "val_loss"', 'objective = "demo_all"')
+    space.write_text(text.replace('"val.every" = 2', '"val.every" = 0'))
+    extra = [a for a in tiny_args(tmp_path / "unused", data__batch_per_gpu=1)
+             if not a.startswith(("--train.max_steps", "--ckpt.every"))]
+    command = [sys.executable, "scripts/tune.py", "--space", str(space), "--out", str(tmp_path / "out"),
+               "--nproc", "2", *extra]
+    result = subprocess.run(command, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    (trial,) = study.trials
+    assert trial.state.name == "COMPLETE" and 0 <= trial.value <= 1 and study.direction.name == "MAXIMIZE"
+    from ldm_ddp.checkpoint import list_checkpoints, load_checkpoint
+    _, meta = load_checkpoint(list_checkpoints(tmp_path / "out" / "trial_0000" / "checkpoints")[-1])
+    assert meta["world_size"] == 2 and meta["step"] == 2
