@@ -359,12 +359,14 @@ def test_ddp_compile_applies_only_to_the_whole_unet_compile_under_ddp(monkeypatc
     assert torch._dynamo.config.optimize_ddp == "ddp_optimizer"
 
 
-def test_full_compile_makes_one_static_graph_per_bucket_shape():
+def test_full_compile_makes_one_static_graph_per_bucket_shape(monkeypatch):
     """Buckets (shapes > 1): each micro-batch shape gets its own static graph, compiled on first use and
     reused after; none becomes a shape-generic (dynamic) graph, and the recompile limit admits them all
     even where it was set below their number."""
     from torch._dynamo import utils
 
+    # one process, no DDP: dynamo reads this setting when it compiles (another test may have deleted it)
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", "ddp_optimizer", raising=False)
     torch._dynamo.reset()
     saved = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = 2
