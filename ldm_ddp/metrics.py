@@ -163,9 +163,8 @@ class Metrics:
             if name not in self.figure_sum:
                 self.figure_sum[name] = torch.zeros(2, device=self.device, dtype=torch.float64)
                 self.step_figures[name] = torch.zeros_like(self.figure_sum[name])
-            self.step_figures[name] += torch.stack([values.detach().double().sum(),
-                                                    torch.tensor(float(len(values)), device=self.device,
-                                                                 dtype=torch.float64)])
+            count = torch.full((), float(len(values)), device=self.device, dtype=torch.float64)  # no copy
+            self.step_figures[name] += torch.stack([values.detach().double().sum(), count])
 
     @torch.no_grad()
     def add_grad_norms(self, module: torch.nn.Module, norms: list[torch.Tensor] | None = None) -> None:

@@ -247,7 +247,7 @@ class LiveSamples:
             (join_images(rows, vertical=True) if len(rows) > 1 else rows[0]).save(path)
             sizes = "; ".join(f"{w}x{h}" for w, h in self.cfg.sizes)
             caption = " | ".join(prompts) + (f"  (top to bottom: {sizes})" if len(rows) > 1 else "")
-            said = ["reference"] * (self.reference is not None) + (["EMA", "raw"] if both else [])
-            metrics.log_image(step, path, caption + (f"  (left to right: {', '.join(said)}"
-                                                     f"{'' if both else ', ' + self.cfg.weights})"
-                                                     if len(grids) > 1 else ""))
+            columns = ["reference"] * (self.reference is not None) + (["EMA", "raw"] if both
+                                                                      else [self.cfg.weights])
+            metrics.log_image(step, path, caption + (f"  (left to right: {', '.join(columns)})"
+                                                     if len(columns) > 1 else ""))
