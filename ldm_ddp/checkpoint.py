@@ -11,7 +11,6 @@ metadata entry, so a flipped, missing or extra byte anywhere in the file is refu
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +20,6 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
+from .checkpoint_file import CHUNK, DTYPE_NAMES, fsync, metadata_digest, tensor_digests, write_file
 
 FORMAT = "ldm_ddp/1"
 _NAME = re.compile(r"step_(\d{7,})\.safetensors")
@@ -37,12 +36,6 @@ _NAME = re.compile(r"step_(\d{7,})\.safetensors")
 # earlier releases of this module, left beside it when killed mid-write.
 _TEMP = re.compile(r"\.step_\d{7,}\.safetensors\.tmp-\d+|\.tmp[0-9A-Za-z]{6}")
 _RESERVED = ("format", "step", "integrity")
-# safetensors' dtype names, in the order its writer lays tensors out (widest alignment first).
-_DTYPE_NAMES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
-                torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16",
-                torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
-                torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_DTYPES = list(_DTYPE_NAMES)
 # How the optimizer runs on this machine, not training state: kept from the live optimizer on load.
 _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -59,89 +52,33 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}|".encode())
-    # A uint8 view of the (contiguous CPU) tensor exposes its bytes to hashlib without a copy.
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Private contiguous CPU copies: training may change the live tensors while they are written, and
+    safetensors refuses shared storage."""
+    return {k: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+            for k, t in tensors.items()}
 
 
-def _tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    if sum(t.nbytes for t in tensors.values()) < 2**24:  # starting threads costs more than hashing this
-        return {k: _tensor_digest(t) for k, t in tensors.items()}
-    # hashlib releases the GIL on large buffers, so threads hash tensors in parallel.
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        return dict(zip(tensors, pool.map(_tensor_digest, tensors.values())))
-
-
-def _metadata_digest(raw: dict[str, str]) -> str:
-    covered = {k: v for k, v in raw.items() if k != "integrity"}
-    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
-
-
-def fsync(path) -> None:
-    """A file's (or a directory's) contents on disk, before a rename makes it count."""
-    path = Path(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some filesystems cannot fsync a directory; the rename is then as durable as they allow.
-        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP)):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """The safetensors file of `tensors` and `metadata`, every byte written to `path` by this process.
-
-    Not safetensors' save_file: that writes a hidden file of its own beside `path` (`.tmp` and six random
-    letters, preallocated to full size) and renames it only at the end, so a process killed while the tensors
-    are written would leave a full-size file under a name this module never gives. The file is the one
-    safetensors writes (but for the order of the metadata entries, which it takes from a hash map): the
-    header's length (8 bytes, little-endian), the JSON header padded with spaces to a multiple of 8, then each
-    tensor's bytes, widest dtype first, then by name; each written from the tensor's memory, no second copy.
-    """
-    if odd := sorted(name for name, t in tensors.items() if t.dtype not in _DTYPE_NAMES):
-        raise TypeError(f"tensor {odd[0]}: safetensors has no dtype {tensors[odd[0]].dtype}")
-    order = sorted(tensors, key=lambda name: (_DTYPES.index(tensors[name].dtype), name))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    try:
-        with open(path, "wb") as f:
-            f.write(len(head).to_bytes(8, "little") + head)
-            for name in order:
-                f.write(tensors[name].reshape(-1).view(torch.uint8).numpy())
-    except OSError as e:  # disk full, quota, file size limit, EIO: the OSError names the file
-        raise OSError(e.errno, f"{e.strerror} (writing {path.name})") from e
-
-
-def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write `tensors` and JSON `meta` atomically to <ckpt_dir>/step_<step>.safetensors. -> its path."""
+def checkpoint_metadata(step: int, meta: dict[str, Any]) -> dict[str, str]:
+    """A save's metadata entries (JSON strings) before the integrity record; refuses the format's own keys."""
     clash = [k for k in _RESERVED if k in meta]
     if clash:
         raise ValueError(f"metadata key {clash[0]!r} is reserved for the checkpoint format")
+    return {"format": json.dumps(FORMAT), "step": json.dumps(step),
+            **{k: json.dumps(v) for k, v in meta.items()}}
+
+
+def commit_checkpoint(ckpt_dir, step: int, cpu: dict[str, torch.Tensor], raw: dict[str, str],
+                      cancelled: Callable[[], bool] = lambda: False) -> Path:
+    """Write contiguous CPU tensors `cpu` (nobody changes them meanwhile) with metadata `raw`
+    (checkpoint_metadata) to <ckpt_dir>/step_<step>.safetensors: a temp file, fsync, rename, directory
+    fsync. -> its path. A failure or cancellation leaves no temp file and the older checkpoints untouched."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    raw = {"format": json.dumps(FORMAT), "step": json.dumps(step),
-           **{k: json.dumps(v) for k, v in meta.items()}}
-    # A private snapshot: training may mutate the live tensors, and safetensors refuses shared storage.
-    cpu = {k: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-           for k, t in tensors.items()}
-    raw["integrity"] = json.dumps({"algorithm": "sha256", "metadata": _metadata_digest(raw),
-                                   "tensors": _tensor_digests(cpu)})
     path = checkpoint_path(ckpt_dir, step)
     tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"
     try:
-        _write(cpu, tmp, raw)
+        write_file(cpu, tmp, raw, cancelled)
         fsync(tmp)
         os.replace(tmp, path)  # the file counts only once it has its final name
     except BaseException:
@@ -150,6 +87,12 @@ def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta:
         raise
     fsync(ckpt_dir)  # make the rename itself durable
     return path
+
+
+def save_checkpoint(ckpt_dir, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write `tensors` and JSON `meta` atomically to <ckpt_dir>/step_<step>.safetensors. -> its path."""
+    raw = checkpoint_metadata(step, meta)
+    return commit_checkpoint(ckpt_dir, step, snapshot(tensors), raw)
 
 
 def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
@@ -178,14 +121,14 @@ def _verify(path: Path, raw: dict[str, str], meta: dict[str, Any], tensors: dict
     if integrity.get("algorithm") != "sha256":
         raise CheckpointError(f"{path.name}: integrity algorithm {integrity.get('algorithm')!r} "
                               "is not 'sha256'")
-    if integrity.get("metadata") != _metadata_digest(raw):
+    if integrity.get("metadata") != metadata_digest(raw):
         raise CheckpointError(f"{path.name}: metadata digest mismatch")
     expected = integrity["tensors"]
     if missing := sorted(expected.keys() - tensors.keys()):
         raise CheckpointError(f"{path.name}: tensor {missing[0]} missing")
     if extra := sorted(tensors.keys() - expected.keys()):
         raise CheckpointError(f"{path.name}: tensor {extra[0]} not covered by the integrity record")
-    actual = _tensor_digests(tensors)
+    actual = tensor_digests(tensors)
     if bad := sorted(n for n in tensors if actual[n] != expected[n]):
         raise CheckpointError(f"{path.name}: tensor {bad[0]} digest mismatch")
     named = _NAME.fullmatch(path.name)
@@ -201,6 +144,46 @@ def _read(path: Path, with_tensors: bool) -> tuple[dict[str, str], dict[str, tor
             return f.metadata() or {}, {k: f.get_tensor(k) for k in names} if with_tensors else {}
     except Exception as e:  # safetensors' own error type, OSError, ...: all mean "unreadable"
         raise CheckpointError(f"{path.name}: unreadable ({_one_line(e)})") from e
+
+
+def verify_stream(f, name: str) -> dict[str, Any]:
+    """Verify a checkpoint read front to back from the binary file object `f` (e.g. a remote copy through
+    fsspec), holding one chunk at a time: the header, every tensor's digest and the file's length, as
+    load_checkpoint does with a local file. -> decoded metadata; CheckpointError naming `name` otherwise."""
+    path = Path(name)
+    try:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        raw = header.pop("__metadata__", None) or {}
+        meta = _decode(path, raw)
+        integrity = meta.get("integrity") or {}
+        if integrity.get("metadata") != metadata_digest(raw):
+            raise CheckpointError(f"{path.name}: metadata digest mismatch")
+        expected = integrity.get("tensors") or {}
+        if sorted(expected) != sorted(header):
+            raise CheckpointError(f"{path.name}: tensor names differ from the integrity record")
+        names = {v: k for k, v in DTYPE_NAMES.items()}
+        position = 0
+        for name_, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = entry["data_offsets"]
+            if start != position:
+                raise CheckpointError(f"{path.name}: tensor {name_} does not follow the one before it")
+            h = hashlib.sha256(f"{names[entry['dtype']]}{entry['shape']}|".encode())
+            while position < end:
+                chunk = f.read(min(CHUNK, end - position))
+                if not chunk:
+                    raise CheckpointError(f"{path.name}: truncated in tensor {name_}")
+                h.update(chunk)
+                position += len(chunk)
+            if h.hexdigest() != expected[name_]:
+                raise CheckpointError(f"{path.name}: tensor {name_} digest mismatch")
+        if f.read(1):
+            raise CheckpointError(f"{path.name}: bytes after the last tensor")
+    except CheckpointError:
+        raise
+    except Exception as e:  # a short read, bad JSON, a network error: all mean "unreadable"
+        raise CheckpointError(f"{path.name}: unreadable ({_one_line(e)})") from e
+    return meta
 
 
 def load_checkpoint(path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

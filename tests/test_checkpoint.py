@@ -285,11 +285,11 @@ def test_failed_save_leaves_no_temp_and_previous_intact(tmp_path, trained, monke
     (previous,) = saved_steps(tmp_path, trained, [100])
     before = previous.read_bytes()
 
-    def disk_full(tensors, path, metadata):
+    def disk_full(tensors, path, metadata, cancelled):
         Path(path).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write", disk_full)
+    monkeypatch.setattr(ckpt, "write_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         saved_steps(tmp_path, trained, [200])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000100.safetensors"]
