@@ -48,7 +48,7 @@ def checkpoint_path(ckpt_dir, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:07d}.safetensors"
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -143,7 +143,7 @@ def _read(path: Path, with_tensors: bool) -> tuple[dict[str, str], dict[str, tor
             names = f.keys()  # a list: safe_open itself is not iterable
             return f.metadata() or {}, {k: f.get_tensor(k) for k in names} if with_tensors else {}
     except Exception as e:  # safetensors' own error type, OSError, ...: all mean "unreadable"
-        raise CheckpointError(f"{path.name}: unreadable ({_one_line(e)})") from e
+        raise CheckpointError(f"{path.name}: unreadable ({one_line(e)})") from e
 
 
 def verify_stream(f, name: str) -> dict[str, Any]:
@@ -182,7 +182,7 @@ def verify_stream(f, name: str) -> dict[str, Any]:
     except CheckpointError:
         raise
     except Exception as e:  # a short read, bad JSON, a network error: all mean "unreadable"
-        raise CheckpointError(f"{path.name}: unreadable ({_one_line(e)})") from e
+        raise CheckpointError(f"{path.name}: unreadable ({one_line(e)})") from e
     return meta
 
 
@@ -253,7 +253,7 @@ def prune_checkpoints(ckpt_dir, keep: int, log: Callable[[str], None] = print,
         try:
             path.unlink()
         except OSError as e:
-            log(f"warning: could not delete {path}: {_one_line(e)}")
+            log(f"warning: could not delete {path}: {one_line(e)}")
 
 
 def set_aside_after(ckpt_dir, step: int, log: Callable[[str], None] = print) -> Path | None:
@@ -291,7 +291,7 @@ def remove_stale_temp_files(ckpt_dir, log: Callable[[str], None] = print) -> int
                 path.unlink()
                 removed += 1
             except OSError as e:
-                log(f"warning: could not delete {path}: {_one_line(e)}")
+                log(f"warning: could not delete {path}: {one_line(e)}")
     return removed
 
 
@@ -377,8 +377,14 @@ def module_tensors(tensors: dict[str, torch.Tensor], part: str) -> dict[str, tor
 
 def save_training_state(ckpt_dir, step: int, state: TrainingState, run_meta: dict[str, Any]) -> Path:
     """Write every part of `state` at `step` (atomic, save_checkpoint) with the run's metadata (config, data,
-    architecture, ...); the optimizer's and EMA's metadata and the library versions are added here.
-    -> path."""
+    architecture, ...). -> path."""
+    return save_checkpoint(ckpt_dir, step, *training_state_tensors(state, run_meta))
+
+
+def training_state_tensors(state: TrainingState, run_meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
+                                                                                   dict[str, Any]]:
+    """-> (the live tensors of every part of `state`, the metadata): the run's metadata with the optimizer's
+    and EMA's and the library versions added."""
     tensors = {f"{state.name}.{k}": v for k, v in state.module.state_dict().items()}
     names = {id(p): n for n, p in state.module.named_parameters()}
     optim_tensors, groups = optimizer_tensors(state.optimizer, names)
@@ -387,7 +393,7 @@ def save_training_state(ckpt_dir, step: int, state: TrainingState, run_meta: dic
     if state.ema is not None:
         tensors.update(state.ema.state_tensors())
         meta["ema"] = state.ema.state_meta()
-    return save_checkpoint(ckpt_dir, step, tensors, meta)
+    return tensors, meta
 
 
 def load_training_state(path, state: TrainingState, check: Callable[[dict], Any] = lambda meta: None) -> dict:

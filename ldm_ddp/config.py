@@ -131,6 +131,13 @@ class CkptConfig:
     resume: str = "auto"  # auto (newest valid in out_dir) | none | path to a checkpoint
     on_save_error: Literal["stop", "continue"] = "stop"  # a save fails (disk full): stop (exit 5)
     # or warn and go on
+    async_save: bool = True  # write in a background thread while training goes on; the final and the
+    # preemption saves are waited for
+    snapshot: Literal["auto", "device", "host"] = "auto"  # GPU: where the state is copied before it is
+    # written (device: a second copy in GPU memory; host: pinned memory; auto: device if it fits beside the
+    # training step's peak)
+    remote: str = ""  # fsspec URL (s3://bucket/run, gs://..., file:///...): each checkpoint is also uploaded
+    # there, verified, and resumed from on a machine without it
 
 
 @dataclass

@@ -51,9 +51,10 @@ class SaveFailed(Stop):
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag instead of ending the process (installed until `restore()`).
 
-    The flag is read only where all ranks agree on it (`agreed`, once per step), so every rank stops at the
-    same step and saves the same state, whichever rank the signal reached. A Python handler runs between
-    bytecodes and interrupted system calls are retried (PEP 475): a signal during a write changes nothing.
+    The flag is read only where all ranks agree on it (Run.upkeep all-reduces it once per step: `stop_at`),
+    so every rank stops at the same step and saves the same state, whichever rank the signal reached. A
+    Python handler runs between bytecodes and interrupted system calls are retried (PEP 475): a signal
+    during a write changes nothing.
     """
 
     def __init__(self):
@@ -63,10 +64,10 @@ class Preemption:
     def _note(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
 
-    def agreed(self, step: int, path) -> Preempted | None:
-        """Whether any rank got a signal (a collective: one small gloo all-reduce of a host integer, so it
-        never waits for the GPU); -> the stop to raise once `path`, the checkpoint of `step`, is committed."""
-        signum = dist.all_reduce_max_ints([self.signum])[0]
+    def stop_at(self, signum: int, step: int, path) -> Preempted | None:
+        """`signum`: the largest signal number any rank noted (an all-reduce of `signum` on every rank, once
+        per step, so every rank stops at the same step whichever one the signal reached). -> the stop to
+        raise once `path`, the checkpoint of `step`, is committed; None when no rank was signalled."""
         if not signum:
             return None
         return Preempted(f"preempted by {signal.Signals(signum).name} at step {step}: checkpoint {path.name} "

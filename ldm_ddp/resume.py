@@ -73,22 +73,28 @@ def check_writable(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}: cannot write to {folder} ({err.strerror or err})") from None
 
 
-def resume_point(cfg: Config, ckpt_dir: Path) -> Path | None:
+def resume_point(cfg: Config, ckpt_dir: Path, remote=None) -> Path | None:
     """The checkpoint to resume from (chosen on rank 0, agreed by all ranks), or None.
 
     Temporary files of saves that a crash interrupted are removed first, whatever ckpt.resume says (an SD-size
-    one is ~14 GB): nothing else is writing yet.
+    one is ~14 GB): nothing else is writing yet; so are a remote folder's unfinished uploads. With a remote
+    folder (remote.Remote, rank 0), a newer checkpoint there than any valid one here is downloaded first:
+    a fresh machine resumes from the remote copy.
     """
     if dist.is_main():
         checkpoint.remove_stale_temp_files(ckpt_dir)
+        if remote is not None:
+            remote.remove_partials()
     if cfg.ckpt.resume == "none":
         return None
     if cfg.ckpt.resume != "auto":
         return Path(cfg.ckpt.resume)
     step = -1
-    if dist.is_main() and ckpt_dir.exists():
-        path = checkpoint.find_latest_valid(ckpt_dir)
+    if dist.is_main():
+        path = checkpoint.find_latest_valid(ckpt_dir) if ckpt_dir.exists() else None
         step = int(checkpoint.read_metadata(path)["step"]) if path else -1
+        if remote is not None and (fetched := remote.fetch_newest(ckpt_dir, newer_than=step)):
+            step = int(checkpoint.read_metadata(fetched)["step"])
     step = dist.broadcast_int(step)
     return checkpoint.checkpoint_path(ckpt_dir, step) if step >= 0 else None
 

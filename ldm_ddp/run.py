@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,9 @@ import torch
 from . import checkpoint, dist, faults
 from .config import Config, ConfigError, OptimConfig, resolve_batch, warnings_for
 from .metrics import append_jsonl, set_aside_records
+from .remote import Remote, UploadFailed
 from .resume import check_resumable, check_writable, record_resume, resume_point
+from .saver import Outcome, Saver
 
 
 def lr_at(cfg: OptimConfig, step: int, max_steps: int) -> float:
@@ -62,12 +66,19 @@ class Run:
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         error = ""
+        # Rank 0 writes every checkpoint (the state is the same on every rank), and uploads it.
+        self.saver = Saver(cfg.ckpt.snapshot, background=cfg.ckpt.async_save)
+        self.remote = Remote(cfg.ckpt.remote) if cfg.ckpt.remote and dist.is_main() else None
+        self.save_figures: dict[str, float] = {}  # the last save's seconds, for the next metrics record
+        self._on_commit = None
         if dist.is_main():
             try:  # the run folder and checkpoints/ take a file now, or the run stops before any step
                 check_writable(self.out_dir, "train.out_dir")
                 check_writable(self.ckpt_dir, "train.out_dir")
+                if self.remote is not None:
+                    self.remote.check_writable()
                 (self.out_dir / "config.toml").write_text(cfg.to_toml())
-            except ConfigError as err:
+            except (ConfigError, OSError) as err:
                 error = str(err)
             else:
                 self._say_layout(sample_grids)
@@ -100,7 +111,7 @@ class Run:
         self.architecture, self.fingerprint, self.identity = architecture, fingerprint, identity or {}
         faults.check_same_data(fingerprint)  # e.g. a shard one node cannot read: refused here,
         # not trained around
-        self.resume_path = resume_point(self.cfg, self.ckpt_dir)
+        self.resume_path = resume_point(self.cfg, self.ckpt_dir, self.remote)
         if self.resume_path is not None:
             changes = {}
 
@@ -133,8 +144,12 @@ class Run:
             # from now on a peer that dies or hangs stops us
             dist.set_timeout(cfg.train.collective_timeout_s)
         done = step >= cfg.train.max_steps
-        # A preemption signal to any rank stops every rank here, at the same step, after one more save.
-        stop = self.preemption.agreed(step, checkpoint.checkpoint_path(self.ckpt_dir, step))
+        # A preemption signal to any rank stops every rank here, at the same step, after one more save; and
+        # every rank learns here, at the same step, how a save in the background ended (rank 0 writes it).
+        outcome = self.saver.poll() if dist.is_main() else None
+        signum, ended = dist.all_reduce_max_ints([self.preemption.signum, _ended(outcome)])
+        self._settled(ended, outcome, must_commit=False)
+        stop = self.preemption.stop_at(signum, step, checkpoint.checkpoint_path(self.ckpt_dir, step))
         active = step > self.start_step
         if active and (step % cfg.log.every == 0 or step % cfg.ckpt.every == 0 or done or stop is not None):
             # The skipped-step flags are read where the loop syncs anyway, and before every save, so that a
@@ -166,9 +181,12 @@ class Run:
                 "architecture": self.architecture, "faults": self.guard.state(), **self.identity}
 
     def save(self, state: checkpoint.TrainingState, must_commit: bool, on_commit=None) -> None:
-        """Rank 0 writes the state of this step; every rank learns whether it was committed. A failed write
-        (disk full, I/O error) leaves the previous checkpoint as the resume point, and ckpt.on_save_error says
-        whether the run goes on, the same on every rank; the final and the preemption saves must commit.
+        """Save the state of this step: rank 0 copies it aside (saver.py) and writes, commits, prunes and
+        uploads the copy in the background while training goes on (ckpt.async_save; else before it returns).
+        A save waits for the one before; the final and the preemption saves are waited for. Every rank learns
+        each outcome at the same step: a failed write (disk full, I/O error) or upload leaves the previous
+        checkpoint as the resume point, and ckpt.on_save_error says whether the run goes on, the same on every
+        rank; the final and the preemption saves must commit.
         `on_commit(path, step)` runs on rank 0 after a commit (e.g. a wandb artifact)."""
         path = checkpoint.checkpoint_path(self.ckpt_dir, self.step)
         if self.step == self.start_step and path == self.resume_path:
@@ -177,28 +195,64 @@ class Run:
         seen = int(dist.all_reduce_sum(torch.tensor([self.bad_seen], device=self.device)).item())
         self.bad_total = self.bad_before + seen
         self._write_bad_samples()
-        error = ""
         # The other ranks wait in the outcome's all-reduce while rank 0 writes: saves get the startup timeout.
         with dist.timeout(self.cfg.train.startup_timeout_s):
+            self._settle(must_commit=False)  # at most one save in flight
+            self._on_commit = on_commit
             if dist.is_main():
-                try:
-                    checkpoint.save_training_state(self.ckpt_dir, self.step, state, self.run_meta())
-                except OSError as err:  # the temp file is removed; older checkpoints are untouched
-                    error = " ".join(str(err).split())
-                else:
-                    checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.ckpt.keep, just_saved=path)
-                    if on_commit is not None:
-                        on_commit(path, self.step)
-            failed = dist.all_reduce_max_ints([bool(error)])[0]  # also the barrier: the file is committed
-        if not failed:
+                tensors, meta = checkpoint.training_state_tensors(state, self.run_meta())
+                raw = checkpoint.checkpoint_metadata(self.step, meta)
+                self.saver.start(self.step, tensors, partial(self._commit, self.step, raw))
+            if must_commit or not self.cfg.ckpt.async_save:
+                self._settle(must_commit)
+
+    def _commit(self, step: int, raw: dict[str, str], tensors: dict[str, torch.Tensor]) -> Path:
+        """The save's job on the copied state (rank 0; the saver's thread): write and commit, then retention,
+        then the upload. -> the committed path."""
+        path = checkpoint.commit_checkpoint(self.ckpt_dir, step, tensors, raw)
+        checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.ckpt.keep, just_saved=path)
+        if self.remote is not None:
+            self.remote.upload(path)
+            self.remote.prune(self.cfg.ckpt.keep, path.name)
+        return path
+
+    def _settle(self, must_commit: bool) -> None:
+        """Wait for the save in flight and agree on its outcome (a collective)."""
+        outcome = self.saver.wait() if dist.is_main() else None
+        self._settled(dist.all_reduce_max_ints([_ended(outcome)])[0], outcome, must_commit)
+
+    def _settled(self, ended: int, outcome: Outcome | None, must_commit: bool) -> None:
+        """Act on an agreed outcome (0: none ended, 1: committed, 2: failed), the same on every rank: rank 0
+        keeps its timings and calls on_commit; a failure stops the run or warns (ckpt.on_save_error)."""
+        if outcome is not None:
+            self.save_figures = {"ckpt_step": outcome.step,
+                                 **{f"ckpt_{k}_s": v for k, v in outcome.timings.items()}}
+        if ended == 1 and outcome is not None and self._on_commit is not None:
+            self._on_commit(outcome.path, outcome.step)
+        if ended != 2:
             return
+        error = "see rank 0"
+        if outcome is not None:
+            err = outcome.error
+            if not isinstance(err, OSError):  # not the disk's or the network's doing: show where it came from
+                traceback.print_exception(err)
+            error = " ".join(str(err).split()) or type(err).__name__
         kept = checkpoint.list_checkpoints(self.ckpt_dir)
-        lost = f"checkpoint {path.name} not saved ({error or 'see rank 0'}); " + (
-            f"{kept[-1].name} stays the resume point" if kept else "no checkpoint to resume from")
+        if isinstance(outcome and outcome.error, UploadFailed):
+            lost = f"{error}; it is committed in {self.ckpt_dir} only"
+        else:
+            name = checkpoint.checkpoint_path(self.ckpt_dir, outcome.step if outcome else self.step).name
+            lost = f"checkpoint {name} not saved ({error}); " + (
+                f"{kept[-1].name} stays the resume point" if kept else "no checkpoint to resume from")
         if must_commit or self.cfg.ckpt.on_save_error == "stop":
             raise faults.SaveFailed(lost)
         if dist.is_main():
             print(f"warning: {lost}; training goes on (ckpt.on_save_error = continue)", flush=True)
+
+    def take_save_figures(self) -> dict[str, float]:
+        """The last ended save's step and seconds (rank 0), once: for the next metrics record."""
+        figures, self.save_figures = self.save_figures, {}
+        return figures
 
     def _write_bad_samples(self) -> None:
         """Every rank's replaced samples since the last save -> <out_dir>/bad_samples.jsonl on rank 0, one
@@ -226,3 +280,8 @@ class Run:
         for close in closers:
             close()
         self.preemption.restore()
+
+
+def _ended(outcome: Outcome | None) -> int:
+    """0: no save ended; 1: one committed; 2: one failed (the max over ranks is rank 0's)."""
+    return 0 if outcome is None else 2 if outcome.error is not None else 1

@@ -110,8 +110,8 @@ def train(cfg: Config) -> dict:
         due = run.upkeep()
         if due.log:
             lr_then = lr_at(cfg.optim, run.step - 1, cfg.train.max_steps)
-            held_out = validation(unet, ema) if due.validate else None
-            last_record = metrics.flush(run.step, lr_then, held_out) or last_record
+            extra = {**(validation(unet, ema) if due.validate else {}), **run.take_save_figures()}
+            last_record = metrics.flush(run.step, lr_then, extra) or last_record
         if due.sample:
             samples(run.step, unet, ema, metrics)
         if due.save:

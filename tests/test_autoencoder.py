@@ -72,13 +72,13 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_state(tmp_path, tiny_
 
 @pytest.mark.parametrize("policy", ["continue", "stop"])
 def test_a_failed_save_follows_the_policy(tmp_path, tiny_vae_json, monkeypatch, policy):
-    real = checkpoint.save_checkpoint
+    real = checkpoint.commit_checkpoint
 
-    def save(ckpt_dir, step, tensors, meta):
+    def save(ckpt_dir, step, *args):
         if step == 2:
             raise OSError(errno.ENOSPC, "No space left on device (writing a test file)")
-        return real(ckpt_dir, step, tensors, meta)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+        return real(ckpt_dir, step, *args)
+    monkeypatch.setattr(checkpoint, "commit_checkpoint", save)
     out = tmp_path / "run"
     if policy == "stop":
         with pytest.raises(SaveFailed,

@@ -29,7 +29,8 @@ def save(ckpt_dir, kill_at):
         checkpoint.fsync = lambda path: os.kill(os.getpid(), signal.SIGKILL)
     else:
         # The kernel ends the process (SIGXFSZ, default action) at the write that would pass the file size
-        # limit, whichever code issues it: at the first tensor, or halfway through the tensors (weights, 2 moments).
+        # limit, whichever code issues it: at the first tensor, or halfway through the tensors
+        # (weights, 2 moments).
         limit = 16 if kill_at == "at the first tensor" else 3 * sum(p.nbytes for p in model.parameters()) // 2
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

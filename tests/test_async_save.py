@@ -1,0 +1,123 @@
+"""Saves in the background: the state is copied at its step, written while training goes on, and a kill
+during the write leaves the previous checkpoint as the resume point."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import REPO, script_env, train_here
+
+from ldm_ddp import checkpoint
+from ldm_ddp.saver import Saver
+
+
+def records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_saver_writes_the_state_of_its_step_while_the_caller_goes_on(tmp_path):
+    # a transposed (not contiguous) weight and a 0-d step count
+    live = {"unet.w": torch.arange(6.0).reshape(2, 3).t(), "optim.w.step": torch.tensor(7.0)}
+    release = threading.Event()
+    raw = checkpoint.checkpoint_metadata(5, {})
+
+    def job(host):
+        release.wait(30)
+        return checkpoint.commit_checkpoint(tmp_path, 5, host, raw)
+
+    saver = Saver(background=True)
+    stall = saver.start(5, live, job)
+    assert stall < 5 and saver.busy() and saver.poll() is None  # the write waits; the caller does not
+    with pytest.raises(RuntimeError, match="still in flight"):
+        saver.start(6, live, job)
+    live["unet.w"].mul_(-1)  # the next step changes the live state in place
+    live["optim.w.step"].add_(1)
+    release.set()
+    outcome = saver.wait()
+    assert outcome.error is None and outcome.step == 5 and set(outcome.timings) == {"stall", "to_host", "job"}
+    tensors, meta = checkpoint.load_checkpoint(outcome.path)
+    assert meta["step"] == 5
+    assert torch.equal(tensors["unet.w"], torch.arange(6.0).reshape(2, 3).t())
+    assert tensors["optim.w.step"].item() == 7.0
+    assert saver.wait() is None and not saver.busy()  # an outcome is handed over once
+
+    def failing(host):
+        raise OSError(28, "No space left on device")
+    saver.start(6, live, failing)
+    outcome = saver.wait()
+    assert isinstance(outcome.error, OSError) and outcome.path is None
+
+
+def test_background_and_inline_saves_hold_the_same_state(tmp_path, tiny_args):
+    runs = {}
+    for mode in ("true", "false"):
+        out = tmp_path / f"async_{mode}"
+        train_here(*tiny_args(out, train__max_steps=4, ckpt__every=2, ckpt__async_save=mode))
+        runs[mode] = out
+    for step in (2, 4):
+        name = checkpoint.checkpoint_path(".", step).name
+        a, meta_a = checkpoint.load_checkpoint(runs["true"] / "checkpoints" / name)
+        b, meta_b = checkpoint.load_checkpoint(runs["false"] / "checkpoints" / name)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert meta_a["ema"] == meta_b["ema"] and meta_a["optim"] == meta_b["optim"]
+    # Each save's seconds reach the metrics: the one at step 2 in the record where its end was learned.
+    saved = [r for r in records(runs["true"]) if "ckpt_step" in r]
+    assert [r["ckpt_step"] for r in saved] == [2] and saved[0]["step"] > 2
+    assert all(saved[0][f"ckpt_{k}_s"] >= 0 for k in ("stall", "to_host", "job"))
+
+
+# Trains with saves every 4 steps; the write of step 8 stalls after its first tensors (its thread waits), and
+# the test kills the process while training goes on past it.
+STALLED_WRITE = r"""
+import json, sys, threading
+from ldm_ddp import checkpoint
+from ldm_ddp.config import load_config
+from ldm_ddp.train_loop import train
+
+marker = sys.argv[1]
+real = checkpoint.write_file
+
+def write_file(tensors, path, raw, cancelled=lambda: False):
+    calls = []
+    def stall():
+        calls.append(1)
+        if "step_0000008" in path.name and len(calls) == 4:
+            open(marker, "w").close()
+            threading.Event().wait(600)
+        return False
+    return real(tensors, path, raw, stall)
+
+checkpoint.write_file = write_file
+train(load_config(overrides=json.loads(sys.argv[2])))
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path, tiny_args):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    args = tiny_args(out, train__max_steps=10_000, ckpt__every=4)
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_WRITE, str(marker), json.dumps(args)], cwd=REPO,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and (out / "metrics.jsonl").exists()
+                   and records(out)[-1]["step"] >= 10):  # training went on during the write
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        temp = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+        assert temp == [f".step_0000008.safetensors.tmp-{proc.pid}"]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step_0000004.safetensors"]
+    stdout = train_here(*tiny_args(out, train__max_steps=8, ckpt__every=4))
+    assert "step_0000004.safetensors at step 4" in stdout
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert left == ["step_0000004.safetensors", "step_0000008.safetensors"]  # the temp file is gone
+    checkpoint.load_checkpoint(out / "checkpoints" / "step_0000008.safetensors")
