@@ -89,6 +89,7 @@ class Run:
         self.step = self.start_step = 0
         self.resume_path: Path | None = None
         self.fingerprint, self.architecture, self.identity = "", {}, {}
+        self.state: checkpoint.TrainingState | None = None  # what a save writes (set by resume)
         self.guard = faults.NonFiniteGuard(cfg.train.max_consecutive_skips)
         # Replaced samples: by this process since the start,
         # and by all ranks as of the last save or the resume.
@@ -136,6 +137,7 @@ class Run:
                 print(f"nothing to do: already at train.max_steps ({self.cfg.train.max_steps}); raise it to "
                       "train on", flush=True)
         self.bad_before = self.bad_total
+        self.state = state
 
     def upkeep(self) -> Upkeep:
         """Decide what to do before the next step; collectives, so every rank calls it every iteration."""
@@ -143,13 +145,26 @@ class Run:
         if step == self.start_step + 1:  # the first step is done:
             # from now on a peer that dies or hangs stops us
             dist.set_timeout(cfg.train.collective_timeout_s)
+            if dist.is_main():  # the optimizer's moments exist now: pin the host buffers of every save
+                self.saver.prepare(checkpoint.training_state_tensors(self.state, {})[0])
         done = step >= cfg.train.max_steps
         # A preemption signal to any rank stops every rank here, at the same step, after one more save; and
         # every rank learns here, at the same step, how a save in the background ended (rank 0 writes it).
         outcome = self.saver.poll() if dist.is_main() else None
-        signum, ended = dist.all_reduce_max_ints([self.preemption.signum, _ended(outcome)])
+        in_flight = self.saver.step_in_flight + 1 if dist.is_main() and self.saver.busy() else 0
+        signum, ended, in_flight = dist.all_reduce_max_ints([self.preemption.signum, _ended(outcome),
+                                                             in_flight])
         self._settled(ended, outcome, must_commit=False)
         stop = self.preemption.stop_at(signum, step, checkpoint.checkpoint_path(self.ckpt_dir, step))
+        stop_on_saved = stop is not None and in_flight and not done
+        if stop_on_saved:
+            # A save still being written when the signal came becomes the preemption's checkpoint: waiting
+            # for its rest takes less than a whole save more (a scheduler's grace period may not hold two
+            # SDXL-size saves). The few steps since it are redone, bit for bit, on resume.
+            with dist.timeout(cfg.train.startup_timeout_s):
+                self._settle(must_commit=True)
+            stop = self.preemption.stop_at(signum, step, checkpoint.checkpoint_path(self.ckpt_dir,
+                                                                                    in_flight - 1))
         active = step > self.start_step
         if active and (step % cfg.log.every == 0 or step % cfg.ckpt.every == 0 or done or stop is not None):
             # The skipped-step flags are read where the loop syncs anyway, and before every save, so that a
@@ -158,7 +173,7 @@ class Run:
         validate = active and cfg.val.every > 0 and (step % cfg.val.every == 0 or done) and stop is None
         log = active and (step % cfg.log.every == 0 or done or stop is not None or validate)
         sample = active and cfg.sample.every > 0 and (step % cfg.sample.every == 0 or done) and stop is None
-        save = (active and (step % cfg.ckpt.every == 0 or done)) or stop is not None
+        save = (active and (step % cfg.ckpt.every == 0 or done)) or (stop is not None and not stop_on_saved)
         return Upkeep(done, stop, log, sample, save, validate)
 
     def count_step(self, skipped: torch.Tensor, bad: list[tuple[str, str]], keys: list[str]) -> None:

@@ -39,6 +39,19 @@ class Saver:
         self._thread: threading.Thread | None = None
         self._outcome: Outcome | None = None
         self._stream = None
+        self._preparing: threading.Thread | None = None
+        self.step_in_flight = -1  # the step of the save started last
+
+    def prepare(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Allocate the pinned host buffers for a state shaped as `tensors` in a background thread, now: the
+        first save would otherwise pay for pinning (about 2 GB/s; 20 s for an SDXL state, measured on an
+        H200 host), which a preemption save cannot afford. Nothing to do for a state on the CPU."""
+        if not any(t.device.type == "cuda" for t in tensors.values()):
+            return
+        shapes = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in tensors.items()}
+        self._preparing = threading.Thread(target=self._host_buffers, args=(shapes, True),
+                                           name="save-pin-buffers", daemon=True)
+        self._preparing.start()
 
     # --- The copy aside -----------------------------------------------------------------------------------
     def _host_buffers(self, tensors: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
@@ -103,6 +116,10 @@ class Saver:
         if self._thread is not None or self._outcome is not None:
             raise RuntimeError("a save is still in flight or its outcome was not collected")
         t0 = time.perf_counter()
+        self.step_in_flight = step
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
         captured, event = self._capture(tensors)
         stall = time.perf_counter() - t0
 

@@ -71,15 +71,15 @@ def test_background_and_inline_saves_hold_the_same_state(tmp_path, tiny_args):
     assert all(saved[0][f"ckpt_{k}_s"] >= 0 for k in ("stall", "to_host", "job"))
 
 
-# Trains with saves every 4 steps; the write of step 8 stalls after its first tensors (its thread waits), and
-# the test kills the process while training goes on past it.
+# Trains with saves every 4 steps; the write of step 8 stalls after its first tensors (its thread waits for
+# the file `release`) while training goes on past it.
 STALLED_WRITE = r"""
-import json, sys, threading
-from ldm_ddp import checkpoint
+import json, os, sys, time
+from ldm_ddp import checkpoint, faults
 from ldm_ddp.config import load_config
 from ldm_ddp.train_loop import train
 
-marker = sys.argv[1]
+marker, release = sys.argv[1], sys.argv[1] + ".release"
 real = checkpoint.write_file
 
 def write_file(tensors, path, raw, cancelled=lambda: False):
@@ -88,27 +88,40 @@ def write_file(tensors, path, raw, cancelled=lambda: False):
         calls.append(1)
         if "step_0000008" in path.name and len(calls) == 4:
             open(marker, "w").close()
-            threading.Event().wait(600)
+            while not os.path.exists(release):
+                time.sleep(0.01)
         return False
     return real(tensors, path, raw, stall)
 
 checkpoint.write_file = write_file
-train(load_config(overrides=json.loads(sys.argv[2])))
+try:
+    train(load_config(overrides=json.loads(sys.argv[2])))
+except faults.Stop as stop:
+    print(stop, flush=True)
+    sys.exit(stop.exit_code)
 """
+
+
+def stalled_run(tmp_path, args):
+    """-> the process, once the write of step 8 is stalled and training has reached step 10."""
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_WRITE, str(marker), json.dumps(args)], cwd=REPO,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and (out / "metrics.jsonl").exists()
+               and records(out)[-1]["step"] >= 10):  # training went on during the write
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read()[-3000:])
+        time.sleep(0.05)
+    return proc
 
 
 @pytest.mark.slow
 def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path, tiny_args):
-    out, marker = tmp_path / "run", tmp_path / "writing"
-    args = tiny_args(out, train__max_steps=10_000, ckpt__every=4)
-    proc = subprocess.Popen([sys.executable, "-c", STALLED_WRITE, str(marker), json.dumps(args)], cwd=REPO,
-                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = tmp_path / "run"
+    proc = stalled_run(tmp_path, tiny_args(out, train__max_steps=10_000, ckpt__every=4))
     try:
-        deadline = time.monotonic() + 120
-        while not (marker.exists() and (out / "metrics.jsonl").exists()
-                   and records(out)[-1]["step"] >= 10):  # training went on during the write
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-            time.sleep(0.05)
         temp = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
         assert temp == [f".step_0000008.safetensors.tmp-{proc.pid}"]
         os.kill(proc.pid, signal.SIGKILL)
@@ -121,3 +134,27 @@ def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(t
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert left == ["step_0000004.safetensors", "step_0000008.safetensors"]  # the temp file is gone
     checkpoint.load_checkpoint(out / "checkpoints" / "step_0000008.safetensors")
+
+
+@pytest.mark.slow
+def test_a_preemption_during_a_background_write_stops_on_that_save(tmp_path, tiny_args):
+    """SIGTERM while the save of step 8 is still being written: the run waits for that save instead of
+    writing another, exits 75 naming it, and the resumed run redoes the steps after it."""
+    out = tmp_path / "run"
+    proc = stalled_run(tmp_path, tiny_args(out, train__max_steps=10_000, ckpt__every=4))
+    try:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the ranks agree on the stop and wait for the write
+        (tmp_path / "writing.release").touch()
+        assert proc.wait(timeout=60) == 75
+        printed = proc.stdout.read()
+    finally:
+        proc.kill()
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("preempted by SIGTERM at step 1")
+    assert "checkpoint step_0000008.safetensors committed" in last
+    names = [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")]
+    assert names == ["step_0000004.safetensors", "step_0000008.safetensors"]
+    stdout = train_here(*tiny_args(out, train__max_steps=12, ckpt__every=4))
+    assert "step_0000008.safetensors at step 8" in stdout
+    assert [r["step"] for r in records(out)][-4:] == [9, 10, 11, 12]  # the records past 8 set aside, redone
