@@ -9,7 +9,8 @@ EMA), then, each file deleted after it is timed:
   parallel  the same host copy, then checkpoint.commit_checkpoint (threads hash and write; fsync; rename)
   device    the background save (saver.Saver) with a GPU copy: the stall, then the background job
   host      the same with the copy into pinned host memory
-  preempt   from the signal to the commit of a save that must commit, with no save in flight
+  preempt   from the signal to the commit of a save that must commit, with no save in flight, the pinned
+            buffers allocated before (the trainer pins them after its first step)
 --trainer adds two runs of scripts/train.py (SD1.5 at 256 px, eager, shapes source, random-init bundle): a
 save every 10 steps in the background and inline; each step logged, the step after a save against the median.
 """
@@ -142,9 +143,13 @@ def bench_unet(unet_name: str, folder: Path, device, parts: list[str]) -> dict:
     if "preempt" in parts:  # Run.save of a must-commit save: copy aside, then wait for the write
         saver = Saver("auto", background=True)
         start = time.perf_counter()
+        saver.prepare(tensors, wait=True)  # as the trainer does after its first step
+        pinned = time.perf_counter() - start
+        start = time.perf_counter()
         saver.start(1, tensors, lambda host: checkpoint.commit_checkpoint(ckpt_dir, 1, host, raw))
         outcome = saver.wait()
-        row["preempt"] = {"total": time.perf_counter() - start, "where": saver.where, **outcome.timings}
+        row["preempt"] = {"total": time.perf_counter() - start, "where": saver.where, **outcome.timings,
+                          "pin_buffers_before": pinned}
         outcome.path.unlink()
         print(f"  preempt {row['preempt']}", flush=True)
         del saver
