@@ -11,8 +11,9 @@ EMA), then, each file deleted after it is timed:
   host      the same with the copy into pinned host memory
   preempt   from the signal to the commit of a save that must commit, with no save in flight, the pinned
             buffers allocated before (the trainer pins them after its first step)
---trainer adds two runs of scripts/train.py (SD1.5 at 256 px, eager, shapes source, random-init bundle): a
-save every 10 steps in the background and inline; each step logged, the step after a save against the median.
+--trainer adds runs of scripts/train.py (SD1.5 at 256 px, batch 32, eager, shapes source, random-init
+bundle): a save every --trainer-every steps in the background and inline; each step's seconds logged, the
+step after a save against the median.
 """
 import argparse
 import json
@@ -158,21 +159,21 @@ def bench_unet(unet_name: str, folder: Path, device, parts: list[str]) -> dict:
     return row
 
 
-def trainer_rows(folder: Path) -> dict:
-    """Two short runs of the real trainer, saving every 10 steps in the background and inline."""
+def trainer_rows(folder: Path, every: int, steps: int, modes: list[str]) -> dict:
+    """Short runs of the real trainer, saving every `every` steps in the background and/or inline."""
     sys.path.insert(0, str(REPO / "scripts"))
     from bench import make_bundle
 
     bundle = make_bundle(folder / "bundle")
     rows = {}
-    for mode in ("true", "false"):
+    for mode in modes:
         out = folder / f"run_async_{mode}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "scripts/train.py", "--preset=sd15_256", f"--model.pretrained={bundle}",
                "--data.source=shapes", "--data.shapes_num_samples=4096", "--data.buckets=off",
                "--data.batch_per_gpu=32", "--data.num_workers=6", "--train.compile=off",
-               f"--train.out_dir={out}", "--train.max_steps=41", "--log.every=1", "--log.progress=lines",
-               "--sample.every=0", "--ckpt.every=10", "--ckpt.keep=1", f"--ckpt.async_save={mode}"]
+               f"--train.out_dir={out}", f"--train.max_steps={steps}", "--log.every=1", "--log.progress=lines",
+               "--sample.every=0", f"--ckpt.every={every}", "--ckpt.keep=1", f"--ckpt.async_save={mode}"]
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
         if done.returncode:
@@ -180,14 +181,14 @@ def trainer_rows(folder: Path) -> dict:
             continue
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         step_s = {r["step"]: 32 / r["img_per_s"] for r in records if "img_per_s" in r}
-        steady = sorted(s for k, s in step_s.items() if k > 3 and k % 10 != 1)
-        after = [step_s[k] for k in (11, 21, 31) if k in step_s]
+        steady = sorted(s for k, s in step_s.items() if k > 3 and k % every != 1)
+        after = [step_s[k] for k in range(every + 1, steps, every)]
         median = steady[len(steady) // 2]
         rows[mode] = {"median_step_s": median, "steps_after_a_save_s": after,
                       "stall_per_save_s": [a - median for a in after],
                       "saves": [{k: r[k] for k in r if k.startswith("ckpt_")}
                                 for r in records if "ckpt_step" in r],
-                      "wall_s": time.perf_counter() - start}
+                      "step_s": step_s, "wall_s": time.perf_counter() - start}
         print(f"trainer async_save={mode}: {rows[mode]}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -204,6 +205,9 @@ def main() -> int:
                         help="the parts for the SDXL state (41 GB: one file at a time fits a 64 GiB disk)")
     parser.add_argument("--dir", default="bench_save", help="where the files are written (and deleted)")
     parser.add_argument("--trainer", action="store_true")
+    parser.add_argument("--trainer-every", type=int, default=60, help="steps between the trainer's saves")
+    parser.add_argument("--trainer-steps", type=int, default=125)
+    parser.add_argument("--trainer-modes", nargs="+", default=["true", "false"], help="ckpt.async_save values")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,7 +226,7 @@ def main() -> int:
         figures[name] = bench_unet(name, folder, device, parts)
         dump()
     if args.trainer:
-        figures["trainer"] = trainer_rows(folder)
+        figures["trainer"] = trainer_rows(folder, args.trainer_every, args.trainer_steps, args.trainer_modes)
         dump()
     shutil.rmtree(folder / "ckpt", ignore_errors=True)
     return 0
