@@ -172,8 +172,9 @@ def trainer_rows(folder: Path, every: int, steps: int, modes: list[str]) -> dict
         cmd = [sys.executable, "scripts/train.py", "--preset=sd15_256", f"--model.pretrained={bundle}",
                "--data.source=shapes", "--data.shapes_num_samples=4096", "--data.buckets=off",
                "--data.batch_per_gpu=32", "--data.num_workers=6", "--train.compile=off",
-               f"--train.out_dir={out}", f"--train.max_steps={steps}", "--log.every=1", "--log.progress=lines",
-               "--sample.every=0", f"--ckpt.every={every}", "--ckpt.keep=1", f"--ckpt.async_save={mode}"]
+               f"--train.out_dir={out}", f"--train.max_steps={steps}", "--log.every=1",
+               "--log.progress=lines", "--sample.every=0", f"--ckpt.every={every}", "--ckpt.keep=1",
+               f"--ckpt.async_save={mode}"]
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
         if done.returncode:
@@ -197,7 +198,7 @@ def trainer_rows(folder: Path, every: int, steps: int, modes: list[str]) -> dict
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", nargs="+", default=["sd15", "sdxl"],
+    parser.add_argument("--unet", nargs="*", default=["sd15", "sdxl"],
                         help="sd15 | sdxl | a UNet JSON config")
     parser.add_argument("--parts", nargs="+", default=["serial", "parallel", "device", "host", "preempt"],
                         choices=["serial", "parallel", "device", "host", "preempt", "check"])
@@ -207,7 +208,8 @@ def main() -> int:
     parser.add_argument("--trainer", action="store_true")
     parser.add_argument("--trainer-every", type=int, default=60, help="steps between the trainer's saves")
     parser.add_argument("--trainer-steps", type=int, default=125)
-    parser.add_argument("--trainer-modes", nargs="+", default=["true", "false"], help="ckpt.async_save values")
+    parser.add_argument("--trainer-modes", nargs="+", default=["true", "false"],
+                        help="ckpt.async_save values")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
