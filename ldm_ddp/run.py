@@ -145,7 +145,8 @@ class Run:
         if step == self.start_step + 1:  # the first step is done:
             # from now on a peer that dies or hangs stops us
             dist.set_timeout(cfg.train.collective_timeout_s)
-            if dist.is_main():  # the optimizer's moments exist now: pin the host buffers of every save
+            if dist.is_main() and self.state is not None:  # the optimizer's moments exist now: pin the
+                # host buffers of every save
                 self.saver.prepare(checkpoint.training_state_tensors(self.state, {})[0])
         done = step >= cfg.train.max_steps
         # A preemption signal to any rank stops every rank here, at the same step, after one more save; and
