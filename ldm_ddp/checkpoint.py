@@ -11,6 +11,7 @@ metadata entry, so a flipped, missing or extra byte anywhere in the file is refu
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -411,7 +412,13 @@ def load_training_state(path, state: TrainingState, check: Callable[[dict], Any]
 
 
 def versions() -> dict[str, str]:
-    """Library versions and the package's git commit; "unknown"/"not installed" instead of failing."""
+    """Library versions and the package's git commit; "unknown"/"not installed" instead of failing. Read
+    once per process (a copy each call): a save must not fork `git` from a process holding gigabytes."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
     found = {"torch": torch.__version__, "ldm_ddp": __version__}
     for lib in ("diffusers", "transformers", "safetensors"):
         try:
