@@ -165,7 +165,7 @@ def verify_stream(f, name: str) -> dict[str, Any]:
             raise CheckpointError(f"{path.name}: tensor names differ from the integrity record")
         names = {v: k for k, v in DTYPE_NAMES.items()}
         position = 0
-        for name_, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for name_, entry in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
             start, end = entry["data_offsets"]
             if start != position:
                 raise CheckpointError(f"{path.name}: tensor {name_} does not follow the one before it")

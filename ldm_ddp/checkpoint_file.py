@@ -143,7 +143,9 @@ def write_file(tensors: dict[str, torch.Tensor], path: Path, raw: dict[str, str]
             header["__metadata__"]["integrity"] = json.dumps(integrity)
             head = header_bytes(header)
             assert len(head) == base, "header length changed with the digests"
-            os.pwrite(fd, head, 0)
+            done = 0
+            while done < len(head):
+                done += os.pwrite(fd, head[done:], done)
         finally:
             os.close(fd)
     except OSError as e:  # disk full, quota, file size limit, EIO: the OSError names the file

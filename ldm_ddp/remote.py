@@ -34,7 +34,10 @@ class Remote:
         from fsspec.core import url_to_fs  # imported late: runs without a remote never need it
 
         self.url, self.log, self.retries = url.rstrip("/"), log, retries
-        self.fs, root = url_to_fs(self.url)
+        try:  # an unknown protocol, or its filesystem (s3fs, gcsfs) not installed
+            self.fs, root = url_to_fs(self.url)
+        except Exception as err:  # noqa: BLE001 -- fsspec raises ValueError, ImportError, ...
+            raise OSError(f"ckpt.remote: cannot use {self.url} ({checkpoint.one_line(err)})") from err
         self.root = root.rstrip("/")
 
     def _path(self, name: str) -> str:
@@ -60,6 +63,22 @@ class Remote:
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints in the remote folder, oldest first."""
         return sorted(int(m[1]) for name in self._names() if (m := _NAME.fullmatch(name)))
+
+    def set_aside_after(self, step: int) -> None:
+        """Move the remote checkpoints of steps after `step` into superseded-<UTC time>/ (as
+        checkpoint.set_aside_after does locally): a run that starts below them would otherwise see them
+        pruned in place of its own saves, and resumed from by its next start. Failures only warn."""
+        later = [s for s in self.steps() if s > step]
+        if not later:
+            return
+        folder = f"{self.root}/superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        for s in later:
+            name = checkpoint.checkpoint_path(".", s).name
+            try:
+                self.fs.mv(self._path(name), f"{folder}/{name}")
+            except Exception as err:  # noqa: BLE001 -- the next start tries again
+                self.log(f"warning: could not move {self.url}/{name} aside: {checkpoint.one_line(err)}")
+        self.log(f"this run starts at step {step}: moved {len(later)} later remote checkpoint(s) to {folder}")
 
     def remove_partials(self) -> int:
         """Delete uploads a dead run left unfinished (call before this run's first upload). -> how many."""

@@ -84,7 +84,11 @@ def resume_point(cfg: Config, ckpt_dir: Path, remote=None) -> Path | None:
     if dist.is_main():
         checkpoint.remove_stale_temp_files(ckpt_dir)
         if remote is not None:
-            remote.remove_partials()
+            try:
+                remote.remove_partials()
+            except Exception as err:  # noqa: BLE001 -- a partial never counts; the next start tries again
+                print(f"warning: ckpt.remote: cannot list {remote.url} ({checkpoint.one_line(err)})",
+                      flush=True)
     if cfg.ckpt.resume == "none":
         return None
     if cfg.ckpt.resume != "auto":
@@ -93,7 +97,13 @@ def resume_point(cfg: Config, ckpt_dir: Path, remote=None) -> Path | None:
     if dist.is_main():
         path = checkpoint.find_latest_valid(ckpt_dir) if ckpt_dir.exists() else None
         step = int(checkpoint.read_metadata(path)["step"]) if path else -1
-        if remote is not None and (fetched := remote.fetch_newest(ckpt_dir, newer_than=step)):
+        try:
+            fetched = remote.fetch_newest(ckpt_dir, newer_than=step) if remote is not None else None
+        except Exception as err:  # noqa: BLE001 -- unreachable now: resume from what is here, and say so
+            print(f"warning: ckpt.remote: cannot read {remote.url} ({checkpoint.one_line(err)}); resuming "
+                  f"from {ckpt_dir} alone", flush=True)
+            fetched = None
+        if fetched:
             step = int(checkpoint.read_metadata(fetched)["step"])
     step = dist.broadcast_int(step)
     return checkpoint.checkpoint_path(ckpt_dir, step) if step >= 0 else None

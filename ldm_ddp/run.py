@@ -68,14 +68,14 @@ class Run:
         error = ""
         # Rank 0 writes every checkpoint (the state is the same on every rank), and uploads it.
         self.saver = Saver(cfg.ckpt.snapshot, background=cfg.ckpt.async_save)
-        self.remote = Remote(cfg.ckpt.remote) if cfg.ckpt.remote and dist.is_main() else None
+        self.remote: Remote | None = None  # rank 0's
         self.save_figures: dict[str, float] = {}  # the last save's seconds, for the next metrics record
-        self._on_commit = None
         if dist.is_main():
             try:  # the run folder and checkpoints/ take a file now, or the run stops before any step
                 check_writable(self.out_dir, "train.out_dir")
                 check_writable(self.ckpt_dir, "train.out_dir")
-                if self.remote is not None:
+                if cfg.ckpt.remote:
+                    self.remote = Remote(cfg.ckpt.remote)
                     self.remote.check_writable()
                 (self.out_dir / "config.toml").write_text(cfg.to_toml())
             except (ConfigError, OSError) as err:
@@ -132,6 +132,12 @@ class Run:
         if dist.is_main():  # later steps of another timeline in this folder: set aside,
             # not resumed into or pruned; so are the metric records an interrupted attempt logged past them
             checkpoint.set_aside_after(self.ckpt_dir, self.start_step)
+            if self.remote is not None:
+                try:
+                    self.remote.set_aside_after(self.start_step)
+                except Exception as err:  # noqa: BLE001 -- a listing failed: the next start tries again
+                    print(f"warning: ckpt.remote: cannot list {self.remote.url} "
+                          f"({checkpoint.one_line(err)})", flush=True)
             set_aside_records(self.out_dir / "metrics.jsonl", self.start_step)
             if self.start_step >= self.cfg.train.max_steps:
                 print(f"nothing to do: already at train.max_steps ({self.cfg.train.max_steps}); raise it to "
@@ -157,7 +163,7 @@ class Run:
                                                              in_flight])
         self._settled(ended, outcome, must_commit=False)
         stop = self.preemption.stop_at(signum, step, checkpoint.checkpoint_path(self.ckpt_dir, step))
-        stop_on_saved = stop is not None and in_flight and not done
+        stop_on_saved = bool(stop is not None and in_flight and not done)
         if stop_on_saved:
             # A save still being written when the signal came becomes the preemption's checkpoint: waiting
             # for its rest takes less than a whole save more (a scheduler's grace period may not hold two
@@ -174,7 +180,7 @@ class Run:
         validate = active and cfg.val.every > 0 and (step % cfg.val.every == 0 or done) and stop is None
         log = active and (step % cfg.log.every == 0 or done or stop is not None or validate)
         sample = active and cfg.sample.every > 0 and (step % cfg.sample.every == 0 or done) and stop is None
-        save = (active and (step % cfg.ckpt.every == 0 or done)) or (stop is not None and not stop_on_saved)
+        save = not stop_on_saved and ((active and (step % cfg.ckpt.every == 0 or done)) or stop is not None)
         return Upkeep(done, stop, log, sample, save, validate)
 
     def count_step(self, skipped: torch.Tensor, bad: list[tuple[str, str]], keys: list[str]) -> None:
@@ -203,7 +209,7 @@ class Run:
         each outcome at the same step: a failed write (disk full, I/O error) or upload leaves the previous
         checkpoint as the resume point, and ckpt.on_save_error says whether the run goes on, the same on every
         rank; the final and the preemption saves must commit.
-        `on_commit(path, step)` runs on rank 0 after a commit (e.g. a wandb artifact)."""
+        `on_commit(path, step)` runs on rank 0 after the commit, in the save's job (e.g. a wandb artifact)."""
         path = checkpoint.checkpoint_path(self.ckpt_dir, self.step)
         if self.step == self.start_step and path == self.resume_path:
             return  # the state this run resumed from: committed already
@@ -214,19 +220,20 @@ class Run:
         # The other ranks wait in the outcome's all-reduce while rank 0 writes: saves get the startup timeout.
         with dist.timeout(self.cfg.train.startup_timeout_s):
             self._settle(must_commit=False)  # at most one save in flight
-            self._on_commit = on_commit
             if dist.is_main():
                 tensors, meta = checkpoint.training_state_tensors(state, self.run_meta())
                 raw = checkpoint.checkpoint_metadata(self.step, meta)
-                self.saver.start(self.step, tensors, partial(self._commit, self.step, raw))
+                self.saver.start(self.step, tensors, partial(self._commit, self.step, raw, on_commit))
             if must_commit or not self.cfg.ckpt.async_save:
                 self._settle(must_commit)
 
-    def _commit(self, step: int, raw: dict[str, str], tensors: dict[str, torch.Tensor]) -> Path:
-        """The save's job on the copied state (rank 0; the saver's thread): write and commit, then retention,
-        then the upload. -> the committed path."""
+    def _commit(self, step: int, raw: dict[str, str], on_commit, tensors: dict[str, torch.Tensor]) -> Path:
+        """The save's job on the copied state (rank 0; the saver's thread): write and commit, then retention
+        and on_commit, then the upload (UploadFailed: committed here, not there). -> the committed path."""
         path = checkpoint.commit_checkpoint(self.ckpt_dir, step, tensors, raw)
         checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.ckpt.keep, just_saved=path)
+        if on_commit is not None:
+            on_commit(path, step)
         if self.remote is not None:
             self.remote.upload(path)
             self.remote.prune(self.cfg.ckpt.keep, path.name)
@@ -238,14 +245,14 @@ class Run:
         self._settled(dist.all_reduce_max_ints([_ended(outcome)])[0], outcome, must_commit)
 
     def _settled(self, ended: int, outcome: Outcome | None, must_commit: bool) -> None:
-        """Act on an agreed outcome (0: none ended, 1: committed, 2: failed), the same on every rank: rank 0
-        keeps its timings and calls on_commit; a failure stops the run or warns (ckpt.on_save_error)."""
+        """Act on an agreed outcome (_ended's codes), the same on every rank: rank 0 keeps its timings; a
+        failure stops the run or warns (ckpt.on_save_error). A checkpoint committed here but not uploaded
+        follows the same policy, except for the final and preemption saves: the run ends as planned, with a
+        warning (the checkpoint exists; the upload is not worth exit 5 or a scheduler's grace period)."""
         if outcome is not None:
             self.save_figures = {"ckpt_step": outcome.step,
                                  **{f"ckpt_{k}_s": v for k, v in outcome.timings.items()}}
-        if ended == 1 and outcome is not None and self._on_commit is not None:
-            self._on_commit(outcome.path, outcome.step)
-        if ended != 2:
+        if ended < 2:
             return
         error = "see rank 0"
         if outcome is not None:
@@ -254,8 +261,12 @@ class Run:
                 traceback.print_exception(err)
             error = " ".join(str(err).split()) or type(err).__name__
         kept = checkpoint.list_checkpoints(self.ckpt_dir)
-        if isinstance(outcome and outcome.error, UploadFailed):
+        if ended == 3:
             lost = f"{error}; it is committed in {self.ckpt_dir} only"
+            if must_commit:
+                if dist.is_main():
+                    print(f"warning: {lost}", flush=True)
+                return
         else:
             name = checkpoint.checkpoint_path(self.ckpt_dir, outcome.step if outcome else self.step).name
             lost = f"checkpoint {name} not saved ({error}); " + (
@@ -299,5 +310,8 @@ class Run:
 
 
 def _ended(outcome: Outcome | None) -> int:
-    """0: no save ended; 1: one committed; 2: one failed (the max over ranks is rank 0's)."""
-    return 0 if outcome is None else 2 if outcome.error is not None else 1
+    """0: no save ended; 1: one committed; 2: one failed; 3: one committed here but not uploaded (the max
+    over ranks is rank 0's)."""
+    if outcome is None:
+        return 0
+    return 1 if outcome.error is None else 3 if isinstance(outcome.error, UploadFailed) else 2

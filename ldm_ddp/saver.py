@@ -122,7 +122,17 @@ class Saver:
         if self._preparing is not None:
             self._preparing.join()
             self._preparing = None
-        captured, event = self._capture(tensors)
+        try:
+            try:
+                captured, event = self._capture(tensors)
+            except torch.OutOfMemoryError:  # the device copy did not fit after all: pinned host memory
+                if self.where != "device":
+                    raise
+                self.where = "host"
+                captured, event = self._capture(tensors)
+        except Exception as err:  # noqa: BLE001 -- a failed save, which every rank learns of (run.py)
+            self._outcome = Outcome(step, error=err)
+            return time.perf_counter() - t0
         stall = time.perf_counter() - t0
 
         def run() -> None:

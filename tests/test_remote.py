@@ -41,9 +41,9 @@ def test_a_fresh_machine_resumes_exactly_from_the_remote_copy(tmp_path, tiny_arg
 
 def test_an_upload_cut_off_never_counts(tmp_path, tiny_args, monkeypatch):
     """A dead run's partial upload is removed and never resumed from; an upload whose copy fails to verify is
-    retried, then reported under ckpt.on_save_error while the local checkpoint stays committed (a final save
-    must also reach the remote: SaveFailed); a damaged remote copy is refused by name and the one before it
-    is used."""
+    retried, then reported under ckpt.on_save_error while the local checkpoint stays committed (the final
+    save's only warns: the run ends as planned); a damaged remote copy is refused by name and the one before
+    it is used."""
     url = (tmp_path / "bucket").as_uri()
     out = tmp_path / "run"
     train_here(*tiny_args(out, train__max_steps=4, ckpt__every=2, ckpt__remote=url))
@@ -57,7 +57,7 @@ def test_an_upload_cut_off_never_counts(tmp_path, tiny_args, monkeypatch):
 
     def flipping_put(self, lpath, rpath, **kwargs):
         real_put(self, lpath, rpath, **kwargs)
-        if "step_0000006" in rpath:
+        if "step_0000006" in rpath or "step_0000008" in rpath:
             attempts.append(rpath)
             with open(rpath, "r+b") as f:
                 f.seek(-50, 2)
@@ -68,28 +68,43 @@ def test_an_upload_cut_off_never_counts(tmp_path, tiny_args, monkeypatch):
     monkeypatch.setattr(remote.time, "sleep", lambda s: None)
     stdout = train_here(*tiny_args(out, train__max_steps=8, ckpt__every=2, ckpt__remote=url,
                                    ckpt__on_save_error="continue", ckpt__keep=5))
-    assert len(attempts) == 3
+    assert len(attempts) == 6
     assert ("step_0000006.safetensors not uploaded to " + url) in stdout
     assert "digest mismatch" in stdout and "after 3 attempts" in stdout
     assert "it is committed in" in stdout and "training goes on" in stdout
-    assert (out / "checkpoints" / "step_0000006.safetensors").is_file()  # committed here
-    assert remote_names(url) == ["step_0000002.safetensors", "step_0000004.safetensors",
-                                 "step_0000008.safetensors"]  # no partial left
+    assert stdout.strip().splitlines()[-1].startswith(  # the final save: a warning, and the run ends
+        "warning: step_0000008.safetensors not uploaded to ")
+    assert (out / "checkpoints" / "step_0000008.safetensors").is_file()  # committed here
+    assert remote_names(url) == ["step_0000002.safetensors", "step_0000004.safetensors"]  # no partial left
 
     # The newest remote copy is damaged and this machine has nothing: refused, and step 2 is used.
     monkeypatch.undo()
-    damaged = tmp_path / "bucket" / "step_0000008.safetensors"
+    damaged = tmp_path / "bucket" / "step_0000004.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-10] ^= 1
     damaged.write_bytes(bytes(data))
     shutil.rmtree(out)
-    stdout = train_here(*tiny_args(out, train__max_steps=6, ckpt__every=2, ckpt__remote=url))
-    assert f"remote checkpoint refused: {url}/step_0000008.safetensors" in stdout
-    assert "step_0000004.safetensors at step 4" in stdout
+    stdout = train_here(*tiny_args(out, train__max_steps=4, ckpt__every=2, ckpt__remote=url))
+    assert f"remote checkpoint refused: {url}/step_0000004.safetensors" in stdout
+    assert "step_0000002.safetensors at step 2" in stdout
 
 
-def test_an_unwritable_remote_is_refused_before_any_step(tmp_path, tiny_args):
+def test_a_fresh_start_sets_the_remote_later_steps_aside(tmp_path, tiny_args):
+    url = f"memory://bucket-{uuid.uuid4().hex[:8]}/run"
+    train_here(*tiny_args(tmp_path / "old", train__max_steps=4, ckpt__every=2, ckpt__remote=url))
+    stdout = train_here(*tiny_args(tmp_path / "new", train__max_steps=2, ckpt__every=2, ckpt__remote=url,
+                                   ckpt__resume="none"))
+    assert "moved 2 later remote checkpoint(s)" in stdout
+    (aside,) = [name for name in remote_names(url) if name.startswith("superseded-")]
+    assert remote_names(f"{url}/{aside}") == ["step_0000002.safetensors", "step_0000004.safetensors"]
+    assert [n for n in remote_names(url) if n.startswith("step_")] == ["step_0000002.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["not a folder", "unknown protocol"])
+def test_an_unusable_remote_is_refused_before_any_step(tmp_path, tiny_args, kind):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(ConfigError, match="ckpt.remote: cannot write to file://"):
-        train_here(*tiny_args(tmp_path / "run", ckpt__remote=(blocker / "checkpoints").as_uri()))
+    url, says = ((blocker / "checkpoints").as_uri(), "cannot write to file://") if kind == "not a folder" \
+        else ("nosuchstore://bucket/run", "cannot use nosuchstore://bucket/run")
+    with pytest.raises(ConfigError, match=f"ckpt.remote: {says}"):
+        train_here(*tiny_args(tmp_path / "run", ckpt__remote=url))
