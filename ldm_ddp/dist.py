@@ -138,6 +138,15 @@ def all_reduce_max_ints(values: list[int]) -> list[int]:
     return box.tolist()
 
 
+def all_reduce_sum_ints(values: list[int]) -> list[int]:
+    """Element-wise sum over ranks of a few host integers, on the gloo control group (no device sync)."""
+    if not dist.is_initialized():
+        return list(values)
+    box = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.SUM, group=_control)
+    return box.tolist()
+
+
 def all_gather_str(text: str) -> list[str]:
     """`text` from every rank, in rank order (UTF-8 bytes, padded to the longest, on the control group)."""
     if not dist.is_initialized():

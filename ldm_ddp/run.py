@@ -214,7 +214,8 @@ class Run:
         if self.step == self.start_step and path == self.resume_path:
             return  # the state this run resumed from: committed already
         # Replaced samples so far, all ranks (a collective: every rank calls save); resumed runs add theirs.
-        seen = int(dist.all_reduce_sum(torch.tensor([self.bad_seen], device=self.device)).item())
+        # Host integers on the control group: a save does not wait for the GPU to drain its queue.
+        (seen,) = dist.all_reduce_sum_ints([self.bad_seen])
         self.bad_total = self.bad_before + seen
         self._write_bad_samples()
         # The other ranks wait in the outcome's all-reduce while rank 0 writes: saves get the startup timeout.
