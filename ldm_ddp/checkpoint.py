@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -29,7 +28,15 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .checkpoint_file import CHUNK, DTYPE_NAMES, fsync, metadata_digest, tensor_digests, write_file
+from .checkpoint_file import (
+    CHUNK,
+    DTYPE_NAMES,
+    digest_start,
+    fsync,
+    metadata_digest,
+    tensor_digests,
+    write_file,
+)
 
 FORMAT = "ldm_ddp/1"
 _NAME = re.compile(r"step_(\d{7,})\.safetensors")
@@ -169,7 +176,7 @@ def verify_stream(f, name: str) -> dict[str, Any]:
             start, end = entry["data_offsets"]
             if start != position:
                 raise CheckpointError(f"{path.name}: tensor {name_} does not follow the one before it")
-            h = hashlib.sha256(f"{names[entry['dtype']]}{entry['shape']}|".encode())
+            h = digest_start(names[entry["dtype"]], entry["shape"])
             while position < end:
                 chunk = f.read(min(CHUNK, end - position))
                 if not chunk:

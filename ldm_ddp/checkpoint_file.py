@@ -32,8 +32,13 @@ def metadata_digest(raw: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
 
 
+def digest_start(dtype: torch.dtype, shape) -> Any:
+    """A tensor's sha256 before its bytes: it covers the dtype and the shape too."""
+    return hashlib.sha256(f"{dtype}{list(shape)}|".encode())
+
+
 def tensor_digest(t: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}|".encode())
+    h = digest_start(t.dtype, t.shape)
     # A uint8 view of the (contiguous CPU) tensor exposes its bytes to hashlib without a copy.
     h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
@@ -118,7 +123,7 @@ def write_file(tensors: dict[str, torch.Tensor], path: Path, raw: dict[str, str]
     def write_share(names: list[str]) -> None:
         for name in names:
             t = tensors[name]
-            h = hashlib.sha256(f"{t.dtype}{list(t.shape)}|".encode())
+            h = digest_start(t.dtype, t.shape)
             data = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
             offset = base + header[name]["data_offsets"][0]
             for start in range(0, max(len(data), 1), CHUNK):

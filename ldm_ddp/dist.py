@@ -129,22 +129,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max_ints(values: list[int]) -> list[int]:
-    """Element-wise max over ranks of a few host integers, on the gloo control group (no device sync)."""
+def _reduce_ints(values: list[int], op) -> list[int]:
+    """Element-wise `op` over ranks of a few host integers, on the gloo control group (no device sync)."""
     if not dist.is_initialized():
         return list(values)
     box = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control)
+    dist.all_reduce(box, op=op, group=_control)
     return box.tolist()
+
+
+def all_reduce_max_ints(values: list[int]) -> list[int]:
+    return _reduce_ints(values, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum_ints(values: list[int]) -> list[int]:
-    """Element-wise sum over ranks of a few host integers, on the gloo control group (no device sync)."""
-    if not dist.is_initialized():
-        return list(values)
-    box = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(box, op=dist.ReduceOp.SUM, group=_control)
-    return box.tolist()
+    return _reduce_ints(values, dist.ReduceOp.SUM)
 
 
 def all_gather_str(text: str) -> list[str]:

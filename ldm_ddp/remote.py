@@ -43,6 +43,13 @@ class Remote:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def _remove(self, name: str) -> None:
+        """Delete one entry; a failure only warns (an old copy or a partial left over is harmless)."""
+        try:
+            self.fs.rm(self._path(name))
+        except Exception as err:  # noqa: BLE001 -- each filesystem raises its own types
+            self.log(f"warning: could not delete {self.url}/{name}: {checkpoint.one_line(err)}")
+
     def _names(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
@@ -84,10 +91,7 @@ class Remote:
         """Delete uploads a dead run left unfinished (call before this run's first upload). -> how many."""
         stale = [name for name in self._names() if _PARTIAL.fullmatch(name)]
         for name in stale:
-            try:
-                self.fs.rm(self._path(name))
-            except Exception as err:  # noqa: BLE001 -- a leftover partial is harmless: it never counts
-                self.log(f"warning: could not delete {self.url}/{name}: {checkpoint.one_line(err)}")
+            self._remove(name)
         return len(stale)
 
     def upload(self, path: Path) -> str:
@@ -119,12 +123,8 @@ class Remote:
         """Delete all but the newest `keep` remote checkpoints, never `just_uploaded`; failures only warn."""
         for step in self.steps()[:-keep]:
             name = checkpoint.checkpoint_path(".", step).name
-            if name == just_uploaded:
-                continue
-            try:
-                self.fs.rm(self._path(name))
-            except Exception as err:  # noqa: BLE001 -- one more old copy is harmless
-                self.log(f"warning: could not delete {self.url}/{name}: {checkpoint.one_line(err)}")
+            if name != just_uploaded:
+                self._remove(name)
 
     def fetch_newest(self, ckpt_dir: Path, newer_than: int) -> Path | None:
         """Download the newest remote checkpoint of a step after `newer_than` that verifies into `ckpt_dir`

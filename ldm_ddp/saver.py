@@ -3,8 +3,9 @@ for a second copy beside the training step's peak (a device-to-device copy, mill
 buffers otherwise (the device-to-host copy is then the stall). A background thread moves a device copy to
 the host, then runs the save's job (write, fsync, rename, retention, upload) while training goes on.
 
-At most one save is in flight: `start` waits for the one before. The caller learns each outcome from
-`poll` (non-blocking) or `wait`, in its own thread, so that every rank can agree on it (run.py).
+At most one save is in flight: `start` refuses while the one before has not been collected. The caller
+collects each outcome with `poll` (non-blocking) or `wait`, in its own thread, so that every rank can agree on
+it (run.py).
 """
 from __future__ import annotations
 
