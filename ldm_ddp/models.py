@@ -51,12 +51,17 @@ def unet_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def trains_channels_last(device: torch.device) -> bool:
+    """The UNet trains channels-last on CUDA (cuDNN's fast convolutions for bf16); on CPU contiguous."""
+    return device.type == "cuda"
+
+
 def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
                device: torch.device | str = "cpu", pooled_width: int = 0) -> UNet2DConditionModel:
     """Random-init UNet from `cfg.unet` (or load `cfg.unet_init`), in fp32, train mode, on `device` (where the
-    attention backend is probed: xformers has CUDA kernels only). `pooled_width`: SDXL's pooled text
-    embedding width, which its added "text_time" embedding takes with the 6 size/crop ids; 0: no such
-    embedding (SD1.x/2.x)."""
+    attention backend is probed: xformers has CUDA kernels only), channels-last on CUDA. `pooled_width`:
+    SDXL's pooled text embedding width, which its added "text_time" embedding takes with the 6 size/crop ids;
+    0: no such embedding (SD1.x/2.x)."""
     if cfg.unet_init.endswith(".safetensors"):
         unet = checkpoint_unet(cfg.unet_init, cfg.init_weights)[1]
     elif cfg.unet_init:
@@ -64,7 +69,8 @@ def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
     else:
         config = unet_config(cfg.unet)
         config["sample_size"] = latent_size
-        unet = UNet2DConditionModel.from_config(config)
+        with torch.device(device):  # drawn where it trains: 2.57 B weights take ~30 s to draw on 2 CPU cores
+            unet = UNet2DConditionModel.from_config(config)
     if unet.config.cross_attention_dim != cross_attention_dim:
         raise ConfigError(f"model.unet: cross_attention_dim {unet.config.cross_attention_dim} does not match "
                           f"the text encoder's hidden size {cross_attention_dim}")
@@ -73,6 +79,9 @@ def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(device)
+    if trains_channels_last(unet.device):  # set before the optimizer moments and EMA copies are made and
+        # loaded: they take the weights' strides (fused AdamW on CUDA refuses moments of other strides)
+        unet.to(memory_format=torch.channels_last)
     set_attention(unet, cfg.attention)
     return unet.train()
 
@@ -286,14 +295,16 @@ def load_frozen(pretrained: str, frozen_dtype: str, device: torch.device, kind: 
 
 
 def write_demo_text_encoder(root: Path, words: list[str], seed: int = 0, width: int = 64,
-                            max_length: int = 16, second: bool = False) -> None:
+                            max_length: int = 16, second: bool = False, layers: int = 2,
+                            heads: int = 4) -> None:
     """Write <root>/tokenizer (word level) and <root>/text_encoder (a small random, frozen CLIP text model);
     second: <root>/tokenizer_2 and <root>/text_encoder_2 instead, a CLIPTextModelWithProjection (SDXL's
     second encoder, whose projected end-of-text state is the pooled embedding).
 
     The demo's captions come from a closed vocabulary, so a word-level tokenizer is exact and needs
     no download; a frozen random transformer still maps each token and position to a distinct
-    context vector, which is all the UNet's cross-attention needs to learn the prompts.
+    context vector, which is all the UNet's cross-attention needs to learn the prompts. width, layers,
+    heads: the encoder's shapes (the benches write those of SD's and SDXL's encoders: same FLOPs).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPTextConfig, PreTrainedTokenizerFast
@@ -309,7 +320,8 @@ def write_demo_text_encoder(root: Path, words: list[str], seed: int = 0, width: 
     suffix = "_2" if second else ""
     tokenizer.save_pretrained(root / f"tokenizer{suffix}")
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
+                            num_hidden_layers=layers, num_attention_heads=heads,
+                            max_position_embeddings=max_length,
                             pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"],
                             eos_token_id=vocab["<eos>"], **({"projection_dim": width} if second else {}))
     torch.manual_seed(seed)

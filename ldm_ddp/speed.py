@@ -173,8 +173,8 @@ COMPILE_BACKEND = os.environ.get("LDM_DDP_COMPILE_BACKEND", "inductor")
 
 def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict, autocast: bool,
                  shapes: int = 1):
-    """The trainer's fast path, set up and probed: channels-last weights and cuDNN autotuning on CUDA, the DDP
-    wrap, torch.compile (train.compile). -> the module the step calls.
+    """The trainer's fast path, set up and probed: cuDNN autotuning on CUDA (where models.build_unet made the
+    weights channels-last), the DDP wrap, torch.compile (train.compile). -> the module the step calls.
 
     Under DDP the compiled UNet is one graph and DDP all-reduces after the backward ("whole", measured faster
     than dynamo's per-bucket split: ddp_compile). The probe runs one forward and backward of a micro-batch's
@@ -184,8 +184,7 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
     `shapes`: how many input shapes the step will see (aspect-ratio buckets). Each is compiled on first use
     into a graph of its own, static (dynamic=False: no shape-generic kernels), up to that many."""
     on_cuda = device.type == "cuda"
-    if on_cuda:
-        unet.to(memory_format=torch.channels_last)
+    if on_cuda:  # the weights are channels-last already (models.build_unet)
         configure_cuda(cudnn_benchmark=True)
     mode = compile_mode(cfg.train.compile, device)
     use_ddp_compile(ddp_compile("whole", mode, world_size))

@@ -54,25 +54,19 @@ def make_bundle(root: Path) -> Path:
     if (root / "vae" / "config.json").is_file():
         return root
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from ldm_ddp.data.shapes import vocabulary
     from ldm_ddp.models import write_demo_text_encoder
-    write_demo_text_encoder(root, vocabulary(), max_length=77)  # its tokenizer; the encoder is replaced below
-    vocab = len(json.loads((root / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072,
-                                 num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                 hidden_act="quick_gelu")
-                  ).save_pretrained(root / "text_encoder")
+    write_demo_text_encoder(root, vocabulary(), width=768, max_length=77, layers=12, heads=12)
     AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                   block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
                   sample_size=512, scaling_factor=0.18215).save_pretrained(root / "vae")
     return root
 
 
-def make_images(root: Path, count: int, resolution: int) -> Path:
-    """`count` photo-like JPEGs, shorter side `resolution`
-    (as make_shards.py --resize leaves them), captioned."""
+def make_images(root: Path, count: int, resolution: int, square: bool = False) -> Path:
+    """`count` photo-like JPEGs, captioned, shorter side `resolution` (as make_shards.py --resize leaves
+    them): 5:4 and 3:4 in turn, or all square."""
     from PIL import Image
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -80,7 +74,8 @@ def make_images(root: Path, count: int, resolution: int) -> Path:
         path = root / f"{i:05d}.jpg"
         if not path.is_file():
             rng = np.random.default_rng(i)
-            size = (resolution * 5 // 4, resolution) if i % 2 else (resolution, resolution * 4 // 3)
+            size = ((resolution,) * 2 if square else
+                    (resolution * 5 // 4, resolution) if i % 2 else (resolution, resolution * 4 // 3))
             field = (Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
                      .resize(size, Image.BICUBIC))
             pixels = np.asarray(field, np.float32) + rng.normal(0, 10, (size[1], size[0], 1))
@@ -130,23 +125,26 @@ def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) 
     shutil.rmtree(out, ignore_errors=True)  # an earlier bench's run here would add its records and profile
     start = time.perf_counter()
     torchrun(nproc, "scripts/train.py", run_args, 1800, out.parent / "logs" / f"{out.name}.log")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # Steady state: the first interval (compilation, autotuning) and the last
-    # (the profiler, the final save) dropped.
-    timed = [r for r in records if "img_per_s" in r]
-    # Steady: no graph compiled during the interval (a bucket's first batch compiles its graph)
-    compiled = [r.get("compiled_graphs", 0) for r in timed]
-    steady = [r for i, r in enumerate(timed[:-1]) if i and compiled[i] == compiled[i - 1]] or timed[-1:]
-    result = {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
-              "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
-              "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records),
-              "compiled_graphs": compiled[-1] if compiled else 0,
-              "compile_s": timed[-1].get("compile_s", 0.0) if timed else 0.0,
-              "steady_intervals": len(steady), "wall_s": time.perf_counter() - start}
+    result = {**steady_figures(out), "wall_s": time.perf_counter() - start}
     summary = out / "profile" / "summary_rank0.json"
     if summary.is_file():
         result["profile"] = json.loads(summary.read_text())
     return result
+
+
+def steady_figures(out: Path) -> dict:
+    """Figures of a trainer run from its metrics.jsonl, in steady state: the first log interval (compilation,
+    autotuning), the last (the profiler, the final save) and any in which a graph was compiled are dropped."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if line.startswith("{") and line.endswith("}")]  # a killed run's last line may be cut
+    timed = [r for r in records if "img_per_s" in r]
+    compiled = [r.get("compiled_graphs", 0) for r in timed]  # a bucket's first batch compiles its graph
+    steady = [r for i, r in enumerate(timed[:-1]) if i and compiled[i] == compiled[i - 1]] or timed[-1:]
+    return {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
+            "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
+            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records),
+            "compiled_graphs": compiled[-1] if compiled else 0,
+            "compile_s": timed[-1].get("compile_s", 0.0) if timed else 0.0, "steady_intervals": len(steady)}
 
 
 def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, every: int,

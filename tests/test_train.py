@@ -256,3 +256,36 @@ def test_compiled_ddp_trains_like_eager_ddp(tmp_path, tiny_args, run_script):
     assert unet_keys and sorted(compiled) == sorted(eager)
     for key in unet_keys:  # three AdamW steps from the all-reduced gradients: the same weights up to rounding
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_runs_moments_and_ema_take_the_weights_channels_last_layout(tmp_path, tiny_args,
+                                                                              monkeypatch):
+    """On CUDA the UNet trains channels-last, and fused AdamW there refuses moments of other strides: the
+    layout is set before the moments and EMA copies are made or loaded. Forced here on CPU, checked before
+    every optimizer step of a run that resumes."""
+    from ldm_ddp import ema, faults, models
+
+    monkeypatch.setattr(models, "trains_channels_last", lambda device: True)
+    layouts = []
+    optimizer_step, ema_update = faults.optimizer_step, ema.EMA.update
+
+    def checked_step(optimizer, ok):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p in optimizer.state]
+        layouts.append(("moments", [(optimizer.state[p][k].stride(), p.stride())
+                                    for p in params for k in ("exp_avg", "exp_avg_sq")]))
+        return optimizer_step(optimizer, ok)
+
+    def checked_update(self, module, ok=None):
+        weights = dict(module.named_parameters())
+        layouts.append(("ema", [(s.stride(), weights[n].stride())
+                                for n, s in zip(self.names, self.shadows[0])]))
+        return ema_update(self, module, ok)
+
+    monkeypatch.setattr(faults, "optimizer_step", checked_step)
+    monkeypatch.setattr(ema.EMA, "update", checked_update)
+    train_here(*tiny_args(tmp_path / "run", train__max_steps=2))
+    train_here(*tiny_args(tmp_path / "run", train__max_steps=4))
+    assert [kind for kind, _ in layouts].count("moments") == 4 and [k for k, _ in layouts].count("ema") == 4
+    channels_last = [pair for _, pairs in layouts for pair in pairs if len(pair[1]) == 4 and pair[1][1] == 1]
+    assert channels_last  # there are channels-last weights, and every moment and shadow has their strides
+    assert all(state == weight for _, pairs in layouts for state, weight in pairs)
