@@ -385,3 +385,24 @@ def test_full_compile_makes_one_static_graph_per_bucket_shape(monkeypatch):
     finally:
         torch._dynamo.config.recompile_limit = saved
         torch._dynamo.reset()
+
+
+def test_bench_figures_leave_out_warm_up_compiles_older_runs_and_a_cut_line(tmp_path, bench):
+    """The trainer benches' figures: the first log interval and any in which a graph was compiled are not
+    steady; bench_sdxl reads only the records its own run wrote (a resumed run's folder holds older ones), and
+    a killed run's last line may be cut."""
+    import importlib
+    bench_sdxl = importlib.import_module("bench_sdxl")
+    rows = [{"step": 10, "img_per_s": 1.0, "compiled_graphs": 1, "time": 100.0, "loss": 0.5},
+            {"step": 20, "img_per_s": 10.0, "compiled_graphs": 1, "time": 110.0, "loss": 0.4},
+            {"step": 30, "img_per_s": 4.0, "compiled_graphs": 2, "time": 120.0, "loss": 0.3},
+            {"step": 40, "img_per_s": 12.0, "compiled_graphs": 2, "time": 130.0, "loss": 0.2,
+             "peak_mem_gib": 7.5}]
+    lines = [json.dumps({**r, "data_wait_share": 0.01}) + "\n" for r in rows]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 50, "lo')
+    assert [r["step"] for r in bench_sdxl.records_since(tmp_path, 110.0)] == [20, 30, 40]
+    figures = bench_sdxl.interval_figures(bench_sdxl.records_since(tmp_path, 0.0), 0, 40)
+    assert figures["img_per_s"] == 11.0 and figures["intervals"] == 2 and figures["peak_mem_gib"] == 7.5
+    assert bench_sdxl.interval_figures(bench_sdxl.records_since(tmp_path, 0.0), 20, 40)["img_per_s"] == 12.0
+    steady = bench.steady_figures(tmp_path)  # also drops the last interval (the final save, the profiler)
+    assert steady["img_per_s"] == 10.0 and steady["compiled_graphs"] == 2
