@@ -50,7 +50,7 @@ class VPredictionLoss:
     images_per_sample = 1  # images a sample of the batch holds
     flops_factor = 1.0  # UNet FLOPs of a sample against one image's forward and backward
     identity: dict = {}  # nothing a resume must find unchanged beyond the run's own checks
-    reference = None  # no reference model
+    reference = None  # no frozen model of its own (Diffusion-DPO's reference; speed.prepare_unet compiles it)
 
     def __init__(self, schedule: NoiseSchedule, min_snr_gamma: float = 0.0, offset_noise: float = 0.0):
         self.schedule, self.min_snr_gamma, self.offset_noise = schedule, min_snr_gamma or None, offset_noise
@@ -103,6 +103,9 @@ class DiffusionDPOLoss:
         self.identity = {"dpo_reference": reference}
         dtype = torch.bfloat16 if autocast else torch.float32
         self.reference = copy.deepcopy(start).to(dtype).eval().requires_grad_(False)
+        # The forward the loss calls: the reference, compiled by speed.prepare_unet as train.compile says (the
+        # live samples draw with the eager module: their shapes would compile graphs of their own)
+        self.run_reference = self.reference
 
     def __call__(self, model, latents: torch.Tensor, cond: dict, generator: torch.Generator,
                  autocast: bool) -> Loss:
@@ -118,7 +121,7 @@ class DiffusionDPOLoss:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             v_pred = model(x_t, t2, **cond2).sample
             with torch.no_grad():
-                v_ref = self.reference(x_t, t2, **cond2).sample
+                v_ref = self.run_reference(x_t, t2, **cond2).sample
         err = F.mse_loss(v_pred.float(), v_target, reduction="none").mean(dim=(1, 2, 3))
         ref = F.mse_loss(v_ref.float(), v_target, reduction="none").mean(dim=(1, 2, 3))
         model_diff, ref_diff = err[:b] - err[b:], ref[:b] - ref[b:]

@@ -171,7 +171,7 @@ def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[]
 COMPILE_BACKEND = os.environ.get("LDM_DDP_COMPILE_BACKEND", "inductor")
 
 
-def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict, autocast: bool,
+def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict, autocast: bool, objective,
                  shapes: int = 1):
     """The trainer's fast path, set up and probed: cuDNN autotuning on CUDA (where models.build_unet made the
     weights channels-last), the DDP wrap, torch.compile (train.compile). -> the module the step calls.
@@ -182,7 +182,9 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
     warns and the run goes on eager, with full (or regional) it stops with one line.
 
     `shapes`: how many input shapes the step will see (aspect-ratio buckets). Each is compiled on first use
-    into a graph of its own, static (dynamic=False: no shape-generic kernels), up to that many."""
+    into a graph of its own, static (dynamic=False: no shape-generic kernels), up to that many. The frozen
+    model the `objective` runs (Diffusion-DPO's reference) is compiled, probed and falls back with the
+    UNet."""
     on_cuda = device.type == "cuda"
     if on_cuda:  # the weights are channels-last already (models.build_unet)
         configure_cuda(cudnn_benchmark=True)
@@ -190,18 +192,28 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
     use_ddp_compile(ddp_compile("whole", mode, world_size))
     model = compile_model(unet, dist.wrap_ddp(unet), mode, force_layout=on_cuda, backend=COMPILE_BACKEND,
                           shapes=shapes)
+    reference = objective.reference
+    if reference is not None:
+        objective.run_reference = compile_model(reference, reference, mode, force_layout=on_cuda,
+                                                backend=COMPILE_BACKEND, shapes=shapes)
     if mode == "off":
         return model
 
     def probe_step() -> None:  # gradients dropped: weights, optimizer and EMA untouched
-        b, c, h = cfg.data.batch_per_gpu, unet.config.in_channels, unet.config.sample_size
-        x_t = torch.zeros(b, c, h, h, device=device)
+        b = len(uncond["encoder_hidden_states"])  # a micro-batch's images (pairs: both images)
+        c, h = unet.config.in_channels, unet.config.sample_size
+        x_t, t = torch.zeros(b, c, h, h, device=device), torch.zeros(b, dtype=torch.long, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            model(x_t, torch.zeros(b, dtype=torch.long, device=device), **uncond).sample.sum().backward()
+            model(x_t, t, **uncond).sample.sum().backward()
+            if reference is not None:
+                with torch.no_grad():
+                    objective.run_reference(x_t, t, **uncond)
         unet.zero_grad(set_to_none=True)
 
     if not probe(probe_step, f"train.compile={mode}", cfg.train.compile == "auto", lambda: None):
         model = uncompile(unet, model)
+        if reference is not None:
+            objective.run_reference = uncompile(reference, objective.run_reference)
     return model
 
 

@@ -92,8 +92,7 @@ def train(cfg: Config) -> dict:
     # --- Fast path and logging ------------------------------------------------------------------------------
     model = speed.prepare_unet(unet, cfg, device, run.world,
                                conditioning.unconditional(cfg.data.batch_per_gpu * per_sample, square),
-                               autocast,
-                               shapes=len(buckets or [None]))
+                               autocast, objective, shapes=len(buckets or [None]))
     metrics = Metrics(run.out_dir, device, schedule.num_train_timesteps, cfg.train.max_steps,
                       run.global_batch * per_sample, cfg.log.progress,
                       wandb_run=start_wandb(cfg.log.wandb, run.out_dir, cfg.to_dict()),

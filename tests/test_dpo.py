@@ -279,3 +279,35 @@ def test_the_demo_preference_set_pairs_each_wrong_sample_with_a_right_one(tmp_pa
             assert all(seen[a] == want[a] for a in ATTRIBUTES) == right, (row, side)
     assert sum("rendered" in row["preferred"] for row in rows) == counts["rendered"] > 0
     assert len(PairFolderSource(str(tmp_path / "pairs"))) == counts["pairs"]
+
+
+
+@pytest.mark.slow
+def test_a_compiled_dpo_step_compiles_the_reference_probes_pairs_and_gives_the_eager_loss(tiny_unet_json,
+                                                                                        monkeypatch):
+    """train.compile=full with Diffusion-DPO (speed.prepare_unet as the trainer calls it): the probe runs a
+    micro-batch of pairs (both images), the frozen reference's forward goes through a compiled graph of its
+    own, and the loss is the eager one (aot_eager backend: real capture, eager kernels; see test_speed)."""
+    from ldm_ddp import speed
+    from ldm_ddp.config import load_config
+    from ldm_ddp.models import build_unet
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    cfg = load_config(overrides=[f"--model.unet={tiny_unet_json}", "--train.compile=full",
+                                 "--data.batch_per_gpu=2", "--train.precision=fp32"])
+    torch.manual_seed(0)
+    unet = build_unet(cfg.model, 8, 64)
+    schedule = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012, True)
+    objective = DiffusionDPOLoss(schedule, unet, 500.0, False, {"path": "start"})
+    pairs = {"encoder_hidden_states": torch.randn(4, 16, 64)}  # 2 pairs: both images' captions
+    model = speed.prepare_unet(unet, cfg, torch.device("cpu"), 1, pairs, False, objective)
+    assert type(model).__name__ == type(objective.run_reference).__name__ == "OptimizedModule"
+    assert objective.run_reference._orig_mod is objective.reference  # the live samples keep the eager one
+    latents, cond = torch.randn(4, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 16, 64)}
+    losses = []
+    for step_model in (model, unet):
+        if step_model is unet:
+            objective.run_reference = objective.reference
+        loss = objective(step_model, latents, cond, torch.Generator().manual_seed(3), False)
+        losses.append(torch.stack([loss.weighted, loss.plain, *loss.figures.values()]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
