@@ -69,8 +69,9 @@ def build_unet(cfg: ModelConfig, latent_size: int, cross_attention_dim: int,
     else:
         config = unet_config(cfg.unet)
         config["sample_size"] = latent_size
-        with torch.device(device):  # drawn where it trains: 2.57 B weights take ~30 s to draw on 2 CPU cores
-            unet = UNet2DConditionModel.from_config(config)
+        # drawn on the CPU: one seed gives the same start on any machine and every rank (the EMA copies are
+        # made before DDP's broadcast); SDXL's 2.57 B weights take ~30 s on 2 cores
+        unet = UNet2DConditionModel.from_config(config)
     if unet.config.cross_attention_dim != cross_attention_dim:
         raise ConfigError(f"model.unet: cross_attention_dim {unet.config.cross_attention_dim} does not match "
                           f"the text encoder's hidden size {cross_attention_dim}")

@@ -103,8 +103,8 @@ class DiffusionDPOLoss:
         self.identity = {"dpo_reference": reference}
         dtype = torch.bfloat16 if autocast else torch.float32
         self.reference = copy.deepcopy(start).to(dtype).eval().requires_grad_(False)
-        # The forward the loss calls: the reference, compiled by speed.prepare_unet as train.compile says (the
-        # live samples draw with the eager module: their shapes would compile graphs of their own)
+        # The forward the loss calls: the reference, compiled by speed.prepare_unet with train.compile=full
+        # (the live samples draw with the eager module: their shapes would compile graphs of their own)
         self.run_reference = self.reference
 
     def __call__(self, model, latents: torch.Tensor, cond: dict, generator: torch.Generator,

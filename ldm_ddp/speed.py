@@ -183,19 +183,23 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
 
     `shapes`: how many input shapes the step will see (aspect-ratio buckets). Each is compiled on first use
     into a graph of its own, static (dynamic=False: no shape-generic kernels), up to that many. The frozen
-    model the `objective` runs (Diffusion-DPO's reference) is compiled, probed and falls back with the
-    UNet."""
-    on_cuda = device.type == "cuda"
-    if on_cuda:  # the weights are channels-last already (models.build_unet)
+    model the `objective` runs (Diffusion-DPO's reference) is compiled with "full", probed and falls back with
+    the UNet."""
+    from .models import trains_channels_last
+
+    if device.type == "cuda":
         configure_cuda(cudnn_benchmark=True)
+    channels_last = trains_channels_last(device)  # the weights are already (models.build_unet)
     mode = compile_mode(cfg.train.compile, device)
     use_ddp_compile(ddp_compile("whole", mode, world_size))
-    model = compile_model(unet, dist.wrap_ddp(unet), mode, force_layout=on_cuda, backend=COMPILE_BACKEND,
-                          shapes=shapes)
+    model = compile_model(unet, dist.wrap_ddp(unet), mode, force_layout=channels_last,
+                          backend=COMPILE_BACKEND, shapes=shapes)
     reference = objective.reference
-    if reference is not None:
-        objective.run_reference = compile_model(reference, reference, mode, force_layout=on_cuda,
-                                                backend=COMPILE_BACKEND, shapes=shapes)
+    if reference is not None and mode == "full":
+        # A graph per shape beside the UNet's, counted against the same recompile limit (one forward's code).
+        # Not regional: that compiles in place, and the live samples draw with the reference.
+        objective.run_reference = compile_model(reference, reference, mode, force_layout=channels_last,
+                                                backend=COMPILE_BACKEND, shapes=2 * shapes)
     if mode == "off":
         return model
 

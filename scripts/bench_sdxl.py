@@ -12,12 +12,15 @@ square 1024 px JPEGs and caches their latents (scripts/precompute_latents.py, th
 1024x1024), then trains from the cache with EMA every step:
   speed    --batch and --compile; a background save of the whole state (41 GB) at step --save-at; the run is
            killed -9 once that checkpoint is committed and --steps more are logged. img/s of the steady log
-           intervals before the save and while it is written, the peak memory, the save's stall, and a
-           torch.profiler summary of 3 steps just before the save (logs/, run/profile/)
+           intervals before the save and while it is written, the peak memory, the img/s of the interval
+           that holds the save's stall (the copy aside), and a torch.profiler summary of 3 steps just before
+           the save (logs/, run/profile/)
   resume   the same command again: it resumes from that checkpoint; the losses of the steps done twice
+           (after speed, in the same call)
   configs  each BATCH:COMPILE[:gc] (gc: model.gradient_checkpointing) for --steps steps, no save: img/s, peak
-  export   scripts/export_diffusers.py --dtype fp32 of the checkpoint; StableDiffusionXLPipeline loads it
-           (the warnings it logs are recorded) and samples 1024 px from the noise our sampler is given
+  export   scripts/export_diffusers.py --dtype fp32 of the run's newest checkpoint (speed leaves one);
+           StableDiffusionXLPipeline loads it (the warnings it logs are recorded) and samples 1024 px from
+           the noise our sampler is given
 A run is killed rather than ended: its final save would need a second 41 GB on the disk. Each part's figures
 (or its error) go to --json as soon as it ends.
 """
@@ -188,6 +191,10 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more trainer settings, last (also given to the latent precompute)")
     args = parser.parse_args()
+    if args.steps > args.save_at:  # the save of step 2 x save-at could be written (41 GB) before the kill
+        parser.error("--steps must not exceed --save-at")
+    if "resume" in args.parts and "speed" not in args.parts:
+        parser.error("resume compares with the losses of the speed part's run: give both")
     if not torch.cuda.is_available():
         print("error: bench_sdxl.py measures a GPU; none is visible", file=sys.stderr)
         return 1
@@ -229,6 +236,8 @@ def main() -> int:
         return {"before_save": interval_figures(records, 0, args.save_at - every),
                 "profile": json.loads(summary.read_text()) if summary.is_file() else None,
                 "while_writing": interval_figures(records, args.save_at, args.save_at + args.steps),
+                "save_interval_img_per_s": next((r["img_per_s"] for r in records
+                                                 if r["step"] == args.save_at + every), None),
                 "save": {k: v for k, v in (saved[0] if saved else {}).items() if k.startswith("ckpt_")},
                 "logged_until": max(losses(records))}
 

@@ -57,7 +57,7 @@ def test_background_and_inline_saves_hold_the_same_state(tmp_path, tiny_args):
     runs = {}
     for mode in ("true", "false"):
         out = tmp_path / f"async_{mode}"
-        train_here(*tiny_args(out, train__max_steps=4, ckpt__every=2, ckpt__async_save=mode))
+        train_here(*tiny_args(out, train__max_steps=6, ckpt__every=2, ckpt__async_save=mode))
         runs[mode] = out
     for step in (2, 4):
         name = checkpoint.checkpoint_path(".", step).name
@@ -65,9 +65,12 @@ def test_background_and_inline_saves_hold_the_same_state(tmp_path, tiny_args):
         b, meta_b = checkpoint.load_checkpoint(runs["false"] / "checkpoints" / name)
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
         assert meta_a["ema"] == meta_b["ema"] and meta_a["optim"] == meta_b["optim"]
-    # Each save's seconds reach the metrics: the one at step 2 in the record where its end was learned.
+    # Each save's seconds reach the metrics, in the record where its end was learned: the one at step 2 by
+    # step 5 at the latest (the save at step 4 waits for it; a record is written before a save), the one at
+    # step 4 if it ended before the final save at 6 (whose own seconds no record follows).
     saved = [r for r in records(runs["true"]) if "ckpt_step" in r]
-    assert [r["ckpt_step"] for r in saved] == [2] and saved[0]["step"] > 2
+    assert [r["ckpt_step"] for r in saved] in ([2], [2, 4]) and 2 < saved[0]["step"] <= 5
+    assert all(r["step"] > r["ckpt_step"] for r in saved)
     assert all(saved[0][f"ckpt_{k}_s"] >= 0 for k in ("stall", "to_host", "job"))
 
 

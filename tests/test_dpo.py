@@ -281,7 +281,6 @@ def test_the_demo_preference_set_pairs_each_wrong_sample_with_a_right_one(tmp_pa
     assert len(PairFolderSource(str(tmp_path / "pairs"))) == counts["pairs"]
 
 
-
 @pytest.mark.slow
 def test_a_compiled_dpo_step_compiles_the_reference_probes_pairs_and_gives_the_eager_loss(tiny_unet_json,
                                                                                         monkeypatch):
