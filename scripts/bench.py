@@ -338,6 +338,7 @@ def bare_worker(args) -> None:
             "warmup_s": warmup_s, "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
             "variants": variant_img_per_s,
             **({"profile": profile} if profile else {})}))
+    model = None  # DDP's reducer goes while its process group lives (freed after it, at return, it can hang)
     dist.shutdown()
 
 
