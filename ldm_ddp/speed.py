@@ -20,6 +20,7 @@ import torch
 
 from . import dist
 from .config import ConfigError
+from .models import trains_channels_last
 
 
 def attention(backend: str):
@@ -185,8 +186,6 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
     into a graph of its own, static (dynamic=False: no shape-generic kernels), up to that many. The frozen
     model the `objective` runs (Diffusion-DPO's reference) is compiled with "full", probed and falls back with
     the UNet."""
-    from .models import trains_channels_last
-
     if device.type == "cuda":
         configure_cuda(cudnn_benchmark=True)
     channels_last = trains_channels_last(device)  # the weights are already (models.build_unet)
