@@ -310,3 +310,20 @@ def test_a_compiled_dpo_step_compiles_the_reference_probes_pairs_and_gives_the_e
         loss = objective(step_model, latents, cond, torch.Generator().manual_seed(3), False)
         losses.append(torch.stack([loss.weighted, loss.plain, *loss.figures.values()]))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_hash_reads_channels_last_weights_in_logical_order():
+    """The trainer makes the UNet channels-last on a GPU before the reference is hashed: a 1x1 convolution's
+    weight is then "contiguous" with a last stride above 1, which a byte view refuses. The hash is that of the
+    same weights in the default layout, so a checkpoint's reference matches across devices."""
+    from ldm_ddp.objectives import tensors_sha256
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 3))
+    forced = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 3))
+    forced.load_state_dict(plain.state_dict())
+    forced.to(memory_format=torch.channels_last)
+    assert forced[0].weight.stride(-1) != 1 and forced[0].weight.is_contiguous()
+    assert tensors_sha256(forced) == tensors_sha256(plain)
+    with torch.no_grad():
+        forced[1].weight[0, 0, 0, 1] += 1
+    assert tensors_sha256(forced) != tensors_sha256(plain)
