@@ -153,6 +153,10 @@ class EMA:
         params = dict(module.named_parameters())
         self.shadows = [[params[n].detach().float().clone() for n in self.names] for _ in self.profiles]
         self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
+        self.one_pass = None  # on a GPU with Triton: the update in one pass (ema_kernel), the same bits
+        if self.shadows[0][0].is_cuda:  # (Triton imported only there)
+            from .ema_kernel import OnePassUpdate
+            self.one_pass = OnePassUpdate(self.shadows) if OnePassUpdate.kernel is not None else None
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
         self.fused = None  # the compiled update, built by compile() (scripts/bench.py --ema-compile)
         # defer_updates (scripts/bench.py's ema_beside_forward variant): update() leaves its update pending,
@@ -241,10 +245,12 @@ class EMA:
         The weight is a device scalar (1 - decay, or 0 when not ok), which foreach lerp only takes per tensor
         (one kernel and one launch per parameter: 686 for SD1.5). So lerp's own formula for weights below 1/2,
         shadow += w * (weights - shadow) (exact where weights == shadow, no drift from rounding 1 - w), in
-        three multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary. One path with
-        or without `ok`, so both give the same bits. For weights of 1/2 and above (the decay warmup's first
-        updates, a power profile's first update, which copies) the result may differ from lerp's by one ulp of
-        the shadow. After defer_updates the update is left pending, for launch_pending or settle to apply.
+        three multi-tensor kernels, a chunk of CHUNK_ELEMENTS at a time to bound the temporary; on a GPU with
+        Triton one kernel does the three in one pass for every profile, rounding as they do (ema_kernel). One
+        path with or without `ok`, so both give the same bits. For weights of 1/2 and above (the decay
+        warmup's first updates, a power profile's first update, which copies) the result may differ from
+        lerp's by one ulp of the shadow. After defer_updates the update is left pending, for launch_pending or
+        settle to apply.
         """
         self.settle()
         take = torch.ones((), device=self.shadows[0][0].device) if ok is None else ok.float()
@@ -257,6 +263,9 @@ class EMA:
 
     def _apply(self, module: torch.nn.Module, weights: list[torch.Tensor]) -> None:
         current = self._weights(module)
+        if self.fused is None and self.one_pass is not None and self.one_pass.fits(current):
+            self.one_pass(current, weights)
+            return
         for weight, shadow in zip(weights, self.shadows):
             if self.fused is not None:
                 self.fused(shadow, current, weight)

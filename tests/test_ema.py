@@ -354,3 +354,76 @@ def test_deferred_updates_on_a_cuda_side_stream_give_the_same_bits():
     assert all(torch.isfinite(t).all() for t in at_once.values())
     assert not torch.equal(at_once["ema.0.weight"], net[0].weight)  # the weights moved, the EMA behind them
     assert sorted(at_once) == sorted(deferred) and all(torch.equal(at_once[k], deferred[k]) for k in at_once)
+
+
+class Mixed(torch.nn.Module):
+    """Weights in both layouts the trainer has: a channels-last 3x3 and 1x1 convolution, a linear layer."""
+
+    def __init__(self, device: str = "cpu", width: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(width, width, 3)
+        self.skip = torch.nn.Conv2d(width, 2 * width, 1)
+        self.linear = torch.nn.Linear(width, 3 * width)
+        self.to(device, memory_format=torch.channels_last)
+
+
+def one_pass_against_foreach(device: str, width: int, steps: int) -> tuple[EMA, EMA, torch.nn.Module]:
+    """Two EMAs of three profiles over the same updates (random weights, a skipped step): one through the
+    one-pass kernel, one through the three foreach passes."""
+    from ldm_ddp.ema_kernel import OnePassUpdate
+    net = Mixed(device, width)
+    cfg = EMAConfig(decay=0.999, extra_decays=[0.9], power_stds=[0.1])
+    kernel, foreach = EMA(net, cfg), EMA(net, cfg)
+    kernel.one_pass, foreach.one_pass = OnePassUpdate(kernel.shadows), None
+    for step in range(steps):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn_like(p) * (step + 1))  # far from the shadows: every rounding counts
+        ok = torch.tensor(step != 1, device=device)
+        assert kernel.one_pass.fits(kernel._weights(net))
+        kernel.update(net, ok)
+        foreach.update(net, ok)
+    return kernel, foreach, net
+
+
+def assert_same_shadows(a: EMA, b: EMA) -> None:
+    assert all(torch.equal(x, y) for p, q in zip(a.shadows, b.shadows) for x, y in zip(p, q))
+
+
+def test_the_one_pass_update_gives_the_foreach_bits_in_tritons_interpreter(monkeypatch):
+    """ema_kernel (the GPU's update, one Triton kernel for every weight and profile), run by Triton's CPU
+    interpreter: bit-identical shadows to the three foreach passes across layouts, profiles and a skipped
+    step; weights that do not fit (another layout than the shadows') are refused, and the address table
+    follows weights that moved."""
+    triton = pytest.importorskip("triton")  # CPU builds of torch come without it; the test extra installs it
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ldm_ddp import ema_kernel
+    monkeypatch.setattr(ema_kernel.OnePassUpdate, "kernel", InterpretedFunction(ema_kernel.lerp_kernel.fn))
+    kernel, foreach, net = one_pass_against_foreach("cpu", 8, 4)
+    assert_same_shadows(kernel, foreach)
+    assert not torch.equal(kernel.shadows[0][0], kernel.shadows[2][0])  # the profiles differ
+    assert triton is not None and kernel.one_pass.key is not None
+
+    net.conv.weight.data = net.conv.weight.data.contiguous()  # moved, and no longer the shadows' layout
+    assert not kernel.one_pass.fits(kernel._weights(net))
+    kernel.update(net)  # the foreach passes, then
+    foreach.update(net)
+    assert_same_shadows(kernel, foreach)
+    before = kernel.one_pass.table.clone()
+    net.conv.weight.data = net.conv.weight.data.to(memory_format=torch.channels_last) * 2  # moved again
+    assert kernel.one_pass.fits(kernel._weights(net))
+    kernel.update(net)
+    foreach.update(net)
+    assert not torch.equal(before, kernel.one_pass.table)
+    assert_same_shadows(kernel, foreach)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass EMA update runs on a GPU")
+def test_the_one_pass_update_gives_the_foreach_bits_on_a_gpu():
+    """On a GPU the EMA updates through ema_kernel by default; its shadows are bit-identical to the foreach
+    passes' (no fused multiply-add), for tensors of many blocks."""
+    kernel, foreach, _ = one_pass_against_foreach("cuda", 256, 6)
+    assert EMA(Mixed("cuda"), EMAConfig()).one_pass is not None  # the default there
+    assert_same_shadows(kernel, foreach)
