@@ -9,8 +9,10 @@ cache and from online VAE encoding; SD1.5 UNet (bare: --unet sdxl too); one GPU 
 Without --pretrained it writes a random-init SD1.5-shaped VAE, 12-layer CLIP text encoder and a
 77-token tokenizer (same shapes and FLOPs as the real ones; no download). It makes pre-resized
 JPEGs, caches their latents with scripts/precompute_latents.py, then for each resolution and GPU count:
-  bare     scripts/bench.py --worker under torchrun: UNet forward + backward (bf16 autocast,
+  bare     scripts/bench_bare.py under torchrun: UNet forward + backward (bf16 autocast,
            channels-last), grad clip, fused AdamW, EMA, on random tensors; DDP as the trainer wraps it
+  ceiling  the same process's forward + backward + fused AdamW alone (no clip, no EMA): every row's
+           share of it is the "vs ceil" column
   cache    scripts/train.py --data.source=latents (the trainer: loader, text encoder, draws, metrics)
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
   buckets  online, with --data.buckets=auto: the same JPEGs (5:4 and 3:4) in their aspect-ratio buckets
@@ -34,21 +36,12 @@ import time
 from pathlib import Path
 
 import _path  # noqa: F401
+import bench_bare
 import numpy as np
-import torch
+from bench_bare import SWITCHES, VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
-# The bare step's variants timed in its own process (bare_worker), as the table names them.
-VARIANTS = {"ema_inline": "the EMA after the optimizer step, as the trainer does it",
-            "ema_beside_forward": "the EMA update on a side stream beside the next step's forward "
-                                  "(--ema-overlap on)",
-            "ema_compiled": "the EMA update through torch.compile"}
-# The switches the bare worker takes as it is given them (--name value) and each row records.
-SWITCHES = ("unet", "compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile",
-            "static_graph", "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
-
-
 def make_bundle(root: Path) -> Path:
     """A random-init SD1.5-shaped vae/, text_encoder/ and tokenizer/ (77 tokens) in `root`."""
     if (root / "vae" / "config.json").is_file():
@@ -200,148 +193,6 @@ def kill_and_resume(nproc: int, run_args: list[str], out: Path, save_at: int, ev
             "final_step": max(after), "wall_s": time.perf_counter() - start}
 
 
-# --- worker: the bare step, one process per GPU -----------------------------------------------------------
-
-def matmul_tflops(device) -> float:
-    """This card's bf16 dense matmul rate: 8192^3 products, best of a few timed batches."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    best = 0.0
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        torch.cuda.synchronize()
-        best = max(best, 20 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12)
-    return best
-
-
-def bare_worker(args) -> None:
-    from ldm_ddp import dist, speed
-    from ldm_ddp.conditioning import map_cond
-    from ldm_ddp.config import EMAConfig, ModelConfig
-    from ldm_ddp.ema import EMA
-    from ldm_ddp.metrics import count_train_flops
-    from ldm_ddp.models import build_unet
-
-    device = dist.init("cuda")
-    speed.configure_cuda(args.cudnn_benchmark == "on")
-    res, batch = args.res[0], args.worker_batch
-    h = res // 8
-    layout = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
-    width, pooled = (768 + 1280, 1280) if args.unet == "sdxl" else (768, 0)  # context and pooled widths
-    unet = build_unet(ModelConfig(unet=args.unet), h, width, device, pooled).to(memory_format=layout)
-    cond = {"encoder_hidden_states": torch.randn(batch, 77, width, device=device)}
-    if pooled:  # SDXL's added embedding: the pooled text embedding and 6 size/crop ids
-        ids = torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device).float()
-        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device),
-                                     "time_ids": ids}
-    flops_per_image = count_train_flops(unet, map_cond(lambda x: x[:1], cond), autocast=True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
-    if args.ema_compile == "on":
-        ema.compile()
-    calls = 0
-    ddp_mode = speed.ddp_compile(args.ddp_compile, args.compile, dist.world_size())
-    speed.use_ddp_compile(ddp_mode)
-    force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb),
-                                args.compile, force_layout)
-    overlap = args.ema_overlap == "on"
-    ema.defer_updates(device)  # its side stream; the step as configured defers with --ema-overlap on only
-    ema.deferring = overlap
-    x_t = torch.randn(batch, 4, h, h, device=device)  # the trainer's layout: one compiled graph for both
-    v_target = torch.randn_like(x_t)
-    t = torch.randint(0, 1000, (batch,), device=device)
-
-    def step():
-        nonlocal calls
-        calls += 1
-        ema.launch_pending()  # as the trainer does: the last step's EMA update, if pending, beside this one
-        with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
-            v_pred = model(x_t, t, **cond).sample
-        torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
-        speed.clip_grad_norm(unet, 1.0)  # as the trainer clips
-        ema.settle()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema.wants_update(calls):
-            ema.update(unet)
-
-    t0 = time.perf_counter()
-    for i in range(args.warmup):  # the first steps compile and autotune: their times go to the log
-        step()
-        if i < 3 and dist.is_main():
-            torch.cuda.synchronize()
-            print(f"warmup step {i + 1}: {time.perf_counter() - t0:.1f} s since start", flush=True)
-    torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t0
-
-    def timed(steps: int) -> float:
-        """Seconds for `steps` steps (the slowest rank's), the EMA updates of those steps included."""
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        ema.settle()  # with --ema-overlap on the last update is still pending
-        torch.cuda.synchronize()
-        return float(dist.all_gather_tensor(torch.tensor([time.perf_counter() - t0], device=device)).max())
-
-    # Variants of the EMA timed in this process beside the step as configured (the same compiled UNet),
-    # name -> switch(on): the other setting of --ema-overlap (ema_inline, the update after the optimizer, or
-    # ema_beside_forward, on a side stream as the next step starts); ema_compiled (--ema-compile both), the
-    # update through torch.compile.
-    if overlap:
-        variants = {"ema_inline": lambda on: setattr(ema, "deferring", not on)}
-    else:
-        variants = {"ema_beside_forward": lambda on: setattr(ema, "deferring", on)}
-    if args.ema_compile == "both":
-        ema.compile()
-        ema.probe(unet)  # compiles it here, not in the timed steps
-        compiled, ema.fused = ema.fused, None
-        variants["ema_compiled"] = lambda on: setattr(ema, "fused", compiled if on else None)
-    # Two halves per variant, alternating, so that a drift of the clocks weighs on every variant alike;
-    # each half a multiple of --ema-every steps,
-    # so that every variant's halves hold the same number of EMA updates.
-    half = max(1, round(args.steps / 2 / args.ema_every)) * args.ema_every
-    seconds = dict.fromkeys(["", *variants], 0.0)
-    peak_bytes = torch.cuda.max_memory_allocated(device)  # of the step as configured, warmup included
-    for _ in range(2):
-        for name in seconds:
-            for other, switch in variants.items():
-                switch(other == name)
-            torch.cuda.reset_peak_memory_stats(device)
-            seconds[name] += timed(half)
-            if not name:
-                peak_bytes = max(peak_bytes, torch.cuda.max_memory_allocated(device))
-    for switch in variants.values():
-        switch(False)
-    elapsed, timed_steps = seconds.pop(""), 2 * half
-    variant_img_per_s = {name: timed_steps * batch * dist.world_size() / t for name, t in seconds.items()}
-    peak_mem = peak_bytes / 2**30
-    profile = None
-    if args.profile:  # after the timed steps, so that they are not slowed down
-        profiler = speed.StepProfiler(1, 3, Path(args.work) / f"profile_bare_{res}_{dist.world_size()}",
-                                      dist.rank(), device)
-        for i in range(1, 5):
-            profiler.before_step(i)
-            if i < 4:
-                step()
-        profile = json.loads((profiler.out / "summary_rank0.json").read_text()) if dist.is_main() else None
-    peak = matmul_tflops(device)
-    world = dist.world_size()
-    if dist.is_main():
-        img_per_s = timed_steps * batch * world / elapsed
-        print("BENCH " + json.dumps({
-            "img_per_s": img_per_s, "flops_per_image": flops_per_image, "matmul_tflops": peak,
-            "warmup_s": warmup_s, "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
-            "variants": variant_img_per_s,
-            **({"profile": profile} if profile else {})}))
-    model = None  # DDP's reducer goes while its process group lives (freed after it, at return, it can hang)
-    dist.shutdown()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,33 +202,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed steps (trainer: steps per run)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed bare steps first")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
-    parser.add_argument("--unet", default="sd15", choices=["sd15", "sdxl"],
-                        help="bare: the UNet architecture (sdxl: 2.57 B parameters, SDXL's added embedding)")
-    parser.add_argument("--compile", default="full", choices=["off", "full", "regional"],
-                        help="torch.compile of the UNet, as train.compile (bare and trainer)")
-    parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
-                        help="bare step: the SDPA kernel (auto: PyTorch's choice)")
-    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
-                        help="bare step: cuDNN autotuning (the trainer: on)")
-    parser.add_argument("--channels-last", default="on", choices=["on", "off"],
-                        help="bare step: channels-last weights (the trainer: on)")
-    parser.add_argument("--layout-opt", default="auto", choices=["auto", "on", "off"],
-                        help="bare step: inductor's layout optimization forced "
-                             "(auto: where the graph is whole)")
-    parser.add_argument("--ddp-compile", default="whole", choices=["whole", "split"],
-                        help="bare step: one compiled graph under DDP, or one per bucket "
-                             "(the trainer: whole)")
-    parser.add_argument("--static-graph", default="off", choices=["on", "off"],
-                        help="bare step: DDP static_graph (the trainer: off)")
-    parser.add_argument("--bucket-cap-mb", type=float, default=25.0,
-                        help="bare step: DDP bucket size, MB (the trainer: 25)")
-    parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
-    parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
-                        help="bare step: the EMA update through torch.compile; both: eager and compiled in "
-                             "one process")
-    parser.add_argument("--ema-overlap", default="off", choices=["on", "off"],
-                        help="bare step: the EMA update beside the next forward on a side stream "
-                             "(the trainer: off); the other setting is timed too, in the same process")
+    bench_bare.add_switches(parser)  # --unet, --compile, --sdpa, ... --ema-every, --ema-overlap
     parser.add_argument("--sample-every", type=int, default=0, help="trainer: sample grids every N steps")
     parser.add_argument("--profile", action="store_true", help="torch.profiler: 3 steps of each path")
     parser.add_argument("--parts", nargs="+", default=["bare", "cache", "online"],
@@ -388,12 +213,7 @@ def main() -> int:
     parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random)")
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
     parser.add_argument("--json", default="")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-batch", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        bare_worker(args)
-        return 0
     work, batches = Path(args.work), {int(k): int(v) for k, v in (b.split("=") for b in args.batch)}
     trainer_parts = {"cache", "online", "buckets", "resume"} & set(args.parts)
     if trainer_parts:
@@ -414,8 +234,8 @@ def main() -> int:
             row = {"res": res, "gpus": gpus, "batch_per_gpu": batch,
                    "switches": {k: getattr(args, k) for k in (*SWITCHES, "sample_every", "steps", "warmup")}}
             if "bare" in args.parts:
-                out = torchrun(gpus, "scripts/bench.py",
-                               ["--worker", "--res", str(res), "--worker-batch", str(batch),
+                out = torchrun(gpus, "scripts/bench_bare.py",
+                               ["--res", str(res), "--batch", str(batch),
                                 "--steps", str(args.steps), "--warmup", str(args.warmup),
                                 *(x for k in SWITCHES
                                   for x in ("--" + k.replace("_", "-"), str(getattr(args, k)))),
@@ -453,18 +273,22 @@ def main() -> int:
 
 
 def print_table(rows: list[dict]) -> None:
+    """The figures of every path, each as a share of the ceiling (the bare step's forward, backward and
+    fused AdamW alone, timed in its process) where there is one, else of the bare step."""
     print(f"\n{'res':>4} {'gpus':>4} {'batch':>5}  {'path':<7} {'img/s':>8} {'/GPU':>7} {'MFU989':>7} "
-          f"{'MFUmm':>6} {'vs bare':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
+          f"{'MFUmm':>6} {'vs ceil':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
     for row in rows:
         bare = row.get("bare", {})
-        for path in ("bare", "cache", "online", "buckets"):
-            if path not in row:
-                continue
-            r, gpus = row[path], row["gpus"]
+        ceiling = bare.get("variants", {}).get("ceiling")
+        top = ceiling or bare.get("img_per_s")
+        paths = {"ceiling": {"img_per_s": ceiling, "peak_mem_gib": float("nan")}} if ceiling else {}
+        paths.update((path, row[path]) for path in ("bare", "cache", "online", "buckets") if path in row)
+        for path, r in paths.items():
+            gpus = row["gpus"]
             per_gpu = r["img_per_s"] / gpus
             tflops = per_gpu * bare.get("flops_per_image", 0) / 1e12
             mfu_mm = tflops / bare["matmul_tflops"] if bare.get("matmul_tflops") else float("nan")
-            versus = r["img_per_s"] / bare["img_per_s"] if bare else float("nan")
+            versus = r["img_per_s"] / top if top else float("nan")
             print(f"{row['res']:>4} {gpus:>4} {row['batch_per_gpu']:>5}  {path:<7} {r['img_per_s']:>8.1f} "
                   f"{per_gpu:>7.1f} {tflops / H100_PEAK:>7.1%} {mfu_mm:>6.1%} {versus:>7.1%} "
                   f"{r.get('data_wait_share', 0):>5.1%} {r['peak_mem_gib']:>7.1f} "

@@ -237,7 +237,7 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
     run)."""
     bare = {"img_per_s": 600.0, "flops_per_image": 0.5e12, "matmul_tflops": 780.0, "peak_mem_gib": 39.6,
             "card": "NVIDIA H200", "profile": {"device_busy_share": 0.95},
-            "variants": {"ema_inline": 545.5, "ema_compiled": 630.0}}
+            "variants": {"ceiling": 750.0, "ema_inline": 545.5, "ema_compiled": 630.0}}
     cache = {"img_per_s": 570.0, "data_wait_share": 0.001, "peak_mem_gib": 41.0}
     resume = {"saved_at": 20, "killed_after_step": 25, "final_step": 40, "redone": [[25, 0.5, 0.5]],
               "redone_max_rel_diff": 0.0, "loss_before": 0.51, "loss_after": 0.49, "wall_s": 100.0}
@@ -247,10 +247,12 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[3]: line.split() for line in lines if len(line.split()) > 3
             and line.split()[0] == "256"}
-    bare_line, cache_line = rows["bare"], rows["cache"]
+    ceiling_line, bare_line, cache_line = rows["ceiling"], rows["bare"], rows["cache"]
     assert bare_line[:6] == ["256", "2", "128", "bare", "600.0", "300.0"]
     assert bare_line[6] == f"{300.0 * 0.5 / 989.0:.1%}"  # MFU per GPU against 989 TFLOP/s
-    assert cache_line[4] == "570.0" and cache_line[8] == "95.0%"  # vs the bare step
+    assert ceiling_line[4] == "750.0" and ceiling_line[8] == "100.0%"  # the ceiling row, the first
+    assert bare_line[8] == "80.0%" and cache_line[4] == "570.0" and cache_line[8] == "76.0%"  # of the ceiling
+    assert [line.split()[3] for line in lines if line.startswith(" 256")] == ["ceiling", "bare", "cache"]
     assert ("card: NVIDIA H200" in lines
             and "switches: compile=full, layout_opt=auto, bucket_cap_mb=25.0" in lines)
     assert any(line.startswith("resume 256 px, 2 GPUs: saved at step 20, killed after step 25")
@@ -260,16 +262,21 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
             and "torch.compile" in variants[1])
     assert variants[0].endswith("same process): 545.5 img/s (90.9% of the bare row)")
     assert variants[1].endswith("same process): 630.0 img/s (105.0% of the bare row)")
+    bare.pop("variants")  # a bare row without a ceiling (an older JSON): shares of the bare step
+    bench.print_table([row])
+    cache_line = next(line.split() for line in capsys.readouterr().out.splitlines() if " cache " in line)
+    assert cache_line[8] == "95.0%"
 
 
 @pytest.mark.slow
 def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, bench):
-    """bench.py's bare step (its torchrun worker) on CPU with a small UNet, in a one-rank gloo group so that
-    DDP is on: the step as configured and the EMA variants (the other setting of ema.overlap, the compiled
-    update) are timed and reported in the BENCH line, so that a crash shows here rather than in a GPU run; the
-    CUDA-only calls are stood in for."""
+    """bench.py's bare step (scripts/bench_bare.py, its torchrun worker) on CPU with a small UNet, in a
+    one-rank gloo group so that DDP is on: the step as configured, the ceiling (no clipping, no EMA) and the
+    EMA variants (the other setting of ema.overlap, the compiled update) are timed and reported in the BENCH
+    line, so that a crash shows here rather than in a GPU run; the CUDA-only calls are stood in for."""
     import sys
 
+    import bench_bare
     import torch.distributed as torch_dist
     from conftest import free_port
     from diffusers import UNet2DConditionModel
@@ -294,18 +301,18 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     monkeypatch.setattr(models, "build_unet", small_unet)
     monkeypatch.setattr(ldm_dist, "init", one_rank)
     monkeypatch.setattr(ema_module, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(bench, "matmul_tflops", lambda device: 1.0)
+    monkeypatch.setattr(bench_bare, "matmul_tflops", lambda device: 1.0)
     for name, stand_in in (("synchronize", None), ("max_memory_allocated", 0),
                            ("reset_peak_memory_stats", None),
                            ("get_device_name", "cpu")):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
-    for switches, variants in ((["--ema-compile", "both"], ["ema_beside_forward", "ema_compiled"]),
-                               (["--ema-overlap", "on"], ["ema_inline"])):
+    for switches, variants in ((["--ema-compile", "both"], ["ceiling", "ema_beside_forward", "ema_compiled"]),
+                               (["--ema-overlap", "on"], ["ceiling", "ema_inline"])):
         monkeypatch.setattr(sys, "argv",
-                            ["bench.py", "--worker", "--res", "64", "--worker-batch", "2", "--steps",
-                                          "3", "--warmup", "1", "--compile", "off", *switches])
+                            ["bench_bare.py", "--res", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
+                             "--compile", "off", *switches])
         try:
-            assert bench.main() == 0
+            assert bench_bare.main() == 0
         finally:
             if torch_dist.is_initialized():
                 torch_dist.destroy_process_group()
