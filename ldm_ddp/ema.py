@@ -154,9 +154,9 @@ class EMA:
         self.shadows = [[params[n].detach().float().clone() for n in self.names] for _ in self.profiles]
         self.chunks = _chunk_ranges([t.numel() for t in self.shadows[0]])  # of update()'s temporaries
         self.one_pass = None  # on a GPU with Triton: the update in one pass (ema_kernel), the same bits
-        if self.shadows[0][0].is_cuda:  # (Triton imported only there)
-            from .ema_kernel import OnePassUpdate
-            self.one_pass = OnePassUpdate(self.shadows) if OnePassUpdate.kernel is not None else None
+        if self.names and self.shadows[0][0].is_cuda:  # (Triton imported only there)
+            from .ema_kernel import one_pass_for
+            self.one_pass = one_pass_for(self.shadows)
         self.num_updates = 0  # EMA updates applied so far (drives the decay warmup and the power profiles)
         self.fused = None  # the compiled update, built by compile() (scripts/bench.py --ema-compile)
         # defer_updates (scripts/bench.py's ema_beside_forward variant): update() leaves its update pending,

@@ -12,7 +12,7 @@ JPEGs, caches their latents with scripts/precompute_latents.py, then for each re
   bare     scripts/bench_bare.py under torchrun: UNet forward + backward (bf16 autocast,
            channels-last), grad clip, fused AdamW, EMA, on random tensors; DDP as the trainer wraps it
   ceiling  the same process's forward + backward + fused AdamW alone (no clip, no EMA): every row's
-           share of it is the "vs ceil" column
+           share of it is the "share" column (of the bare step for a row without a ceiling)
   cache    scripts/train.py --data.source=latents (the trainer: loader, text encoder, draws, metrics)
   online   scripts/train.py --data.source=folder (the VAE encodes each batch)
   buckets  online, with --data.buckets=auto: the same JPEGs (5:4 and 3:4) in their aspect-ratio buckets
@@ -276,7 +276,7 @@ def print_table(rows: list[dict]) -> None:
     """The figures of every path, each as a share of the ceiling (the bare step's forward, backward and
     fused AdamW alone, timed in its process) where there is one, else of the bare step."""
     print(f"\n{'res':>4} {'gpus':>4} {'batch':>5}  {'path':<7} {'img/s':>8} {'/GPU':>7} {'MFU989':>7} "
-          f"{'MFUmm':>6} {'vs ceil':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
+          f"{'MFUmm':>6} {'share':>7} {'wait':>5} {'mem GiB':>7} {'GPU busy':>8}")
     for row in rows:
         bare = row.get("bare", {})
         ceiling = bare.get("variants", {}).get("ceiling")

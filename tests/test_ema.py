@@ -376,6 +376,9 @@ def one_pass_against_foreach(device: str, width: int, steps: int) -> tuple[EMA, 
     cfg = EMAConfig(decay=0.999, extra_decays=[0.9], power_stds=[0.1])
     kernel, foreach = EMA(net, cfg), EMA(net, cfg)
     kernel.one_pass, foreach.one_pass = OnePassUpdate(kernel.shadows), None
+    before = [t.clone() for t in kernel.shadows[0]]
+    kernel.one_pass.probe()  # a weight of 0: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(before, kernel.shadows[0]))
     for step in range(steps):
         with torch.no_grad():
             for p in net.parameters():
@@ -393,15 +396,18 @@ def assert_same_shadows(a: EMA, b: EMA) -> None:
 
 def test_the_one_pass_update_gives_the_foreach_bits_in_tritons_interpreter(monkeypatch):
     """ema_kernel (the GPU's update, one Triton kernel for every weight and profile), run by Triton's CPU
-    interpreter: bit-identical shadows to the three foreach passes across layouts, profiles and a skipped
-    step; weights that do not fit (another layout than the shadows') are refused, and the address table
-    follows weights that moved."""
+    interpreter: bit-identical shadows to the three foreach passes across layouts, tensors of several blocks,
+    profiles and a skipped step; weights that do not fit (another layout than the shadows') are refused, and
+    the address table follows weights that moved. (The interpreter has no fused multiply-add: that it stays
+    off is the GPU test's to show.)"""
     triton = pytest.importorskip("triton")  # CPU builds of torch come without it; the test extra installs it
     from triton.runtime.interpreter import InterpretedFunction
 
     from ldm_ddp import ema_kernel
     monkeypatch.setattr(ema_kernel.OnePassUpdate, "kernel", InterpretedFunction(ema_kernel.lerp_kernel.fn))
+    monkeypatch.setattr(ema_kernel, "BLOCK", 64)  # tensors of up to 9 blocks (the GPU's 8192 would be one)
     kernel, foreach, net = one_pass_against_foreach("cpu", 8, 4)
+    assert len(kernel.one_pass.block_tensor) > len(kernel.names)
     assert_same_shadows(kernel, foreach)
     assert not torch.equal(kernel.shadows[0][0], kernel.shadows[2][0])  # the profiles differ
     assert triton is not None and kernel.one_pass.key is not None
@@ -427,3 +433,27 @@ def test_the_one_pass_update_gives_the_foreach_bits_on_a_gpu():
     kernel, foreach, _ = one_pass_against_foreach("cuda", 256, 6)
     assert EMA(Mixed("cuda"), EMAConfig()).one_pass is not None  # the default there
     assert_same_shadows(kernel, foreach)
+
+
+def test_where_the_one_pass_kernel_does_not_run_the_ema_takes_the_foreach_passes(monkeypatch, capsys):
+    """A kernel that cannot launch (no C compiler for Triton's launcher, an unsupported card) fails its probe
+    as the EMA is made, with a warning naming why: the EMA then updates through the foreach passes."""
+    import torch.utils._triton
+
+    from ldm_ddp import ema_kernel
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+            return launch
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.setattr(ema_kernel.OnePassUpdate, "kernel", Broken())
+    net = Mixed()
+    assert ema_kernel.one_pass_for(EMA(net, EMAConfig()).shadows) is None
+    assert "one-pass EMA update does not run here (RuntimeError: Failed to find C compiler" in \
+        capsys.readouterr().out
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert ema_kernel.one_pass_for(EMA(net, EMAConfig()).shadows) is None
+    assert capsys.readouterr().out == ""  # not even tried

@@ -284,6 +284,7 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     import ldm_ddp.dist as ldm_dist
     import ldm_ddp.ema as ema_module
     import ldm_ddp.models as models
+    import ldm_ddp.speed as speed
 
     def small_unet(cfg, latent_size, context_dim, device, pooled_width=0):
         return UNet2DConditionModel(sample_size=latent_size, block_out_channels=(32, 64), layers_per_block=1,
@@ -306,8 +307,20 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
                            ("reset_peak_memory_stats", None),
                            ("get_device_name", "cpu")):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
+    calls = {"clip": 0, "ema": 0}
+    clip, update = speed.clip_grad_norm, ema_module.EMA.update
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(speed, "clip_grad_norm", counted("clip", clip))
+    monkeypatch.setattr(ema_module.EMA, "update", counted("ema", update))
     for switches, variants in ((["--ema-compile", "both"], ["ceiling", "ema_beside_forward", "ema_compiled"]),
                                (["--ema-overlap", "on"], ["ceiling", "ema_inline"])):
+        calls.update(clip=0, ema=0)
         monkeypatch.setattr(sys, "argv",
                             ["bench_bare.py", "--res", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
                              "--compile", "off", *switches])
@@ -320,6 +333,10 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
         result = json.loads(line[len("BENCH "):])
         assert result["img_per_s"] > 0 and result["flops_per_image"] > 0
         assert sorted(result["variants"]) == variants and min(result["variants"].values()) > 0
+        # 1 warmup step, then 2 halves of 2 steps for the step as configured and each variant: the ceiling's
+        # 4 steps neither clip nor update the EMA
+        steps = 1 + 2 * 2 * (1 + len(variants))
+        assert calls == {"clip": steps - 4, "ema": steps - 4}
 
 
 def test_kernel_sources_name_the_host_ops_that_launched_each_kernel():
