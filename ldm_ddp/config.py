@@ -117,6 +117,8 @@ class TrainConfig:
     # (Wallace et al. 2023: 2500 for SD1.5)
     compile: Literal["auto", "off", "full", "regional"] = "auto"  # torch.compile of the UNet; auto: full on
     # CUDA (falls back to eager with a warning if it fails), off on CPU. docs/performance.md
+    compile_vae: bool = False  # torch.compile of the VAE's encoder where images are encoded online (not
+    # from the latent cache), one static graph per input shape; channels-last on CUDA
     startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done,
     # and while a save runs
     collective_timeout_s: float = 120.0  # s; afterwards: a rank whose peer died or hangs stops within this

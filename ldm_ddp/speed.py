@@ -143,6 +143,16 @@ def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = 
     return model
 
 
+def compile_vae_encoder(vae, device: torch.device, shapes: int = 1) -> None:
+    """train.compile_vae: the frozen VAE's encoder, which encodes every online batch, compiled in place
+    (nn.Module.compile keeps parameter names), one static graph per input shape (aspect-ratio buckets);
+    channels-last weights on CUDA, as the UNet's. The decoder (live samples) stays eager."""
+    if device.type == "cuda":
+        vae.to(memory_format=torch.channels_last)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 2)
+    vae.encoder.compile(dynamic=False, backend=COMPILE_BACKEND)
+
+
 def uncompile(unet, model: torch.nn.Module) -> torch.nn.Module:
     """Undo compile_model: the eager module (for a fallback)."""
     for region in regions(unet):

@@ -4,7 +4,7 @@ cache and from online VAE encoding; SD1.5 UNet (bare: --unet sdxl too); one GPU 
     python scripts/bench.py [--gpus 1 2] [--res 256 512] [--batch 256=64 512=16] [--steps 40]
         [--compile off|full|regional] [--sdpa auto|flash|cudnn|efficient|math] [--cudnn-benchmark on|off]
         [--channels-last on|off] [--ema-compile on|off|both] [--ema-overlap on|off] [--profile]
-        [--pretrained DIR] [--work DIR] [--json OUT.json]
+        [--pretrained DIR] [--work DIR] [--json OUT.json] [--set KEY=VALUE ...]
 
 Without --pretrained it writes a random-init SD1.5-shaped VAE, 12-layer CLIP text encoder and a
 77-token tokenizer (same shapes and FLOPs as the real ones; no download). It makes pre-resized
@@ -105,7 +105,8 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
-            f"--ema.update_every={args.ema_every}", "--data.buckets=off", *data]
+            f"--ema.update_every={args.ema_every}", "--data.buckets=off", *data,
+            *(f"--{setting}" for setting in args.set)]
 
 
 def trainer(args, nproc: int, res: int, batch: int, data: list[str], out: Path) -> dict:
@@ -213,6 +214,8 @@ def main() -> int:
     parser.add_argument("--pretrained", default="", help="vae/, text_encoder/, tokenizer/ (default: random)")
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
     parser.add_argument("--json", default="")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="trainer rows: more settings, last (e.g. train.compile_vae=true)")
     args = parser.parse_args()
     work, batches = Path(args.work), {int(k): int(v) for k, v in (b.split("=") for b in args.batch)}
     trainer_parts = {"cache", "online", "buckets", "resume"} & set(args.parts)
@@ -232,7 +235,8 @@ def main() -> int:
                      1800, work / "logs" / f"precompute_{res}.log")
         for gpus in args.gpus:
             row = {"res": res, "gpus": gpus, "batch_per_gpu": batch,
-                   "switches": {k: getattr(args, k) for k in (*SWITCHES, "sample_every", "steps", "warmup")}}
+                   "switches": {k: getattr(args, k)
+                                for k in (*SWITCHES, "sample_every", "steps", "warmup", "set")}}
             if "bare" in args.parts:
                 out = torchrun(gpus, "scripts/bench_bare.py",
                                ["--res", str(res), "--batch", str(batch),

@@ -172,6 +172,31 @@ def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args,
     assert (tmp_path / "compiled" / "samples" / "step_0000002.png").is_file()
 
 
+@pytest.mark.slow
+def test_a_compiled_vae_encoder_encodes_like_the_eager_one(tmp_path, tiny_args, monkeypatch):
+    """train.compile_vae: the online batches' encoder compiled in place (aot_eager here: dynamo's capture is
+    real), the UNet eager; the run's numbers match an eager run's and its checkpoint keeps the eager names."""
+    from ldm_ddp.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    compiled = []
+    real = speed.compile_vae_encoder
+    monkeypatch.setattr(speed, "compile_vae_encoder",
+                        lambda vae, *args, **kwargs: (compiled.append(vae), real(vae, *args, **kwargs)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        train_here(*tiny_args(tmp_path / name, train__max_steps=2), f"--train.compile_vae={flag}")
+    assert len(compiled) == 1 and compiled[0].encoder._compiled_call_impl is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the encoder's, the UNet eager
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()
+                     if '"loss"' in line] for name in ("eager", "compiled")}
+    assert losses["compiled"] and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+    tensors, _ = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step_0000002.safetensors")
+    reference, _ = load_checkpoint(tmp_path / "eager" / "checkpoints" / "step_0000002.safetensors")
+    assert tensors.keys() == reference.keys()
+
+
 @pytest.fixture
 def bench(monkeypatch):
     """scripts/bench.py as a module (with the scripts folder on the path only for the test)."""
@@ -230,6 +255,16 @@ def test_waiting_for_an_attempts_processes_spares_the_caller(tmp_path):
                           capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "returned", (done.returncode, done.stderr[-500:])
+
+
+def test_bench_trainer_rows_take_more_settings_last(bench):
+    """bench.py --set KEY=VALUE reaches the trainer's command after its own settings (so it wins)."""
+    import argparse
+    args = argparse.Namespace(pretrained="bundle", steps=40, sample_every=0, compile="full", ema_every=1,
+                              set=["train.compile_vae=true", "data.batch_per_gpu=8"])
+    command = bench.trainer_args(args, 256, 64, ["--data.source=folder"], "out", 10)
+    assert command[-2:] == ["--train.compile_vae=true", "--data.batch_per_gpu=8"]
+    assert command.index("--data.batch_per_gpu=64") < command.index("--data.batch_per_gpu=8")
 
 
 def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench):
