@@ -11,8 +11,9 @@ three passes do (no fused multiply-add: `enable_fp_fusion=False`).
 The kernel finds its tensors through a table of their addresses on the device: one row for the weights, one
 per profile's shadows. Each program updates BLOCK consecutive elements of one tensor in memory order, which
 is the same element in the weight and the shadow when both have the same strides and cover their memory
-densely (channels-last or not). The table is rebuilt, and the layouts checked again, when an address changes
-(the trainer never changes a parameter's layout in place once the EMA is made).
+densely (channels-last or not). The table is rebuilt, and the layouts checked again, when a weight's address
+changes (the shadows, only ever written in place, keep theirs; the trainer never changes a parameter's layout
+in place once the EMA is made).
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class OnePassUpdate:
 
     def __init__(self, shadows: list[list[torch.Tensor]]):
         self.shadows = shadows
-        self.key = None  # the addresses the tables hold
+        self.key = None  # the weights' addresses the table holds
+        self.shadow_addresses = tuple(t.data_ptr() for shadow in shadows for t in shadow)  # fixed: in place
         self.block, self.num_warps = BLOCK, NUM_WARPS  # the block table is made for this BLOCK
         device = shadows[0][0].device
         sizes = [t.numel() for t in shadows[0]]
@@ -73,8 +75,8 @@ class OnePassUpdate:
 
     def fits(self, current: list[torch.Tensor]) -> bool:
         """Whether the kernel can update toward these weights: fp32, each laid out as its shadows are and
-        dense. Checked, and the address table rebuilt, when an address changes."""
-        key = tuple(t.data_ptr() for t in current) + tuple(t.data_ptr() for s in self.shadows for t in s)
+        dense. Checked, and the address table rebuilt, when a weight's address changes."""
+        key = tuple(t.data_ptr() for t in current)
         if key == self.key:
             return True
         layout = [c.stride() for c in current]
@@ -82,7 +84,7 @@ class OnePassUpdate:
                 [t.stride() for t in shadow] != layout for shadow in self.shadows):
             return False
         self.key = key
-        self.table = torch.tensor(key, dtype=torch.int64, device=current[0].device)
+        self.table = torch.tensor(key + self.shadow_addresses, dtype=torch.int64, device=current[0].device)
         return True
 
     def __call__(self, current: list[torch.Tensor], weights: list[torch.Tensor]) -> None:

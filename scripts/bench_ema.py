@@ -54,26 +54,25 @@ def main() -> int:
                "torch": torch.__version__, "rows": []}
     for profiles, cfg in ((1, EMAConfig(decay=0.9999)),
                           (3, EMAConfig(decay=0.9999, extra_decays=[0.999], power_stds=[0.1]))):
-        moved = gigabytes * (1 + 2 * profiles)
+        moved = gigabytes * (1 + 2 * profiles)  # read the weights and each shadow, write each shadow
+
+        def record(path: str, ms: float, profiles=profiles, moved=moved) -> None:
+            figures["rows"].append({"path": path, "profiles": profiles, "ms": ms,
+                                    "gb_per_s": moved / ms * 1e3})
+
         for block in args.blocks:
             ema_kernel.BLOCK, ema_kernel.NUM_WARPS = map(int, block.split(":"))
             ema = EMA(unet, cfg)
             if ema.one_pass is None or not ema.one_pass.fits(ema._weights(unet)):
                 raise SystemExit("the one-pass kernel is not used (no Triton, or the weights do not fit)")
-            ms = time_updates(ema, unet, args.updates)
-            figures["rows"].append({"path": f"one pass (block {block})", "profiles": profiles, "ms": ms,
-                                    "gb_per_s": moved / ms * 1e3})
+            record(f"one pass (block {block})", time_updates(ema, unet, args.updates))
             del ema
         ema = EMA(unet, cfg)
         ema.one_pass = None
-        ms = time_updates(ema, unet, args.updates)
-        figures["rows"].append({"path": "foreach, three passes", "profiles": profiles, "ms": ms,
-                                "gb_per_s": moved / ms * 1e3})
+        record("foreach, three passes", time_updates(ema, unet, args.updates))
         if args.compiled:
             ema.compile()
-            ms = time_updates(ema, unet, args.updates)
-            figures["rows"].append({"path": "torch.compile", "profiles": profiles, "ms": ms,
-                                    "gb_per_s": moved / ms * 1e3})
+            record("torch.compile", time_updates(ema, unet, args.updates))
         del ema
         torch.cuda.empty_cache()
 
