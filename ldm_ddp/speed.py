@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .config import ConfigError
+from .config import ConfigError, resolve_batch
 from .models import trains_channels_last
 
 
@@ -113,7 +113,7 @@ def use_ddp_compile(mode: str) -> None:
 
 
 def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = False,
-                  backend: str = "inductor", shapes: int = 1) -> torch.nn.Module:
+                  backend: str = "inductor", shapes: int = 1, cuda_graphs: bool = False) -> torch.nn.Module:
     """-> the module the step calls. "full": torch.compile of the (DDP-wrapped) model, as one graph or split
     at DDP's buckets as `use_ddp_compile` set (train.ddp_compile). "regional": each
     repeated module (`regions`) compiled in place with static shapes; modules of one class and one shape
@@ -125,10 +125,17 @@ def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = 
     gradients channels-last too. Its own heuristic turns that off for any graph with a 3x3 convolution of at
     most half as many output as input channels (SD's up blocks: 2560 -> 1280), and then every convolution's
     backward copies its incoming gradient into channels-last first (SD1.5, 256 px, batch 64: ~95 copies a
-    step; forcing the layout measured 535.0 against 525.6 img/s on an H200, docs/performance.md)."""
+    step; forcing the layout measured 535.0 against 525.6 img/s on an H200, docs/performance.md).
+
+    `cuda_graphs` ("full" only): inductor records the compiled forward and backward as CUDA graphs
+    (cudagraph trees) and replays them, one launch each instead of one per kernel (SD1.5 at 256 px: ~3,500
+    kernels a step, which took the host longer to launch than the GPU to run), so the host no longer paces
+    the GPU. Inputs are copied into the graphs' own buffers; outputs, gradients included, live in the
+    graphs' memory pool until the next step's replay overwrites them."""
     if mode == "full":  # the layout is measured for the whole graph only; the option covers its backward too
-        layout = ({"options": {"force_layout_optimization": True}}
-                  if force_layout and backend == "inductor" else {})
+        options = {**({"force_layout_optimization": True} if force_layout else {}),
+                   **({"triton.cudagraphs": True} if cuda_graphs else {})}
+        layout = {"options": options} if options and backend == "inductor" else {}
         if shapes == 1:
             return torch.compile(model, backend=backend, **layout)
         # Several shapes (buckets): one static graph each, not dynamo's switch to a shape-generic graph at
@@ -182,6 +189,29 @@ def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[]
 COMPILE_BACKEND = os.environ.get("LDM_DDP_COMPILE_BACKEND", "inductor")
 
 
+def cuda_graphs(setting: str, device: torch.device, mode: str, world_size: int, grad_accum: int = 1,
+                shapes: int = 1) -> bool:
+    """train.cuda_graphs -> whether the compiled UNet runs as CUDA graphs (compile_model). Only where it is
+    compiled whole ("full") on CUDA, and only with one micro-batch per step (a second micro-batch's replay
+    would overwrite the gradients the first left in the graphs' pool). auto: on where it was measured, one
+    GPU and one input shape (1 x H200, SD1.5 at 256 px: the trainer from the latent cache at 540 img/s, 92%
+    of the bare step's ceiling, docs/performance.md); on: also under DDP and with buckets (a graph each);
+    asked for by name where it cannot run, it warns (no CUDA, not compiled whole) or stops (accumulation)."""
+    if setting == "off":
+        return False
+    if device.type != "cuda" or mode != "full":
+        if setting == "on" and dist.is_main():
+            print(f"warning: train.cuda_graphs=on needs train.compile=full on CUDA (here {mode} on "
+                  f"{device.type}); running without CUDA graphs", flush=True)
+        return False
+    if grad_accum > 1:
+        if setting == "on":
+            raise ConfigError(f"train.cuda_graphs=on: needs one micro-batch per step, this run accumulates "
+                              f"{grad_accum} (train.global_batch / (data.batch_per_gpu x GPUs))")
+        return False
+    return setting == "on" or (world_size == 1 and shapes == 1)
+
+
 def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict, autocast: bool, objective,
                  shapes: int = 1):
     """The trainer's fast path, set up and probed: cuDNN autotuning on CUDA (where models.build_unet made the
@@ -200,9 +230,11 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
         configure_cuda(cudnn_benchmark=True)
     channels_last = trains_channels_last(device)  # the weights are already (models.build_unet)
     mode = compile_mode(cfg.train.compile, device)
+    graphs = cuda_graphs(cfg.train.cuda_graphs, device, mode, world_size, resolve_batch(cfg, world_size)[0],
+                         shapes)
     use_ddp_compile(ddp_compile("whole", mode, world_size))
     model = compile_model(unet, dist.wrap_ddp(unet), mode, force_layout=channels_last,
-                          backend=COMPILE_BACKEND, shapes=shapes)
+                          backend=COMPILE_BACKEND, shapes=shapes, cuda_graphs=graphs)
     reference = objective.reference
     if reference is not None and mode == "full":
         # A graph per shape beside the UNet's, counted against the same recompile limit (one forward's code).

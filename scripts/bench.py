@@ -105,6 +105,7 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
     return [f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
+            f"--train.cuda_graphs={args.cuda_graphs}",
             f"--ema.update_every={args.ema_every}", "--data.buckets=off", *data,
             *(f"--{setting}" for setting in args.set)]
 
@@ -231,6 +232,7 @@ def main() -> int:
         if {"cache", "resume"} & set(args.parts) and not (cache / "manifest.json").is_file():
             torchrun(max(args.gpus), "scripts/precompute_latents.py",
                      [str(cache), f"--preset=sd15_{res}", f"--model.pretrained={args.pretrained}",
+                      "--data.buckets=off",  # square latents, as the trainer rows train (trainer_args)
                       "--data.source=folder", f"--data.path={images}", "--batch=64", "--data.num_workers=8"],
                      1800, work / "logs" / f"precompute_{res}.log")
         for gpus in args.gpus:

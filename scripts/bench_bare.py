@@ -25,8 +25,8 @@ VARIANTS = {"ceiling": "forward, backward and fused AdamW alone: no gradient cli
                                   "(--ema-overlap on)",
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches, as scripts/bench.py passes them on (--name value) and each row records.
-SWITCHES = ("unet", "compile", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt", "ddp_compile",
-            "static_graph", "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
+SWITCHES = ("unet", "compile", "cuda_graphs", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
+            "ddp_compile", "static_graph", "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
 
 
 def add_switches(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
                         help="bare: the UNet architecture (sdxl: 2.57 B parameters, SDXL's added embedding)")
     parser.add_argument("--compile", default="full", choices=["off", "full", "regional"],
                         help="torch.compile of the UNet, as train.compile (bare and trainer)")
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                        help="the compiled UNet as CUDA graphs, as train.cuda_graphs (bare and trainer)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                         help="bare step: the SDPA kernel (auto: PyTorch's choice)")
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
@@ -106,7 +108,9 @@ def bare_worker(args) -> None:
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
     model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb),
-                                args.compile, force_layout)
+                                args.compile, force_layout,
+                                cuda_graphs=speed.cuda_graphs(args.cuda_graphs, device, args.compile,
+                                                              dist.world_size()))
     overlap = args.ema_overlap == "on"
     ema.defer_updates(device)  # its side stream; the step as configured defers with --ema-overlap on only
     ema.deferring = overlap
