@@ -268,8 +268,8 @@ def test_cuda_graphs_only_for_a_whole_compiled_unet_on_cuda_and_one_micro_batch(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_unet_replayed_as_cuda_graphs_trains_like_the_eager_one():
     """Three fp32 training steps of a small UNet, eager and compiled whole as CUDA graphs, from the same
-    weights and batches: the same losses and weights (to within an update's share, 3 x lr), so each replay's
-    gradients reach the clip and the optimizer before the next replay overwrites the graphs' pool."""
+    weights and batches: the same losses and weights, so each replay's gradients reach the clip and the
+    optimizer before the next replay overwrites the graphs' pool."""
     from diffusers import UNet2DConditionModel
     device = torch.device("cuda")
     torch._dynamo.reset()
@@ -297,8 +297,12 @@ def test_a_unet_replayed_as_cuda_graphs_trains_like_the_eager_one():
         torch._dynamo.reset()
     (eager, eager_weights), (graphed, graphed_weights) = results
     assert graphed == pytest.approx(eager, rel=1e-3)  # inductor against eager kernels: ~1e-4 apart
-    assert max((graphed_weights[k] - eager_weights[k]).abs().max() for k in eager_weights) < 3e-4
-    assert any(not torch.equal(eager_weights[k], start.state_dict()[k]) for k in eager_weights)  # it trained
+    # the weights: apart by under 1% of how far training moved them (Adam's update of a gradient near 0 can
+    # flip sign between kernels, so not element by element)
+    initial = start.state_dict()
+    apart = sum((graphed_weights[k] - eager_weights[k]).abs().sum() for k in eager_weights)
+    moved = sum((eager_weights[k] - initial[k]).abs().sum() for k in eager_weights)
+    assert moved > 0 and apart < 0.01 * moved
 
 
 @pytest.mark.slow
