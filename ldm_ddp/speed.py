@@ -212,6 +212,36 @@ def cuda_graphs(setting: str, device: torch.device, mode: str, world_size: int, 
     return setting == "on" or (world_size == 1 and shapes == 1)
 
 
+def fp8_linear(module: torch.nn.Module, name: str) -> bool:
+    """Which linears train.fp8 converts: those inside the UNet's transformer blocks (attention q/k/v/out,
+    the feed-forward's two), with both sizes multiples of 16 (FP8 matmuls need them). The time and
+    conditioning embeddings' linears run on a batch's few rows, too small to gain; LoRA's adapters
+    (model.lora_rank) are too narrow, and the frozen layers they wrap are converted."""
+    return (isinstance(module, torch.nn.Linear) and ".transformer_blocks." in f".{name}."
+            and ".lora_" not in name and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def convert_fp8(unet: torch.nn.Module, device: torch.device, emulate: bool = False) -> int:
+    """train.fp8: torchao's float8 training (dynamic tensorwise scales: inputs and weights in e4m3, output
+    gradients in e5m2) for the linears `fp8_linear` picks, in place, before the compile and the DDP wrap.
+    The modules keep their parameters (the same tensors, so the optimizer and the EMA are unaffected) and
+    their names: checkpoints hold the same fp32 weights. `emulate`: torchao's emulation of the FP8 matmul
+    (CPU tests). -> how many linears were converted; ConfigError without torchao or FP8 matmuls."""
+    if not emulate:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            raise ConfigError(f"train.fp8: needs a GPU with FP8 matmuls (compute capability 8.9+: Ada, "
+                              f"Hopper or newer), this run has {where}")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ConfigError("train.fp8: needs torchao (pip install torchao, or the fp8 extra)") from None
+    picked = [name for name, module in unet.named_modules() if fp8_linear(module, name)]
+    convert_to_float8_training(unet, config=Float8LinearConfig(emulate=emulate),
+                               module_filter_fn=fp8_linear)
+    return len(picked)
+
+
 def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict, autocast: bool, objective,
                  shapes: int = 1):
     """The trainer's fast path, set up and probed: cuDNN autotuning on CUDA (where models.build_unet made the
@@ -228,6 +258,10 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
     the UNet."""
     if device.type == "cuda":
         configure_cuda(cudnn_benchmark=True)
+    if cfg.train.fp8:
+        converted = convert_fp8(unet, device)
+        if dist.is_main():
+            print(f"train.fp8: {converted} linears of the UNet train in float8", flush=True)
     channels_last = trains_channels_last(device)  # the weights are already (models.build_unet)
     mode = compile_mode(cfg.train.compile, device)
     graphs = cuda_graphs(cfg.train.cuda_graphs, device, mode, world_size, resolve_batch(cfg, world_size)[0],

@@ -25,7 +25,7 @@ VARIANTS = {"ceiling": "forward, backward and fused AdamW alone: no gradient cli
                                   "(--ema-overlap on)",
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches, as scripts/bench.py passes them on (--name value) and each row records.
-SWITCHES = ("unet", "compile", "cuda_graphs", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
+SWITCHES = ("unet", "compile", "cuda_graphs", "fp8", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
             "ddp_compile", "static_graph", "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
 
 
@@ -38,6 +38,8 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile of the UNet, as train.compile (bare and trainer)")
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                         help="the compiled UNet as CUDA graphs, as train.cuda_graphs (bare and trainer)")
+    parser.add_argument("--fp8", default="off", choices=["on", "off"],
+                        help="the transformer linears in float8 (torchao), as train.fp8 (bare and trainer)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                         help="bare step: the SDPA kernel (auto: PyTorch's choice)")
     parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
@@ -99,6 +101,8 @@ def bare_worker(args) -> None:
         cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device),
                                      "time_ids": ids}
     flops_per_image = count_train_flops(unet, map_cond(lambda x: x[:1], cond), autocast=True)
+    if args.fp8 == "on":
+        speed.convert_fp8(unet, device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
     if args.ema_compile == "on":

@@ -1,0 +1,125 @@
+"""FP8 against bf16 in the trainer: img/s and the loss curve of the same run with train.fp8 on and off.
+
+    python scripts/bench_fp8.py [--runs bf16 fp8 bf16_seed1] [--steps 2000] [--res 256] [--batch 32]
+        [--images 8192] [--window 100] [--work DIR] [--out DIR]
+    python scripts/bench_fp8.py --report DIR [DIR ...]     # runs made by several calls, compared
+
+The task: SD1.5 at --res px (the sd15_<res> preset: the SD1.5 UNet from random init) on the synthetic shapes
+set, from a latent cache of --images samples made first with scripts/precompute_latents.py (bench.py's
+random-init SD1.5-shaped VAE and text encoder, square images), no checkpoints, no live samples. Runs:
+  bf16        train.seed=0
+  fp8         train.seed=0 and train.fp8=true: the same init, data and draws as bf16
+  bf16_seed1  train.seed=1 (another init and other draws, the same data): the run-to-run spread
+Each run leaves <out>/<run>/metrics.jsonl and <out>/<run>/summary.json (steady img/s, peak memory, the mean
+loss per window of --window steps). The report prints the curves side by side, and per window fp8's
+distance from bf16 against bf16_seed1's: the curves agree within the run-to-run spread when fp8's mean
+distance is at most bf16_seed1's.
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import _path  # noqa: F401
+import numpy as np
+from bench import make_bundle, steady_figures, torchrun
+
+RUNS = {"bf16": ["--train.seed=0"], "fp8": ["--train.seed=0", "--train.fp8=true"],
+        "bf16_seed1": ["--train.seed=1"]}
+
+
+def window_losses(metrics: Path, window: int) -> dict[int, float]:
+    """metrics.jsonl -> {last step of the window: mean loss of its log intervals}, for the windows of
+    `window` steps."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.startswith("{")]
+    sums: dict[int, list[float]] = {}
+    for r in records:
+        if "loss" in r and "step" in r:
+            sums.setdefault(-(-r["step"] // window) * window, []).append(r["loss"])
+    return {end: float(np.mean(losses)) for end, losses in sorted(sums.items())}
+
+
+def run(args, name: str, bundle: Path, cache: Path) -> dict:
+    out = Path(args.work) / f"run_{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    every = max(1, min(50, args.window))
+    torchrun(1, "scripts/train.py",
+             [f"--preset=sd15_{args.res}", f"--model.pretrained={bundle}", f"--train.out_dir={out}",
+              "--data.source=latents", f"--data.path={cache}", "--data.buckets=off",
+              f"--data.batch_per_gpu={args.batch}", f"--train.max_steps={args.steps}", f"--log.every={every}",
+              "--log.progress=lines", "--sample.every=0", f"--ckpt.every={10 * args.steps}",
+              "--ckpt.resume=none", "--optim.warmup_steps=100", *RUNS[name]],
+             7200, Path(args.work) / "logs" / f"{name}.log")
+    kept = Path(args.out) / name
+    kept.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "metrics.jsonl", kept / "metrics.jsonl")
+    summary = {"run": name, "res": args.res, "batch": args.batch, "steps": args.steps,
+               **steady_figures(out), "window_losses": window_losses(out / "metrics.jsonl", args.window)}
+    (kept / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def report(dirs: list[str]) -> int:
+    """The runs' summaries found under `dirs` (the last of each name wins), side by side."""
+    found = {}
+    for d in dirs:
+        for path in sorted(Path(d).glob("*/summary.json")):
+            summary = json.loads(path.read_text())
+            found[summary["run"]] = summary
+    for name, s in found.items():
+        print(f"{name:>11}: {s['img_per_s']:.1f} img/s, {s['peak_mem_gib']:.1f} GiB peak, "
+              f"{s['res']} px, batch {s['batch']}, {s['steps']} steps")
+    if "bf16" in found and "fp8" in found:
+        print(f"fp8 against bf16: {found['fp8']['img_per_s'] / found['bf16']['img_per_s'] - 1:+.1%} img/s")
+    names = [n for n in RUNS if n in found]
+    ends = sorted({int(e) for n in names for e in found[n]["window_losses"]})
+    print("  step " + "".join(f"{n:>12}" for n in names))
+    for end in ends:
+        print(f"{end:>6} " + "".join(f"{found[n]['window_losses'].get(str(end), float('nan')):>12.5f}"
+                                      for n in names))
+    if {"bf16", "fp8", "bf16_seed1"} <= set(found):
+        base = found["bf16"]["window_losses"]
+
+        def distance(name: str) -> float:
+            other = found[name]["window_losses"]
+            return float(np.mean([abs(other[e] - base[e]) for e in base if e in other]))
+
+        fp8, spread = distance("fp8"), distance("bf16_seed1")
+        print(f"mean distance from bf16 per window: fp8 {fp8:.5f}, bf16_seed1 {spread:.5f} -> the curves "
+              f"{'agree' if fp8 <= spread else 'do not agree'} within the run-to-run spread")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--res", type=int, default=256, choices=[256, 512])
+    parser.add_argument("--batch", type=int, default=32, help="images per step")
+    parser.add_argument("--images", type=int, default=8192, help="shapes samples in the latent cache")
+    parser.add_argument("--window", type=int, default=100, help="steps per window of the loss curve")
+    parser.add_argument("--work", default="/tmp/ldm_ddp_bench_fp8")
+    parser.add_argument("--out", default="bench_fp8", help="the runs' metrics and summaries")
+    parser.add_argument("--report", nargs="+", metavar="DIR", help="only compare runs kept in these folders")
+    args = parser.parse_args()
+    if args.report:
+        return report(args.report)
+    work = Path(args.work)
+    bundle = make_bundle(work / "bundle")
+    cache = work / f"latents_shapes_{args.res}_{args.images}"
+    if not (cache / "manifest.json").is_file():
+        torchrun(1, "scripts/precompute_latents.py",
+                 [str(cache), f"--preset=sd15_{args.res}", f"--model.pretrained={bundle}",
+                  "--data.buckets=off", "--data.source=shapes", f"--data.shapes_num_samples={args.images}",
+                  "--batch=64"],
+                 3600, work / "logs" / "precompute.log")
+    for name in args.runs:
+        summary = run(args, name, bundle, cache)
+        print(f"{name}: {summary['img_per_s']:.1f} img/s", flush=True)
+    return report([args.out])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
