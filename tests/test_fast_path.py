@@ -77,7 +77,7 @@ def test_fp8_converts_the_transformer_linears_keeping_their_weights_and_names():
     (10 per block: q, k, v, out of both attentions, the feed-forward's two) and nothing else becomes float8;
     the parameters are the same tensors under the same names; a bf16 step's loss and gradients stay within
     FP8's rounding of the bf16 ones."""
-    pytest.importorskip("torchao.float8")
+    pytest.importorskip("torchao.float8", reason="train.fp8 needs torchao (the fp8 extra)")
     from ldm_ddp.config import ModelConfig
     from ldm_ddp.models import build_unet
     torch.manual_seed(0)
