@@ -419,6 +419,11 @@ def validate(cfg: Config) -> None:
              "the model to tune (a checkpoint or UNet folder) with train.objective = dpo: it is also the "
              "frozen reference", cfg.model.unet_init)
     _require(cfg.train.dpo_beta > 0, "train.dpo_beta", "a positive number", cfg.train.dpo_beta)
+    # The reference runs in bf16: the trained model's FP8 rounding alone would move the reward from 0 at
+    # step 0, and beta (2500) magnifies it.
+    _require(not (cfg.train.fp8 and cfg.train.objective == "dpo"), "train.fp8",
+             "false with train.objective = dpo (the bf16 reference would differ from the FP8 model by its "
+             "rounding alone)", cfg.train.fp8)
     if cfg.data.source in ("shapes", "shapes_pairs"):
         _require(32 <= cfg.data.resolution <= 1024, "data.resolution", "32..1024 px for the shapes source",
                  cfg.data.resolution)

@@ -194,12 +194,13 @@ def cuda_graphs(setting: str, device: torch.device, mode: str, world_size: int, 
     """train.cuda_graphs -> whether the compiled UNet runs as CUDA graphs (compile_model). Only where it is
     compiled whole ("full") on CUDA, and only with one micro-batch per step (a second micro-batch's replay
     would overwrite the gradients the first left in the graphs' pool). auto: on where it was measured, one
-    GPU and one input shape (1 x H200, SD1.5 at 256 px: the trainer from the latent cache at 540 img/s, 92%
-    of the bare step's ceiling, docs/performance.md); on: also under DDP and with buckets (a graph each);
-    asked for by name where it cannot run, it warns (no CUDA, not compiled whole) or stops (accumulation)."""
+    GPU and one input shape (square images: data.buckets=off); measured with the diffusion objective, SD1.5
+    at 256 px from the latent cache (1 x H200: 540 img/s, docs/performance.md). on: also under DDP and with
+    buckets (a graph each), not measured there. Asked for by name where it cannot run, it warns (no CUDA,
+    not compiled whole by inductor) or stops (accumulation)."""
     if setting == "off":
         return False
-    if device.type != "cuda" or mode != "full":
+    if device.type != "cuda" or mode != "full" or COMPILE_BACKEND != "inductor":
         if setting == "on" and dist.is_main():
             print(f"warning: train.cuda_graphs=on needs train.compile=full on CUDA (here {mode} on "
                   f"{device.type}); running without CUDA graphs", flush=True)
@@ -214,16 +215,20 @@ def cuda_graphs(setting: str, device: torch.device, mode: str, world_size: int, 
 
 def fp8_linear(module: torch.nn.Module, name: str) -> bool:
     """Which linears train.fp8 converts: those inside the UNet's transformer blocks (attention q/k/v/out,
-    the feed-forward's two), with both sizes multiples of 16 (FP8 matmuls need them). The time and
-    conditioning embeddings' linears run on a batch's few rows, too small to gain; LoRA's adapters
-    (model.lora_rank) are too narrow, and the frozen layers they wrap are converted."""
+    the cross-attention's query and output, the feed-forward's two), with both sizes multiples of 16 (FP8
+    matmuls need them). Left in bf16: the cross-attention's keys and values (77 text tokens a sample: small
+    matmuls whose weight gradient would need the batch's token count a multiple of 16), the time and
+    conditioning embeddings (a batch's few rows), LoRA's adapters (model.lora_rank: too narrow; the frozen
+    layers they wrap are converted)."""
     return (isinstance(module, torch.nn.Linear) and ".transformer_blocks." in f".{name}."
-            and ".lora_" not in name and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+            and ".lora_" not in name and module.in_features % 16 == 0 and module.out_features % 16 == 0
+            and not name.endswith(("attn2.to_k", "attn2.to_v")))
 
 
 def convert_fp8(unet: torch.nn.Module, device: torch.device, emulate: bool = False) -> int:
     """train.fp8: torchao's float8 training (dynamic tensorwise scales: inputs and weights in e4m3, output
-    gradients in e5m2) for the linears `fp8_linear` picks, in place, before the compile and the DDP wrap.
+    gradients in e5m2; inner sizes padded to 16, so any batch and bucket shape runs) for the linears
+    `fp8_linear` picks, in place, before the compile and the DDP wrap.
     The modules keep their parameters (the same tensors, so the optimizer and the EMA are unaffected) and
     their names: checkpoints hold the same fp32 weights. `emulate`: torchao's emulation of the FP8 matmul
     (CPU tests). -> how many linears were converted; ConfigError without torchao or FP8 matmuls."""
@@ -237,7 +242,7 @@ def convert_fp8(unet: torch.nn.Module, device: torch.device, emulate: bool = Fal
     except ImportError:
         raise ConfigError("train.fp8: needs torchao (pip install torchao, or the fp8 extra)") from None
     picked = [name for name, module in unet.named_modules() if fp8_linear(module, name)]
-    convert_to_float8_training(unet, config=Float8LinearConfig(emulate=emulate),
+    convert_to_float8_training(unet, config=Float8LinearConfig(emulate=emulate, pad_inner_dim=True),
                                module_filter_fn=fp8_linear)
     return len(picked)
 
@@ -282,17 +287,25 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
         b = len(uncond["encoder_hidden_states"])  # a micro-batch's images (pairs: both images)
         c, h = unet.config.in_channels, unet.config.sample_size
         x_t, t = torch.zeros(b, c, h, h, device=device), torch.zeros(b, dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            model(x_t, t, **uncond).sample.sum().backward()
-            if reference is not None:
-                with torch.no_grad():
-                    objective.run_reference(x_t, t, **uncond)
-        unet.zero_grad(set_to_none=True)
+        # CUDA graphs: the first call warms up, the second records the graphs, the third replays them
+        for _ in range(3 if graphs else 1):
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    model(x_t, t, **uncond).sample.sum().backward()
+                    if reference is not None:
+                        with torch.no_grad():
+                            objective.run_reference(x_t, t, **uncond)
+            finally:
+                unet.zero_grad(set_to_none=True)
 
-    if not probe(probe_step, f"train.compile={mode}", cfg.train.compile == "auto", lambda: None):
+    what = f"train.compile={mode}" + (" with train.cuda_graphs" if graphs else "")
+    if not probe(probe_step, what, cfg.train.compile == "auto", lambda: None):
         model = uncompile(unet, model)
         if reference is not None:
             objective.run_reference = uncompile(reference, objective.run_reference)
+        if graphs:  # the graphs' memory pool, held by the recorded graphs, goes with them
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
     return model
 
 
