@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import dist
 from .conditioning import map_cond
 from .config import Config, ConfigError
+from .data.latents import cache_fingerprint
 from .data.sources import build_source
 from .data.stream import ShardedStream
 from .data.transforms import ImageTransform
@@ -36,6 +37,8 @@ class Validation:
         data = dataclasses.replace(cfg.data, source=v.source or cfg.data.source, path=v.path or cfg.data.path,
                                    seed=v.seed, buckets="off")
         source = build_source(data, is_main=False)
+        if source.latent:  # as for training: a cache made for another VAE, tokenizer or image rule is refused
+            source.check_matches(cache_fingerprint(frozen, data, cfg.model.frozen_dtype))
         if not source.random_access:
             raise ConfigError(f"val.source: a source read by index is needed ({data.source} is streamed)")
         n = min(v.num_samples, len(source))

@@ -165,6 +165,16 @@ def test_training_from_the_cache_and_refusing_a_mismatched_one(cache, tmp_path, 
     assert len(lines) == 1 and "made with random_flip=True" in lines[0]
 
 
+def test_a_validation_set_from_a_mismatched_cache_is_refused_before_step_1(cache, tmp_path, tiny_args):
+    """val.source=latents is checked as the training cache is: made with random_flip, refused by a run
+    without it, naming the setting."""
+    out, _ = cache
+    with pytest.raises(ConfigError, match="made with random_flip=True"):
+        train_here(*tiny_args(tmp_path / "run", train__max_steps=1), "--model.frozen_dtype=fp32",
+                   "--val.every=1", "--val.source=latents", f"--val.path={out}", "--val.num_samples=2")
+    assert not list((tmp_path / "run").glob("checkpoints/*.safetensors"))
+
+
 def test_a_remade_cache_is_no_cache_until_done_and_its_id_covers_the_images(images, cache, tmp_path,
                                                                             monkeypatch):
     """Remaking a cache in the same folder removes the old manifest first (a killed remake must not leave it
