@@ -38,7 +38,8 @@ class Validation:
                                    seed=v.seed, buckets="off")
         source = build_source(data, is_main=False)
         if source.latent:  # as for training: a cache made for another VAE, tokenizer or image rule is refused
-            source.check_matches(cache_fingerprint(frozen, data, cfg.model.frozen_dtype))
+            source.check_matches(cache_fingerprint(frozen, data, cfg.model.frozen_dtype),
+                                 "val.path" if v.path else "data.path")
         if not source.random_access:
             raise ConfigError(f"val.source: a source read by index is needed ({data.source} is streamed)")
         n = min(v.num_samples, len(source))

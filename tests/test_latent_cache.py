@@ -169,7 +169,7 @@ def test_a_validation_set_from_a_mismatched_cache_is_refused_before_step_1(cache
     """val.source=latents is checked as the training cache is: made with random_flip, refused by a run
     without it, naming the setting."""
     out, _ = cache
-    with pytest.raises(ConfigError, match="made with random_flip=True"):
+    with pytest.raises(ConfigError, match=r"^val.path: the latent cache .* made with random_flip=True"):
         train_here(*tiny_args(tmp_path / "run", train__max_steps=1), "--model.frozen_dtype=fp32",
                    "--val.every=1", "--val.source=latents", f"--val.path={out}", "--val.num_samples=2")
     assert not list((tmp_path / "run").glob("checkpoints/*.safetensors"))

@@ -153,20 +153,21 @@ class LatentSource(DataSource):
         return {"sample{s} skipped when the cache was made (skipped.jsonl)":
                 int(self.manifest.get("made_with", {}).get("skipped", 0))}
 
-    def check_matches(self, fingerprint: dict) -> None:
-        """Refuse (one line) a cache made for another VAE, tokenizer, resolution, crop, flip or dtype."""
+    def check_matches(self, fingerprint: dict, setting: str = "data.path") -> None:
+        """Refuse (one line, naming `setting`) a cache made for another VAE, tokenizer, resolution, crop, flip
+        or dtype."""
         cached = self.manifest["fingerprint"]
         # The dtype first: the run hashes the VAE as it loads it (model.frozen_dtype), so another dtype also
         # changes the weights' digest, and "made with vae=..." would wrongly read as other weights.
         if cached.get("vae_dtype") != fingerprint["vae_dtype"]:
-            raise ConfigError(f"data.path: the latent cache {self.root} was made with the VAE in "
+            raise ConfigError(f"{setting}: the latent cache {self.root} was made with the VAE in "
                               f"{cached.get('vae_dtype')}, this run loads it in {fingerprint['vae_dtype']}; "
                               f"set --model.frozen_dtype={cached.get('vae_dtype')} (or make a new cache)")
         absent = {"buckets": "off"}  # a key only one side has (square images have no bucket list)
         for key in dict.fromkeys([*fingerprint, *cached]):
             then, now = cached.get(key, absent.get(key)), fingerprint.get(key, absent.get(key))
             if then != now:
-                raise ConfigError(f"data.path: the latent cache {self.root} was made with "
+                raise ConfigError(f"{setting}: the latent cache {self.root} was made with "
                                   f"{key}={then!r}, this run has {now!r}; make a new cache with "
                                   "scripts/precompute_latents.py")
 
