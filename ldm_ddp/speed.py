@@ -135,13 +135,13 @@ def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = 
     if mode == "full":  # the layout is measured for the whole graph only; the option covers its backward too
         options = {**({"force_layout_optimization": True} if force_layout else {}),
                    **({"triton.cudagraphs": True} if cuda_graphs else {})}
-        layout = {"options": options} if options and backend == "inductor" else {}
+        inductor = {"options": options} if options and backend == "inductor" else {}  # inductor's own options
         if shapes == 1:
-            return torch.compile(model, backend=backend, **layout)
+            return torch.compile(model, backend=backend, **inductor)
         # Several shapes (buckets): one static graph each, not dynamo's switch to a shape-generic graph at
         # the second shape; the limit admits them all (and the probe's).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 2)
-        return torch.compile(model, backend=backend, dynamic=False, **layout)
+        return torch.compile(model, backend=backend, dynamic=False, **inductor)
     if mode == "regional":
         # One recompilation per distinct shape of a class: SD1.5's ResNet blocks alone have 14.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64 * shapes)
