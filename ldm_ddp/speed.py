@@ -202,8 +202,8 @@ def cuda_graphs(setting: str, device: torch.device, mode: str, world_size: int, 
         return False
     if device.type != "cuda" or mode != "full" or COMPILE_BACKEND != "inductor":
         if setting == "on" and dist.is_main():
-            print(f"warning: train.cuda_graphs=on needs train.compile=full on CUDA (here {mode} on "
-                  f"{device.type}); running without CUDA graphs", flush=True)
+            print(f"warning: train.cuda_graphs=on needs train.compile=full with inductor on CUDA (here "
+                  f"{mode} with {COMPILE_BACKEND} on {device.type}); running without CUDA graphs", flush=True)
         return False
     if grad_accum > 1:
         if setting == "on":
