@@ -124,9 +124,9 @@ def train_autoencoder(cfg: Config) -> Path:
                         + cfg.model.vae_kl_weight * kl.mean())
                 (loss / run.grad_accum).backward()
             step_loss = step_loss + loss.detach() / run.grad_accum
-        grad_norm, _ = speed.clip_grad_norm(vae, cfg.optim.grad_clip)
+        grad_norm, _ = speed.grad_norms(vae)
         ok = torch.isfinite(grad_norm)  # a non-finite step is skipped on the device, counted, limited
-        faults.optimizer_step(optimizer, ok)
+        faults.optimizer_step(optimizer, ok, speed.clip_divisor(grad_norm, cfg.optim.grad_clip))
         optimizer.zero_grad(set_to_none=True)
         run.count_step(~ok, bad, keys)
         metrics.add_step(torch.where(ok, step_loss, 0.0), torch.where(ok, grad_norm, 0.0), data_wait, bad,

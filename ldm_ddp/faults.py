@@ -138,18 +138,26 @@ def _exit_on_parent_sigterm() -> None:
     os._exit(0)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
-    """`optimizer.step()` unless `ok` (a device bool) is False; a skipped step leaves weights, moments and
-    step counts exactly as they were.
+def optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor | None,
+                   divisor: torch.Tensor | None = None) -> None:
+    """`optimizer.step()` on the gradients divided by `divisor` (a device scalar: the clip,
+    speed.clip_divisor; None: as they are), unless `ok` (a device bool; None: always) is False; a skipped
+    step leaves weights, moments and step counts exactly as they were.
 
-    Fused AdamW decides on the device: `found_inf` (the input GradScaler uses) makes its kernel return early,
-    and the step counts it adds it subtracts again, so no host sync. The foreach and for-loop versions have no
-    such input and pay one host sync per step.
+    Fused AdamW does both on the device, inside its one pass: `grad_scale` and `found_inf` (the inputs
+    GradScaler uses) divide each gradient as it is read, and make the kernel return early with the step counts
+    it added subtracted again, so no host sync. The foreach and for-loop versions have no such inputs: they
+    divide in a pass of their own and pay one host sync per step for `ok`.
     """
     if optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~ok).float()
+        optimizer.grad_scale = divisor  # set on every call: read by every later step()
+        optimizer.found_inf = None if ok is None else (~ok).float()
         optimizer.step()
-    elif ok.item():
+        return
+    if divisor is not None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_div_(grads, divisor)
+    if ok is None or ok.item():
         optimizer.step()
 
 

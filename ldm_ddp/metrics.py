@@ -171,7 +171,7 @@ class Metrics:
         """Gradient norm per block group (block_group of the parameter names), before clipping; on the device.
 
         `norms`: the per-parameter gradient norms, in parameter order, when the caller has them already
-        (speed.clip_grad_norm); else one torch._foreach_norm here. Then a scatter of the squares into their
+        (speed.grad_norms); else one torch._foreach_norm here. Then a scatter of the squares into their
         groups: no host sync. Every rank holds the same all-reduced gradients.
         """
         if not self.group_names:

@@ -40,19 +40,25 @@ def configure_cuda(cudnn_benchmark: bool) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """torch.nn.utils.clip_grad_norm_ (same arithmetic), also returning the per-parameter norms (parameter
-    order, parameters without gradients left out) so the per-block metrics need no second pass;
-    max_norm 0 = no clip.
+def grad_norms(module: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The global gradient norm (torch.nn.utils.clip_grad_norm_'s arithmetic) and the per-parameter norms
+    (parameter order, parameters without gradients left out), so the per-block metrics need no second pass.
     -> (total norm, per-parameter norms), on the device, no host sync."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(()), []
     norms = list(torch._foreach_norm(grads))
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    if max_norm:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return total, norms
+    return torch.linalg.vector_norm(torch.stack(norms)), norms
+
+
+def clip_divisor(total: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """What the gradients are divided by to clip their global norm `total` to max_norm: max(1, (total +
+    1e-6) / max_norm), the reciprocal of clip_grad_norm_'s factor (exactly 1 when no clip is needed); None for
+    max_norm 0 (no clip). faults.optimizer_step hands it to fused AdamW, which divides each gradient as it
+    reads it (its `grad_scale` input), instead of a pass of its own over every gradient before the step."""
+    if not max_norm:
+        return None
+    return torch.clamp((total + 1e-6) / max_norm, min=1.0)
 
 
 def compile_mode(setting: str, device: torch.device) -> str:

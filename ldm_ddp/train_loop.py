@@ -147,13 +147,13 @@ def train(cfg: Config) -> dict:
             step_loss = step_loss + mean.detach() / run.grad_accum
             # a skipped step's share is dropped in add_step
             metrics.add_micro_batch(loss.plain, loss.t, loss.figures)
-        grad_norm, norms = speed.clip_grad_norm(unet, cfg.optim.grad_clip)  # one pass of norms for both
+        grad_norm, norms = speed.grad_norms(unet)  # one pass of norms for both
         metrics.add_grad_norms(unet, norms)  # per block group, before clipping; stays on the device
         # A NaN or Inf on any rank makes the all-reduced gradients' norm non-finite on every rank:
         # the update is skipped on the device (weights, moments, EMA untouched);
         # nobody waits for the decision on the host.
         ok = torch.isfinite(grad_norm)
-        faults.optimizer_step(optimizer, ok)
+        faults.optimizer_step(optimizer, ok, speed.clip_divisor(grad_norm, cfg.optim.grad_clip))
         optimizer.zero_grad(set_to_none=True)
         run.count_step(~ok, bad, keys)
         if ema.wants_update(run.step):

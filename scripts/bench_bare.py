@@ -81,7 +81,7 @@ def matmul_tflops(device) -> float:
 
 
 def bare_worker(args) -> None:
-    from ldm_ddp import dist, speed
+    from ldm_ddp import dist, faults, speed
     from ldm_ddp.conditioning import map_cond
     from ldm_ddp.config import EMAConfig, ModelConfig
     from ldm_ddp.ema import EMA
@@ -131,10 +131,12 @@ def bare_worker(args) -> None:
         with speed.attention(args.sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             v_pred = model(x_t, t, **cond).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
-        if not ceiling:
-            speed.clip_grad_norm(unet, 1.0)  # as the trainer clips
+        if ceiling:
+            faults.optimizer_step(optimizer, None)  # no clip (and, as every call does, unsets the last one's)
+        else:
+            total, _ = speed.grad_norms(unet)  # as the trainer clips and skips a non-finite step
             ema.settle()
-        optimizer.step()
+            faults.optimizer_step(optimizer, torch.isfinite(total), speed.clip_divisor(total, 1.0))
         optimizer.zero_grad(set_to_none=True)
         if not ceiling and ema.wants_update(calls):
             ema.update(unet)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import train_here
 
-from ldm_ddp import speed
+from ldm_ddp import faults, speed
 from ldm_ddp.config import ConfigError
 
 
@@ -122,23 +122,58 @@ def test_device_busy_time_merges_overlapping_kernels():
     assert speed.device_busy_us({"traceEvents": events}) == 20
 
 
-@pytest.mark.parametrize("max_norm", [0.5, 0.0])
-def test_clip_grad_norm_is_torchs_and_returns_the_per_parameter_norms(max_norm):
+def _nets_with_gradients(count: int, scale: float = 1.0):
+    """`count` copies of one small net with the same gradients (times `scale`); one parameter without."""
     torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
-    nets[1].load_state_dict(nets[0].state_dict())
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)) for _ in range(count)]
     for net in nets:
+        net.load_state_dict(nets[0].state_dict())
         torch.manual_seed(1)
-        net(torch.randn(3, 4)).pow(2).sum().backward()
-    nets[0][1].bias.grad = None  # a parameter without a gradient is left out
-    nets[1][1].bias.grad = None
-    expected = torch.nn.utils.clip_grad_norm_(nets[0].parameters(), max_norm or float("inf"))
+        (net(torch.randn(3, 4)).pow(2).sum() * scale).backward()
+        net[1].bias.grad = None  # a parameter without a gradient is left out
+    return nets
+
+
+def test_grad_norms_are_torchs_and_per_parameter():
+    nets = _nets_with_gradients(2)
     before = [torch.linalg.vector_norm(p.grad) for p in nets[1].parameters() if p.grad is not None]
-    total, norms = speed.clip_grad_norm(nets[1], max_norm)
-    assert torch.equal(total, expected) and len(norms) == 3
-    torch.testing.assert_close(torch.stack(norms), torch.stack(before))  # before clipping
+    total, norms = speed.grad_norms(nets[1])
+    assert torch.equal(total, torch.nn.utils.clip_grad_norm_(nets[0].parameters(), float("inf")))
+    assert len(norms) == 3
+    torch.testing.assert_close(torch.stack(norms), torch.stack(before))
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(nets[0].parameters(), nets[1].parameters())
-               if a.grad is not None)
+               if a.grad is not None)  # the gradients are left as they are
+
+
+@pytest.mark.parametrize("scale", [0.01, 1e3])
+def test_clipping_inside_fused_adamw_is_torchs_clip_then_step(scale):
+    """The clip as fused AdamW's divisor against clip_grad_norm_ then the step, over 3 steps: the same bits
+    where no clip is needed, within a rounding of the gradient (2 ulp of the weights) where it is; the foreach
+    optimizer's own pass agrees too."""
+    nets = _nets_with_gradients(3, scale)
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.01, **kind)
+                  for net, kind in zip(nets, ({"fused": True}, {"fused": True}, {"foreach": True}))]
+    grads = [None if p.grad is None else p.grad.clone() for p in nets[0].parameters()]
+    clipped = bool(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads if g is not None])) > 1)
+    assert clipped == (scale > 1)
+    for _ in range(3):
+        for net in nets:
+            for p, g in zip(net.parameters(), grads):
+                p.grad = None if g is None else g.clone()
+        torch.nn.utils.clip_grad_norm_(nets[0].parameters(), 1.0)
+        optimizers[0].step()
+        for net, optimizer in zip(nets[1:], optimizers[1:]):
+            total, _ = speed.grad_norms(net)
+            faults.optimizer_step(optimizer, torch.isfinite(total), speed.clip_divisor(total, 1.0))
+    reference, fused, foreach = ([p.detach() for p in net.parameters()] for net in nets)
+    for a, b, c in zip(reference, fused, foreach):
+        if clipped:
+            torch.testing.assert_close(b, a, rtol=2 ** -22, atol=1e-7)
+        else:
+            assert torch.equal(b, a)
+        torch.testing.assert_close(c, b, rtol=2 ** -22, atol=1e-7)
+    assert speed.clip_divisor(torch.tensor(5.0), 0.0) is None  # max_norm 0: no clip
+    assert speed.clip_divisor(torch.tensor(0.5), 1.0).item() == 1.0  # exactly 1 below the limit
 
 
 @pytest.mark.slow
@@ -344,7 +379,7 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
                            ("get_device_name", "cpu")):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=stand_in: value)
     calls = {"clip": 0, "ema": 0}
-    clip, update = speed.clip_grad_norm, ema_module.EMA.update
+    clip, update = speed.grad_norms, ema_module.EMA.update
 
     def counted(name, function):
         def wrapper(*args, **kwargs):
@@ -352,7 +387,7 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(speed, "clip_grad_norm", counted("clip", clip))
+    monkeypatch.setattr(speed, "grad_norms", counted("clip", clip))
     monkeypatch.setattr(ema_module.EMA, "update", counted("ema", update))
     for switches, variants in ((["--ema-compile", "both"], ["ceiling", "ema_beside_forward", "ema_compiled"]),
                                (["--ema-overlap", "on"], ["ceiling", "ema_inline"])):

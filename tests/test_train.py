@@ -269,11 +269,11 @@ def test_a_resumed_runs_moments_and_ema_take_the_weights_channels_last_layout(tm
     layouts = []
     optimizer_step, ema_update = faults.optimizer_step, ema.EMA.update
 
-    def checked_step(optimizer, ok):
+    def checked_step(optimizer, ok, divisor=None):
         params = [p for group in optimizer.param_groups for p in group["params"] if p in optimizer.state]
         layouts.append(("moments", [(optimizer.state[p][k].stride(), p.stride())
                                     for p in params for k in ("exp_avg", "exp_avg_sq")]))
-        return optimizer_step(optimizer, ok)
+        return optimizer_step(optimizer, ok, divisor)
 
     def checked_update(self, module, ok=None):
         weights = dict(module.named_parameters())
