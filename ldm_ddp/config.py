@@ -119,6 +119,8 @@ class TrainConfig:
     # CUDA (falls back to eager with a warning if it fails), off on CPU. docs/performance.md
     compile_vae: bool = False  # torch.compile of the VAE's encoder where images are encoded online (not
     # from the latent cache), one static graph per input shape; channels-last on CUDA
+    compile_text_encoder: bool = False  # torch.compile of the frozen text encoder(s), which encode every
+    # batch's captions (from the latent cache too); docs/performance.md
     fp8: bool = False  # the UNet's transformer linears (attention projections, feed-forwards) trained in
     # float8 by torchao (needs a GPU with FP8 matmuls: Ada, Hopper or newer); docs/performance.md
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # the compiled UNet's forward and backward replayed as

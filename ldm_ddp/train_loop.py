@@ -92,6 +92,8 @@ def train(cfg: Config) -> dict:
     # --- Fast path and logging ------------------------------------------------------------------------------
     if cfg.train.compile_vae and cfg.data.source != "latents":  # the latent cache encodes nothing
         speed.compile_vae_encoder(frozen.vae, device, shapes=len(buckets or [None]))
+    if cfg.train.compile_text_encoder:
+        speed.compile_text_encoders(frozen)
     model = speed.prepare_unet(unet, cfg, device, run.world,
                                conditioning.unconditional(cfg.data.batch_per_gpu * per_sample, square),
                                autocast, objective, shapes=len(buckets or [None]))

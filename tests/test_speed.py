@@ -208,21 +208,25 @@ def test_a_compiled_run_saves_and_samples_like_an_eager_one(tmp_path, tiny_args,
 
 
 @pytest.mark.slow
-def test_a_compiled_vae_encoder_encodes_like_the_eager_one(tmp_path, tiny_args, monkeypatch):
-    """train.compile_vae: the online batches' encoder compiled in place (aot_eager here: dynamo's capture is
-    real), the UNet eager; the run's numbers match an eager run's and its checkpoint keeps the eager names."""
+@pytest.mark.parametrize("flag", ["compile_vae", "compile_text_encoder"])
+def test_a_compiled_frozen_encoder_encodes_like_the_eager_one(tmp_path, tiny_args, monkeypatch, flag):
+    """train.compile_vae (the online batches' VAE encoder) and train.compile_text_encoder: compiled in place
+    (aot_eager here: dynamo's capture is real), the UNet eager; the run's numbers match an eager run's and its
+    checkpoint keeps the eager names."""
     from ldm_ddp.checkpoint import load_checkpoint
 
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
     compiled = []
-    real = speed.compile_vae_encoder
-    monkeypatch.setattr(speed, "compile_vae_encoder",
-                        lambda vae, *args, **kwargs: (compiled.append(vae), real(vae, *args, **kwargs)))
+    name_of = {"compile_vae": "compile_vae_encoder", "compile_text_encoder": "compile_text_encoders"}[flag]
+    real = getattr(speed, name_of)
+    monkeypatch.setattr(speed, name_of, lambda what, *args, **kwargs: (compiled.append(what),
+                                                                        real(what, *args, **kwargs)))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    for name, flag in (("eager", "false"), ("compiled", "true")):
-        train_here(*tiny_args(tmp_path / name, train__max_steps=2), f"--train.compile_vae={flag}")
-    assert len(compiled) == 1 and compiled[0].encoder._compiled_call_impl is not None
+    for name, value in (("eager", "false"), ("compiled", "true")):
+        train_here(*tiny_args(tmp_path / name, train__max_steps=2), f"--train.{flag}={value}")
+    module = compiled[0].encoder if flag == "compile_vae" else compiled[0].text_encoder
+    assert len(compiled) == 1 and module._compiled_call_impl is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the encoder's, the UNet eager
     losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()
                      if '"loss"' in line] for name in ("eager", "compiled")}
