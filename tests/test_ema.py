@@ -397,7 +397,8 @@ def assert_same_shadows(a: EMA, b: EMA) -> None:
 def test_the_one_pass_update_gives_the_foreach_bits_in_tritons_interpreter(monkeypatch):
     """ema_kernel (the GPU's update, one Triton kernel for every weight and profile), run by Triton's CPU
     interpreter: bit-identical shadows to the three foreach passes across layouts, tensors of several blocks,
-    profiles and a skipped step; weights that do not fit (another layout than the shadows') are refused, and
+    profiles and a skipped step; weights that do not fit (another layout than the shadows', an address that is
+    not a multiple of 16 bytes) are refused, and
     the address table follows weights that moved. (The interpreter has no fused multiply-add: that it stays
     off is the GPU test's to show.)"""
     triton = pytest.importorskip("triton")  # CPU builds of torch come without it; the test extra installs it
@@ -408,6 +409,7 @@ def test_the_one_pass_update_gives_the_foreach_bits_in_tritons_interpreter(monke
     monkeypatch.setattr(ema_kernel, "BLOCK", 64)  # tensors of up to 9 blocks (the GPU's 8192 would be one)
     kernel, foreach, net = one_pass_against_foreach("cpu", 8, 4)
     assert len(kernel.one_pass.block_tensor) > len(kernel.names)
+    assert 0 < kernel.one_pass.unmasked < len(kernel.one_pass.block_tensor)  # both launches: inside, last
     assert_same_shadows(kernel, foreach)
     assert not torch.equal(kernel.shadows[0][0], kernel.shadows[2][0])  # the profiles differ
     assert triton is not None and kernel.one_pass.key is not None
@@ -423,6 +425,12 @@ def test_the_one_pass_update_gives_the_foreach_bits_in_tritons_interpreter(monke
     kernel.update(net)
     foreach.update(net)
     assert not torch.equal(before, kernel.one_pass.table)
+    assert_same_shadows(kernel, foreach)
+    bias = net.linear.bias.data
+    net.linear.bias.data = torch.cat([bias.new_zeros(1), bias])[1:]  # 4 bytes past a 16-byte multiple
+    assert net.linear.bias.data_ptr() % 16 and not kernel.one_pass.fits(kernel._weights(net))
+    kernel.update(net)
+    foreach.update(net)
     assert_same_shadows(kernel, foreach)
 
 
