@@ -249,20 +249,24 @@ def main() -> int:
                                1800, work / "logs" / f"bare_{res}_{gpus}.log")
                 row["bare"] = json.loads(next(line[6:] for line in out.splitlines()
                                               if line.startswith("BENCH ")))
+                print_part(row, "bare")
             if "cache" in args.parts:
                 row["cache"] = trainer(args, gpus, res, batch,
                                        ["--data.source=latents", f"--data.path={cache}"],
                                        work / f"run_cache_{res}_{gpus}")
+                print_part(row, "cache")
             if "online" in args.parts:
                 row["online"] = trainer(args, gpus, res, batch,
                                         ["--data.source=folder", f"--data.path={images}",
                                          f"--data.num_workers={args.online_workers}"],
                                         work / f"run_online_{res}_{gpus}")
+                print_part(row, "online")
             if "buckets" in args.parts:
                 row["buckets"] = trainer(args, gpus, res, batch,
                                          ["--data.source=folder", f"--data.path={images}",
                                           f"--data.num_workers={args.online_workers}", "--data.buckets=auto"],
                                          work / f"run_buckets_{res}_{gpus}")
+                print_part(row, "buckets")
             if "resume" in args.parts:  # save, kill -9, the same command again
                 every = max(1, args.steps // 8)
                 out = work / f"run_resume_{res}_{gpus}"
@@ -276,6 +280,12 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print_table(rows)
     return 0
+
+
+def print_part(row: dict, part: str) -> None:
+    """One path's figures as soon as they are in (a call cut short keeps them): `PART {json}`."""
+    print("PART " + json.dumps({"res": row["res"], "gpus": row["gpus"], "batch_per_gpu": row["batch_per_gpu"],
+                                part: row[part]}), flush=True)
 
 
 def print_table(rows: list[dict]) -> None:
