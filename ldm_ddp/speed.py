@@ -166,10 +166,10 @@ def compile_vae_encoder(vae, device: torch.device, shapes: int = 1) -> None:
     vae.encoder.compile(dynamic=False, backend=COMPILE_BACKEND)
 
 
-def compile_text_encoders(frozen, shapes: int = 1) -> None:
+def compile_text_encoders(frozen) -> None:
     """train.compile_text_encoder: the frozen text encoder(s), which encode every batch's captions (from the
-    latent cache too), compiled in place; one static graph per batch size (training's, sampling's)."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 2)
+    latent cache too), compiled in place; one static graph per batch size (training's, sampling's: within
+    dynamo's default recompile limit)."""
     for encoder in (frozen.text_encoder, frozen.text_encoder_2):
         if encoder is not None:
             encoder.compile(dynamic=False, backend=COMPILE_BACKEND)
