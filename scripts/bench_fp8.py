@@ -1,7 +1,7 @@
 """FP8 against bf16 in the trainer: img/s and the loss curve of the same run with train.fp8 on and off.
 
     python scripts/bench_fp8.py [--runs bf16 fp8 bf16_seed1] [--steps 2000] [--res 256] [--batch 32]
-        [--images 8192] [--window 100] [--work DIR] [--out DIR]
+        [--images 8192] [--window 100] [--work DIR] [--out DIR] [--together]
     python scripts/bench_fp8.py --report DIR [DIR ...]     # runs made by several calls, compared
 
 The task: SD1.5 at --res px (the sd15_<res> preset: the SD1.5 UNet from random init) on the synthetic shapes
@@ -15,8 +15,11 @@ loss per window of --window steps); the final checkpoint is deleted. The report 
 side, and over the second half of the run (past the first fast drop) fp8's mean distance from the bf16
 curve against bf16_seed1's: the curves agree within the run-to-run spread when fp8's is at most
 bf16_seed1's. img/s compare only within one call (one host): bench.py --fp8 on/off gives them side by side.
+--together starts the runs at once on the one GPU (each its own process): the curves in about the time of
+one run's compile plus the runs' GPU work, the img/s then shared and not a figure of either.
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import shutil
@@ -59,7 +62,7 @@ def run(args, name: str, bundle: Path, cache: Path) -> dict:
     shutil.copy(out / "metrics.jsonl", kept / "metrics.jsonl")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final save: 14 GB for SD1.5
     summary = {"run": name, "res": args.res, "batch": args.batch, "steps": args.steps,
-               "host": socket.gethostname(), **steady_figures(out),
+               "host": socket.gethostname(), "together": args.together, **steady_figures(out),
                "window_losses": window_losses(out / "metrics.jsonl", args.window)}
     (kept / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -75,6 +78,8 @@ def report(dirs: list[str]) -> int:
     for name, s in found.items():
         print(f"{name:>11}: {s['img_per_s']:.1f} img/s, {s['peak_mem_gib']:.1f} GiB peak, "
               f"{s['res']} px, batch {s['batch']}, {s['steps']} steps")
+    if any(s.get("together") for s in found.values()):
+        print("(runs made with --together shared the GPU: their img/s are not figures of either)")
     if "bf16" in found and "fp8" in found:
         same = found["bf16"].get("host") == found["fp8"].get("host")
         print(f"fp8 against bf16: {found['fp8']['img_per_s'] / found['bf16']['img_per_s'] - 1:+.1%} img/s"
@@ -113,6 +118,7 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=100, help="steps per window of the loss curve")
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench_fp8")
     parser.add_argument("--out", default="bench_fp8", help="the runs' metrics and summaries")
+    parser.add_argument("--together", action="store_true", help="the runs at once on the one GPU")
     parser.add_argument("--report", nargs="+", metavar="DIR", help="only compare runs kept in these folders")
     args = parser.parse_args()
     if args.report:
@@ -126,9 +132,9 @@ def main() -> int:
                   "--data.buckets=off", "--data.source=shapes", f"--data.shapes_num_samples={args.images}",
                   "--batch=64"],
                  3600, work / "logs" / "precompute.log")
-    for name in args.runs:
-        summary = run(args, name, bundle, cache)
-        print(f"{name}: {summary['img_per_s']:.1f} img/s", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(len(args.runs) if args.together else 1) as pool:
+        for summary in pool.map(lambda name: run(args, name, bundle, cache), args.runs):
+            print(f"{summary['run']}: {summary['img_per_s']:.1f} img/s", flush=True)
     return report([args.out])
 
 
