@@ -117,10 +117,11 @@ class TrainConfig:
     # (Wallace et al. 2023: 2500 for SD1.5)
     compile: Literal["auto", "off", "full", "regional"] = "auto"  # torch.compile of the UNet; auto: full on
     # CUDA (falls back to eager with a warning if it fails), off on CPU. docs/performance.md
-    compile_vae: bool = False  # torch.compile of the VAE's encoder where images are encoded online (not
-    # from the latent cache), one static graph per input shape; channels-last on CUDA
-    compile_text_encoder: bool = False  # torch.compile of the frozen text encoder(s), which encode every
-    # batch's captions (from the latent cache too); docs/performance.md
+    compile_vae: Literal["auto", "on", "off"] = "auto"  # torch.compile of the VAE's encoder where images are
+    # encoded online (not from the latent cache), one static graph per input shape, channels-last; auto: on
+    # on CUDA, off on CPU (true/false read as on/off)
+    compile_text_encoder: Literal["on", "off"] = "off"  # torch.compile of the frozen text encoder(s), which
+    # encode every batch's captions (from the latent cache too); docs/performance.md
     fp8: bool = False  # the UNet's transformer linears (attention projections, feed-forwards) trained in
     # float8 by torchao (needs a GPU with FP8 matmuls: Ada, Hopper or newer); docs/performance.md
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # the compiled UNet's forward and backward replayed as
@@ -224,6 +225,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return value
     if get_origin(hint) is Literal:
         choices = get_args(hint)
+        if isinstance(value, bool) and "on" in choices:  # an on/off switch given as true/false
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{key}: expected {' | '.join(choices)}, got {value!r}")
         return value

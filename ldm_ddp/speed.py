@@ -156,14 +156,29 @@ def compile_model(unet, model: torch.nn.Module, mode: str, force_layout: bool = 
     return model
 
 
-def compile_vae_encoder(vae, device: torch.device, shapes: int = 1) -> None:
-    """train.compile_vae: the frozen VAE's encoder, which encodes every online batch, compiled in place
-    (nn.Module.compile keeps parameter names), one static graph per input shape (aspect-ratio buckets);
-    channels-last weights on CUDA, as the UNet's. The decoder (live samples) stays eager."""
+def compile_vae_encoder(vae, device: torch.device, setting: str, batch: int, size: tuple[int, int],
+                        shapes: int = 1) -> bool:
+    """train.compile_vae (auto | on | off; auto: on on CUDA) -> whether the frozen VAE's encoder, which
+    encodes every online batch, now runs compiled: in place (nn.Module.compile keeps parameter names), one
+    static graph per input shape (aspect-ratio buckets); channels-last weights on CUDA, as the UNet's. The
+    decoder (live samples) stays eager. A probe encodes a zero micro-batch of `batch` images of `size`
+    (width, height) px first, so that a compile error shows now: auto then warns and goes on eager, on stops
+    with one line."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):  # on a CPU it costs more than saves
+        return False
     if device.type == "cuda":
         vae.to(memory_format=torch.channels_last)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 2)
     vae.encoder.compile(dynamic=False, backend=COMPILE_BACKEND)
+
+    def encode_zeros() -> None:  # the input as the trainer's encode gives it: contiguous, the VAE's dtype
+        with torch.no_grad():
+            vae.encoder(torch.zeros(batch, 3, size[1], size[0], dtype=vae.dtype, device=device))
+
+    def undo() -> None:
+        vae.encoder._compiled_call_impl = None  # what nn.Module.compile sets
+
+    return probe(encode_zeros, "train.compile_vae", setting == "auto", undo, "train.compile_vae")
 
 
 def compile_text_encoders(frozen) -> None:
@@ -183,17 +198,17 @@ def uncompile(unet, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def probe(step: Callable[[], None], what: str, fallback: bool, undo: Callable[[], None],
-          why: str = "train.compile=auto") -> bool:
+          setting: str = "train.compile") -> bool:
     """Run `step` once; -> True if it worked. On failure: ConfigError (one line), or with `fallback` a
-    warning (naming `why`, the setting that allows it), `undo()`, and False."""
+    warning (naming `setting`=auto, which allows it), `undo()`, and False."""
     try:
         step()
         return True
     except Exception as err:  # a compiler error, a missing kernel: any of them means the switch does not work
         message = f"{what} failed at start ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
         if not fallback:
-            raise ConfigError(f"{message}; set train.compile=auto (falls back to eager) or off") from None
-        print(f"warning: {message}; continuing without it ({why})", flush=True)
+            raise ConfigError(f"{message}; set {setting}=auto (falls back to eager) or off") from None
+        print(f"warning: {message}; continuing without it ({setting}=auto)", flush=True)
         undo()
         return False
 

@@ -90,9 +90,10 @@ def train(cfg: Config) -> dict:
                                pin_memory=device.type == "cuda", worker_init_fn=faults.shield_worker))
 
     # --- Fast path and logging ------------------------------------------------------------------------------
-    if cfg.train.compile_vae and cfg.data.source != "latents":  # the latent cache encodes nothing
-        speed.compile_vae_encoder(frozen.vae, device, shapes=len(buckets or [None]))
-    if cfg.train.compile_text_encoder:
+    if cfg.data.source != "latents":  # the latent cache encodes nothing
+        speed.compile_vae_encoder(frozen.vae, device, cfg.train.compile_vae,
+                                  cfg.data.batch_per_gpu * per_sample, square, shapes=len(buckets or [None]))
+    if cfg.train.compile_text_encoder == "on":
         speed.compile_text_encoders(frozen)
     model = speed.prepare_unet(unet, cfg, device, run.world,
                                conditioning.unconditional(cfg.data.batch_per_gpu * per_sample, square),

@@ -219,8 +219,14 @@ def test_a_compiled_frozen_encoder_encodes_like_the_eager_one(tmp_path, tiny_arg
     compiled = []
     name_of = {"compile_vae": "compile_vae_encoder", "compile_text_encoder": "compile_text_encoders"}[flag]
     real = getattr(speed, name_of)
-    monkeypatch.setattr(speed, name_of, lambda what, *args, **kwargs: (compiled.append(what),
-                                                                        real(what, *args, **kwargs)))
+
+    def spy(what, *args, **kwargs):  # the modules compiled (the VAE's: where its switch let it)
+        result = real(what, *args, **kwargs)
+        if result is not False:
+            compiled.append(what)
+        return result
+
+    monkeypatch.setattr(speed, name_of, spy)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for name, value in (("eager", "false"), ("compiled", "true")):
@@ -234,6 +240,41 @@ def test_a_compiled_frozen_encoder_encodes_like_the_eager_one(tmp_path, tiny_arg
     tensors, _ = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step_0000002.safetensors")
     reference, _ = load_checkpoint(tmp_path / "eager" / "checkpoints" / "step_0000002.safetensors")
     assert tensors.keys() == reference.keys()
+
+
+def test_the_vae_encoder_compiles_by_default_on_cuda_only_and_a_failed_compile_is_named(monkeypatch, capsys):
+    """train.compile_vae: auto leaves the encoder eager on a CPU; a compile that fails in the probe stops the
+    run when asked for by name (on) and, with auto, warns and leaves the encoder eager."""
+    from conftest import TINY_VAE
+    from diffusers import AutoencoderKL
+
+    from ldm_ddp.config import Config, config_from_dict
+
+    def broken(graph, inputs):  # a backend that cannot build the graph
+        raise RuntimeError("no kernel for this graph")
+
+    vae = AutoencoderKL(**TINY_VAE)
+    cpu = torch.device("cpu")
+    assert Config().train.compile_vae == "auto"
+    assert config_from_dict({"train": {"compile_vae": False}}).train.compile_vae == "off"  # older checkpoints
+    assert speed.compile_vae_encoder(vae, cpu, "auto", 2, (32, 32)) is False
+    assert speed.compile_vae_encoder(vae, cpu, "off", 2, (32, 32)) is False
+    assert vae.encoder._compiled_call_impl is None
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", broken)
+    torch._dynamo.reset()
+    failed = (r"^train.compile_vae failed at start \(.*no kernel for this graph.*\); "
+              r"set train.compile_vae=auto \(falls back to eager\) or off$")
+    with pytest.raises(ConfigError, match=failed):
+        speed.compile_vae_encoder(vae, cpu, "on", 2, (32, 32))
+    vae.encoder._compiled_call_impl = None
+    # auto on CUDA: this machine's probe fails (no CUDA here, or the broken backend): eager, with a warning
+    assert speed.compile_vae_encoder(vae, torch.device("cuda"), "auto", 2, (32, 32)) is False
+    assert vae.encoder._compiled_call_impl is None
+    assert "continuing without it (train.compile_vae=auto)" in capsys.readouterr().out
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    assert speed.compile_vae_encoder(vae, cpu, "on", 2, (32, 32)) is True
+    assert vae.encoder._compiled_call_impl is not None
 
 
 @pytest.fixture
