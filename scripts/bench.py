@@ -216,7 +216,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/ldm_ddp_bench")
     parser.add_argument("--json", default="")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="trainer rows: more settings, last (e.g. train.compile_vae=true)")
+                        help="trainer rows: more settings, last (e.g. train.compile_vae=off)")
     args = parser.parse_args()
     work, batches = Path(args.work), {int(k): int(v) for k, v in (b.split("=") for b in args.batch)}
     trainer_parts = {"cache", "online", "buckets", "resume"} & set(args.parts)
