@@ -53,6 +53,7 @@ def test_the_saver_writes_the_state_of_its_step_while_the_caller_goes_on(tmp_pat
     assert isinstance(outcome.error, OSError) and outcome.path is None
 
 
+@pytest.mark.slow
 def test_background_and_inline_saves_hold_the_same_state(tmp_path, tiny_args):
     runs = {}
     for mode in ("true", "false"):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -52,6 +53,7 @@ KILLED_BY = {"at the first tensor": signal.SIGXFSZ, "halfway through the tensors
 HALF_THE_TENSORS = 3 * 4 * (256 * 256 + 256) // 2
 
 
+@pytest.mark.slow
 def test_a_save_killed_anywhere_leaves_no_temp_file_after_the_next_start(tmp_path):
     folders = {kill_at: tmp_path / f"run{i}" / "checkpoints" for i, kill_at in enumerate(KILLED_BY)}
     for folder in folders.values():

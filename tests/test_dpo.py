@@ -260,6 +260,7 @@ def test_a_latent_cache_of_pairs_serves_both_images_moments_and_trains(tmp_path,
                               model__frozen_dtype="fp32", data__random_flip=True, train__max_steps=1))
 
 
+@pytest.mark.slow
 def test_the_demo_preference_set_pairs_each_wrong_sample_with_a_right_one(tmp_path, start_checkpoint):
     """make_demo_pairs on a barely trained checkpoint: every rejected image is wrong for its caption by the
     checker, every preferred one right (a sample, or the caption's rendering), and the folder is a source."""

@@ -117,6 +117,7 @@ def test_export_writes_the_pretrained_frozen_weights_not_their_bf16_rounding(tmp
     assert rounded  # bf16 would have changed these: the comparison can tell the two apart
 
 
+@pytest.mark.slow
 def test_the_readme_snippet_runs_on_every_export_dtype(tmp_path, trained_run):
     """README's diffusers snippet, as printed (on the CPU, 2 steps), on fp16 (the default), bf16 and fp32
     exports, with its torch_dtype and without one."""

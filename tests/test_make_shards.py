@@ -86,6 +86,7 @@ def convert(source, out, **kwargs):
     return make_shards(source, str(out), **kwargs)
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_left_out_and_named_and_good_ones_kept(tmp_path):
     good, bad = every_kind_of_input(tmp_path / "in")
     index = convert(ImageFolderSource(str(tmp_path / "in")), tmp_path / "out", workers=2)
@@ -104,6 +105,7 @@ def test_every_bad_input_is_left_out_and_named_and_good_ones_kept(tmp_path):
     assert index["made_with"]["min_size"] == 32 and index["made_with"]["skipped"] == len(bad)
 
 
+@pytest.mark.slow
 def test_output_is_the_same_for_any_worker_count_and_readable_as_webdataset(tmp_path):
     every_kind_of_input(tmp_path / "in")
     source = ImageFolderSource(str(tmp_path / "in"))

@@ -41,6 +41,7 @@ def sigterm_and_time(launch: Launch, pids: list[int]) -> float:
     return time.monotonic() - sent
 
 
+@pytest.mark.slow
 def test_sigterm_with_four_data_workers_exits_75_within_10_s(tmp_path, tiny_args):
     out = tmp_path / "run"
     args = tiny_args(out, train__max_steps=1000, ckpt__every=1000, data__num_workers=4)

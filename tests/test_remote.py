@@ -17,6 +17,7 @@ def remote_names(url) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if fs.exists(root) else []
 
 
+@pytest.mark.slow
 def test_a_fresh_machine_resumes_exactly_from_the_remote_copy(tmp_path, tiny_args):
     url = f"memory://bucket-{uuid.uuid4().hex[:8]}/run/checkpoints"
     first = tmp_path / "first"
@@ -39,6 +40,7 @@ def test_a_fresh_machine_resumes_exactly_from_the_remote_copy(tmp_path, tiny_arg
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_an_upload_cut_off_never_counts(tmp_path, tiny_args, monkeypatch):
     """A dead run's partial upload is removed and never resumed from; an upload whose copy fails to verify is
     retried, then reported under ckpt.on_save_error while the local checkpoint stays committed (the final

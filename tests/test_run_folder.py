@@ -88,6 +88,7 @@ def test_train_refuses_an_unwritable_checkpoint_folder_with_one_line_before_a_st
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_metrics_hold_one_timeline_after_an_interrupted_attempt(tmp_path, tiny_args):
     out = tmp_path / "run"
     printed = train_here(*tiny_args(out, train__max_steps=4, ckpt__every=2))

@@ -143,6 +143,7 @@ def test_a_bucketed_sdxl_latent_cache_keeps_both_tokenizers_ids_and_trains(tmp_p
                    *cache_args)
 
 
+@pytest.mark.slow
 def test_dpo_on_sdxl_doubles_the_pooled_embedding_and_size_ids_with_the_pairs(tmp_path, tiny_args):
     """Diffusion-DPO with SDXL's conditioning: each pair's caption, pooled embedding and time ids go to both
     of its images; the tuned run trains and logs the reward figures."""

@@ -85,6 +85,7 @@ def test_wandb_offline_run_continues_after_restart(tmp_path, tiny_args, run_scri
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_wandb_files_go_to_wandb_dir_and_a_failed_online_start_says_it_goes_on_offline(tmp_path, monkeypatch,
                                                                                        capsys):
     wandb = pytest.importorskip("wandb")
@@ -132,6 +133,7 @@ def add_profiles(tensors, meta) -> None:
                                 {"name": "ema:std=0.1", "tensors": "ema_std0p1", "std": 0.1, "gamma": 6.9372}]
 
 
+@pytest.mark.slow
 def test_pick_an_ema_profile_in_sample_export_and_inspect(tmp_path, trained_run, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     ckpt = rewrite(trained_run / "checkpoints" / "step_0000002.safetensors", tmp_path / "profiles",
