@@ -88,7 +88,7 @@ def train_autoencoder(cfg: Config) -> Path:
                            shuffle_window=cfg.data.shuffle_window)
     batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4,
                                pin_memory=device.type == "cuda", worker_init_fn=faults.shield_worker))
-    model = dist.wrap_ddp(Reconstruction(vae))
+    model = dist.wrap_ddp(Reconstruction(vae), grad_reduce=cfg.train.grad_reduce)
     metrics = Metrics(run.out_dir, device, 1, cfg.train.max_steps, run.global_batch, cfg.log.progress)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
 

@@ -124,6 +124,8 @@ class TrainConfig:
     # encode every batch's captions (from the latent cache too); docs/performance.md
     fp8: bool = False  # the UNet's transformer linears (attention projections, feed-forwards) trained in
     # float8 by torchao (needs a GPU with FP8 matmuls: Ada, Hopper or newer); docs/performance.md
+    grad_reduce: Literal["fp32", "bf16"] = "fp32"  # DDP's gradient all-reduce; bf16: each rank's gradients
+    # rounded to bf16 and summed in fp32, half the bytes on the wire (dist.reduce_in_bf16)
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # the compiled UNet's forward and backward replayed as
     # CUDA graphs (train.compile=full on CUDA, one micro-batch per step); auto: on for one GPU and one shape
     startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done,

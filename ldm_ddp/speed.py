@@ -302,8 +302,9 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
     graphs = cuda_graphs(cfg.train.cuda_graphs, device, mode, world_size, resolve_batch(cfg, world_size)[0],
                          shapes)
     use_ddp_compile(ddp_compile("whole", mode, world_size))
-    model = compile_model(unet, dist.wrap_ddp(unet), mode, force_layout=channels_last,
-                          backend=COMPILE_BACKEND, shapes=shapes, cuda_graphs=graphs)
+    wrapped = dist.wrap_ddp(unet, grad_reduce=cfg.train.grad_reduce)
+    model = compile_model(unet, wrapped, mode, force_layout=channels_last, backend=COMPILE_BACKEND,
+                          shapes=shapes, cuda_graphs=graphs)
     reference = objective.reference
     if reference is not None and mode == "full":
         # A graph per shape beside the UNet's, counted against the same recompile limit (one forward's code).

@@ -26,7 +26,8 @@ VARIANTS = {"ceiling": "forward, backward and fused AdamW alone: no gradient cli
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches, as scripts/bench.py passes them on (--name value) and each row records.
 SWITCHES = ("unet", "compile", "cuda_graphs", "fp8", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
-            "ddp_compile", "static_graph", "bucket_cap_mb", "ema_every", "ema_compile", "ema_overlap")
+            "ddp_compile", "static_graph", "bucket_cap_mb", "grad_reduce", "ema_every", "ema_compile",
+            "ema_overlap")
 
 
 def add_switches(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,8 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
                         help="bare step: DDP static_graph (the trainer: off)")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0,
                         help="bare step: DDP bucket size, MB (the trainer: 25)")
+    parser.add_argument("--grad-reduce", default="fp32", choices=["fp32", "bf16"],
+                        help="DDP's gradient all-reduce, as train.grad_reduce (bare and trainer)")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
     parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
                         help="bare step: the EMA update through torch.compile; both: eager and compiled in "
@@ -111,8 +114,8 @@ def bare_worker(args) -> None:
     ddp_mode = speed.ddp_compile(args.ddp_compile, args.compile, dist.world_size())
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb),
-                                args.compile, force_layout,
+    wrapped = dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb, args.grad_reduce)
+    model = speed.compile_model(unet, wrapped, args.compile, force_layout,
                                 cuda_graphs=speed.cuda_graphs(args.cuda_graphs, device, args.compile,
                                                               dist.world_size()))
     overlap = args.ema_overlap == "on"

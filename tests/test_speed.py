@@ -341,10 +341,11 @@ def test_bench_trainer_rows_take_more_settings_last(bench):
     """bench.py --set KEY=VALUE reaches the trainer's command after its own settings (so it wins)."""
     import argparse
     args = argparse.Namespace(pretrained="bundle", steps=40, sample_every=0, compile="full", ema_every=1,
-                              cuda_graphs="auto", fp8="off",
-                              set=["train.compile_vae=true", "data.batch_per_gpu=8"])
+                              cuda_graphs="auto", fp8="off", grad_reduce="bf16",
+                              set=["train.compile_vae=off", "data.batch_per_gpu=8"])
     command = bench.trainer_args(args, 256, 64, ["--data.source=folder"], "out", 10)
-    assert command[-2:] == ["--train.compile_vae=true", "--data.batch_per_gpu=8"]
+    assert command[-2:] == ["--train.compile_vae=off", "--data.batch_per_gpu=8"]
+    assert "--train.grad_reduce=bf16" in command
     assert command.index("--data.batch_per_gpu=64") < command.index("--data.batch_per_gpu=8")
 
 
