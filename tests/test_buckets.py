@@ -160,6 +160,7 @@ def mixed_aspect_folder(root, bad: int = 0) -> str:
     return str(root)
 
 
+@pytest.mark.slow
 def test_a_mixed_aspect_folder_trains_with_buckets_and_resumes_only_with_the_same_grouping(tmp_path,
                                                                                           tiny_args):
     from conftest import train_here

@@ -175,6 +175,7 @@ def test_two_level_shuffle_reads_a_window_of_shards_and_reshuffles_each_epoch():
     assert GlobalOrder(29, seed=3, shard_sizes=sizes, window=0).window == len(sizes)  # 0: one window of all
 
 
+@pytest.mark.slow
 def test_shards_and_sources_read_through_fsspec_urls(configs, reference):
     for kind in ("shards", "folder", "parquet", "webdataset"):
         cfg = configs[kind]

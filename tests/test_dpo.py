@@ -222,6 +222,7 @@ def test_dpo_trains_from_a_checkpoint_resumes_bitwise_and_refuses_another_refere
     assert grid.size[0] >= 2 * 2 * 64  # reference and tuned EMA side by side, two prompts per row
 
 
+@pytest.mark.slow
 def test_a_latent_cache_of_pairs_serves_both_images_moments_and_trains(tmp_path, tiny_args, start_checkpoint):
     """precompute_latents on a pair source: each sample keeps the preferred and the rejected image's moments
     (flipped too), served [2B] as the online stream's images are, and DPO trains from the cache."""

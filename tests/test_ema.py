@@ -266,6 +266,7 @@ def test_update_with_ok_false_keeps_every_shadow():
     assert all(torch.equal(a, b) for x, y in zip(ema.shadows, reference.shadows) for a, b in zip(x, y))
 
 
+@pytest.mark.slow
 def test_compiled_update_gives_the_eager_updates_skips_included(monkeypatch):
     """EMA.compile (scripts/bench.py --ema-compile): the same shadows as the eager update, step by step, a
     skipped step (ok False) and every profile included; one compiled graph serves all profiles and steps (the

@@ -427,6 +427,7 @@ def test_a_bucketed_cache_keeps_one_order_on_1_and_2_ranks_and_resumes_exactly(s
     assert_same(seen, reference)
 
 
+@pytest.mark.slow
 def test_training_from_a_bucketed_cache(bucketed_cache, tmp_path, tiny_args):
     out, _ = bucketed_cache
     printed = train_here(*tiny_args(tmp_path / "run", train__max_steps=3), "--data.source=latents",

@@ -91,6 +91,7 @@ def test_an_upload_cut_off_never_counts(tmp_path, tiny_args, monkeypatch):
     assert "step_0000002.safetensors at step 2" in stdout
 
 
+@pytest.mark.slow
 def test_a_fresh_start_sets_the_remote_later_steps_aside(tmp_path, tiny_args):
     url = f"memory://bucket-{uuid.uuid4().hex[:8]}/run"
     train_here(*tiny_args(tmp_path / "old", train__max_steps=4, ckpt__every=2, ckpt__remote=url))

@@ -124,6 +124,7 @@ def test_readers_of_an_older_folder_take_the_latest_attempt(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_records(path)] == [(1, 1.0), (2, 0.7), (3, 0.6)]
 
 
+@pytest.mark.slow
 def test_every_replaced_sample_is_named_once_in_bad_samples_jsonl(tmp_path, tiny_args):
     """One example per log line; every replacement, with its step and reason, in bad_samples.jsonl (written
     with the saves, across a resume)."""

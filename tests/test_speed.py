@@ -242,6 +242,7 @@ def test_a_compiled_frozen_encoder_encodes_like_the_eager_one(tmp_path, tiny_arg
     assert tensors.keys() == reference.keys()
 
 
+@pytest.mark.slow
 def test_the_vae_encoder_compiles_by_default_on_cuda_only_and_a_failed_compile_is_named(monkeypatch, capsys):
     """train.compile_vae: auto leaves the encoder eager on a CPU; a compile that fails in the probe stops the
     run when asked for by name (on) and, with auto, warns and leaves the encoder eager."""

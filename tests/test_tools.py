@@ -189,6 +189,7 @@ def test_evaluate_demo_scores_any_ema_profile(tmp_path, trained_run, monkeypatch
     assert len(error) == 1 and "no EMA profile 'ema:0.5'" in error[0]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_ema_profiles_still_loads(tmp_path, trained_run, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
 

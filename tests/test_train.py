@@ -108,6 +108,7 @@ def test_resume_under_torchrun_is_bitwise_identical(grad_accum, steps, tmp_path,
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
 
 
+@pytest.mark.slow
 def test_grad_accum_with_bf16_autocast(tmp_path, tiny_args):
     out = tmp_path / "run"
     train_here(*tiny_args(out, train__max_steps=2, train__global_batch=4, train__precision="bf16",
@@ -170,6 +171,7 @@ def test_train_autoencoder_is_preempted_resumes_and_writes_a_loadable_bundle(tmp
     assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_args):
     out = tmp_path / "run"
     train_here(*tiny_args(out, train__max_steps=2, ckpt__every=1))
@@ -191,6 +193,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny
     assert_bitwise_equal(original, newest)
 
 
+@pytest.mark.slow
 def test_resume_takes_the_new_optimizer_settings_and_a_fresh_start_sets_old_steps_aside(tmp_path, tiny_args):
     """A resume applies changed AdamW settings (allowed, recorded) instead of the checkpoint's; a run started
     with --ckpt.resume=none in the same folder moves the old run's checkpoints aside before its first save."""
@@ -258,6 +261,7 @@ def test_compiled_ddp_trains_like_eager_ddp(tmp_path, tiny_args, run_script):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_moments_and_ema_take_the_weights_channels_last_layout(tmp_path, tiny_args,
                                                                               monkeypatch):
     """On CUDA the UNet trains channels-last, and fused AdamW there refuses moments of other strides: the

@@ -98,6 +98,7 @@ def test_two_process_training_on_a_real_source(tmp_path, tiny_args, run_script, 
                and 1 <= r["step"] <= 4 and r["rank"] in (0, 1) for r in named)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["shards", "hf_stream", "hf", "parquet"])
 def test_training_on_the_other_sources(tmp_path, tiny_args, run_script, kind):
     source = folder(tmp_path / "images")
