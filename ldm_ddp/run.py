@@ -63,6 +63,9 @@ class Run:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.grad_accum, self.global_batch = resolve_batch(cfg, self.world)
         self.preemption = faults.Preemption()
+        # Input shapes this rank has yet to meet, each a graph to compile (aspect-ratio buckets, compiled):
+        # set by the loop; while any rank has one, collectives keep the start-up timeout (upkeep).
+        self.shapes_pending = False
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         error = ""
@@ -148,19 +151,19 @@ class Run:
     def upkeep(self) -> Upkeep:
         """Decide what to do before the next step; collectives, so every rank calls it every iteration."""
         cfg, step = self.cfg, self.step
-        if step == self.start_step + 1:  # the first step is done:
-            # from now on a peer that dies or hangs stops us
-            dist.set_timeout(cfg.train.collective_timeout_s)
-            if dist.is_main() and self.state is not None:  # the optimizer's moments exist now: pin the
-                # host buffers of every save
-                self.saver.prepare(checkpoint.training_state_tensors(self.state, {})[0])
+        if step == self.start_step + 1 and dist.is_main() and self.state is not None:  # the first step is
+            # done, the optimizer's moments exist now: pin the host buffers of every save
+            self.saver.prepare(checkpoint.training_state_tensors(self.state, {})[0])
         done = step >= cfg.train.max_steps
         # A preemption signal to any rank stops every rank here, at the same step, after one more save; and
         # every rank learns here, at the same step, how a save in the background ended (rank 0 writes it).
         outcome = self.saver.poll() if dist.is_main() else None
         in_flight = self.saver.step_in_flight + 1 if dist.is_main() and self.saver.busy() else 0
-        signum, ended, in_flight = dist.all_reduce_max_ints([self.preemption.signum, _ended(outcome),
-                                                             in_flight])
+        signum, ended, in_flight, pending = dist.all_reduce_max_ints(
+            [self.preemption.signum, _ended(outcome), in_flight, int(self.shapes_pending)])
+        if step > self.start_step:  # from the first step done on, a peer that dies or hangs stops us; but
+            # a rank meeting a new input shape compiles its graph first (minutes, cold) while the others wait
+            dist.set_timeout(cfg.train.startup_timeout_s if pending else cfg.train.collective_timeout_s)
         self._settled(ended, outcome, must_commit=False)
         stop = self.preemption.stop_at(signum, step, checkpoint.checkpoint_path(self.ckpt_dir, step))
         stop_on_saved = bool(stop is not None and in_flight and not done)

@@ -108,6 +108,10 @@ def train(cfg: Config) -> dict:
                   if cfg.val.every else None)  # held-out loss on the sampling copy of the UNet
     profiler = speed.StepProfiler(cfg.log.profile_at, 3, run.out_dir / "profile", run.rank, device)
     last_record = None
+    # Aspect-ratio buckets, compiled: a shape's first batch compiles its graph (the latents' height, width)
+    compiled = speed.compile_mode(cfg.train.compile, device) != "off"
+    f = frozen.downsample
+    shapes_to_meet = {(h // f, w // f) for w, h in buckets or []} if compiled else set()
 
     # --- The loop: upkeep first, then one optimizer step ----------------------------------------------------
     while True:
@@ -143,6 +147,7 @@ def train(cfg: Config) -> dict:
             gen = step_generator(cfg.train.seed, run.step, run.rank, micro, device)
             # draws in this order
             latents, cond = frozen.latents_of(batch, gen), conditioning.encode(batch, gen)
+            shapes_to_meet.discard(tuple(latents.shape[-2:]))
             with dist.accumulating(model, sync=micro == run.grad_accum - 1):
                 loss = objective(model, latents, cond, gen, autocast)
                 mean = loss.weighted.mean()
@@ -159,6 +164,7 @@ def train(cfg: Config) -> dict:
         faults.optimizer_step(optimizer, ok, speed.clip_divisor(grad_norm, cfg.optim.grad_clip))
         optimizer.zero_grad(set_to_none=True)
         run.count_step(~ok, bad, keys)
+        run.shapes_pending = bool(shapes_to_meet)  # the start-up timeout until none is left on any rank
         if ema.wants_update(run.step):
             ema.update(unet, ok)  # a skipped step leaves every EMA as it was, on the device
         metrics.add_step(torch.where(ok, step_loss, 0.0), torch.where(ok, grad_norm, 0.0), data_wait, bad,

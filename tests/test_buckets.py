@@ -1,5 +1,6 @@
 """Aspect-ratio buckets: the table, each image's bucket, the crop, and the bucketed global order."""
 
+import json
 import math
 
 import numpy as np
@@ -185,3 +186,42 @@ def test_a_mixed_aspect_folder_trains_with_buckets_and_resumes_only_with_the_sam
     with pytest.raises(ConfigError, match="bucketed micro-batches shape the sample order"):
         train_here(*tiny_args(out, train__max_steps=6, **{**args, "data__batch_per_gpu": 1},
                               train__global_batch=2))
+
+
+SLOW_BACKEND = """import os, runpy, sys, time
+from torch._dynamo import register_backend
+from torch._dynamo.backends.registry import lookup_backend
+
+
+@register_backend
+def slow_on_rank_1(graph, inputs):  # a compile that takes {sleep} s more on rank 1
+    if os.environ.get("RANK") == "1":
+        time.sleep({sleep})
+    return lookup_backend("aot_eager")(graph, inputs)
+
+
+sys.path.insert(0, "scripts")
+sys.argv[0] = "scripts/train.py"
+runpy.run_path("scripts/train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_compiling_a_new_bucket_shape_is_waited_for_past_the_collective_timeout(tmp_path, tiny_args,
+                                                                                        run_script):
+    """Compiled with buckets under DDP, each rank compiles a shape's graph at its first batch of it, which
+    can come after the first step, while its peers wait in the gradients' all-reduce. Here rank 1's compiles
+    take 8 s longer than the 3 s collective timeout; the run goes on (the start-up timeout holds until no
+    rank has a shape left to meet) and ends."""
+    launcher = tmp_path / "train_slow_compile.py"
+    launcher.write_text(SLOW_BACKEND.format(sleep=8))
+    out = tmp_path / "run"
+    args = tiny_args(out, train__max_steps=6, data__source="folder", data__resolution=128,
+                     data__path=mixed_aspect_folder(tmp_path / "images"), data__buckets="auto",
+                     data__batch_per_gpu=2, train__compile="full", train__collective_timeout_s=3.0,
+                     ckpt__every=6)
+    result = run_script(str(launcher), *args, nproc=2, timeout=400,
+                        env={"LDM_DDP_COMPILE_BACKEND": "slow_on_rank_1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"loss"' in line]
+    assert [r["step"] for r in records][-1] == 6 and records[-1]["compiled_graphs"] >= 3
