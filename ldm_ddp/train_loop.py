@@ -108,10 +108,12 @@ def train(cfg: Config) -> dict:
                   if cfg.val.every else None)  # held-out loss on the sampling copy of the UNet
     profiler = speed.StepProfiler(cfg.log.profile_at, 3, run.out_dir / "profile", run.rank, device)
     last_record = None
-    # Aspect-ratio buckets, compiled: a shape's first batch compiles its graph (the latents' height, width)
+    # Aspect-ratio buckets, compiled: a shape's first batch compiles its graph (the latents' height, width).
+    # Buckets without a full micro-batch never come.
     compiled = speed.compile_mode(cfg.train.compile, device) != "off"
     f = frozen.downsample
-    shapes_to_meet = {(h // f, w // f) for w, h in buckets or []} if compiled else set()
+    shapes_to_meet = {(h // f, w // f) for (w, h), n in zip(buckets, stream.order.counts)
+                      if n >= cfg.data.batch_per_gpu} if compiled and buckets else set()
 
     # --- The loop: upkeep first, then one optimizer step ----------------------------------------------------
     while True:

@@ -114,8 +114,9 @@ def bare_worker(args) -> None:
     ddp_mode = speed.ddp_compile(args.ddp_compile, args.compile, dist.world_size())
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
-    wrapped = dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb, args.grad_reduce)
-    model = speed.compile_model(unet, wrapped, args.compile, force_layout,
+    # No other name for the DDP module: it must go with `model`, before the process group (see the end)
+    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb,
+                                                    args.grad_reduce), args.compile, force_layout,
                                 cuda_graphs=speed.cuda_graphs(args.cuda_graphs, device, args.compile,
                                                               dist.world_size()))
     overlap = args.ema_overlap == "on"
