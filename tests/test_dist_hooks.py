@@ -30,6 +30,7 @@ def _ranks_gradients(rank: int, port: int, out: str) -> None:
             ddp = dist.wrap_ddp(copy.deepcopy(model), bucket_cap_mb=0.004, grad_reduce=reduce)  # 3 buckets
             ddp(x).square().sum().backward()
             grads[reduce] = [p.grad.clone() for p in ddp.module.parameters()]
+            del ddp  # DDP's reducer goes while its process group lives (freed after it, it can hang)
         local = copy.deepcopy(model)
         local(x).square().sum().backward()
         grads["local"] = [p.grad.clone() for p in local.parameters()]
