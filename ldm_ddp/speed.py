@@ -175,10 +175,8 @@ def compile_vae_encoder(vae, device: torch.device, setting: str, batch: int, siz
         with torch.no_grad():
             vae.encoder(torch.zeros(batch, 3, size[1], size[0], dtype=vae.dtype, device=device))
 
-    def undo() -> None:
-        vae.encoder._compiled_call_impl = None  # what nn.Module.compile sets
-
-    return probe(encode_zeros, "train.compile_vae", setting == "auto", undo, "train.compile_vae")
+    return probe(encode_zeros, "train.compile_vae", setting == "auto",
+                 lambda: uncompile_in_place(vae.encoder), "train.compile_vae")
 
 
 def compile_text_encoders(frozen) -> None:
@@ -190,10 +188,15 @@ def compile_text_encoders(frozen) -> None:
             encoder.compile(dynamic=False, backend=COMPILE_BACKEND)
 
 
+def uncompile_in_place(module: torch.nn.Module) -> None:
+    """Undo nn.Module.compile: the module runs eager again."""
+    module._compiled_call_impl = None  # what nn.Module.compile sets
+
+
 def uncompile(unet, model: torch.nn.Module) -> torch.nn.Module:
     """Undo compile_model: the eager module (for a fallback)."""
     for region in regions(unet):
-        region._compiled_call_impl = None  # what nn.Module.compile sets
+        uncompile_in_place(region)
     return getattr(model, "_orig_mod", model)
 
 
