@@ -162,6 +162,8 @@ class LogConfig:
     wandb_checkpoints: Literal["off", "reference", "upload"] = "off"  # checkpoints as wandb artifacts
     profile_at: int = 0  # optimizer step from which torch.profiler records 3 steps into <out_dir>/profile;
     # 0 = off
+    divergence_ratio: float = 2.0  # warn once the loss of 5 log intervals in a row is at least this times
+    # its lowest 5-interval mean (a run that diverged and stayed there); 0 = off
 
 
 @dataclass
@@ -378,6 +380,8 @@ def validate(cfg: Config) -> None:
     _require(len(cfg.optim.betas) == 2 and betas_ok, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
     _require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "a ratio in [0, 1]",
              cfg.optim.min_lr_ratio)
+    _require(cfg.log.divergence_ratio == 0 or cfg.log.divergence_ratio > 1, "log.divergence_ratio",
+             "0 (off) or a ratio above 1", cfg.log.divergence_ratio)
     _require(0 <= cfg.ema.decay < 1, "ema.decay", "a decay in [0, 1)", cfg.ema.decay)
     _require(all(isinstance(d, (int, float)) and 0 <= d < 1 for d in cfg.ema.extra_decays),
              "ema.extra_decays", "a list of decays in [0, 1)", cfg.ema.extra_decays)

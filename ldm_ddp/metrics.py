@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -120,13 +121,47 @@ def set_aside_records(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+class LossWatch:
+    """Notices a run that diverged and did not come back: the logged loss of `patience` log intervals in a row
+    at least `ratio` times its lowest mean over `patience` intervals so far (a mean, so that one lucky
+    interval sets no bar). A spike the run recovers from within `patience` intervals says nothing; a
+    collapsed UNet (the loss stuck at the level of predicting zero, gradients near 0) does.
+    -> `see` gives the warning once per such stretch, on every rank alike (the losses are all-reduced)."""
+
+    def __init__(self, ratio: float, patience: int = 5):
+        self.ratio, self.patience = ratio, patience
+        self.recent: list[tuple[int, float]] = []  # (step, loss) of the last `patience` intervals
+        self.best, self.best_step, self.warned = math.inf, 0, False
+
+    def see(self, step: int, loss: float) -> str | None:
+        if not self.ratio or not math.isfinite(loss):
+            return None
+        self.recent = [*self.recent, (step, loss)][-self.patience:]
+        if len(self.recent) < self.patience:
+            return None
+        mean = sum(x for _, x in self.recent) / self.patience
+        if mean < self.best:
+            self.best, self.best_step = mean, step
+        above = all(x >= self.ratio * self.best for _, x in self.recent)
+        if not above:
+            self.warned = False
+            return None
+        if self.warned:
+            return None
+        self.warned = True
+        return (f"warning: the loss has stayed at or above {self.ratio:g}x its lowest for {self.patience} "
+                f"log intervals ({loss:.4f} at step {step} against a mean of {self.best:.4f} up to step "
+                f"{self.best_step}; since step {self.recent[0][0]}): the run may have diverged. A checkpoint "
+                f"from before the rise holds the better state (log.divergence_ratio; 0 = off)")
+
+
 class Metrics:
     """Accumulates per-step figures between log lines; rank 0 writes them."""
 
     def __init__(self, out_dir: Path, device: torch.device, num_train_timesteps: int, max_steps: int,
                  images_per_step: int, progress: str, *, wandb_run=None, tensorboard=None,
                  train_flops_per_image: float = 0.0, wandb_checkpoints: str = "off",
-                 peak_tflops: float = 0.0):
+                 peak_tflops: float = 0.0, divergence_ratio: float = 0.0):
         self.path = out_dir / "metrics.jsonl"
         self.device, self.T, self.images_per_step = device, num_train_timesteps, images_per_step
         self.wandb_run, self.tensorboard, self.wandb_checkpoints = wandb_run, tensorboard, wandb_checkpoints
@@ -134,6 +169,7 @@ class Metrics:
         # MFU's denominator per GPU: dense bf16 of an H100/H200 on CUDA unless given; none on a CPU
         self.peak_tflops = peak_tflops or (CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
         self.group_names, self.bar, self.figure_sum = [], None, {}
+        self.watch = LossWatch(divergence_ratio)
         if dist.is_main() and (progress == "bar" or (progress == "auto" and sys.stdout.isatty())):
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, unit="step", dynamic_ncols=True)
@@ -257,19 +293,25 @@ class Metrics:
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record.update(compile_figures())
+        warning = self.watch.see(step, record["loss"])
         if dist.is_main():
             self._write(record)
+            if warning:
+                self._say(warning)
         self._reset()
         return record
 
-    def _write(self, record: dict) -> None:
-        append_jsonl(self.path, record)
-        line = summary_line(record, self.bad_keys)
+    def _say(self, line: str) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)
             self.bar.write(line)
         else:
             print(line, flush=True)
+
+    def _write(self, record: dict) -> None:
+        append_jsonl(self.path, record)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)
+        self._say(summary_line(record, self.bad_keys))
         scalars = flat_scalars(record)
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=record["step"])

@@ -103,7 +103,8 @@ def train(cfg: Config) -> dict:
                       wandb_run=start_wandb(cfg.log.wandb, run.out_dir, cfg.to_dict()),
                       tensorboard=start_tensorboard(cfg.log.tensorboard, run.out_dir, run.start_step,
                                                     cfg.to_toml()),
-                      train_flops_per_image=flops_per_image, wandb_checkpoints=cfg.log.wandb_checkpoints)
+                      train_flops_per_image=flops_per_image, wandb_checkpoints=cfg.log.wandb_checkpoints,
+                      divergence_ratio=cfg.log.divergence_ratio)
     validation = (Validation(cfg, frozen, conditioning, schedule, samples.unet, device, autocast)
                   if cfg.val.every else None)  # held-out loss on the sampling copy of the UNet
     profiler = speed.StepProfiler(cfg.log.profile_at, 3, run.out_dir / "profile", run.rank, device)

@@ -1,5 +1,6 @@
 """Training signals in-process on a tiny UNet: grad norm per block group, FLOPs per image and MFU, skipped
-steps, the console summary line; TensorBoard scalars and images; wandb checkpoint artifacts (offline)."""
+steps, the console summary line, the divergence warning; TensorBoard scalars and images; wandb checkpoint
+artifacts (offline)."""
 
 import json
 import math
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldm_ddp.metrics import (
     CPU_SDPA_FLOPS,
+    LossWatch,
     Metrics,
     append_jsonl,
     block_group,
@@ -231,3 +233,39 @@ def test_records_count_the_graphs_compiled_so_far(tmp_path):
     metrics.add_step(torch.tensor(1.0), None, 0.0, [])
     record = metrics.flush(1, 1e-3)
     assert record["compiled_graphs"] == before + 3 and record["compile_s"] >= 0
+
+
+# Log-interval losses shaped as a real collapse (SD1.5, bf16, 2026-12-04): the v-prediction loss falls to
+# ~0.10, jumps at step ~350 and stays at 0.375, the level of a UNet that predicts nothing.
+FALLING = [1.0, 0.6, 0.35, 0.22, 0.16, 0.13, 0.11, 0.10, 0.104, 0.098, 0.101, 0.097]
+
+
+def test_the_watch_warns_once_when_the_loss_rises_and_stays():
+    watch = LossWatch(2.0)
+    said = [(i, watch.see(50 * i, x)) for i, x in enumerate(FALLING + [0.28] + [0.375] * 12, 1)]
+    warnings = [(i, text) for i, text in said if text]
+    assert len(warnings) == 1  # once per stretch above the bar, not at every interval of it
+    i, text = warnings[0]
+    assert i == len(FALLING) + 5  # the rise (0.28 counts too) and four more: five in a row above 2x
+    assert "diverged" in text and "log.divergence_ratio" in text and f"step {50 * i}" in text
+    assert "since step 650" in text  # the first interval above the bar
+
+
+def test_the_watch_stays_quiet_through_a_recovered_spike_and_a_noisy_fall():
+    spike = FALLING + [0.4, 0.35, 0.3, 0.21] + [0.1] * 10  # four intervals up, then back
+    assert not any(LossWatch(2.0).see(i, x) for i, x in enumerate(spike))
+    gen = torch.Generator().manual_seed(0)
+    noisy = [0.1 * (1 + 0.3 * float(torch.randn((), generator=gen))) for _ in range(400)]  # +-30%
+    assert not any(LossWatch(2.0).see(i, x) for i, x in enumerate(FALLING + noisy))
+    assert not any(LossWatch(0.0).see(i, x) for i, x in enumerate(FALLING + [0.375] * 10))  # off
+
+
+def test_the_watch_warns_again_after_a_recovery_and_a_second_rise(tmp_path, capsys):
+    metrics = Metrics(tmp_path, CPU, 1000, 10, 2, "lines", divergence_ratio=2.0)
+    curve = FALLING + [0.375] * 6 + [0.1] * 6 + [0.375] * 6
+    for step, loss in enumerate(curve, 1):
+        metrics.add_step(torch.tensor(loss), None, 0.0, [])
+        metrics.flush(step, 1e-3)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: the loss")]
+    assert len(lines) == 2
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(curve)  # records unchanged
