@@ -221,7 +221,7 @@ def test_preemption_at_step_0_during_sampling_and_during_a_save_resumes_bitwise(
         launch.procs[0].send_signal(signal.SIGTERM)  # torchrun passes it on to its process groups (killpg)
         assert launch.wait(90) == [1], launch.output()[-3000:]  # torchrun itself exits 1 when signalled
         assert ("preempted by SIGTERM at step 7: checkpoint step_0000007.safetensors committed"
-                in launch.output())
+                in launch.output()), launch.output()[-3000:]
         assert (out / "checkpoints" / "step_0000007.safetensors").stat().st_mtime - sent < 20
     undeletable = out / "checkpoints" / "step_0000001.safetensors"
     # retention cannot delete it (not even as root): a failed delete must not stop the run
