@@ -126,12 +126,19 @@ class LossWatch:
     at least `ratio` times its lowest mean over `patience` intervals so far (a mean, so that one lucky
     interval sets no bar). A spike the run recovers from within `patience` intervals says nothing; a
     collapsed UNet (the loss stuck at the level of predicting zero, gradients near 0) does.
-    -> `see` gives the warning once per such stretch, on every rank alike (the losses are all-reduced)."""
+    -> `see` gives the warning once per such stretch (rank 0 prints it)."""
 
     def __init__(self, ratio: float, patience: int = 5):
         self.ratio, self.patience = ratio, patience
         self.recent: list[tuple[int, float]] = []  # (step, loss) of the last `patience` intervals
         self.best, self.best_step, self.warned = math.inf, 0, False
+
+    def replay(self, records: list[tuple[int, float]]) -> None:
+        """(step, loss) of the records before a resume: the lowest mean and the last intervals carry over,
+        and a run resumed while its loss stays up is warned about again at its first interval."""
+        for step, loss in records:
+            self.see(step, loss)
+        self.warned = False
 
     def see(self, step: int, loss: float) -> str | None:
         if not self.ratio or not math.isfinite(loss):
@@ -170,6 +177,8 @@ class Metrics:
         self.peak_tflops = peak_tflops or (CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
         self.group_names, self.bar, self.figure_sum = [], None, {}
         self.watch = LossWatch(divergence_ratio)
+        if divergence_ratio and dist.is_main() and self.path.is_file():  # a resumed run: its history so far
+            self.watch.replay([(r["step"], r["loss"]) for r in read_records(self.path) if "loss" in r])
         if dist.is_main() and (progress == "bar" or (progress == "auto" and sys.stdout.isatty())):
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, unit="step", dynamic_ncols=True)

@@ -269,3 +269,18 @@ def test_the_watch_warns_again_after_a_recovery_and_a_second_rise(tmp_path, caps
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: the loss")]
     assert len(lines) == 2
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(curve)  # records unchanged
+
+
+def test_a_resumed_run_keeps_the_watchs_history_and_is_warned_at_once_if_still_up(tmp_path, capsys):
+    for step, loss in enumerate(FALLING + [0.375] * 3, 1):  # the records an attempt left before its resume
+        append_jsonl(tmp_path / "metrics.jsonl", {"step": step, "loss": loss})
+    metrics = Metrics(tmp_path, CPU, 1000, 100, 2, "lines", divergence_ratio=2.0)
+    steps = len(FALLING) + 3
+    for step in (steps + 1, steps + 2):  # two more intervals up: five in a row across the resume
+        metrics.add_step(torch.tensor(0.375), None, 0.0, [])
+        metrics.flush(step, 1e-3)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: the loss")]
+    assert len(lines) == 1 and f"at step {steps + 2}" in lines[0]
+    assert f"since step {len(FALLING) + 1}" in lines[0]  # the stretch began before the resume
+    fresh = Metrics(tmp_path / "other", CPU, 1000, 100, 2, "lines", divergence_ratio=2.0)
+    assert fresh.watch.best == math.inf  # a new run folder starts with no history
