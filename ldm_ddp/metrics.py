@@ -125,7 +125,7 @@ class LossWatch:
     """Notices a run that diverged and did not come back: the logged loss of `patience` log intervals in a row
     at least `ratio` times its lowest mean over `patience` intervals so far (a mean, so that one lucky
     interval sets no bar). A spike the run recovers from within `patience` intervals says nothing; a
-    collapsed UNet (the loss stuck at the level of predicting zero, gradients near 0) does.
+    collapsed UNet (the loss stuck high, the gradients near 0) does.
     -> `see` gives the warning once per such stretch (rank 0 prints it)."""
 
     def __init__(self, ratio: float, patience: int = 5):
