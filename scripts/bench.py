@@ -138,6 +138,7 @@ def steady_figures(out: Path) -> dict:
     steady = [r for i, r in enumerate(timed[:-1]) if i and compiled[i] == compiled[i - 1]] or timed[-1:]
     return {"img_per_s": float(np.mean([r["img_per_s"] for r in steady])),
             "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
+            "tflops_per_gpu": float(np.mean([r.get("tflops_per_gpu", np.nan) for r in steady])),
             "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records),
             "compiled_graphs": compiled[-1] if compiled else 0,
             "compile_s": timed[-1].get("compile_s", 0.0) if timed else 0.0, "steady_intervals": len(steady)}
@@ -303,7 +304,9 @@ def print_table(rows: list[dict]) -> None:
         for path, r in paths.items():
             gpus = row["gpus"]
             per_gpu = r["img_per_s"] / gpus
-            tflops = per_gpu * bare.get("flops_per_image", 0) / 1e12
+            # the trainer's own count where no bare step ran in the call (its metrics' FLOPs per image)
+            tflops = (per_gpu * bare["flops_per_image"] / 1e12 if bare.get("flops_per_image")
+                      else r.get("tflops_per_gpu", float("nan")))
             mfu_mm = tflops / bare["matmul_tflops"] if bare.get("matmul_tflops") else float("nan")
             versus = r["img_per_s"] / top if top else float("nan")
             print(f"{row['res']:>4} {gpus:>4} {row['batch_per_gpu']:>5}  {path:<7} {r['img_per_s']:>8.1f} "

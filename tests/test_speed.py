@@ -384,6 +384,10 @@ def test_bench_table_prints_every_path_the_switches_and_the_resume(capsys, bench
     bench.print_table([row])
     cache_line = next(line.split() for line in capsys.readouterr().out.splitlines() if " cache " in line)
     assert cache_line[8] == "95.0%"
+    row.pop("bare")  # a call without the bare step: the trainer's MFU from its own FLOP count
+    bench.print_table([{**row, "cache": {**cache, "tflops_per_gpu": 247.25}}])
+    cache_line = next(line.split() for line in capsys.readouterr().out.splitlines() if " cache " in line)
+    assert cache_line[6] == "25.0%"  # 247.25 of 989 TFLOP/s
 
 
 @pytest.mark.slow
@@ -548,4 +552,5 @@ def test_bench_figures_leave_out_warm_up_compiles_older_runs_and_a_cut_line(tmp_
     assert bench_sdxl.interval_figures(bench_sdxl.records_since(tmp_path, 0.0), 20, 40)["img_per_s"] == 12.0
     steady = bench.steady_figures(tmp_path)  # also drops the last interval (the final save, the profiler)
     assert steady["img_per_s"] == 10.0 and steady["compiled_graphs"] == 2
+    assert math.isnan(steady["tflops_per_gpu"])  # CPU records carry no FLOP rate: nan, not 0
 
