@@ -13,11 +13,13 @@ its loss went from 0.10 to 0.375 and stayed, most blocks' gradients near 1e-4, w
   bf16        train.seed=0
   fp8         train.seed=0 and train.fp8=true: the same init, data and draws as bf16
   bf16_seed1  train.seed=1 (another init and other draws, the same data): the run-to-run spread
-Each run leaves <out>/<run>/metrics.jsonl and <out>/<run>/summary.json (steady img/s, peak memory, the mean
-loss per window of --window steps); the final checkpoint is deleted. The report prints the curves side by
-side, and over the second half of the run (past the first fast drop) fp8's mean distance from the bf16
-curve against bf16_seed1's: the curves agree within the run-to-run spread when fp8's is at most
-bf16_seed1's. img/s compare only within one call (one host): bench.py --fp8 on/off gives them side by side.
+Each run leaves <out>/<run>/metrics.jsonl (copied there every 15 s while it runs, so that a call cut short
+keeps it) and <out>/<run>/summary.json (steady img/s, peak memory, the mean loss per window of --window
+steps); the final checkpoint is deleted. --report reads a run without a summary from its metrics.jsonl.
+The report prints the curves side by side, and over the second half of the run (past the first fast drop)
+fp8's mean distance from the bf16 curve against bf16_seed1's: the curves agree within the run-to-run spread
+when fp8's is at most bf16_seed1's. img/s compare only within one call (one host): bench.py --fp8 on/off
+gives them side by side.
 --together starts the runs at once on the one GPU (each its own process): the curves in about the time of
 one run's compile plus the runs' GPU work, the img/s then shared and not a figure of either.
 """
@@ -28,6 +30,7 @@ import math
 import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import _path  # noqa: F401
@@ -52,35 +55,61 @@ def window_losses(metrics: Path, window: int) -> dict[int, float]:
 def run(args, name: str, bundle: Path, cache: Path) -> dict:
     out = Path(args.work) / f"run_{name}"
     shutil.rmtree(out, ignore_errors=True)
-    every = math.gcd(50, args.window)  # log intervals inside the windows
-    torchrun(1, "scripts/train.py",
-             [f"--preset=sd15_{args.res}", f"--model.pretrained={bundle}", f"--train.out_dir={out}",
-              "--data.source=latents", f"--data.path={cache}", "--data.buckets=off",
-              f"--data.batch_per_gpu={args.batch}", f"--train.max_steps={args.steps}", f"--log.every={every}",
-              "--log.progress=lines", "--sample.every=0", f"--ckpt.every={10 * args.steps}",
-              "--ckpt.resume=none", f"--optim.warmup_steps={args.warmup}", *RUNS[name]],
-             7200, Path(args.work) / "logs" / f"{name}.log")
     kept = Path(args.out) / name
     kept.mkdir(parents=True, exist_ok=True)
+    every = math.gcd(50, args.window)  # log intervals inside the windows
+    done = threading.Event()
+
+    def mirror() -> None:  # the curve so far, where a call cut short still finds it
+        while not done.wait(15):
+            if (out / "metrics.jsonl").is_file():
+                shutil.copy(out / "metrics.jsonl", kept / "metrics.jsonl")
+
+    threading.Thread(target=mirror, daemon=True).start()
+    try:
+        torchrun(1, "scripts/train.py",
+                 [f"--preset=sd15_{args.res}", f"--model.pretrained={bundle}", f"--train.out_dir={out}",
+                  "--data.source=latents", f"--data.path={cache}", "--data.buckets=off",
+                  f"--data.batch_per_gpu={args.batch}", f"--train.max_steps={args.steps}",
+                  f"--log.every={every}", "--log.progress=lines", "--sample.every=0",
+                  f"--ckpt.every={10 * args.steps}", "--ckpt.resume=none",
+                  f"--optim.warmup_steps={args.warmup}", *RUNS[name]],
+                 7200, Path(args.work) / "logs" / f"{name}.log")
+    finally:
+        done.set()
     shutil.copy(out / "metrics.jsonl", kept / "metrics.jsonl")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final save: 14 GB for SD1.5
-    summary = {"run": name, "res": args.res, "batch": args.batch, "steps": args.steps,
-               "host": socket.gethostname(), "together": args.together, **steady_figures(out),
-               "window_losses": window_losses(out / "metrics.jsonl", args.window)}
+    summary = summarize(kept, name, args.window, {"res": args.res, "batch": args.batch, "steps": args.steps,
+                                                   "host": socket.gethostname(), "together": args.together})
     (kept / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def report(dirs: list[str]) -> int:
+def summarize(folder: Path, name: str, window: int, known: dict) -> dict:
+    """A run's summary from the metrics.jsonl in `folder`; `known`: what the records do not say."""
+    return {"run": name, **known, **steady_figures(folder),
+            "window_losses": window_losses(folder / "metrics.jsonl", window)}
+
+
+def report(dirs: list[str], window: int) -> int:
     """The runs' summaries found under `dirs` (the last of each name wins), side by side."""
     found = {}
     for d in dirs:
-        for path in sorted(Path(d).glob("*/summary.json")):
-            summary = json.loads(path.read_text())
+        for folder in sorted(x for x in Path(d).iterdir() if x.is_dir()):
+            if (folder / "summary.json").is_file():
+                summary = json.loads((folder / "summary.json").read_text())
+            elif folder.name in RUNS and (folder / "metrics.jsonl").is_file():  # a call cut it short
+                losses = window_losses(folder / "metrics.jsonl", window)
+                summary = {**summarize(folder, folder.name, window, {"res": "?", "batch": "?", "host": "?"}),
+                           "steps": max(losses), "window_losses": {str(k): v for k, v in losses.items()},
+                           "cut_short": True}
+            else:
+                continue
             found[summary["run"]] = summary
     for name, s in found.items():
         print(f"{name:>11}: {s['img_per_s']:.1f} img/s, {s['peak_mem_gib']:.1f} GiB peak, "
-              f"{s['res']} px, batch {s['batch']}, {s['steps']} steps")
+              f"{s['res']} px, batch {s['batch']}, {s['steps']} steps"
+              + (" (cut short: no summary; from its metrics.jsonl)" if s.get("cut_short") else ""))
     if any(s.get("together") for s in found.values()):
         print("(runs made with --together shared the GPU: their img/s are not figures of either)")
     if "bf16" in found and "fp8" in found:
@@ -126,7 +155,7 @@ def main() -> int:
     parser.add_argument("--report", nargs="+", metavar="DIR", help="only compare runs kept in these folders")
     args = parser.parse_args()
     if args.report:
-        return report(args.report)
+        return report(args.report, args.window)
     work = Path(args.work)
     bundle = make_bundle(work / "bundle")
     cache = work / f"latents_shapes_{args.res}_{args.images}"
@@ -139,7 +168,7 @@ def main() -> int:
     with concurrent.futures.ThreadPoolExecutor(len(args.runs) if args.together else 1) as pool:
         for summary in pool.map(lambda name: run(args, name, bundle, cache), args.runs):
             print(f"{summary['run']}: {summary['img_per_s']:.1f} img/s", flush=True)
-    return report([args.out])
+    return report([args.out], args.window)
 
 
 if __name__ == "__main__":

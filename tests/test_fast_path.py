@@ -138,15 +138,24 @@ def test_the_fp8_bench_compares_its_curves_against_the_run_to_run_spread(tmp_pat
     write("a", "bf16", (0.50, 0.30, 0.20, 0.18), 400.0)
     write("a", "bf16_seed1", (0.60, 0.32, 0.19, 0.17), 400.0)
     write("b", "fp8", (0.90, 0.31, 0.205, 0.185), 480.0)
-    assert bench_fp8.report([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert bench_fp8.report([str(tmp_path / "a"), str(tmp_path / "b")], 100) == 0
     out = capsys.readouterr().out
     assert "fp8 against bf16: +20.0% img/s\n" in out
     assert "fp8 0.00500 apart (+0.00500 on average), bf16_seed1 0.01000 (-0.01000)" in out
     assert "the curves agree" in out
     write("c", "fp8", (0.50, 0.30, 0.30, 0.28), 480.0, host="h2")  # a later call's run replaces the first
-    bench_fp8.report([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")])
+    bench_fp8.report([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")], 100)
     out = capsys.readouterr().out
     assert "do not agree" in out and "(other hosts: compare bench.py --fp8 on/off" in out
+    # a run whose call ended before its summary (during its final save): read from its metrics.jsonl
+    (tmp_path / "d" / "fp8").mkdir(parents=True)
+    (tmp_path / "d" / "fp8" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "loss": loss, "img_per_s": 300.0, "data_wait_share": 0.0}) + "\n"
+        for step, loss in zip(range(50, 401, 50), (0.6, 0.4, 0.31, 0.29, 0.21, 0.19, 0.17, 0.19))))
+    bench_fp8.report([str(tmp_path / "a"), str(tmp_path / "d")], 100)
+    out = capsys.readouterr().out
+    assert "400 steps (cut short: no summary; from its metrics.jsonl)" in out
+    assert "fp8 0.00000 apart (+0.00000 on average)" in out and "the curves agree" in out
 
 
 def test_a_run_asking_for_fp8_without_fp8_matmuls_stops_before_step_1(tmp_path, tiny_args):
