@@ -157,8 +157,11 @@ def run_trial(trial, space: Space, out: Path, extra: list[str], nproc: int) -> f
     """One training run for `trial`; -> its objective. Pruned: optuna.TrialPruned; crashed: RuntimeError."""
     import optuna
 
-    folder = out / f"trial_{trial.number:04d}"
+    # A retried trial (retry_orphans here, optuna's heartbeat retry elsewhere: both carry the user attributes
+    # over) trains on in the folder its dead tuner left, and the run resumes from its newest checkpoint.
+    folder = Path(trial.user_attrs.get("run_folder") or out / f"trial_{trial.number:04d}")
     folder.mkdir(parents=True, exist_ok=True)
+    wait_until_free(folder)
     values = suggest(trial, space)
     args = ["--preset", space.preset, *overrides(space.fixed), *extra, *overrides(values),
             f"--train.out_dir={folder}", "--log.progress=lines"]
@@ -248,9 +251,25 @@ def retry_orphans(study) -> None:
         owner, _, pid = trial.user_attrs.get("tuner", "").rpartition(":")
         if owner == host and pid.isdigit() and not _alive(int(pid)):
             study.tell(trial.number, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            print(f"trial {trial.number}: its tuner (pid {pid}) is gone; failed, its parameters queued again",
-                  flush=True)
+            folder = trial.user_attrs.get("run_folder", "")
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "run_folder": folder})
+            print(f"trial {trial.number}: its tuner (pid {pid}) is gone; failed, its parameters queued again "
+                  f"(to resume in {folder})", flush=True)
+
+
+def wait_until_free(folder: Path, timeout_s: float = 120.0) -> None:
+    """Wait while a run holds `folder` (its lock, resume.run_folder_lock): a dead tuner's training process
+    saves and stops on its parent's death, which takes seconds. Still held after `timeout_s`: RuntimeError."""
+    from .resume import run_folder_lock
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with run_folder_lock(folder):
+                return
+        except ConfigError as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{folder}: still in use after {timeout_s:.0f} s ({err})") from None
+            time.sleep(1)
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,7 @@
 """scripts/tune.py: the search-space file's errors, a study of real tiny runs with pruning, a tuner killed
 with kill -9 and started again, and two tuners sharing one SQLite study."""
 
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,8 @@ def test_a_tuner_killed_with_kill9_is_started_again_and_retries_its_trial(tmp_pa
     while not list((tmp_path / "out" / "trial_0000" / "checkpoints").glob("step_*.safetensors")):
         assert time.time() < deadline, "the orphaned trial did not save and stop"
         time.sleep(0.5)
+    saved = int(sorted((tmp_path / "out" / "trial_0000" / "checkpoints").glob("step_*.safetensors"))[-1]
+                .stem.split("_")[1])
     killed = load(tmp_path).trials[0]
     assert killed.state.name == "RUNNING"
     again = tuner(tmp_path, tiny_args, trials=2, steps=4)  # shorter trials now, the same study
@@ -120,6 +123,12 @@ def test_a_tuner_killed_with_kill9_is_started_again_and_retries_its_trial(tmp_pa
     assert trials[0].state.name == "FAIL"
     retried = [t for t in trials if t.user_attrs.get("retry_of") == 0]
     assert len(retried) == 1 and retried[0].params == killed.params and retried[0].state.name == "COMPLETE"
+    # the retry trained on in the killed trial's folder, from the checkpoint its training process saved
+    assert retried[0].user_attrs["run_folder"] == killed.user_attrs["run_folder"]
+    resumes = (tmp_path / "out" / "trial_0000" / "resumes.jsonl").read_text().splitlines()
+    resumes = [json.loads(x) for x in resumes]
+    assert [r["step"] for r in resumes] == [saved]
+    assert set(retried[0].intermediate_values) >= {s for s in killed.intermediate_values if s <= saved}
     assert sum(t.state.name == "COMPLETE" for t in trials) == 2
     assert not any(t.state.name == "RUNNING" for t in trials)
 
