@@ -186,3 +186,23 @@ def test_a_trial_under_torchrun_scored_by_the_demo_checker(tmp_path, tiny_args):
     from ldm_ddp.checkpoint import list_checkpoints, load_checkpoint
     _, meta = load_checkpoint(list_checkpoints(tmp_path / "out" / "trial_0000" / "checkpoints")[-1])
     assert meta["world_size"] == 2 and meta["step"] == 2
+
+
+def test_a_retry_waits_for_the_folder_and_gives_up_on_one_still_held(tmp_path):
+    """The dead tuner's training process may still be saving in the folder a retry resumes in: the retry waits
+    for its lock (another process's POSIX lock) and fails in one line if it is held past the timeout."""
+    from ldm_ddp.tune import wait_until_free
+    folder = tmp_path / "trial_0000"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(folder / '.lock')!r}, 'a+')\n"
+        "fcntl.lockf(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(float(sys.argv[1]))\n"), "2.5"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RuntimeError, match="trial_0000: still in use after 1 s"):
+        wait_until_free(folder, timeout_s=1.0)
+    start = time.monotonic()
+    wait_until_free(folder, timeout_s=30.0)  # the holder lets go within 2.5 s of its start
+    assert time.monotonic() - start < 5 and holder.wait(5) == 0
