@@ -220,23 +220,25 @@ def test_preemption_at_step_0_during_sampling_and_during_a_save_resumes_bitwise(
         sent = time.time()
         launch.procs[0].send_signal(signal.SIGTERM)  # torchrun passes it on to its process groups (killpg)
         assert launch.wait(90) == [1], launch.output()[-3000:]  # torchrun itself exits 1 when signalled
-        assert ("preempted by SIGTERM at step 7: checkpoint step_0000007.safetensors committed"
-                in launch.output()), launch.output()[-3000:]
-        assert (out / "checkpoints" / "step_0000007.safetensors").stat().st_mtime - sent < 20
+        # Step 7 stops: on its own save, or on step 6's when that one is still being written (a slow disk)
+        stopped = re.search(r"preempted by SIGTERM at step 7: checkpoint step_000000([67])\.safetensors "
+                            "committed", launch.output())
+        assert stopped, launch.output()[-3000:]
+        kept = f"step_000000{stopped[1]}.safetensors"
+        assert (out / "checkpoints" / kept).stat().st_mtime - sent < 20
     undeletable = out / "checkpoints" / "step_0000001.safetensors"
     # retention cannot delete it (not even as root): a failed delete must not stop the run
     undeletable.mkdir()
     with ranks(tmp_path / "d", config(tiny_args, out, ckpt__keep=2)) as launch:
         assert launch.wait() == [0, 0], launch.output()[-3000:]
     text = launch.output()
-    assert "changed since step_0000007.safetensors: " in text and "train.max_steps 1000 -> 8" in text
+    assert f"changed since {kept}: " in text and "train.max_steps 1000 -> 8" in text
     assert f"warning: could not delete {undeletable}" in text
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [undeletable.name,
-                                                                       "step_0000007.safetensors",
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [undeletable.name, kept,
                                                                         final(out).name]
     assert_bitwise_equal(final(reference), final(out))
     resumes = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumes] == [0, 4, 7]
+    assert [r["step"] for r in resumes] == [0, 4, int(stopped[1])]
     assert (resumes[-1]["config"]["train.max_steps"] == [1000, STEPS]
             and "sample.every" in resumes[-1]["config"])
 
