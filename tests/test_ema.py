@@ -415,7 +415,9 @@ def test_the_one_pass_update_gives_the_foreach_bits_in_tritons_interpreter(monke
     assert not torch.equal(kernel.shadows[0][0], kernel.shadows[2][0])  # the profiles differ
     assert triton is not None and kernel.one_pass.key is not None
 
+    held = [net.conv.weight.data]  # kept alive: the allocator could hand a freed address to the next weights
     net.conv.weight.data = net.conv.weight.data.contiguous()  # moved, and no longer the shadows' layout
+    held.append(net.conv.weight.data)
     assert not kernel.one_pass.fits(kernel._weights(net))
     kernel.update(net)  # the foreach passes, then
     foreach.update(net)
