@@ -42,8 +42,9 @@ from bench_bare import SWITCHES, VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 H100_PEAK = 989.0
-def make_bundle(root: Path) -> Path:
-    """A random-init SD1.5-shaped vae/, text_encoder/ and tokenizer/ (77 tokens) in `root`."""
+def make_bundle(root: Path, sdxl: bool = False) -> Path:
+    """A random-init SD1.5-shaped vae/, text_encoder/ and tokenizer/ (77 tokens) in `root`; `sdxl`: SDXL's
+    shapes, with text_encoder_2/ and tokenizer_2/ too (OpenCLIP bigG's width and depth)."""
     if (root / "vae" / "config.json").is_file():
         return root
     from diffusers import AutoencoderKL
@@ -51,9 +52,13 @@ def make_bundle(root: Path) -> Path:
     from ldm_ddp.data.shapes import vocabulary
     from ldm_ddp.models import write_demo_text_encoder
     write_demo_text_encoder(root, vocabulary(), width=768, max_length=77, layers=12, heads=12)
+    if sdxl:
+        write_demo_text_encoder(root, vocabulary(), width=1280, max_length=77, second=True, layers=32,
+                                heads=20)
     AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                   block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                  sample_size=512, scaling_factor=0.18215).save_pretrained(root / "vae")
+                  sample_size=1024 if sdxl else 512,
+                  scaling_factor=0.13025 if sdxl else 0.18215).save_pretrained(root / "vae")
     return root
 
 

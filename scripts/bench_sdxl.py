@@ -46,22 +46,6 @@ import torch
 REPO = bench.REPO
 
 
-def make_sdxl_bundle(root: Path) -> Path:
-    """Random-init SDXL-shaped vae/, text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/ in `root`."""
-    if (root / "vae" / "config.json").is_file():
-        return root
-    from diffusers import AutoencoderKL
-
-    from ldm_ddp.data.shapes import vocabulary
-    from ldm_ddp.models import write_demo_text_encoder
-    write_demo_text_encoder(root, vocabulary(), width=768, max_length=77, layers=12, heads=12)
-    write_demo_text_encoder(root, vocabulary(), width=1280, max_length=77, second=True, layers=32, heads=20)
-    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                  block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                  sample_size=1024, scaling_factor=0.13025, force_upcast=True).save_pretrained(root / "vae")
-    return root
-
-
 def run_args(args, out: Path, cache: Path, batch: int, compile_mode: str, gc: bool, every: int) -> list[str]:
     return ["--preset=sdxl_1024", f"--model.pretrained={args.pretrained}", f"--train.out_dir={out}",
             "--train.max_steps=1000000", f"--data.batch_per_gpu={batch}", f"--train.compile={compile_mode}",
@@ -199,7 +183,7 @@ def main() -> int:
         print("error: bench_sdxl.py measures a GPU; none is visible", file=sys.stderr)
         return 1
     work = Path(args.work)
-    args.pretrained = args.pretrained or str(make_sdxl_bundle(work / "bundle"))
+    args.pretrained = args.pretrained or str(bench.make_bundle(work / "bundle", sdxl=True))
     cache = work / "latents_1024"
     if not (cache / "manifest.json").is_file():
         images = bench.make_images(work / "images_1024", args.images, 1024, square=True)
