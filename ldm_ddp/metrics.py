@@ -150,12 +150,9 @@ class LossWatch:
         if mean < self.best:
             self.best, self.best_step = mean, step
         above = all(x >= self.ratio * self.best for _, x in self.recent)
-        if not above:
-            self.warned = False
+        warn, self.warned = above and not self.warned, above  # once per stretch above the bar
+        if not warn:
             return None
-        if self.warned:
-            return None
-        self.warned = True
         return (f"warning: the loss has stayed at or above {self.ratio:g}x its lowest for {self.patience} "
                 f"log intervals ({loss:.4f} at step {step} against a mean of {self.best:.4f} up to step "
                 f"{self.best_step}; since step {self.recent[0][0]}): the run may have diverged. A checkpoint "

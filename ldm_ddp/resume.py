@@ -23,6 +23,10 @@ from .metrics import append_jsonl
 _BOOKKEEPING = ("transformers_version", "torch_dtype", "dtype")  # and every "_"-prefixed key
 
 
+class FolderInUse(ConfigError):
+    """Another live process holds the run folder's lock (run_folder_lock)."""
+
+
 @contextlib.contextmanager
 def run_folder_lock(out_dir: Path):
     """Rank 0 holds an exclusive lock on <out_dir>/.lock while the run lives. A second run started on the same
@@ -44,7 +48,7 @@ def run_folder_lock(out_dir: Path):
                 return
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise ConfigError(f"train.out_dir: {out_dir} is in use by another run ({holder}); one folder per "
+            raise FolderInUse(f"train.out_dir: {out_dir} is in use by another run ({holder}); one folder per "
                               "run (two would delete each other's checkpoints)") from None
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -259,14 +259,15 @@ def retry_orphans(study) -> None:
 
 def wait_until_free(folder: Path, timeout_s: float = 120.0) -> None:
     """Wait while a run holds `folder` (its lock, resume.run_folder_lock): a dead tuner's training process
-    saves and stops on its parent's death, which takes seconds. Still held after `timeout_s`: RuntimeError."""
-    from .resume import run_folder_lock
+    saves and stops on its parent's death, which takes seconds. Still held after `timeout_s`: RuntimeError. A
+    folder that cannot take a file fails at once (ConfigError), as the run would."""
+    from .resume import FolderInUse, run_folder_lock
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with run_folder_lock(folder):
                 return
-        except ConfigError as err:
+        except FolderInUse as err:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{folder}: still in use after {timeout_s:.0f} s ({err})") from None
             time.sleep(1)

@@ -99,10 +99,10 @@ def report(dirs: list[str], window: int) -> int:
             if (folder / "summary.json").is_file():
                 summary = json.loads((folder / "summary.json").read_text())
             elif folder.name in RUNS and (folder / "metrics.jsonl").is_file():  # a call cut it short
-                losses = window_losses(folder / "metrics.jsonl", window)
-                summary = {**summarize(folder, folder.name, window, {"res": "?", "batch": "?", "host": "?"}),
-                           "steps": max(losses), "window_losses": {str(k): v for k, v in losses.items()},
-                           "cut_short": True}
+                summary = summarize(folder, folder.name, window,
+                                    {"res": "?", "batch": "?", "host": "?", "cut_short": True})
+                losses = summary["window_losses"]  # keyed as a summary.json read back is: by str
+                summary.update(steps=max(losses), window_losses={str(k): v for k, v in losses.items()})
             else:
                 continue
             found[summary["run"]] = summary
