@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .models import PRESET_DIR, write_demo_text_encoder
 from .resume import architecture_from
 from .run import Run, lr_at, step_generator
+from .sharded_adamw import make_optimizer
 
 
 class Reconstruction(torch.nn.Module):
@@ -72,9 +73,7 @@ def train_autoencoder(cfg: Config) -> Path:
     # --- Model and optimizer (same init on every rank)
     torch.manual_seed(cfg.train.seed)
     vae = AutoencoderKL.from_config(vae_config(cfg.model.vae_config)).to(device).train()
-    # Fused AdamW skips a non-finite step on the device (faults.optimizer_step), as in the UNet trainer.
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
+    optimizer = make_optimizer(vae, cfg)  # as the UNet trainer's (train.shard_optimizer: no DDP)
     state = TrainingState("vae", vae, optimizer)
     source = build_source(cfg.data, is_main=dist.is_main())
     if source.latent:
@@ -88,7 +87,8 @@ def train_autoencoder(cfg: Config) -> Path:
                            shuffle_window=cfg.data.shuffle_window)
     batches = iter(make_loader(stream, cfg.data.num_workers, prefetch_batches=4,
                                pin_memory=device.type == "cuda", worker_init_fn=faults.shield_worker))
-    model = dist.wrap_ddp(Reconstruction(vae), grad_reduce=cfg.train.grad_reduce)
+    model = (Reconstruction(vae) if cfg.train.shard_optimizer == "on"
+             else dist.wrap_ddp(Reconstruction(vae), grad_reduce=cfg.train.grad_reduce))
     metrics = Metrics(run.out_dir, device, 1, cfg.train.max_steps, run.global_batch, cfg.log.progress)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -124,7 +124,7 @@ def train_autoencoder(cfg: Config) -> Path:
                         + cfg.model.vae_kl_weight * kl.mean())
                 (loss / run.grad_accum).backward()
             step_loss = step_loss + loss.detach() / run.grad_accum
-        grad_norm, _ = speed.grad_norms(vae)
+        grad_norm, _ = speed.grad_norms(vae, optimizer)
         ok = torch.isfinite(grad_norm)  # a non-finite step is skipped on the device, counted, limited
         faults.optimizer_step(optimizer, ok, speed.clip_divisor(grad_norm, cfg.optim.grad_clip))
         optimizer.zero_grad(set_to_none=True)

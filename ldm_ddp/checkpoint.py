@@ -377,6 +377,13 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     ema: Any = None
 
+    def gather(self) -> None:
+        """A collective before every save (every rank calls it): what is split over the ranks comes together
+        for rank 0 to save (train.shard_optimizer's moments, sharded_adamw.py)."""
+        gather_state = getattr(self.optimizer, "gather_state", None)
+        if gather_state is not None:
+            gather_state()
+
 
 def module_tensors(tensors: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
     """A module's state dict out of a checkpoint's tensors: the `part.` group ("unet", "ema", "vae", ...)."""

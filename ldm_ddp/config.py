@@ -126,6 +126,8 @@ class TrainConfig:
     # float8 by torchao (needs a GPU with FP8 matmuls: Ada, Hopper or newer); docs/performance.md
     grad_reduce: Literal["fp32", "bf16"] = "fp32"  # DDP's gradient all-reduce; bf16: each rank's gradients
     # rounded to bf16 and summed in fp32, half the bytes on the wire (dist.reduce_in_bf16)
+    shard_optimizer: Literal["off", "on"] = "off"  # on: no DDP; gradients reduce-scattered, each rank runs
+    # AdamW on 1/world of the weights, which are then all-gathered (ZeRO stage 2; sharded_adamw.py)
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # the compiled UNet's forward and backward replayed as
     # CUDA graphs (train.compile=full on CUDA, one micro-batch per step); auto: on for one GPU and one shape
     startup_timeout_s: float = 600.0  # s; collective timeout until the first step is done,

@@ -178,6 +178,43 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank, in place."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def reduce_scatter_mean(out: torch.Tensor, flat: torch.Tensor, in_bf16: bool = False) -> torch.Tensor:
+    """This rank's slice of the mean over the ranks of `flat` (world x len(out) elements), into `out` (fp32).
+    fp32: the backend's reduce-scatter of the sum, divided by the world size. in_bf16: each rank rounds
+    `flat` to bf16 and sends every rank its slice (all-to-all: the reduce-scatter's bytes, halved); the
+    slices are summed in fp32, in rank order, and divided (reduce_in_bf16's arithmetic, without its
+    rounding of the mean)."""
+    if not dist.is_initialized():
+        return out.copy_(flat)
+    world = dist.get_world_size()
+    if in_bf16:
+        send = flat.to(torch.bfloat16)
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send)
+        torch.sum(received.view(world, -1).float(), 0, out=out)
+    else:
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # < 2.12
+        reduce_scatter(out, flat, op=dist.ReduceOp.SUM)
+    return out.div_(world)
+
+
+def all_gather_into(flat: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Every rank's `part` (same length), concatenated in rank order into `flat`; `part` may be this rank's
+    own slice of `flat` (in place)."""
+    if not dist.is_initialized():
+        return flat if part.data_ptr() == flat.data_ptr() else flat.copy_(part)
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.12
+    all_gather(flat, part)
+    return flat
+
+
 def wrap_ddp(module: torch.nn.Module, static_graph: bool = False, bucket_cap_mb: float = 25.0,
              grad_reduce: str = "fp32") -> torch.nn.Module:
     """DDP-wrap for training when there is more than one rank; the module itself otherwise. Gradients are

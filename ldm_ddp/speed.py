@@ -21,6 +21,7 @@ import torch
 from . import dist
 from .config import ConfigError, resolve_batch
 from .models import trains_channels_last
+from .sharded_adamw import ShardedAdamW
 
 
 def attention(backend: str):
@@ -40,10 +41,13 @@ def configure_cuda(cudnn_benchmark: bool) -> None:
 
 
 @torch.no_grad()
-def grad_norms(module: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def grad_norms(module: torch.nn.Module, optimizer=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The global gradient norm (torch.nn.utils.clip_grad_norm_'s arithmetic) and the per-parameter norms
     (parameter order, parameters without gradients left out), so the per-block metrics need no second pass.
+    A ShardedAdamW reduce-scatters the gradients first and gives the norms of the mean gradients.
     -> (total norm, per-parameter norms), on the device, no host sync."""
+    if isinstance(optimizer, ShardedAdamW):
+        return optimizer.reduce_gradients()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(()), []
@@ -305,7 +309,9 @@ def prepare_unet(unet, cfg, device: torch.device, world_size: int, uncond: dict,
     graphs = cuda_graphs(cfg.train.cuda_graphs, device, mode, world_size, resolve_batch(cfg, world_size)[0],
                          shapes)
     use_ddp_compile(ddp_compile("whole", mode, world_size))
-    wrapped = dist.wrap_ddp(unet, grad_reduce=cfg.train.grad_reduce)
+    # train.shard_optimizer: the optimizer reduces the gradients itself (sharded_adamw.py)
+    sharded = cfg.train.shard_optimizer == "on"
+    wrapped = unet if sharded else dist.wrap_ddp(unet, grad_reduce=cfg.train.grad_reduce)
     model = compile_model(unet, wrapped, mode, force_layout=channels_last, backend=COMPILE_BACKEND,
                           shapes=shapes, cuda_graphs=graphs)
     reference = objective.reference

@@ -28,6 +28,7 @@ from .resume import architecture
 from .run import Run, lr_at, step_generator
 from .sampling import LiveSamples
 from .schedule import NoiseSchedule
+from .sharded_adamw import make_optimizer
 from .validation import Validation
 
 
@@ -56,9 +57,8 @@ def train(cfg: Config) -> dict:
         add_lora(unet, cfg.model.lora_rank)
     # Fused AdamW (CPU and GPU) skips a non-finite step on the device,
     # without a host sync (faults.optimizer_step).
-    trained = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
+    # train.shard_optimizer: each rank updates 1/world of the weights (sharded_adamw.py; no DDP then).
+    optimizer = make_optimizer(unet, cfg)
     ema = EMA(unet, cfg.ema)
     state = TrainingState("unet", unet, optimizer, ema)
     # for MFU; before the DDP wrap
@@ -158,7 +158,7 @@ def train(cfg: Config) -> dict:
             step_loss = step_loss + mean.detach() / run.grad_accum
             # a skipped step's share is dropped in add_step
             metrics.add_micro_batch(loss.plain, loss.t, loss.figures)
-        grad_norm, norms = speed.grad_norms(unet)  # one pass of norms for both
+        grad_norm, norms = speed.grad_norms(unet, optimizer)  # one pass of norms for both
         metrics.add_grad_norms(unet, norms)  # per block group, before clipping; stays on the device
         # A NaN or Inf on any rank makes the all-reduced gradients' norm non-finite on every rank:
         # the update is skipped on the device (weights, moments, EMA untouched);

@@ -111,7 +111,7 @@ def trainer_args(args, res: int, batch: int, data: list[str], out: Path, every: 
             f"--train.max_steps={args.steps}", f"--data.batch_per_gpu={batch}", f"--log.every={every}",
             f"--sample.every={args.sample_every}", "--log.progress=lines", f"--train.compile={args.compile}",
             f"--train.cuda_graphs={args.cuda_graphs}", f"--train.fp8={str(args.fp8 == 'on').lower()}",
-            f"--train.grad_reduce={args.grad_reduce}",
+            f"--train.grad_reduce={args.grad_reduce}", f"--train.shard_optimizer={args.shard_optimizer}",
             f"--ema.update_every={args.ema_every}", "--data.buckets=off", *data,
             *(f"--{setting}" for setting in args.set)]
 

@@ -26,8 +26,8 @@ VARIANTS = {"ceiling": "forward, backward and fused AdamW alone: no gradient cli
             "ema_compiled": "the EMA update through torch.compile"}
 # The switches, as scripts/bench.py passes them on (--name value) and each row records.
 SWITCHES = ("unet", "compile", "cuda_graphs", "fp8", "sdpa", "cudnn_benchmark", "channels_last", "layout_opt",
-            "ddp_compile", "static_graph", "bucket_cap_mb", "grad_reduce", "ema_every", "ema_compile",
-            "ema_overlap")
+            "ddp_compile", "static_graph", "bucket_cap_mb", "grad_reduce", "shard_optimizer", "ema_every",
+            "ema_compile", "ema_overlap")
 
 
 def add_switches(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,9 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
                         help="bare step: DDP bucket size, MB (the trainer: 25)")
     parser.add_argument("--grad-reduce", default="fp32", choices=["fp32", "bf16"],
                         help="DDP's gradient all-reduce, as train.grad_reduce (bare and trainer)")
+    parser.add_argument("--shard-optimizer", default="off", choices=["on", "off"],
+                        help="AdamW split over the ranks in place of DDP, as train.shard_optimizer (bare and "
+                             "trainer)")
     parser.add_argument("--ema-every", type=int, default=1, help="as ema.update_every")
     parser.add_argument("--ema-compile", default="off", choices=["on", "off", "both"],
                         help="bare step: the EMA update through torch.compile; both: eager and compiled in "
@@ -90,6 +93,7 @@ def bare_worker(args) -> None:
     from ldm_ddp.ema import EMA
     from ldm_ddp.metrics import count_train_flops
     from ldm_ddp.models import build_unet
+    from ldm_ddp.sharded_adamw import ShardedAdamW
 
     device = dist.init("cuda")
     speed.configure_cuda(args.cudnn_benchmark == "on")
@@ -106,7 +110,9 @@ def bare_worker(args) -> None:
     flops_per_image = count_train_flops(unet, map_cond(lambda x: x[:1], cond), autocast=True)
     if args.fp8 == "on":
         speed.convert_fp8(unet, device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+    sharded = args.shard_optimizer == "on"
+    optimizer = (ShardedAdamW(list(unet.parameters()), grad_reduce=args.grad_reduce, lr=1e-4) if sharded
+                 else torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True))
     ema = EMA(unet, EMAConfig(decay=0.9999, update_every=args.ema_every))
     if args.ema_compile == "on":
         ema.compile()
@@ -115,8 +121,9 @@ def bare_worker(args) -> None:
     speed.use_ddp_compile(ddp_mode)
     force_layout = speed.layout_opt(args.layout_opt, args.channels_last == "on", dist.world_size(), ddp_mode)
     # No other name for the DDP module: it must go with `model`, before the process group (see the end)
-    model = speed.compile_model(unet, dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb,
-                                                    args.grad_reduce), args.compile, force_layout,
+    wrapped = unet if sharded else dist.wrap_ddp(unet, args.static_graph == "on", args.bucket_cap_mb,
+                                                 args.grad_reduce)
+    model = speed.compile_model(unet, wrapped, args.compile, force_layout,
                                 cuda_graphs=speed.cuda_graphs(args.cuda_graphs, device, args.compile,
                                                               dist.world_size()))
     overlap = args.ema_overlap == "on"
@@ -136,9 +143,11 @@ def bare_worker(args) -> None:
             v_pred = model(x_t, t, **cond).sample
         torch.nn.functional.mse_loss(v_pred.float(), v_target).backward()
         if ceiling:
+            if sharded:  # the gradients come through its reduce-scatter (with the norms: a small all-reduce)
+                optimizer.reduce_gradients()
             faults.optimizer_step(optimizer, None)  # no clip (and, as every call does, unsets the last one's)
         else:
-            total, _ = speed.grad_norms(unet)  # as the trainer clips and skips a non-finite step
+            total, _ = speed.grad_norms(unet, optimizer)  # as the trainer clips and skips a non-finite step
             ema.settle()
             faults.optimizer_step(optimizer, torch.isfinite(total), speed.clip_divisor(total, 1.0))
         optimizer.zero_grad(set_to_none=True)
@@ -219,7 +228,7 @@ def bare_worker(args) -> None:
             "warmup_s": warmup_s, "peak_mem_gib": peak_mem, "card": torch.cuda.get_device_name(),
             "variants": variant_img_per_s,
             **({"profile": profile} if profile else {})}))
-    model = None  # DDP's reducer goes while its process group lives (freed after it, at return, it can hang)
+    model = wrapped = None  # DDP's reducer goes while its process group lives (freed after it, it can hang)
     dist.shutdown()
 
 

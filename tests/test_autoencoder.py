@@ -46,13 +46,17 @@ def poison_steps(monkeypatch):
     return poison
 
 
-def test_a_non_finite_step_is_skipped_and_leaves_the_state(tmp_path, tiny_vae_json, poison_steps):
+@pytest.mark.parametrize("shard", ["off", "on"])
+def test_a_non_finite_step_is_skipped_and_leaves_the_state(tmp_path, tiny_vae_json, poison_steps, shard):
+    """Also with AdamW split over the ranks (train.shard_optimizer; one rank here): the same skip, saves in
+    the same format."""
     poison_steps({2, 3})
-    run_stage1(tmp_path / "run", tiny_vae_json)
+    run_stage1(tmp_path / "run", tiny_vae_json, train__shard_optimizer=shard)
     ckpts = {int(p.stem.split("_")[1]): load_checkpoint(p)
              for p in list_checkpoints(tmp_path / "run" / "checkpoints")}
     assert sorted(ckpts) == [1, 2, 3, 4]
     (first, _), (third, meta) = ckpts[1], ckpts[3]
+    assert any(k.startswith("optim.") for k in first)  # the moments, by parameter name
     assert all(torch.equal(first[k], third[k]) for k in first if k.startswith(("vae.", "optim.")))
     assert not torch.equal(ckpts[4][0]["vae.encoder.conv_in.weight"], third["vae.encoder.conv_in.weight"])
     assert meta["faults"]["skipped_steps"] == 2 and ckpts[4][1]["faults"]["skipped_in_a_row"] == 0

@@ -342,11 +342,11 @@ def test_bench_trainer_rows_take_more_settings_last(bench):
     """bench.py --set KEY=VALUE reaches the trainer's command after its own settings (so it wins)."""
     import argparse
     args = argparse.Namespace(pretrained="bundle", steps=40, sample_every=0, compile="full", ema_every=1,
-                              cuda_graphs="auto", fp8="off", grad_reduce="bf16",
+                              cuda_graphs="auto", fp8="off", grad_reduce="bf16", shard_optimizer="on",
                               set=["train.compile_vae=off", "data.batch_per_gpu=8"])
     command = bench.trainer_args(args, 256, 64, ["--data.source=folder"], "out", 10)
     assert command[-2:] == ["--train.compile_vae=off", "--data.batch_per_gpu=8"]
-    assert "--train.grad_reduce=bf16" in command
+    assert "--train.grad_reduce=bf16" in command and "--train.shard_optimizer=on" in command
     assert command.index("--data.batch_per_gpu=64") < command.index("--data.batch_per_gpu=8")
 
 
@@ -395,7 +395,8 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     """bench.py's bare step (scripts/bench_bare.py, its torchrun worker) on CPU with a small UNet, in a
     one-rank gloo group so that DDP is on: the step as configured, the ceiling (no clipping, no EMA) and the
     EMA variants (the other setting of ema.overlap, the compiled update) are timed and reported in the BENCH
-    line, so that a crash shows here rather than in a GPU run; the CUDA-only calls are stood in for."""
+    line (also with the optimizer sharded in place of DDP), so that a crash shows here rather than in a GPU
+    run; the CUDA-only calls are stood in for."""
     import sys
 
     import bench_bare
@@ -441,7 +442,8 @@ def test_bench_bare_step_and_its_ema_variants_run_on_cpu(monkeypatch, capsys, be
     monkeypatch.setattr(speed, "grad_norms", counted("clip", clip))
     monkeypatch.setattr(ema_module.EMA, "update", counted("ema", update))
     for switches, variants in ((["--ema-compile", "both"], ["ceiling", "ema_beside_forward", "ema_compiled"]),
-                               (["--ema-overlap", "on"], ["ceiling", "ema_inline"])):
+                               (["--ema-overlap", "on"], ["ceiling", "ema_inline"]),
+                               (["--shard-optimizer", "on"], ["ceiling", "ema_beside_forward"])):
         calls.update(clip=0, ema=0)
         monkeypatch.setattr(sys, "argv",
                             ["bench_bare.py", "--res", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
