@@ -377,12 +377,13 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     ema: Any = None
 
-    def gather(self) -> None:
+    def gather(self, shapes_only: bool = False) -> None:
         """A collective before every save (every rank calls it): what is split over the ranks comes together
-        for rank 0 to save (train.shard_optimizer's moments, sharded_adamw.py)."""
+        for rank 0 to save (train.shard_optimizer's moments, sharded_adamw.py). shapes_only: only their
+        shapes, for the saver's buffers (no collective)."""
         gather_state = getattr(self.optimizer, "gather_state", None)
         if gather_state is not None:
-            gather_state()
+            gather_state(shapes_only)
 
 
 def module_tensors(tensors: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:

@@ -198,7 +198,7 @@ def reduce_scatter_mean(out: torch.Tensor, flat: torch.Tensor, in_bf16: bool = F
         send = flat.to(torch.bfloat16)
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send)
-        torch.sum(received.view(world, -1).float(), 0, out=out)
+        torch.sum(received.view(world, -1), 0, dtype=torch.float32, out=out)
     else:
         reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # < 2.12
         reduce_scatter(out, flat, op=dist.ReduceOp.SUM)

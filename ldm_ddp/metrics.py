@@ -225,11 +225,13 @@ class Metrics:
             self.group_sum = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float64)
             self.step_groups = torch.zeros_like(self.group_sum)
         present = [(p.grad, i) for i, p in enumerate(self._grad_params) if p.grad is not None]
-        if not present:
+        if norms is None:
+            norms = torch._foreach_norm([g for g, _ in present]) if present else []
+        if not norms:
             return
-        index = self._group_index if len(present) == len(self._grad_params) else self._group_index[
+        # one norm per parameter (a ShardedAdamW's: a missing gradient counts as zero), or per present one
+        index = self._group_index if len(norms) == len(self._grad_params) else self._group_index[
             torch.tensor([i for _, i in present], device=self.device)]
-        norms = norms if norms is not None else torch._foreach_norm([g for g, _ in present])
         squares = torch.stack(norms).double().square()
         group_sq = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float64)
         self.step_groups = group_sq.index_add_(0, index.to(squares.device), squares).sqrt()

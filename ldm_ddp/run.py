@@ -151,11 +151,10 @@ class Run:
     def upkeep(self) -> Upkeep:
         """Decide what to do before the next step; collectives, so every rank calls it every iteration."""
         cfg, step = self.cfg, self.step
-        if step == self.start_step + 1 and self.state is not None:  # the first step is done, the
-            # optimizer's moments exist now: pin the host buffers of every save
-            self.state.gather()
-            if dist.is_main():
-                self.saver.prepare(checkpoint.training_state_tensors(self.state, {})[0])
+        if step == self.start_step + 1 and dist.is_main() and self.state is not None:  # the first step is
+            # done, the optimizer's moments exist now: pin the host buffers of every save
+            self.state.gather(shapes_only=True)
+            self.saver.prepare(checkpoint.training_state_tensors(self.state, {})[0])
         done = step >= cfg.train.max_steps
         # A preemption signal to any rank stops every rank here, at the same step, after one more save; and
         # every rank learns here, at the same step, how a save in the background ended (rank 0 writes it).

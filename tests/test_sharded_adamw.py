@@ -92,6 +92,53 @@ def test_checkpoints_move_between_sharded_and_plain():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
+def test_gradients_set_aside_by_others_are_taken_as_they_are():
+    """The gradients accumulate into views of the flat buffer; a .grad set to None after a backward (as the
+    compile probe does) or replaced leaves nothing stale behind: the same steps as torch's AdamW."""
+    plain, sharded = _model(), _model()
+    reference = torch.optim.AdamW(plain.parameters(), fused=True, **HYPER)
+    optimizer = ShardedAdamW(list(sharded.parameters()), **HYPER)
+    assert sharded[0].weight.grad.data_ptr() == optimizer.grads[0].data_ptr()
+    for model in (plain, sharded):  # a probe's backward, dropped
+        model(_batch(99, 0)).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+    _train(plain, reference, range(2))
+    _train(sharded, optimizer, range(2))
+    sharded[4].weight.grad = torch.ones_like(sharded[4].weight)  # replaced: taken, then added to
+    plain[4].weight.grad = torch.ones_like(plain[4].weight)
+    _train(plain, reference, range(2, 3))
+    _train(sharded, optimizer, range(2, 3))
+    for a, b in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_a_parameter_without_gradient_counts_as_zero_and_the_metrics_take_it(tmp_path):
+    from ldm_ddp.metrics import Metrics
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(4, 3)})
+    optimizer = ShardedAdamW(list(model.parameters()), **HYPER)
+    model["used"](torch.randn(2, 4)).sum().backward()
+    model["unused"].weight.grad = None
+    total, norms = speed.grad_norms(model, optimizer)
+    assert len(norms) == 4 and float(norms[2]) == 0.0 and float(total) > 0
+    metrics = Metrics(tmp_path, torch.device("cpu"), 1000, 10, 2, "lines")
+    metrics.add_grad_norms(model, norms)
+    assert float(metrics.step_groups.square().sum().sqrt()) == pytest.approx(float(total), rel=1e-6)
+
+
+def test_a_checkpoint_with_uneven_step_counts_is_refused_with_one_line():
+    from ldm_ddp.config import ConfigError
+    model = _model()
+    reference = torch.optim.AdamW(model.parameters(), fused=True, **HYPER)
+    _train(model, reference, range(2))
+    model(_batch(2, 0)).square().mean().backward()
+    model[6].bias.grad = None  # this one is not stepped
+    reference.step()
+    tensors, groups = optimizer_tensors(reference, _names(model))
+    optimizer = ShardedAdamW(list(model.parameters()), **HYPER)
+    with pytest.raises(ConfigError, match="counts differ between parameters.*train.shard_optimizer=off"):
+        load_optimizer_tensors(optimizer, dict(model.named_parameters()), tensors, groups)
+
+
 def test_a_non_finite_gradient_skips_the_step():
     model = _model()
     optimizer = ShardedAdamW(list(model.parameters()), **HYPER)
@@ -118,9 +165,15 @@ def _ranks_train(rank: int, port: int, out: str) -> None:
         ddp = dist.wrap_ddp(_model())
         reference = torch.optim.AdamW(ddp.module.parameters(), fused=True, **HYPER)
         norms = _train(ddp, reference, range(4), rank)
+        saved, groups = optimizer_tensors(reference, _names(ddp.module))
         runs["ddp"] = norms, [p.detach().clone() for p in ddp.module.parameters()], \
-            {k: v.clone() for k, v in optimizer_tensors(reference, _names(ddp.module))[0].items()}
+            {k: v.clone() for k, v in saved.items()}
         del ddp  # DDP's reducer goes while its process group lives
+        model = _model()  # DDP's moments loaded into a sharded optimizer: each rank takes its slice
+        loaded = ShardedAdamW(list(model.parameters()), **HYPER)
+        load_optimizer_tensors(loaded, dict(model.named_parameters()), runs["ddp"][2], groups)
+        loaded.gather_state()
+        runs["loaded"] = {k: v.clone() for k, v in optimizer_tensors(loaded, _names(model))[0].items()}
         for reduce in ("fp32", "bf16"):
             model = _model()
             optimizer = ShardedAdamW(list(model.parameters()), grad_reduce=reduce, **HYPER)
@@ -138,6 +191,8 @@ def test_sharded_over_gloo_ranks_trains_as_ddp_does(tmp_path):
     torch.multiprocessing.spawn(_ranks_train, args=(free_port(), str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     norms, weights, moments = ranks[0]["ddp"]
+    assert ranks[0]["loaded"].keys() == moments.keys()
+    assert all(torch.equal(ranks[0]["loaded"][k], v) for k, v in moments.items())  # gathered back exactly
     assert norms[0] > 0.1  # the clip acted
     for reduce, tolerance in (("fp32", dict(rtol=1e-5, atol=1e-6)), ("bf16", dict(rtol=2e-2, atol=1e-4))):
         for r in ranks[1:]:  # every rank ends with the same bits; the gathered moments are rank 0's to save
