@@ -209,19 +209,22 @@ def test_sharded_over_gloo_ranks_trains_as_ddp_does(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["bf16"][1], weights))  # bf16 bits did differ
 
 
+ACCUMULATING = dict(train__max_steps=4, ckpt__every=2, train__global_batch=8)  # 2 ranks, 2 micro-batches of 2
+
+
 def _checkpoint(out, step: int) -> dict:
     return load_checkpoint(out / "checkpoints" / f"step_{step:07d}.safetensors")[0]
 
 
 @pytest.mark.slow
 def test_the_trainer_shards_under_torchrun_and_resumes_exactly(tmp_path, tiny_args, run_script):
-    """train.shard_optimizer=on in a 2-rank run: it trains as DDP does (the first loss exactly, the weights
-    after four steps within the sums' roundings), saves the usual format, and a run resumed from its step-2
-    save ends with the bits of the run that never stopped."""
+    """train.shard_optimizer=on in a 2-rank run accumulating 2 micro-batches a step: it trains as DDP does
+    (the first loss exactly, the weights after four steps within the sums' roundings), saves the usual
+    format, and a run resumed from its step-2 save ends with the bits of the run that never stopped."""
     runs = {}
     for shard in ("on", "off"):
         out = tmp_path / shard
-        result = run_script("scripts/train.py", *tiny_args(out, train__max_steps=4, ckpt__every=2),
+        result = run_script("scripts/train.py", *tiny_args(out, **ACCUMULATING),
                             f"--train.shard_optimizer={shard}", nproc=2, timeout=150)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert ("train.shard_optimizer: each of 2 ranks updates" in result.stdout) == (shard == "on")
@@ -237,8 +240,8 @@ def test_the_trainer_shards_under_torchrun_and_resumes_exactly(tmp_path, tiny_ar
     shutil.copytree(tmp_path / "on", resumed)
     (resumed / "checkpoints" / "step_0000004.safetensors").unlink()
     (resumed / "metrics.jsonl").unlink()
-    result = run_script("scripts/train.py", *tiny_args(resumed, train__max_steps=4, ckpt__every=2),
-                        "--train.shard_optimizer=on", nproc=2, timeout=150)
+    result = run_script("scripts/train.py", *tiny_args(resumed, **ACCUMULATING), "--train.shard_optimizer=on",
+                        nproc=2, timeout=150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     again = _checkpoint(resumed, 4)
     assert all(torch.equal(again[k], v) for k, v in state.items())
