@@ -92,6 +92,7 @@ class ShardedAdamW:
         # The gradients accumulate in place into views of one flat buffer, the reduce-scatter's input.
         self.flat_grad = torch.zeros_like(self.flat)
         self.grads = [_view(self.flat_grad, p, o) for p, o in zip(self.params, self.offsets)]
+        self.detached = list(range(len(self.params)))  # parameters whose .grad is not their view (yet)
         self.zero_grad()
         lo = dist.rank() * self.chunk
         self.shard = torch.nn.Parameter(self.flat[lo:lo + self.chunk], requires_grad=False)
@@ -112,11 +113,14 @@ class ShardedAdamW:
     def reduce_gradients(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Reduce-scatter this step's gradients; -> (the global norm of the mean gradients, the per-parameter
         norms in parameter order), as speed.grad_norms gives them under DDP; on the device, no host sync."""
-        for p, g in zip(self.params, self.grads):  # a gradient someone set to None or replaced
+        for i, (p, g) in enumerate(zip(self.params, self.grads)):  # a gradient set to None or replaced
             if p.grad is None:
                 g.zero_()
             elif p.grad.data_ptr() != g.data_ptr():
                 g.copy_(p.grad)
+            else:
+                continue
+            self.detached.append(i)
         dist.reduce_scatter_mean(self.shard.grad, self.flat_grad, self.in_bf16)
         squares = torch.zeros(len(self.params), dtype=torch.float32, device=self.flat.device)
         if self.pieces:
@@ -140,8 +144,9 @@ class ShardedAdamW:
         """Zero the flat gradients, each parameter's .grad a view into them (never None: `set_to_none` is
         accepted for the interface)."""
         self.flat_grad.zero_()
-        for p, g in zip(self.params, self.grads):
-            p.grad = g
+        for i in self.detached:
+            self.params[i].grad = self.grads[i]
+        self.detached = []
 
     def gather_state(self, shapes_only: bool = False) -> None:
         """Every rank's slice of the moments, gathered for rank 0 to save and read through `state` until the
