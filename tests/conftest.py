@@ -115,6 +115,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _gloo_rank(rank: int, world: int, port: int, out: str, work) -> None:
+    import torch
+    import torch.distributed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(work(rank), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_gloo_ranks(work, world: int, out) -> list:
+    """`work(rank)` (a module-level function) in `world` processes joined in one gloo group on CPU;
+    -> what each returned (passed through torch.save in `out`), in rank order."""
+    import torch
+    import torch.multiprocessing
+    torch.multiprocessing.spawn(_gloo_rank, args=(world, free_port(), str(out), work), nprocs=world)
+    return [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
+
+
 @pytest.fixture(scope="session")
 def run_script():
     """-> a function (script, *args, nproc=1, timeout=...) -> CompletedProcess, run from the repo root.

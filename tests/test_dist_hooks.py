@@ -3,13 +3,10 @@ gloo processes on CPU: the same bits on every rank, the formula's bits exactly, 
 roundings of the fp32 all-reduce."""
 import copy
 import json
-import os
 
 import pytest
 import torch
-import torch.distributed
-import torch.multiprocessing
-from conftest import free_port
+from conftest import on_gloo_ranks
 
 from ldm_ddp import dist
 from ldm_ddp.checkpoint import load_checkpoint
@@ -17,32 +14,26 @@ from ldm_ddp.checkpoint import load_checkpoint
 WORLD = 3  # a bucket's length is rarely a multiple of it: the slices are padded
 
 
-def _ranks_gradients(rank: int, port: int, out: str) -> None:
+def _ranks_gradients(rank: int) -> dict:
     """One rank: the gradients of one backward under DDP with each grad_reduce, and without DDP (local)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.GELU(), torch.nn.Linear(53, 11))
-        x = torch.randn(8, 37, generator=torch.Generator().manual_seed(100 + rank)) * (rank + 1)
-        grads = {}
-        for reduce in ("fp32", "bf16"):
-            ddp = dist.wrap_ddp(copy.deepcopy(model), bucket_cap_mb=0.004, grad_reduce=reduce)  # 3 buckets
-            ddp(x).square().sum().backward()
-            grads[reduce] = [p.grad.clone() for p in ddp.module.parameters()]
-            del ddp  # DDP's reducer goes while its process group lives (freed after it, it can hang)
-        local = copy.deepcopy(model)
-        local(x).square().sum().backward()
-        grads["local"] = [p.grad.clone() for p in local.parameters()]
-        torch.save(grads, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.GELU(), torch.nn.Linear(53, 11))
+    x = torch.randn(8, 37, generator=torch.Generator().manual_seed(100 + rank)) * (rank + 1)
+    grads = {}
+    for reduce in ("fp32", "bf16"):
+        ddp = dist.wrap_ddp(copy.deepcopy(model), bucket_cap_mb=0.004, grad_reduce=reduce)  # 3 buckets
+        ddp(x).square().sum().backward()
+        grads[reduce] = [p.grad.clone() for p in ddp.module.parameters()]
+        del ddp  # DDP's reducer goes while its process group lives (freed after it, it can hang)
+    local = copy.deepcopy(model)
+    local(x).square().sum().backward()
+    grads["local"] = [p.grad.clone() for p in local.parameters()]
+    return grads
 
 
 @pytest.mark.slow
 def test_bf16_reduce_gives_every_rank_the_fp32_sum_of_bf16_gradients(tmp_path):
-    torch.multiprocessing.spawn(_ranks_gradients, args=(free_port(), str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = on_gloo_ranks(_ranks_gradients, WORLD, tmp_path)
     for i in range(len(ranks[0]["local"])):
         local = torch.stack([r["local"][i] for r in ranks])
         mean = local.mean(0)

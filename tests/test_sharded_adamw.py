@@ -2,14 +2,11 @@
 DDP with torch's fused AdamW: one process, gloo processes on CPU, and the trainer under torchrun."""
 import copy
 import json
-import os
 import shutil
 
 import pytest
 import torch
-import torch.distributed
-import torch.multiprocessing
-from conftest import free_port
+from conftest import on_gloo_ranks
 
 from ldm_ddp import dist, faults, speed
 from ldm_ddp.checkpoint import load_checkpoint, load_optimizer_tensors, optimizer_tensors
@@ -155,41 +152,35 @@ def test_a_non_finite_gradient_skips_the_step():
 WORLD = 3  # the flat weights' length is no multiple of it: the last slice is padded
 
 
-def _ranks_train(rank: int, port: int, out: str) -> None:
+def _ranks_train(rank: int) -> dict:
     """One rank: four clipped steps under DDP with torch's fused AdamW, then sharded in fp32 and in bf16, each
     on its own copy of the same model and rank's data."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        runs = {}
-        ddp = dist.wrap_ddp(_model())
-        reference = torch.optim.AdamW(ddp.module.parameters(), fused=True, **HYPER)
-        norms = _train(ddp, reference, range(4), rank)
-        saved, groups = optimizer_tensors(reference, _names(ddp.module))
-        runs["ddp"] = norms, [p.detach().clone() for p in ddp.module.parameters()], \
-            {k: v.clone() for k, v in saved.items()}
-        del ddp  # DDP's reducer goes while its process group lives
-        model = _model()  # DDP's moments loaded into a sharded optimizer: each rank takes its slice
-        loaded = ShardedAdamW(list(model.parameters()), **HYPER)
-        load_optimizer_tensors(loaded, dict(model.named_parameters()), runs["ddp"][2], groups)
-        loaded.gather_state()
-        runs["loaded"] = {k: v.clone() for k, v in optimizer_tensors(loaded, _names(model))[0].items()}
-        for reduce in ("fp32", "bf16"):
-            model = _model()
-            optimizer = ShardedAdamW(list(model.parameters()), grad_reduce=reduce, **HYPER)
-            norms = _train(model, optimizer, range(4), rank)
-            optimizer.gather_state()
-            runs[reduce] = norms, [p.detach().clone() for p in model.parameters()], \
-                {k: v.clone() for k, v in optimizer_tensors(optimizer, _names(model))[0].items()}
-        torch.save(runs, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    runs = {}
+    ddp = dist.wrap_ddp(_model())
+    reference = torch.optim.AdamW(ddp.module.parameters(), fused=True, **HYPER)
+    norms = _train(ddp, reference, range(4), rank)
+    saved, groups = optimizer_tensors(reference, _names(ddp.module))
+    runs["ddp"] = norms, [p.detach().clone() for p in ddp.module.parameters()], \
+        {k: v.clone() for k, v in saved.items()}
+    del ddp  # DDP's reducer goes while its process group lives
+    model = _model()  # DDP's moments loaded into a sharded optimizer: each rank takes its slice
+    loaded = ShardedAdamW(list(model.parameters()), **HYPER)
+    load_optimizer_tensors(loaded, dict(model.named_parameters()), runs["ddp"][2], groups)
+    loaded.gather_state()
+    runs["loaded"] = {k: v.clone() for k, v in optimizer_tensors(loaded, _names(model))[0].items()}
+    for reduce in ("fp32", "bf16"):
+        model = _model()
+        optimizer = ShardedAdamW(list(model.parameters()), grad_reduce=reduce, **HYPER)
+        norms = _train(model, optimizer, range(4), rank)
+        optimizer.gather_state()
+        runs[reduce] = norms, [p.detach().clone() for p in model.parameters()], \
+            {k: v.clone() for k, v in optimizer_tensors(optimizer, _names(model))[0].items()}
+    return runs
 
 
 @pytest.mark.slow
 def test_sharded_over_gloo_ranks_trains_as_ddp_does(tmp_path):
-    torch.multiprocessing.spawn(_ranks_train, args=(free_port(), str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = on_gloo_ranks(_ranks_train, WORLD, tmp_path)
     norms, weights, moments = ranks[0]["ddp"]
     assert ranks[0]["loaded"].keys() == moments.keys()
     assert all(torch.equal(ranks[0]["loaded"][k], v) for k, v in moments.items())  # gathered back exactly
